@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench name=<file name>` runs `python -m benchmarks.<name>`."""

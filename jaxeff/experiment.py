@@ -1,0 +1,348 @@
+"""Experiment registry and runner.
+
+An experiment is one file in `experiments/` that registers a name, a frozen config dataclass, presets and a run
+function::
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        steps: int = 100
+
+    @register("my_exp", Config, presets={"smoke": {"steps": 20}, "full": {"steps": 2000}})
+    def run(cfg: Config, run: Run) -> None:
+        for step in run.progress(range(cfg.steps)):
+            run.log(step, loss=...)
+        run.results([{"metric": "loss", "value": 0.1}])
+
+`python -m jaxeff.run name=my_exp [preset=smoke|full] [key=value ...]` (what `make exp` calls) validates every
+override against the dataclass *before* creating `runs/<name>/<UTC time>/`, so bad input never leaves a
+half-written directory. A run that raises renames its directory to `<time>.failed` unless it holds checkpoints
+that `resume=true` can continue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import pkgutil
+import shutil
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PRESETS = ("smoke", "full")
+
+
+class ExperimentError(ValueError):
+    """Bad experiment name, preset or override; the runner exits with status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str
+    config_cls: type
+    presets: Mapping[str, Mapping[str, Any]]
+    fn: Callable[[Any, Run], Any]
+    description: str = ""
+
+
+_REGISTRY: dict[str, Experiment] = {}
+
+
+def register(name: str, config_cls: type, *, presets: Mapping[str, Mapping[str, Any]], description: str = ""):
+    """Decorator registering `fn(cfg, run)` as experiment `name`."""
+    if not dataclasses.is_dataclass(config_cls) or not config_cls.__dataclass_params__.frozen:
+        raise TypeError(f"experiment {name!r}: config must be a frozen dataclass")
+    missing = [p for p in PRESETS if p not in presets]
+    if missing:
+        raise TypeError(f"experiment {name!r}: presets {missing} missing")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for preset, values in presets.items():
+        unknown = set(values) - fields
+        if unknown:
+            raise TypeError(f"experiment {name!r}: preset {preset!r} sets unknown keys {sorted(unknown)}")
+
+    def wrap(fn):
+        if name in _REGISTRY and _REGISTRY[name].fn.__module__ != fn.__module__:
+            raise TypeError(f"experiment {name!r} registered twice")
+        doc = description or (fn.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = Experiment(name, config_cls, dict(presets), fn, doc)
+        return fn
+
+    return wrap
+
+
+def load_all() -> dict[str, Experiment]:
+    """Import every module in the `experiments` package so each registers itself."""
+    import experiments
+
+    for info in pkgutil.iter_modules(experiments.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"experiments.{info.name}")
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Experiment:
+    registry = load_all()
+    if name not in registry:
+        known = "\n  ".join(sorted(registry))
+        raise ExperimentError(f"unknown experiment {name!r}; known experiments:\n  {known}")
+    return registry[name]
+
+
+def default_preset() -> str:
+    import jax
+
+    return "smoke" if jax.default_backend() == "cpu" else "full"
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _convert(text: str, annotation: Any) -> Any:
+    """Convert a command-line string to the field's annotated type (raises ValueError)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(text, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
+    if origin is typing.Literal:
+        for arg in args:
+            try:
+                value = _convert(text, type(arg))
+            except ValueError:
+                continue
+            if value == arg:
+                return value
+        raise ValueError(f"{text!r} is not one of {list(args)}")
+    if origin in (tuple, list, Sequence):
+        items = [t for t in text.strip("()[]").split(",") if t.strip()]
+        item_type = args[0] if args else str
+        return tuple(_convert(t.strip(), item_type) for t in items)
+    if annotation is bool:
+        return _parse_bool(text)
+    if annotation is int:
+        return int(text)
+    if annotation is float:
+        return float(text)
+    if annotation in (str, Any):
+        return text
+    if annotation is Path:
+        return Path(text)
+    raise ValueError(f"cannot parse a value of type {annotation}")
+
+
+def make_config(exp: Experiment, preset: str, overrides: Mapping[str, str]):
+    """Preset values, then `key=value` overrides converted to the field types; errors name the key."""
+    if preset not in exp.presets:
+        raise ExperimentError(f"experiment {exp.name!r} has no preset {preset!r}; presets: {sorted(exp.presets)}")
+    hints = typing.get_type_hints(exp.config_cls)
+    fields = {f.name for f in dataclasses.fields(exp.config_cls)}
+    values = dict(exp.presets[preset])
+    for key, text in overrides.items():
+        if key not in fields:
+            raise ExperimentError(f"unknown key {key!r} for experiment {exp.name!r}; keys: {sorted(fields)}")
+        try:
+            values[key] = _convert(text, hints[key])
+        except ValueError as e:
+            raise ExperimentError(f"bad value for {key}={text!r} (expected {hints[key]}): {e}") from None
+    cfg = exp.config_cls(**values)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except (ValueError, FileNotFoundError) as e:
+            raise ExperimentError(f"invalid config for {exp.name!r}: {e}") from None
+    return cfg
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], float_fmt: str = "{:.4g}") -> str:
+    if not rows:
+        return "(no rows)\n"
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return float_fmt.format(v)
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+class Run:
+    """Handle given to an experiment: where its files go and how it reports."""
+
+    def __init__(self, name: str, preset: str, config: Any, directory: Path, resumed: bool = False):
+        self.name = name
+        self.preset = preset
+        self.config = config
+        self.dir = directory
+        self.resumed = resumed
+        self._results: list[str] = []
+        self._start = time.time()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def log(self, step: int, **metrics: Any) -> None:
+        record = {"step": int(step), "time": round(time.time() - self._start, 3)}
+        record.update({k: _jsonable(v) for k, v in metrics.items()})
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def results(self, rows: Sequence[Mapping[str, Any]], title: str | None = None, note: str | None = None) -> None:
+        """Append a table (and an optional note) to results.md; also prints it."""
+        block = f"## {title}\n\n" if title else ""
+        block += markdown_table(rows)
+        if note:
+            block += f"\n{note}\n"
+        self._results.append(block)
+        self._write_results()
+        print(block)
+
+    def _write_results(self) -> None:
+        header = f"# {self.name} ({self.preset})\n\nRun directory: `{self.dir}`\n\n"
+        (self.dir / "results.md").write_text(header + "\n".join(self._results))
+
+    def savefig(self, fig, filename: str) -> Path:
+        path = self.dir / filename
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return path
+
+    def save_json(self, filename: str, obj: Any) -> Path:
+        path = self.dir / filename
+        path.write_text(json.dumps(_jsonable(obj), indent=2))
+        return path
+
+    def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None, **kw):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc or self.name, dynamic_ncols=True, **kw)
+
+
+def _utc_stamp() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _latest_resumable(root: Path) -> Path | None:
+    candidates = sorted(p for p in root.glob("*") if p.is_dir() and (p / "checkpoints").is_dir())
+    return candidates[-1] if candidates else None
+
+
+def run_experiment(
+    name: str,
+    preset: str | None = None,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    runs_root: str | Path = "runs",
+    resume: bool = False,
+) -> Run:
+    """Validate, create the run directory, run, and return the finished `Run`."""
+    from jaxeff import distributed
+
+    distributed.maybe_initialize()
+    exp = get(name)
+    preset = preset or default_preset()
+    cfg = make_config(exp, preset, overrides or {})
+    root = Path(runs_root) / name
+    directory = _latest_resumable(root) if resume else None
+    resumed = directory is not None
+    if directory is None:
+        directory = root / _utc_stamp()
+        suffix = 1
+        while directory.exists():
+            directory = root / f"{_utc_stamp()}-{suffix}"
+            suffix += 1
+        directory.mkdir(parents=True)
+    run = Run(name, preset, cfg, directory, resumed=resumed)
+    run.save_json("config.json", {"experiment": name, "preset": preset, "config": cfg})
+    try:
+        exp.fn(cfg, run)
+    except BaseException:
+        if not run.checkpoint_dir.exists() and directory.exists():
+            shutil.move(str(directory), str(directory.with_name(directory.name + ".failed")))
+        raise
+    return run
+
+
+def parse_argv(argv: Sequence[str]) -> tuple[str, str | None, bool, dict[str, str], str]:
+    name, preset, resume, runs_root = None, None, False, "runs"
+    overrides: dict[str, str] = {}
+    for arg in argv:
+        if "=" not in arg:
+            raise ExperimentError(f"arguments are key=value, got {arg!r}")
+        key, value = arg.split("=", 1)
+        if key == "name":
+            name = value
+        elif key == "preset":
+            preset = value or None
+        elif key == "resume":
+            try:
+                resume = _parse_bool(value)
+            except ValueError as e:
+                raise ExperimentError(f"bad value for resume: {e}") from None
+        elif key == "runs_root":
+            runs_root = value
+        else:
+            overrides[key] = value
+    if not name:
+        raise ExperimentError("missing name=<experiment>; known experiments:\n  " + "\n  ".join(sorted(load_all())))
+    if preset is not None and preset not in PRESETS:
+        raise ExperimentError(f"unknown preset {preset!r}; presets: {list(PRESETS)}")
+    return name, preset, resume, overrides, runs_root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        name, preset, resume, overrides, runs_root = parse_argv(argv)
+        run = run_experiment(name, preset, overrides, runs_root=runs_root, resume=resume)
+    except ExperimentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"results: {run.dir}")
+    return 0
