@@ -1,0 +1,111 @@
+"""Hugging Face-format decoder checkpoints (config.json + safetensors, sharded or not) <-> `jaxeff.models.llama`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from jaxeff.io.safetensors import load_checkpoint_dir, save_checkpoint_dir
+from jaxeff.models.llama import Llama, LlamaConfig
+
+# Buffers some exporters write that carry no learned weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def hf_key(path: tuple) -> tuple[str, bool]:
+    """Our parameter path -> (Hugging Face key, whether the array is transposed)."""
+    *mods, leaf = (str(p) for p in path)
+    name = ".".join(mods)
+    if leaf == "kernel":
+        leaf, transpose = "weight", True
+    elif leaf == "embedding":
+        leaf, transpose = "weight", False
+    else:
+        transpose = False
+    prefix = "" if mods[0] == "lm_head" else "model."
+    return f"{prefix}{name}.{leaf}", transpose
+
+
+def load_config(directory: str | Path) -> LlamaConfig:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+    return LlamaConfig.from_hf(json.loads(path.read_text()))
+
+
+def load_state_dict_into(model: Llama, tensors: dict[str, np.ndarray], *, source: str = "checkpoint") -> Llama:
+    """Fill `model`'s parameters from a HF-named state dict; raises naming missing/unexpected/mismatched keys."""
+    graphdef, state = nnx.split(model)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    used, missing, mismatched = set(), [], []
+    new_flat = {}
+    for path, current in flat.items():
+        key, transpose = hf_key(path)
+        if key not in tensors:
+            missing.append(key)
+            continue
+        arr = np.asarray(tensors[key])
+        arr = arr.T if transpose else arr
+        if arr.shape != tuple(current.shape):
+            mismatched.append(f"{key}: checkpoint {tuple(arr.shape)} vs model {tuple(current.shape)}")
+            continue
+        new_flat[path] = jnp.asarray(arr, dtype=current.dtype)
+        used.add(key)
+    unexpected = sorted(
+        k for k in tensors
+        if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+        and not (k == "lm_head.weight" and model.config.tie_word_embeddings)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys: {unexpected}")
+    if mismatched:
+        problems.append(f"shape mismatches: {mismatched}")
+    if problems:
+        raise CheckpointMismatchError(f"{source} does not fit the model: " + "; ".join(problems))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new_flat))
+    return nnx.merge(graphdef, state)
+
+
+def from_pretrained(directory: str | Path, dtype=jnp.float32) -> Llama:
+    """Load a Llama / Mistral / Qwen2 Hugging Face directory as an NNX `Llama` with parameters in `dtype`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    cfg = load_config(directory)
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+    return load_state_dict_into(model, load_checkpoint_dir(directory), source=str(directory))
+
+
+def state_dict(model: Llama, dtype=None) -> dict[str, np.ndarray]:
+    """HF-named numpy state dict of `model` (optionally cast)."""
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    out = {}
+    for path, value in flat.items():
+        key, transpose = hf_key(path)
+        arr = np.asarray(value if dtype is None else value.astype(dtype))
+        out[key] = np.ascontiguousarray(arr.T if transpose else arr)
+    return out
+
+
+def save_pretrained(model: Llama, directory: str | Path, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json + safetensors (sharded with an index when larger than `max_shard_bytes`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict(model, dtype)
+    torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(
+        next(iter(tensors.values())).dtype, "bfloat16"
+    )
+    cfg = model.config.to_hf() | {"torch_dtype": torch_dtype}
+    save_checkpoint_dir(tensors, directory, "model", max_shard_bytes=max_shard_bytes)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))

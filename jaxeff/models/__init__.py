@@ -1,0 +1,1 @@
+"""Shared model zoo: the Llama/Mistral/Qwen2 decoder (and vision encoders)."""

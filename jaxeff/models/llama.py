@@ -1,0 +1,343 @@
+"""One decoder for Llama 2 / 3 / 3.1, Mistral and Qwen2 checkpoints.
+
+Parameter names follow the Hugging Face modules (`embed_tokens`, `layers[i].self_attn.q_proj`, `mlp.gate_proj`,
+`input_layernorm`, ...) so the weight mapping in `jaxeff.io.hf` is mechanical: a torch Linear `weight` [out, in]
+is our `kernel` [in, out].
+
+Attention is pluggable at two points, which is how the system packages reuse this decoder unchanged:
+- `cache=`: any pytree with `attend(layer, q, k, v, q_positions, ...) -> (out, cache)` (contiguous, dual, paged);
+- `attention_fn=`: `f(layer, q, k, v, *, q_positions, kv_positions) -> out` for cache-free forwards
+  (sequence parallelism, DuoAttention gate training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.nn import ContiguousKVCache, RMSNorm, RopeScaling, SwiGLU, apply_rope, attention, inv_frequencies
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has one
+    sliding_window: int | None = None
+    model_type: str = "llama"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} not supported; supported: {MODEL_TYPES}")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> LlamaConfig:
+        """From a Hugging Face config.json dict (llama, mistral, qwen2)."""
+        model_type = d.get("model_type", "llama")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"config.json model_type {model_type!r} not supported; supported: {MODEL_TYPES}")
+        window = d.get("sliding_window")
+        if model_type == "qwen2" and not d.get("use_sliding_window", False):
+            window = None
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads"),
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_scaling=RopeScaling.from_hf(d.get("rope_scaling") or d.get("rope_parameters")),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=d.get("attention_bias", model_type == "qwen2"),
+            sliding_window=window,
+            model_type=model_type,
+            initializer_range=d.get("initializer_range", 0.02),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    def to_hf(self) -> dict:
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        d = {
+            "architectures": [arch[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling.to_hf() if self.rope_scaling else None,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if self.model_type == "llama":
+            d["attention_bias"] = self.attention_bias
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":
+            d["use_sliding_window"] = self.sliding_window is not None
+            d["sliding_window"] = self.sliding_window
+        return d
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        init = nnx.initializers.normal(cfg.initializer_range)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+        hd = cfg.head_dim
+        self.q_proj = nnx.Linear(cfg.hidden_size, self.num_heads * hd, use_bias=cfg.attention_bias, **kw)
+        self.k_proj = nnx.Linear(cfg.hidden_size, self.num_kv_heads * hd, use_bias=cfg.attention_bias, **kw)
+        self.v_proj = nnx.Linear(cfg.hidden_size, self.num_kv_heads * hd, use_bias=cfg.attention_bias, **kw)
+        self.o_proj = nnx.Linear(self.num_heads * hd, cfg.hidden_size, use_bias=False, **kw)
+
+    def qkv(self, x, positions, inv_freq):
+        """Projected, RoPE-rotated q [B,S,Hq,D] and k, v [B,S,Hkv,D]."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def output(self, attn_out):
+        b, s = attn_out.shape[:2]
+        return self.o_proj(attn_out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype,
+                          init_std=cfg.initializer_range, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+
+AttentionFn = Callable[..., jnp.ndarray]
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM. `model(tokens)` -> logits [B, S, vocab]."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
+                                      param_dtype=param_dtype,
+                                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+
+    def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(
+        self,
+        tokens: jnp.ndarray | None,
+        positions: jnp.ndarray | None = None,
+        *,
+        cache: Any = None,
+        attention_fn: AttentionFn | None = None,
+        inputs_embeds: jnp.ndarray | None = None,
+        output: str = "logits",
+        implementation: str | None = None,
+    ):
+        """Forward pass.
+
+        tokens [B, S] int (or `inputs_embeds` [B, S, hidden]); positions [B, S] (default arange);
+        output "logits" or "hidden" (final-norm hidden states). With `cache`, returns (output, new_cache).
+        """
+        if (tokens is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of tokens or inputs_embeds")
+        x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, s = x.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        if output not in ("logits", "hidden"):
+            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+        window = self.config.sliding_window
+        inv_freq = inv_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = layer.self_attn.qkv(h, positions, inv_freq)
+            if cache is not None:
+                a, cache = cache.attend(i, q, k, v, positions, sliding_window=window, implementation=implementation)
+            elif attention_fn is not None:
+                a = attention_fn(i, q, k, v, q_positions=positions, kv_positions=positions)
+            else:
+                a = attention(q, k, v, q_positions=positions, kv_positions=positions, causal=True,
+                              sliding_window=window, implementation=implementation)
+            x = x + layer.self_attn.output(a)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.norm(x)
+        out = x if output == "hidden" else self.logits(x)
+        return (out, cache) if cache is not None else out
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> ContiguousKVCache:
+        cfg = self.config
+        return ContiguousKVCache.init(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
+                                      dtype or self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted by top_k (0 = off) and top_p."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"bad sampling config {self}")
+
+
+def sample_token(logits: jnp.ndarray, rng: jax.Array, sampling: SamplingConfig) -> jnp.ndarray:
+    """logits [B, V] -> tokens [B]."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # smallest set whose mass reaches top_p: keep tokens whose preceding mass is < top_p
+        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < sampling.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # [B, max_new_tokens]; after eos: pad_id
+    num_generated: np.ndarray  # [B], eos included
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_id", "pad_id", "implementation"))
+def _generate_jit(graphdef, state, tokens, prompt_lens, cache, rng, *, max_new_tokens, sampling, eos_id, pad_id,
+                  implementation):
+    model = nnx.merge(graphdef, state)
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    logits, cache = model(tokens, positions, cache=cache, implementation=implementation)
+    last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    rng, sub = jax.random.split(rng)
+    first = sample_token(last, sub, sampling)
+    done = first == eos_id if eos_id is not None else jnp.zeros((b,), bool)
+
+    def step(carry, _):
+        cache, token, pos, done, rng = carry
+        logits, cache = model(token[:, None], pos[:, None], cache=cache, implementation=implementation)
+        rng, sub = jax.random.split(rng)
+        nxt = sample_token(logits[:, 0], sub, sampling)
+        nxt = jnp.where(done, pad_id, nxt)
+        new_done = done | (nxt == eos_id) if eos_id is not None else done
+        return (cache, nxt, pos + 1, new_done, rng), nxt
+
+    (_, _, _, _, _), rest = jax.lax.scan(step, (cache, first, prompt_lens, done, rng), None, length=max_new_tokens - 1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad a list of token lists to [B, S] (S rounded up to `multiple`); returns (tokens, lengths)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    s = int(-(-lengths.max() // multiple) * multiple)
+    tokens = np.full((len(prompts), s), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, lengths
+
+
+def generate(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    seed: int = 0,
+    implementation: str | None = None,
+) -> GenerateOutput:
+    """Generate for a batch of prompts of different lengths: one prefill, then a compiled `lax.scan` decode loop
+    over a contiguous KV cache (prefill and decode are a single jitted program)."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    tokens, lengths = pad_prompts(prompts, pad_id, multiple=16)
+    max_len = tokens.shape[1] + max_new_tokens
+    cache = model.init_cache(tokens.shape[0], max_len)
+    graphdef, state = nnx.split(model)
+    out = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.key(seed),
+                        max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
+                        implementation=implementation)
+    out = np.asarray(out)
+    if eos_id is None:
+        n = np.full((out.shape[0],), max_new_tokens)
+    else:
+        hit = out == eos_id
+        n = np.where(hit.any(1), hit.argmax(1) + 1, max_new_tokens)
+    return GenerateOutput(tokens=out, num_generated=n)

@@ -1,0 +1,107 @@
+"""The attention front door: one function every model calls.
+
+Layout [batch, seq, heads, head_dim] as in `jax.nn.dot_product_attention`; K/V may have fewer heads (GQA).
+Masks are described by positions rather than dense boolean arrays: query i sits at `q_positions[b, i]`, key j at
+`kv_positions[b, j]` (negative = empty slot). Key j is visible to query i iff it is not empty, and (causal)
+`kv_pos <= q_pos`, and (sliding window w) `q_pos - kv_pos < w`. That one rule covers prefill, chunked prefill
+with offsets, ragged batches and decode over a cache.
+
+`implementation`:
+- "xla": einsum + float32 softmax; exact reference, runs everywhere (CPU default).
+- "dot_product": `jax.nn.dot_product_attention` (XLA picks cuDNN flash attention on GPU where it can).
+- "pallas": `pallas_kernels.hybrid_attention` with every head dense; needs contiguous positions
+  (`q_positions = offset + arange`, `kv_positions = arange`).
+- None: "xla" on CPU, "dot_product" on GPU/TPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = (None, "xla", "dot_product", "pallas")
+
+
+def default_positions(batch: int, q_len: int, kv_len: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Queries aligned to the end of the keys (q_offset = kv_len - q_len)."""
+    q = jnp.broadcast_to(jnp.arange(kv_len - q_len, kv_len, dtype=jnp.int32), (batch, q_len))
+    kv = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))
+    return q, kv
+
+
+def make_mask(q_positions, kv_positions, *, causal: bool = True, sliding_window: int | None = None):
+    """Boolean [B, Sq, Sk] visibility mask from positions."""
+    qp = q_positions[:, :, None]
+    kp = kv_positions[:, None, :]
+    mask = kp >= 0
+    if causal:
+        mask &= kp <= qp
+    if sliding_window is not None:
+        mask &= qp - kp < sliding_window
+    return mask
+
+
+def _check(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention expects [B, S, H, D] arrays, got q{q.shape} k{k.shape} v{v.shape}")
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {k.shape} and v {v.shape} must agree on batch, length and heads")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+
+
+def xla_attention(q, k, v, mask, scale):
+    """Reference: grouped einsum, float32 logits and softmax; rows with no visible key return zeros."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, sq, hkv, hq // hkv, d)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    weights = jnp.exp(logits - peak)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, sq, hq, d).astype(q.dtype)
+
+
+def attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    *,
+    q_positions: jnp.ndarray | None = None,
+    kv_positions: jnp.ndarray | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jnp.ndarray:
+    """Multi-head / grouped-query attention; returns [B, Sq, Hq, D]."""
+    _check(q, k, v)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+    b, sq, _, d = q.shape
+    sk = k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    contiguous = q_positions is None and kv_positions is None
+    dq, dkv = default_positions(b, sq, sk)
+    q_positions = dq if q_positions is None else q_positions
+    kv_positions = dkv if kv_positions is None else kv_positions
+    if implementation is None:
+        implementation = "xla" if jax.default_backend() == "cpu" else "dot_product"
+    if implementation == "pallas":
+        if not (contiguous and causal and sliding_window is None):
+            raise ValueError("implementation='pallas' needs default (contiguous) positions, causal=True, no window")
+        import pallas_kernels
+
+        return pallas_kernels.hybrid_attention(
+            q, k, v, streaming_heads=jnp.zeros((k.shape[2],), bool), sink=0, local=1, q_offset=sk - sq, scale=scale
+        )
+    mask = make_mask(q_positions, kv_positions, causal=causal, sliding_window=sliding_window)
+    if implementation == "dot_product":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+    return xla_attention(q, k, v, mask, scale)
