@@ -78,7 +78,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | Path, metadata: Map
         arr = np.ascontiguousarray(np.asarray(tensors[name]))
         if arr.dtype not in _NAMES:
             raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        span = [offset, offset + arr.nbytes]
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": span}
         arrays.append(arr)
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -172,9 +172,8 @@ class Llama(nnx.Module):
         self.dtype = dtype
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
-        self.layers = nnx.List(
-            [LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
-        )
+        layer_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([LlamaDecoderLayer(cfg, **layer_kw) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
