@@ -1,0 +1,201 @@
+"""2D sequence-parallel attention (Ulysses all-to-all x ring attention) for `jax.shard_map`.
+
+The sequence axis of q/k/v is sharded over the device pair (ring_axis, ulysses_axis), ring-major: the device at
+(ring r, ulysses u) holds slot `r * U + u` of the sequence. Inside one layer:
+
+1. Ulysses: an all-to-all over `ulysses_axis` gathers the U slots of a ring rank and scatters the heads, so each
+   device holds the whole ring block (S/R tokens) for H/U heads.
+2. Ring: K/V and their global positions go round `ring_axis` with `ppermute` (R - 1 hops) while each device folds
+   every visiting block into an online softmax (f32 running max / sum). Causal masking compares the global
+   positions that travel with K/V, so any token order (contiguous, zigzag, packed) gives the exact result.
+   Sub-blocks whose keys are all in the future of all queries are skipped with `lax.cond`; with the zigzag layout
+   (`jaxeff.longvila.layout`) every ring rank then does the same causal work.
+3. The inverse all-to-all restores the sequence-sharded layout.
+
+GQA: when the KV heads do not split over the Ulysses degree they are repeated (the smallest repeat that makes
+them divisible); autodiff of the repeat sums the copies' gradients back. Differentiable by plain autodiff (the
+transpose of `ppermute` is the reverse `ppermute`). Run on CPU (8 host-platform devices) only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+# Finite mask value: -inf would make exp(-inf - -inf) = nan and poison gradients through `where`.
+_NEG = -1e30
+
+
+def kv_repeat_factor(num_heads: int, num_kv_heads: int, ulysses: int) -> int:
+    """Smallest KV-head repeat so that the (repeated) KV heads split evenly over the Ulysses degree."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    if num_heads % ulysses:
+        raise ValueError(f"query heads ({num_heads}) must be divisible by the Ulysses degree ({ulysses})")
+    return ulysses // math.gcd(num_kv_heads, ulysses)
+
+
+def _as_batch_positions(positions, batch: int, seq: int) -> jax.Array:
+    if positions is None:
+        positions = jnp.arange(seq, dtype=jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.ndim == 1:
+        positions = jnp.broadcast_to(positions[None], (batch, seq))
+    if positions.shape != (batch, seq):
+        raise ValueError(f"positions must be [S] or [B, S] = {(batch, seq)}, got {positions.shape}")
+    return positions
+
+
+def _fold_block(state, q, k, v, q_pos, kv_pos, causal: bool, scale: float):
+    """Fold one K/V block into the online-softmax state of one query block.
+
+    q [B, Lq, Hkv, G, D]; k, v [B, Lk, Hkv, D]; state = (o [B, Lq, Hkv, G, D], m, l [B, Hkv, G, Lq]) in f32.
+    """
+    o, m, denom = state
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    if causal:
+        visible = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, Lq, Lk]
+        s = jnp.where(visible, s, _NEG)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    if causal:
+        p = jnp.where(visible, p, 0.0)
+    alpha = jnp.exp(m - m_new)
+    denom_new = alpha * denom + p.sum(-1)
+    pv = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o_new = jnp.moveaxis(alpha, -1, 1)[..., None] * o + pv
+    return o_new, m_new, denom_new
+
+
+def _fold_blocks_skipping(states, q_subs, k, v, q_pos_subs, kv_pos, causal, scale, num_sub):
+    """Fold K/V into each query sub-block, skipping (sub-block, sub-block) pairs that are entirely masked."""
+    k_subs = jnp.split(k, num_sub, axis=1)
+    v_subs = jnp.split(v, num_sub, axis=1)
+    kp_subs = jnp.split(kv_pos, num_sub, axis=1)
+    new_states = []
+    for state, qs, qp in zip(states, q_subs, q_pos_subs):
+        for ks, vs, kp in zip(k_subs, v_subs, kp_subs):
+            if causal:
+                any_visible = jnp.max(qp) >= jnp.min(kp)
+                state = lax.cond(
+                    any_visible,
+                    lambda st, qs=qs, ks=ks, vs=vs, qp=qp, kp=kp: _fold_block(st, qs, ks, vs, qp, kp, True, scale),
+                    lambda st: st,
+                    state,
+                )
+            else:
+                state = _fold_block(state, qs, ks, vs, qp, kp, False, scale)
+        new_states.append(state)
+    return new_states
+
+
+def ring_attention_local(q, k, v, q_pos, kv_pos, *, ring_axis: str | None, ring_size: int, causal: bool = True,
+                         scale: float | None = None, num_sub_blocks: int = 2):
+    """Ring attention on per-device blocks (call inside `shard_map`).
+
+    q [B, L, H, D]; k, v [B, L, Hkv, D] (H a multiple of Hkv); q_pos, kv_pos [B, L] global positions.
+    K/V visit every ring rank once (`ring_size - 1` ppermute hops). Returns [B, L, H, D] in q.dtype.
+    """
+    b, lq, h, d = q.shape
+    hkv = k.shape[2]
+    g = h // hkv
+    scale = d**-0.5 if scale is None else scale
+    num_sub = num_sub_blocks if lq % num_sub_blocks == 0 else 1
+    qg = q.reshape(b, lq, hkv, g, d)
+    q_subs = jnp.split(qg, num_sub, axis=1)
+    q_pos_subs = jnp.split(q_pos, num_sub, axis=1)
+    # Initial state built from q so it carries q's varying-manual-axes type (scan carries must keep their type).
+    zeros_o = jnp.zeros_like(q_subs[0], dtype=jnp.float32)
+    zeros_ml = jnp.moveaxis(zeros_o[..., 0], 1, -1)
+    states = [(zeros_o, zeros_ml + _NEG, zeros_ml) for _ in range(num_sub)]
+
+    fold = functools.partial(_fold_blocks_skipping, causal=causal, scale=scale, num_sub=num_sub)
+    if ring_size > 1:
+        perm = [(i, (i + 1) % ring_size) for i in range(ring_size)]
+
+        def step(carry, _):
+            states, k, v, kv_pos = carry
+            states = fold(states, q_subs, k, v, q_pos_subs, kv_pos)
+            k, v, kv_pos = (lax.ppermute(x, ring_axis, perm) for x in (k, v, kv_pos))
+            return (states, k, v, kv_pos), None
+
+        (states, k, v, kv_pos), _ = lax.scan(step, (states, k, v, kv_pos), None, length=ring_size - 1)
+    states = fold(states, q_subs, k, v, q_pos_subs, kv_pos)
+    outs = [o / jnp.moveaxis(den, -1, 1)[..., None] for o, _, den in states]
+    return jnp.concatenate(outs, axis=1).reshape(b, lq, h, d).astype(q.dtype)
+
+
+def sp_attention_local(q, k, v, q_pos, kv_pos, *, ring_axis: str, ulysses_axis: str, ring_size: int,
+                       ulysses_size: int, causal: bool = True, scale: float | None = None, num_sub_blocks: int = 2):
+    """2D (Ulysses x ring) attention on per-device sequence shards; call inside `shard_map`.
+
+    q [B, L, H, D], k/v [B, L, Hkv, D], q_pos/kv_pos [B, L] global positions of the local tokens (the K/V positions
+    are normally the same array as the query positions).
+    """
+    h, hkv = q.shape[2], k.shape[2]
+    rep = kv_repeat_factor(h, hkv, ulysses_size)
+    if ulysses_size > 1:
+        if rep > 1:
+            k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+
+        def gather_seq(x):  # [B, L, H, D] -> [B, U*L, H/U, D]
+            return lax.all_to_all(x, ulysses_axis, split_axis=2, concat_axis=1, tiled=True)
+
+        q, k, v = gather_seq(q), gather_seq(k), gather_seq(v)
+        q_pos = lax.all_gather(q_pos, ulysses_axis, axis=1, tiled=True)
+        kv_pos = lax.all_gather(kv_pos, ulysses_axis, axis=1, tiled=True)
+    out = ring_attention_local(q, k, v, q_pos, kv_pos, ring_axis=ring_axis, ring_size=ring_size, causal=causal,
+                               scale=scale, num_sub_blocks=num_sub_blocks)
+    if ulysses_size > 1:
+        out = lax.all_to_all(out, ulysses_axis, split_axis=1, concat_axis=2, tiled=True)
+    return out
+
+
+def sequence_parallel_attention(q, k, v, *, mesh: Mesh, ring_axis: str, ulysses_axis: str, causal: bool = True,
+                                positions=None, scale: float | None = None, num_sub_blocks: int = 2):
+    """Exact attention on global [B, S, H, D] arrays whose S axis is sharded over (ring_axis, ulysses_axis).
+
+    `positions` ([S] or [B, S], default arange(S)) are the global positions of the tokens in the given order;
+    causal masking uses them, so a zigzag-permuted sequence (`layout.zigzag_permutation`) with its positions gives
+    the same result as the unpermuted sequence, permuted. k/v may have fewer heads (GQA). S must be divisible by
+    the number of devices in the two axes; H by the Ulysses degree.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"q, k, v must be [B, S, H, D] with k.shape == v.shape; got {q.shape}, {k.shape}, {v.shape}")
+    b, s, h, d = q.shape
+    if k.shape[:2] != (b, s) or k.shape[3] != d:
+        raise ValueError(f"k/v shape {k.shape} does not match q shape {q.shape} (GQA may only reduce heads)")
+    ring_size, ulysses_size = mesh.shape[ring_axis], mesh.shape[ulysses_axis]
+    n = ring_size * ulysses_size
+    if s % n:
+        raise ValueError(f"sequence length {s} must be divisible by ring x ulysses = {n}; pad it first "
+                         "(`layout.padded_length`)")
+    kv_repeat_factor(h, k.shape[2], ulysses_size)
+    pos = _as_batch_positions(positions, b, s)
+    seq = P(None, (ring_axis, ulysses_axis))
+    fn = functools.partial(sp_attention_local, ring_axis=ring_axis, ulysses_axis=ulysses_axis, ring_size=ring_size,
+                           ulysses_size=ulysses_size, causal=causal, scale=scale, num_sub_blocks=num_sub_blocks)
+    mapped = jax.shard_map(lambda q, k, v, p: fn(q, k, v, p, p), mesh=mesh, in_specs=(seq, seq, seq, seq),
+                           out_specs=seq)
+    return mapped(q, k, v, pos)
+
+
+def reference_attention(q, k, v, *, causal: bool = True, positions=None, scale: float | None = None):
+    """Single-device softmax attention with GQA and position-based causal masking (the exactness reference)."""
+    b, s, h, d = q.shape
+    hkv = k.shape[2]
+    pos = _as_batch_positions(positions, b, s)
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, s, hkv, h // hkv, d)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    if causal:
+        logits = jnp.where((pos[:, None, :] <= pos[:, :, None])[:, None, None], logits, _NEG)
+    p = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, h, d).astype(q.dtype)
