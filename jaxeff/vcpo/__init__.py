@@ -1,0 +1,47 @@
+"""VCPO: variance-controlled off-policy RL (arXiv 2602.17616, mit-han-lab/vcpo) in pure JAX functions.
+
+- `losses`: off-policy policy-gradient losses (`LOSSES[name]`), `ess_ratio`, `lr_scale`, `opob_baseline`,
+  the two-sum gradient, advantage estimators and importance-sampling diagnostics.
+- `sim`: an asynchronous actor/learner simulation (lag k via a snapshot ring buffer inside one compiled loop) on
+  digit reversal with the shared Llama decoder, and the Monte-Carlo gradient-variance probe.
+"""
+
+from jaxeff.vcpo.losses import (
+    LOSSES,
+    LR_RULES,
+    OPOB_WEIGHTINGS,
+    ess_ratio,
+    group_stats,
+    grpo_advantages,
+    is_diagnostics,
+    lr_scale,
+    m2po_keep_mask,
+    opo_advantages,
+    opob_advantages,
+    opob_baseline,
+    opob_weights,
+    seq_mean_token_mean,
+    sequence_log_weights,
+    token_mean,
+    two_sum_gradient,
+)
+
+__all__ = [
+    "LOSSES",
+    "LR_RULES",
+    "OPOB_WEIGHTINGS",
+    "ess_ratio",
+    "group_stats",
+    "grpo_advantages",
+    "is_diagnostics",
+    "lr_scale",
+    "m2po_keep_mask",
+    "opo_advantages",
+    "opob_advantages",
+    "opob_baseline",
+    "opob_weights",
+    "seq_mean_token_mean",
+    "sequence_log_weights",
+    "token_mean",
+    "two_sum_gradient",
+]

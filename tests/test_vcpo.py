@@ -1,0 +1,225 @@
+"""VCPO losses, ESS scaling, OPOB and the two-sum gradient on a tabular softmax policy (CPU)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff import vcpo
+
+T, A, P, G = 3, 4, 4, 8  # tokens per sequence, actions, prompts, group size
+
+
+@pytest.fixture(scope="module")
+def tabular():
+    """Tabular policy: logits theta[prompt, position, action]; behaviour mu = perturbed theta; reward = fraction of
+    positions equal to a target."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    theta = jax.random.normal(k1, (P, T, A)) * 1.5
+    theta_mu = theta + 0.7 * jax.random.normal(k2, (P, T, A))
+    target = jax.random.randint(k3, (P, T), 0, A)
+    return theta, theta_mu, target
+
+
+def _token_logp(th, prompts, acts):
+    return jnp.take_along_axis(jax.nn.log_softmax(th[prompts], -1), acts[..., None], -1)[..., 0]
+
+
+def _sample(key, theta, theta_mu, target):
+    prompts = jnp.repeat(jnp.arange(P), G)
+    acts = jax.random.categorical(key, theta_mu[prompts])
+    rewards = jnp.mean((acts == target[prompts]).astype(jnp.float32), -1)
+    logp_mu = _token_logp(theta_mu, prompts, acts)
+    return prompts, acts, rewards, logp_mu
+
+
+def _per_sample_scores(theta, prompts, acts):
+    return jax.vmap(jax.grad(lambda th, p, a: jnp.sum(_token_logp(th, p, a))), (None, 0, 0))(theta, prompts, acts)
+
+
+def test_opob_minimises_weighted_second_moment(tabular):
+    theta, theta_mu, target = tabular
+    prompts, acts, rewards, logp_mu = _sample(jax.random.PRNGKey(1), *tabular)
+    w = jnp.exp(jnp.sum(_token_logp(theta, prompts, acts) - logp_mu, -1))
+    s = _per_sample_scores(theta, prompts, acts)
+    s2 = jnp.sum(s.reshape(s.shape[0], -1) ** 2, -1)
+    b = vcpo.opob_baseline(rewards, w, s2, prompts)
+    grid = jnp.linspace(-0.5, 1.5, 401)
+    for g in range(P):
+        sel = prompts == g
+        objective = jax.vmap(lambda c, sel=sel: jnp.sum(jnp.where(sel, w**2 * s2 * (rewards - c) ** 2, 0.0)))
+        at_grid = objective(grid)
+        at_opob = objective(b[sel][:1])[0]
+        assert at_opob <= at_grid.min() + 1e-6
+        assert abs(float(b[sel][0]) - float(grid[jnp.argmin(at_grid)])) <= float(grid[1] - grid[0])
+    # The released code's weighting differs from the README's only through min(w, c)^2.
+    np.testing.assert_allclose(
+        vcpo.opob_weights(w, s2, weighting="code", clip_c=1.0), jnp.minimum(w, 1.0) ** 2 * w**2 * s2, rtol=1e-6
+    )
+
+
+def _estimator(key, theta, theta_mu, target, baseline):
+    prompts, acts, rewards, logp_mu = _sample(key, theta, theta_mu, target)
+    w = jnp.exp(jnp.sum(_token_logp(theta, prompts, acts) - logp_mu, -1))
+    s = _per_sample_scores(theta, prompts, acts)
+    if baseline == "none":
+        b = jnp.zeros_like(rewards)
+    elif baseline == "group_mean":
+        b = vcpo.group_stats(rewards, prompts, P)[0]
+    else:
+        b = vcpo.opob_baseline(rewards, w, jnp.sum(s.reshape(s.shape[0], -1) ** 2, -1), prompts, num_groups=P)
+    return jnp.einsum("i,i...->...", w * (rewards - b), s) / rewards.shape[0]
+
+
+def test_opob_has_lowest_monte_carlo_gradient_variance(tabular):
+    keys = jax.random.split(jax.random.PRNGKey(2), 2000)
+    tr_var = {}
+    for baseline in ("none", "group_mean", "opob"):
+        grads = jax.jit(jax.vmap(lambda k, b=baseline: _estimator(k, *tabular, b)))(keys)
+        tr_var[baseline] = float(jnp.sum(jnp.var(grads, 0)))
+    assert tr_var["opob"] < tr_var["group_mean"] < tr_var["none"], tr_var
+
+
+def test_ess_ratio_extremes_and_masking():
+    assert float(vcpo.ess_ratio(jnp.full((8,), 0.3))) == pytest.approx(1.0, rel=1e-6)
+    one_hot = jnp.array([0.0] + [-1e4] * 7)
+    assert float(vcpo.ess_ratio(one_hot)) == pytest.approx(1 / 8, rel=1e-6)
+    # Huge log-weights do not overflow; masked entries are ignored.
+    log_w = jnp.array([800.0, 800.0, 5.0, 0.0])
+    assert float(vcpo.ess_ratio(log_w, mask=jnp.array([1, 1, 0, 0]))) == pytest.approx(1.0, rel=1e-6)
+    w = np.array([1.0, 2.0, 4.0])
+    assert float(vcpo.ess_ratio(jnp.log(jnp.asarray(w)))) == pytest.approx(w.sum() ** 2 / (3 * (w**2).sum()), 1e-6)
+
+
+def test_lr_scale_rules():
+    rho = jnp.array([0.01, 0.25, 0.5, 1.0, 2.0])
+    np.testing.assert_allclose(vcpo.lr_scale(rho), np.sqrt(np.minimum(1, np.asarray(rho))), rtol=1e-6)
+    np.testing.assert_allclose(vcpo.lr_scale(rho, rho_on=0.5, rule="linear"), np.minimum(1, np.asarray(rho) / 0.5))
+    np.testing.assert_allclose(vcpo.lr_scale(rho, rule="none"), np.ones(5))
+    with pytest.raises(ValueError, match="lr rule"):
+        vcpo.lr_scale(rho, rule="cube")
+    with pytest.raises(ValueError, match="rho_on"):
+        vcpo.lr_scale(rho, rho_on=0.0)
+
+
+def test_two_sum_gradient_equals_direct(tabular):
+    theta, _, _ = tabular
+    prompts, acts, rewards, logp_mu = _sample(jax.random.PRNGKey(3), *tabular)
+    mask = jnp.ones(acts.shape)
+    logp_now = _token_logp(theta, prompts, acts)
+    w = jnp.exp(jnp.sum(logp_now - logp_mu, -1))
+
+    def per_traj_loss(th, p, a, lmu):  # seq-TIS loss of one trajectory with advantage 1
+        lp = _token_logp(th, p[None], a[None])
+        loss, _ = vcpo.LOSSES["vcpo"](lp, lmu[None], jnp.ones_like(lp), jnp.ones((1,)))
+        return loss / rewards.shape[0]
+
+    g = jax.vmap(jax.grad(per_traj_loss), (None, 0, 0, 0))(theta, prompts, acts, logp_mu)
+    s2 = jnp.sum(g.reshape(g.shape[0], -1) ** 2, -1)
+    b = vcpo.opob_baseline(rewards, w, s2, prompts)
+    _, std = vcpo.group_stats(rewards, prompts)
+    two_sum = vcpo.two_sum_gradient(g, rewards, b, prompts, num_groups=P, group_scale=1 / (std[::G] + 1e-6))
+    adv = vcpo.opob_advantages(rewards, b, prompts)
+    direct = jax.grad(lambda th: vcpo.LOSSES["vcpo"](_token_logp(th, prompts, acts), logp_mu, mask, adv)[0])(theta)
+    np.testing.assert_allclose(two_sum, direct, rtol=1e-4, atol=1e-6)
+
+
+# Tiny batch: two sequences of two tokens, the second sequence's last token masked.
+LOGP = [[-1.0, -2.0], [-0.5, -1.5]]
+LOGP_MU = [[-1.5, -1.85], [-0.2, -0.4]]
+MASK = [[1.0, 1.0], [1.0, 0.0]]
+ADV = [1.0, -2.0]
+
+
+def _hand_loss(name):
+    """Each loss written out with Python scalars, token by token."""
+    toks = [[(LOGP[i][t], LOGP_MU[i][t]) for t in range(2) if MASK[i][t]] for i in range(2)]
+
+    def tok_loss(f):
+        return sum(sum(f(lp, mu, ADV[i]) for lp, mu in toks[i]) / len(toks[i]) for i in range(2)) / 2
+
+    def seq_w(i):
+        return math.exp(sum(lp - mu for lp, mu in toks[i]))
+
+    def mean_lp(i):
+        return sum(lp for lp, _ in toks[i]) / len(toks[i])
+
+    r = lambda lp, mu: math.exp(lp - mu)  # noqa: E731
+    clip = lambda x, lo, hi: min(max(x, lo), hi)  # noqa: E731
+    if name == "reinforce":
+        return tok_loss(lambda lp, mu, a: -a * lp)
+    if name == "ppo_clip":
+        return tok_loss(lambda lp, mu, a: -min(r(lp, mu) * a, clip(r(lp, mu), 0.8, 1.2) * a))
+    if name == "token_tis":
+        return tok_loss(lambda lp, mu, a: -min(r(lp, mu), 2.0) * a * lp)
+    if name in ("seq_tis", "vcpo"):
+        return sum(-min(seq_w(i), 8.0) * ADV[i] * mean_lp(i) for i in range(2)) / 2
+    if name == "token_mis":
+        return tok_loss(lambda lp, mu, a: -(r(lp, mu) if 0.5 <= r(lp, mu) <= 5.0 else 0.0) * a * lp)
+    if name == "seq_mis":
+        return sum(-(seq_w(i) if 0.5 <= seq_w(i) <= 2.0 else 0.0) * ADV[i] * mean_lp(i) for i in range(2)) / 2
+    if name == "geo_mis":
+        geo = [math.exp(sum(lp - mu for lp, mu in toks[i]) / len(toks[i])) for i in range(2)]
+        return sum(-(seq_w(i) if 0.999 <= geo[i] <= 1.001 else 0.0) * ADV[i] * mean_lp(i) for i in range(2)) / 2
+    if name == "m2po":
+        # (log r)^2 = 0.25, 0.0225, 0.09: dropping the largest leaves mean 0.056 > 0.04; dropping two leaves 0.0225.
+        kept = {(0, 1)}
+        return sum(sum(-r(lp, mu) * ADV[i] for t, (lp, mu) in enumerate(toks[i]) if (i, t) in kept) / len(toks[i])
+                   for i in range(2)) / 2
+    if name == "gspo":
+        s = [math.exp(sum(lp - mu for lp, mu in toks[i]) / len(toks[i])) for i in range(2)]
+        return sum(-min(s[i] * ADV[i], clip(s[i], 1 - 3e-4, 1 + 4e-4) * ADV[i]) for i in range(2)) / 2
+    if name == "cispo":
+        return tok_loss(lambda lp, mu, a: -clip(r(lp, mu), 0.0, 1.28) * a * lp)
+    if name == "areal":  # proximal policy = current policy: u = 1, so the loss is -(pi/mu) A
+        return tok_loss(lambda lp, mu, a: -r(lp, mu) * a)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", sorted(vcpo.LOSSES))
+def test_loss_matches_hand_computation(name):
+    args = (jnp.array(LOGP), jnp.array(LOGP_MU), jnp.array(MASK), jnp.array(ADV))
+    loss, metrics = jax.jit(vcpo.LOSSES[name])(*args)
+    assert float(loss) == pytest.approx(_hand_loss(name), rel=1e-5, abs=1e-6)
+    assert set(metrics) == {"frac_clipped", "weight_mean"}
+
+
+def test_bad_input_raises_and_jit_stays_finite():
+    logp = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match="shape"):
+        vcpo.LOSSES["seq_tis"](logp, jnp.zeros((2, 4)), jnp.ones((2, 3)), jnp.ones(2))
+    with pytest.raises(ValueError, match="adv"):
+        vcpo.LOSSES["reinforce"](logp, logp, jnp.ones((2, 3)), jnp.ones(3))
+    with pytest.raises(ValueError, match="no token"):
+        vcpo.LOSSES["ppo_clip"](logp, logp, jnp.zeros((2, 3)), jnp.ones(2))
+    with pytest.raises(ValueError, match="empty group"):
+        vcpo.opob_baseline(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.array([0, 0, 2]))
+    with pytest.raises(ValueError, match="shape"):
+        vcpo.opob_baseline(jnp.ones(3), jnp.ones(2), jnp.ones(3), jnp.array([0, 0, 1]))
+    with pytest.raises(ValueError, match="no sequence"):
+        vcpo.ess_ratio(jnp.zeros(3), mask=jnp.zeros(3))
+    with pytest.raises(ValueError, match="weighting"):
+        vcpo.opob_weights(jnp.ones(2), jnp.ones(2), weighting="paper")
+    # Under jit the values can't be checked; the same degenerate inputs give finite numbers.
+    for name, fn in vcpo.LOSSES.items():
+        loss, metrics = jax.jit(fn)(logp, logp, jnp.zeros((2, 3)), jnp.ones(2))
+        assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in metrics.values()), name
+    assert float(jax.jit(vcpo.ess_ratio)(jnp.zeros(3), jnp.zeros(3))) == 0.0
+    opob = jax.jit(vcpo.opob_baseline, static_argnames="num_groups")
+    zero_weights = opob(jnp.ones(2), jnp.zeros(2), jnp.zeros(2), jnp.array([0, 1]), num_groups=2)
+    assert np.isfinite(np.asarray(zero_weights)).all()
+
+
+def test_diagnostics_and_m2po_mask():
+    log_r = jnp.array([[0.5, -0.15], [-0.3, 7.0]])
+    keep = vcpo.m2po_keep_mask(log_r, jnp.array(MASK), tau=0.04)
+    np.testing.assert_array_equal(keep, [[0, 1], [0, 0]])
+    d = vcpo.is_diagnostics(jnp.array(LOGP), jnp.array(LOGP_MU), jnp.array(MASK))
+    w = np.exp([0.35, -0.3])
+    assert float(d["ess_ratio"]) == pytest.approx(w.sum() ** 2 / (2 * (w**2).sum()), rel=1e-5)
+    assert float(d["max_w_frac"]) == pytest.approx(w.max() / w.sum(), rel=1e-5)
+    k3 = [math.exp(x) - 1 - x for x in (0.5, -0.15, -0.3)]
+    assert float(d["kl_mu_pi_k3"]) == pytest.approx(sum(k3) / 3, rel=1e-5)
+    assert float(d["kl_mu_pi_k3"]) > 0
