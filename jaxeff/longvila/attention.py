@@ -52,6 +52,14 @@ def _as_batch_positions(positions, batch: int, seq: int) -> jax.Array:
     return positions
 
 
+def _visible(q_pos, kv_pos, causal: bool):
+    """[B, Lq, Lk] mask; negative K/V positions are empty slots (the `jaxeff.nn.attention` convention)."""
+    visible = kv_pos[:, None, :] >= 0
+    if causal:
+        visible &= kv_pos[:, None, :] <= q_pos[:, :, None]
+    return visible
+
+
 def _fold_block(state, q, k, v, q_pos, kv_pos, causal: bool, scale: float):
     """Fold one K/V block into the online-softmax state of one query block.
 
@@ -59,13 +67,10 @@ def _fold_block(state, q, k, v, q_pos, kv_pos, causal: bool, scale: float):
     """
     o, m, denom = state
     s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
-    if causal:
-        visible = (kv_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, Lq, Lk]
-        s = jnp.where(visible, s, _NEG)
+    visible = _visible(q_pos, kv_pos, causal)[:, None, None]  # [B, 1, 1, Lq, Lk]
+    s = jnp.where(visible, s, _NEG)
     m_new = jnp.maximum(m, s.max(-1))
-    p = jnp.exp(s - m_new[..., None])
-    if causal:
-        p = jnp.where(visible, p, 0.0)
+    p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
     denom_new = alpha * denom + p.sum(-1)
     pv = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -82,9 +87,9 @@ def _fold_blocks_skipping(states, q_subs, k, v, q_pos_subs, kv_pos, causal, scal
     for state, qs, qp in zip(states, q_subs, q_pos_subs):
         for ks, vs, kp in zip(k_subs, v_subs, kp_subs):
             if causal:
-                any_visible = jnp.max(qp) >= jnp.min(kp)
+                # Conservative test (min over the block): a sub-block is skipped only if no key can be visible.
                 state = lax.cond(
-                    any_visible,
+                    jnp.max(qp) >= jnp.min(kp),
                     lambda st, qs=qs, ks=ks, vs=vs, qp=qp, kp=kp: _fold_block(st, qs, ks, vs, qp, kp, True, scale),
                     lambda st: st,
                     state,
@@ -161,9 +166,9 @@ def sequence_parallel_attention(q, k, v, *, mesh: Mesh, ring_axis: str, ulysses_
                                 positions=None, scale: float | None = None, num_sub_blocks: int = 2):
     """Exact attention on global [B, S, H, D] arrays whose S axis is sharded over (ring_axis, ulysses_axis).
 
-    `positions` ([S] or [B, S], default arange(S)) are the global positions of the tokens in the given order;
-    causal masking uses them, so a zigzag-permuted sequence (`layout.zigzag_permutation`) with its positions gives
-    the same result as the unpermuted sequence, permuted. k/v may have fewer heads (GQA). S must be divisible by
+    `positions` ([S] or [B, S], default arange(S)) are the global positions of the tokens in the given order
+    (negative = empty slot, never attended to); causal masking uses them, so a zigzag-permuted sequence
+    (`layout.zigzag_permutation`) with its positions gives the same result as the unpermuted sequence, permuted. k/v may have fewer heads (GQA). S must be divisible by
     the number of devices in the two axes; H by the Ulysses degree.
     """
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
@@ -194,8 +199,7 @@ def reference_attention(q, k, v, *, causal: bool = True, positions=None, scale: 
     scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, s, hkv, h // hkv, d)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
-    if causal:
-        logits = jnp.where((pos[:, None, :] <= pos[:, :, None])[:, None, None], logits, _NEG)
+    logits = jnp.where(_visible(pos, pos, causal)[:, None, None], logits, _NEG)
     p = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, s, h, d).astype(q.dtype)
