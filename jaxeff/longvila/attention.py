@@ -168,8 +168,9 @@ def sequence_parallel_attention(q, k, v, *, mesh: Mesh, ring_axis: str, ulysses_
 
     `positions` ([S] or [B, S], default arange(S)) are the global positions of the tokens in the given order
     (negative = empty slot, never attended to); causal masking uses them, so a zigzag-permuted sequence
-    (`layout.zigzag_permutation`) with its positions gives the same result as the unpermuted sequence, permuted. k/v may have fewer heads (GQA). S must be divisible by
-    the number of devices in the two axes; H by the Ulysses degree.
+    (`layout.zigzag_permutation`) with its positions gives the same result as the unpermuted sequence, permuted.
+    k/v may have fewer heads (GQA). S must be divisible by the number of devices in the two axes; H by the
+    Ulysses degree.
     """
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"q, k, v must be [B, S, H, D] with k.shape == v.shape; got {q.shape}, {k.shape}, {v.shape}")
