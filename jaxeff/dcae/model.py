@@ -1,0 +1,387 @@
+"""DC-AE (Deep Compression Autoencoder, arXiv 2410.10733) in Flax NNX, NHWC.
+
+Module and parameter names mirror diffusers' `AutoencoderDC` (`encoder.down_blocks.3.0.attn.to_q.weight`), so a
+diffusers state dict maps onto this model by name, with torch layouts transposed (conv OIHW -> HWIO, linear
+(out, in) -> (in, out)). Run on CPU only (parity with diffusers 0.42.1 in float32 in tests/test_dcae.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.dcae import weights
+from jaxeff.dcae.config import DCAEConfig
+
+_ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": jax.nn.relu, "silu": jax.nn.silu, "relu6": jax.nn.relu6}
+
+
+def pixel_unshuffle(x: jax.Array, factor: int = 2) -> jax.Array:
+    """[B, H, W, C] -> [B, H/f, W/f, C*f*f], channel order c*f*f + i*f + j as torch.nn.functional.pixel_unshuffle."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // factor, factor, w // factor, factor, c)
+    return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // factor, w // factor, c * factor * factor)
+
+
+def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
+    """Inverse of `pixel_unshuffle`: [B, H, W, C*f*f] -> [B, H*f, W*f, C]."""
+    b, h, w, c = x.shape
+    c_out = c // (factor * factor)
+    x = x.reshape(b, h, w, c_out, factor, factor)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * factor, w * factor, c_out)
+
+
+def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
+    # torch's default init for conv/linear (kaiming-uniform with a=sqrt(5) gives bound 1/sqrt(fan_in))
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
+
+
+class Conv2d(nnx.Module):
+    """Conv with torch semantics (symmetric padding k//2, groups); weight stored HWIO."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, *, stride: int = 1, groups: int = 1, bias: bool = True,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        fan_in = cin // groups * kernel_size * kernel_size
+        self.weight = nnx.Param(_uniform(rngs, (kernel_size, kernel_size, cin // groups, cout), fan_in, dtype))
+        self.bias = nnx.Param(_uniform(rngs, (cout,), fan_in, dtype)) if bias else None
+        self.stride, self.groups, self.kernel_size = stride, groups, kernel_size
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        if self.kernel_size == 1 and self.stride == 1:
+            # 1x1 convs as matmuls: XLA:CPU runs these faster than its grouped-conv path
+            g = self.groups
+            cin_g, cout = w.shape[2], w.shape[3]
+            wg = w[0, 0].reshape(cin_g, g, cout // g).transpose(1, 0, 2)
+            y = jnp.einsum("...gi,gio->...go", x.reshape(*x.shape[:-1], g, cin_g), wg).reshape(*x.shape[:-1], cout)
+        else:
+            p = self.kernel_size // 2
+            y = jax.lax.conv_general_dilated(
+                x, w, (self.stride, self.stride), ((p, p), (p, p)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
+            )
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Linear(nnx.Module):
+    """Bias-free linear layer on the channel axis; weight stored (in, out)."""
+
+    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.weight = nnx.Param(_uniform(rngs, (cin, cout), cin, dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.weight[...]
+
+
+class RMSNorm2d(nnx.Module):
+    """RMS norm over channels at each pixel with weight and bias (the original `trms2d`), computed in float32."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, *, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((channels,), dtype))
+        self.bias = nnx.Param(jnp.zeros((channels,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class BatchNorm2d(nnx.Module):
+    """BatchNorm with frozen running statistics (the released decoders' `bn2d`; inference only)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, *, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((channels,), dtype))
+        self.bias = nnx.Param(jnp.zeros((channels,), dtype))
+        self.running_mean = nnx.BatchStat(jnp.zeros((channels,), dtype))
+        self.running_var = nnx.BatchStat(jnp.ones((channels,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
+        return (x - self.running_mean[...]) * scale + self.bias[...]
+
+
+def make_norm(norm_type: str, channels: int, dtype) -> RMSNorm2d | BatchNorm2d:
+    return RMSNorm2d(channels, dtype=dtype) if norm_type == "rms_norm" else BatchNorm2d(channels, dtype=dtype)
+
+
+class ResBlock(nnx.Module):
+    """x + norm(conv3x3(act(conv3x3(x))))."""
+
+    def __init__(self, channels: int, norm_type: str, act_fn: str, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.conv1 = Conv2d(channels, channels, 3, rngs=rngs, dtype=dtype)
+        self.conv2 = Conv2d(channels, channels, 3, bias=False, rngs=rngs, dtype=dtype)
+        self.norm = make_norm(norm_type, channels, dtype)
+        self.act = act_fn
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.norm(self.conv2(_ACTS[self.act](self.conv1(x))))
+
+
+class MultiscaleProjection(nnx.Module):
+    """Multi-scale token aggregation: depthwise kxk conv, then a 1x1 conv grouped by 3*heads."""
+
+    def __init__(self, channels: int, heads: int, kernel_size: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.proj_in = Conv2d(channels, channels, kernel_size, groups=channels, bias=False, rngs=rngs, dtype=dtype)
+        self.proj_out = Conv2d(channels, channels, 1, groups=3 * heads, bias=False, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj_out(self.proj_in(x))
+
+
+class LiteMLA(nnx.Module):
+    """Multi-scale ReLU linear attention (diffusers `SanaMultiscaleLinearAttention`), with the residual.
+
+    `to_q`/`to_k`/`to_v` are the thirds of the original fused qkv conv; the heads read their q, k and v from the
+    concatenation in a head-interleaved layout ([q_h, k_h, v_h] per 3*head_dim channels), as the original does.
+    Maps with H*W <= head_dim use quadratic ReLU attention, larger ones linear attention in float32."""
+
+    def __init__(self, channels: int, head_dim: int, norm_type: str, kernel_sizes: tuple[int, ...], *,
+                 rngs: nnx.Rngs, dtype=jnp.float32, eps: float = 1e-15):
+        heads = channels // head_dim
+        inner = heads * head_dim
+        self.to_q = Linear(channels, inner, rngs=rngs, dtype=dtype)
+        self.to_k = Linear(channels, inner, rngs=rngs, dtype=dtype)
+        self.to_v = Linear(channels, inner, rngs=rngs, dtype=dtype)
+        self.to_qkv_multiscale = nnx.List(
+            [MultiscaleProjection(3 * inner, heads, k, rngs=rngs, dtype=dtype) for k in kernel_sizes]
+        )
+        self.to_out = Linear(inner * (1 + len(kernel_sizes)), channels, rngs=rngs, dtype=dtype)
+        self.norm_out = make_norm(norm_type, channels, dtype)
+        self.head_dim, self.eps = head_dim, eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, _ = x.shape
+        wqkv = jnp.concatenate([self.to_q.weight[...], self.to_k.weight[...], self.to_v.weight[...]], axis=1)
+        qkv = x @ wqkv
+        qkv = jnp.concatenate([qkv] + [proj(qkv) for proj in self.to_qkv_multiscale], axis=-1)
+        d = self.head_dim
+        linear = h * w > d
+        if linear:
+            qkv = qkv.astype(jnp.float32)
+        qkv = qkv.reshape(b, h * w, -1, 3, d)
+        q, k, v = jax.nn.relu(qkv[..., 0, :]), jax.nn.relu(qkv[..., 1, :]), qkv[..., 2, :]
+        if linear:
+            kv = jnp.einsum("bmhd,bmhe->bhde", k, v)
+            num = jnp.einsum("bnhd,bhde->bnhe", q, kv)
+            den = jnp.einsum("bnhd,bhd->bnh", q, k.sum(axis=1))
+            out = num / (den[..., None] + self.eps)
+        else:
+            scores = jnp.einsum("bmhd,bnhd->bhmn", k, q).astype(jnp.float32)
+            scores = scores / (scores.sum(axis=2, keepdims=True) + self.eps)
+            out = jnp.einsum("bmhe,bhmn->bnhe", v, scores.astype(v.dtype))
+        out = out.reshape(b, h, w, -1).astype(x.dtype)
+        return x + self.norm_out(self.to_out(out))
+
+
+class GLUMBConv(nnx.Module):
+    """x + rms(conv1x1(a * silu(gate))), [a, gate] = dwconv3x3(silu(conv1x1(x))), expansion 4."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32, expand_ratio: int = 4):
+        hidden = expand_ratio * channels
+        self.conv_inverted = Conv2d(channels, 2 * hidden, 1, rngs=rngs, dtype=dtype)
+        self.conv_depth = Conv2d(2 * hidden, 2 * hidden, 3, groups=2 * hidden, rngs=rngs, dtype=dtype)
+        self.conv_point = Conv2d(hidden, channels, 1, bias=False, rngs=rngs, dtype=dtype)
+        self.norm = RMSNorm2d(channels, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv_depth(jax.nn.silu(self.conv_inverted(x)))
+        a, gate = jnp.split(y, 2, axis=-1)
+        return x + self.norm(self.conv_point(a * jax.nn.silu(gate)))
+
+
+class EfficientViTBlock(nnx.Module):
+    def __init__(self, channels: int, head_dim: int, norm_type: str, kernel_sizes: tuple[int, ...], *,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        self.attn = LiteMLA(channels, head_dim, norm_type, kernel_sizes, rngs=rngs, dtype=dtype)
+        self.conv_out = GLUMBConv(channels, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv_out(self.attn(x))
+
+
+class DownBlock(nnx.Module):
+    """x2 down-sampling: conv + pixel-unshuffle (or stride-2 conv), plus the residual-autoencoding shortcut
+    (space-to-channel, then average channel groups down to the output width)."""
+
+    def __init__(self, cin: int, cout: int, *, pixel_unshuffle: bool, shortcut: bool, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
+        self.unshuffle = pixel_unshuffle
+        self.conv = Conv2d(cin, cout // 4 if pixel_unshuffle else cout, 3, stride=1 if pixel_unshuffle else 2,
+                           rngs=rngs, dtype=dtype)
+        self.group_size = 4 * cin // cout if shortcut else 0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv(x)
+        if self.unshuffle:
+            y = pixel_unshuffle(y)
+        if self.group_size:
+            s = pixel_unshuffle(x)
+            y = y + s.reshape(*s.shape[:-1], -1, self.group_size).mean(axis=-1)
+        return y
+
+
+class UpBlock(nnx.Module):
+    """x2 up-sampling: conv + pixel-shuffle (or nearest x2 + conv), plus the residual-autoencoding shortcut
+    (duplicate channels, then channel-to-space)."""
+
+    def __init__(self, cin: int, cout: int, *, interpolate: bool, shortcut: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.interpolate = interpolate
+        self.conv = Conv2d(cin, cout if interpolate else 4 * cout, 3, rngs=rngs, dtype=dtype)
+        self.repeats = 4 * cout // cin if shortcut else 0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.interpolate:
+            y = self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        else:
+            y = pixel_shuffle(self.conv(x))
+        if self.repeats:
+            y = y + pixel_shuffle(jnp.repeat(x, self.repeats, axis=-1))
+        return y
+
+
+def _make_block(block_type: str, channels: int, cfg: DCAEConfig, norm: str, act: str, scales: tuple[int, ...],
+                rngs: nnx.Rngs, dtype):
+    if block_type == "ResBlock":
+        return ResBlock(channels, norm, act, rngs=rngs, dtype=dtype)
+    return EfficientViTBlock(channels, cfg.attention_head_dim, norm, scales, rngs=rngs, dtype=dtype)
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: DCAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        widths, depths = cfg.encoder_block_out_channels, cfg.encoder_layers_per_block
+        unshuffle = cfg.downsample_block_type == "pixel_unshuffle"
+        if depths[0] > 0:
+            self.conv_in = Conv2d(cfg.in_channels, widths[0], 3, rngs=rngs, dtype=dtype)
+        else:
+            self.conv_in = DownBlock(cfg.in_channels, widths[1], pixel_unshuffle=unshuffle, shortcut=False,
+                                     rngs=rngs, dtype=dtype)
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            blocks = [
+                _make_block(cfg.encoder_block_types[i], width, cfg, "rms_norm", "silu", cfg.encoder_qkv_multiscales[i],
+                            rngs, dtype)
+                for _ in range(depth)
+            ]
+            if i < len(widths) - 1 and depth > 0:
+                blocks.append(DownBlock(width, widths[i + 1], pixel_unshuffle=unshuffle,
+                                        shortcut=cfg.downsample_shortcut, rngs=rngs, dtype=dtype))
+            stages.append(nnx.List(blocks))
+        self.down_blocks = nnx.List(stages)
+        self.conv_out = Conv2d(widths[-1], cfg.latent_channels, 3, rngs=rngs, dtype=dtype)
+        self.out_group = widths[-1] // cfg.latent_channels if cfg.encoder_out_shortcut else 0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv_in(x)
+        for stage in self.down_blocks:
+            for block in stage:
+                x = block(x)
+        y = self.conv_out(x)
+        if self.out_group:
+            y = y + x.reshape(*x.shape[:-1], -1, self.out_group).mean(axis=-1)
+        return y
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: DCAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        widths, depths = cfg.decoder_block_out_channels, cfg.decoder_layers_per_block
+        interpolate = cfg.upsample_block_type == "interpolate"
+        self.conv_in = Conv2d(cfg.latent_channels, widths[-1], 3, rngs=rngs, dtype=dtype)
+        self.in_repeats = widths[-1] // cfg.latent_channels if cfg.decoder_in_shortcut else 0
+        stages = []
+        for i in reversed(range(len(widths))):
+            blocks = []
+            if i < len(widths) - 1 and depths[i] > 0:
+                blocks.append(UpBlock(widths[i + 1], widths[i], interpolate=interpolate,
+                                      shortcut=cfg.upsample_shortcut, rngs=rngs, dtype=dtype))
+            blocks += [
+                _make_block(cfg.decoder_block_types[i], widths[i], cfg, cfg.decoder_norm_types[i],
+                            cfg.decoder_act_fns[i], cfg.decoder_qkv_multiscales[i], rngs, dtype)
+                for _ in range(depths[i])
+            ]
+            stages.insert(0, nnx.List(blocks))
+        self.up_blocks = nnx.List(stages)
+        channels = widths[0] if depths[0] > 0 else widths[1]
+        self.norm_out = RMSNorm2d(channels, dtype=dtype)
+        self.act = cfg.decoder_conv_act_fn
+        if depths[0] > 0:
+            self.conv_out = Conv2d(channels, cfg.in_channels, 3, rngs=rngs, dtype=dtype)
+        else:
+            self.conv_out = UpBlock(channels, cfg.in_channels, interpolate=interpolate, shortcut=False,
+                                    rngs=rngs, dtype=dtype)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        x = self.conv_in(z)
+        if self.in_repeats:
+            x = x + jnp.repeat(z, self.in_repeats, axis=-1)
+        for stage in reversed(self.up_blocks):
+            for block in stage:
+                x = block(x)
+        return self.conv_out(_ACTS[self.act](self.norm_out(x)))
+
+
+class DCAE(nnx.Module):
+    """DC-AE: `encode` [B, H, W, 3] images in [-1, 1] to [B, H/f, W/f, c] latents, `decode` back.
+
+    `scaled=True` multiplies latents by `config.scaling_factor` (the diffusion-model latent) on encode and divides
+    on decode. Parameters are float32 unless `dtype` says otherwise; the linear attention and norms run in float32.
+    Wrap calls in `jax.jit` (see `jit_method`) for speed; eager calls work but dispatch op by op."""
+
+    def __init__(self, config: DCAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        self.encoder = Encoder(config, rngs=rngs, dtype=dtype)
+        self.decoder = Decoder(config, rngs=rngs, dtype=dtype)
+
+    @property
+    def dtype(self):
+        return self.encoder.conv_out.weight[...].dtype
+
+    def encode(self, images: jax.Array, *, scaled: bool = False) -> jax.Array:
+        f = self.config.spatial_compression
+        if images.ndim != 4 or images.shape[-1] != self.config.in_channels:
+            raise ValueError(f"encode expects [B, H, W, {self.config.in_channels}] images, got shape {images.shape}")
+        if images.shape[1] % f or images.shape[2] % f:
+            raise ValueError(f"image size {images.shape[1:3]} must be a multiple of the compression factor {f}")
+        z = self.encoder(images.astype(self.dtype))
+        return z * self.config.scaling_factor if scaled else z
+
+    def decode(self, latents: jax.Array, *, scaled: bool = False) -> jax.Array:
+        c = self.config.latent_channels
+        if latents.ndim != 4 or latents.shape[-1] != c:
+            raise ValueError(f"decode expects [B, h, w, {c}] latents, got shape {latents.shape}")
+        z = latents.astype(self.dtype)
+        return self.decoder(z / self.config.scaling_factor if scaled else z)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.decode(self.encode(images))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, config: DCAEConfig | str | None = None, dtype=jnp.float32) -> DCAE:
+        """Load released weights: a diffusers directory (`config.json` + `diffusion_pytorch_model.safetensors`),
+        an original-format directory or file (`model.safetensors`), or a single diffusers-format file with
+        `config=`. Original-format weights carry no architecture: it comes from `config=` (a `DCAEConfig` or a
+        released name such as "dc-ae-f32c32-in-1.0"), else the `model_name` in a `config.json` beside the file,
+        else the directory name. Missing, unexpected or mis-shaped tensors raise a ValueError naming them."""
+        cfg, tensors = weights.read_checkpoint(path, config)
+        model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+        weights.load_torch_state(model, tensors, dtype=dtype, source=str(path))
+        return model
+
+
+def jit_method(model: nnx.Module, method: str, **kwargs) -> Callable:
+    """`model.<method>(*args, **kwargs)` compiled with jax.jit, the model split into graph and state outside."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fn(state, *args):
+        return getattr(nnx.merge(graphdef, state), method)(*args, **kwargs)
+
+    return functools.partial(fn, state)
