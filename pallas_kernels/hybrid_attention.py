@@ -1,0 +1,406 @@
+"""Hybrid streaming/dense block-sparse attention (DuoAttention training and prefill, LServe prefill).
+
+Every KV head is either dense (causal) or streaming (causal and Λ-shaped: `sink` first tokens plus a `local`
+window). Query i sits at position `q_offset + i` (chunked prefill). Masks are token-exact; work skips every
+block that the mask empties, so a streaming head costs O(Sq * (sink + local + block)) whatever the context.
+
+Three implementations share `block_ranges` (the active KV blocks of each query block) and `token_mask`:
+- `_xla_hybrid`: plain XLA. Dense heads attend per query chunk to the static causal key prefix; streaming heads
+  gather, per query block, the sink blocks plus a fixed-width window of local blocks. Differentiable by autodiff;
+  it is also the recompute-based backward of the Pallas paths.
+- `_pallas_tpu_forward`: Mosaic-style kernel, grid (B, Hq, q blocks, active KV blocks) with the block schedule in
+  scalar prefetch (SMEM), so the pipeline DMAs only active KV blocks; block dims are (block, head_dim).
+  jax's splash attention (`ops/tpu/splash_attention`) expresses the same masks with a `MultiHeadMask`; we keep our
+  own kernel because splash's mask pre-processing has no query offset for chunked prefill and evaluates masks on
+  the host block by block.
+- `_pallas_gpu_forward`: Triton-style kernel, grid (q blocks, B, Hq), two in-kernel loops (sink blocks, local or
+  causal blocks) with data-dependent bounds; Triton has no scalar prefetch, hence a separate kernel.
+
+Backends actually executed: CPU only (XLA path; both Pallas kernels in interpret mode, the TPU-style one also
+under `pltpu.force_tpu_interpret_mode()`). Not yet run on a real GPU or TPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import (
+    MASK_VALUE,
+    check_gqa,
+    check_int,
+    check_streaming_heads,
+    default_scale,
+    resolve_implementation,
+    token_mask,
+)
+
+# Queries are split in at most this many static chunks on the XLA dense path (coarse causal skipping).
+_MAX_DENSE_CHUNKS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    sq: int
+    sk: int
+    q_offset: int
+    sink: int
+    local: int
+    scale: float
+    block_q: int
+    block_k: int
+    static_flags: tuple[bool, ...] | None  # None when streaming_heads is traced
+
+    @property
+    def nq(self) -> int:
+        return -(-self.sq // self.block_q)
+
+    @property
+    def nk(self) -> int:
+        return -(-self.sk // self.block_k)
+
+
+def block_ranges(xp, stream, *, sq, sk, q_offset, sink, local, block_q, block_k):
+    """Active KV blocks of every (KV head, query block): blocks [0, u1) and [l2, hi); all [Hkv, nq] ints.
+
+    `xp` is numpy (static flags) or jax.numpy (traced flags). Dense heads get u1 = l2 = 0 (causal prefix).
+    """
+    nq, nk = -(-sq // block_q), -(-sk // block_k)
+    i = xp.arange(nq)
+    p_lo = q_offset + i * block_q
+    p_hi = q_offset + xp.minimum((i + 1) * block_q, sq) - 1
+    hi = xp.minimum(p_hi // block_k + 1, nk)[None, :]
+    n_sink = min(-(-sink // block_k), nk)
+    local_lo = (xp.maximum(p_lo - local + 1, 0) // block_k)[None, :]
+    stream = xp.asarray(stream).astype(bool)[:, None]
+    u1 = xp.where(stream, xp.minimum(n_sink, hi), 0)
+    l2 = xp.where(stream, xp.maximum(local_lo, u1), 0)
+    hi = xp.broadcast_to(hi, u1.shape)
+    return u1, l2, hi
+
+
+def hybrid_attention_block_count(q_len: int, kv_len: int, streaming_heads, *, sink: int, local: int,
+                                 q_offset: int = 0, block_q: int = 128, block_k: int = 128) -> int:
+    """Number of (query block, KV block) pairs the kernels compute, summed over KV heads, for one batch row.
+
+    Each query head of a GQA group runs its KV head's blocks, so query-head work is this times Hq / Hkv.
+    """
+    stream = np.asarray(streaming_heads, bool)
+    u1, l2, hi = block_ranges(np, stream, sq=q_len, sk=kv_len, q_offset=q_offset, sink=sink, local=local,
+                              block_q=block_q, block_k=block_k)
+    return int((u1 + np.maximum(hi - l2, 0)).sum())
+
+
+def hybrid_attention_reference(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale=None):
+    """Dense masked attention in float32 (the plain-JAX reference); returns q.dtype [B, Sq, Hq, D]."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = default_scale(scale, d)
+    qg = q.astype(jnp.float32).reshape(b, sq, hkv, g, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) * scale
+    qpos = q_offset + jnp.arange(sq)[:, None]
+    kpos = jnp.arange(sk)[None, :]
+    stream = jnp.asarray(streaming_heads, bool)[:, None, None, None]
+    s = jnp.where(token_mask(qpos, kpos, stream, sink, local), s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
+    return o.reshape(b, sq, hq, d).astype(q.dtype)
+
+
+def _masked_softmax_av(s, mask, v_blocks, v_spec):
+    s = jnp.where(mask, s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum(v_spec, p.astype(v_blocks.dtype), v_blocks, preferred_element_type=jnp.float32)
+
+
+def _xla_dense_group(q, k, v, stream, cfg: _Cfg):
+    """q [B, Sq, h, G, D], k/v [B, Sk, h, D], stream [h] bool: per query chunk, attend the causal key prefix."""
+    sq = q.shape[1]
+    chunk = cfg.block_q * -(-cfg.nq // _MAX_DENSE_CHUNKS)
+    outs = []
+    for a in range(0, sq, chunk):
+        b_ = min(a + chunk, sq)
+        kend = min(cfg.sk, cfg.q_offset + b_)
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", q[:, a:b_], k[:, :kend], preferred_element_type=jnp.float32)
+        qpos = cfg.q_offset + jnp.arange(a, b_)[:, None]
+        mask = token_mask(qpos, jnp.arange(kend)[None, :], stream[:, None, None, None], cfg.sink, cfg.local)
+        outs.append(_masked_softmax_av(s * cfg.scale, mask, v[:, :kend], "bhgqk,bkhd->bqhgd"))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _xla_streaming_group(q, k, v, cfg: _Cfg):
+    """All heads streaming: per query block, the sink blocks plus a fixed-width window of local blocks."""
+    bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
+    h = k.shape[2]
+    u1, l2, hi = block_ranges(np, np.ones(1, bool), sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
+                              local=cfg.local, block_q=bq, block_k=bk)
+    n_sink, width = int(u1.max()), int(np.maximum(hi - l2, 0).max())
+    if n_sink + width >= nk:  # the window covers (almost) everything: the masked prefix path is cheaper
+        return _xla_dense_group(q, k, v, np.ones(h, bool), cfg)
+    b, sq, _, g, d = q.shape
+    qp = jnp.pad(q, ((0, 0), (0, nq * bq - sq), (0, 0), (0, 0), (0, 0))).reshape(b, nq, bq, h, g, d)
+    kp = jnp.pad(k, ((0, 0), (0, nk * bk - cfg.sk), (0, 0), (0, 0)))
+    vp = jnp.pad(v, ((0, 0), (0, nk * bk - cfg.sk), (0, 0), (0, 0)))
+    start = np.minimum(l2[0], nk - width) * bk  # static window start per query block
+    win = start[:, None] + np.arange(width * bk)[None, :]  # [nq, W*bk] key positions
+    qpos = cfg.q_offset + np.arange(nq * bq).reshape(nq, bq, 1)
+    sink_pos = np.arange(n_sink * bk)
+    # Sink part: every query block shares the first n_sink blocks.
+    s_sink = jnp.einsum("bnqhgd,bkhd->bnhgqk", qp, kp[:, : n_sink * bk], preferred_element_type=jnp.float32)
+    m_sink = token_mask(qpos, sink_pos[None, None, :], True, cfg.sink, cfg.local) & (sink_pos < cfg.sk)
+    # Window part: gathered per block; keys already covered by the sink part are masked out.
+    k_win, v_win = kp[:, win], vp[:, win]  # [B, nq, W*bk, h, D]
+    s_win = jnp.einsum("bnqhgd,bnkhd->bnhgqk", qp, k_win, preferred_element_type=jnp.float32)
+    m_win = (token_mask(qpos, win[:, None, :], True, cfg.sink, cfg.local) & (win[:, None, :] >= n_sink * bk)
+             & (win[:, None, :] < cfg.sk))
+    s = jnp.concatenate([jnp.broadcast_to(s_sink, s_win.shape[:-1] + s_sink.shape[-1:]), s_win], -1) * cfg.scale
+    mask = jnp.concatenate([jnp.broadcast_to(m_sink, m_win.shape[:-1] + m_sink.shape[-1:]), m_win], -1)
+    mask = mask[None, :, None, None]  # [1, nq, 1, 1, bq, keys]
+    v_all = jnp.concatenate([jnp.broadcast_to(vp[:, None, : n_sink * bk], (b, nq, n_sink * bk, h, d)), v_win], 2)
+    o = _masked_softmax_av(s, mask, v_all, "bnhgqk,bnkhd->bnqhgd")
+    return o.reshape(b, nq * bq, h, g, d)[:, :sq]
+
+
+def _xla_hybrid(q, k, v, flags, cfg: _Cfg):
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, sq, hkv, hq // hkv, d)
+    if cfg.static_flags is None:  # traced pattern: no static head split, masked prefix path for all heads
+        o = _xla_dense_group(qg, k, v, flags.astype(bool), cfg)
+        return o.reshape(b, sq, hq, d).astype(q.dtype)
+    stream = np.asarray(cfg.static_flags)
+    s_idx, d_idx = np.flatnonzero(stream), np.flatnonzero(~stream)
+    outs = []
+    if len(s_idx):
+        outs.append(_xla_streaming_group(qg[:, :, s_idx], k[:, :, s_idx], v[:, :, s_idx], cfg))
+    if len(d_idx):
+        outs.append(_xla_dense_group(qg[:, :, d_idx], k[:, :, d_idx], v[:, :, d_idx], np.zeros(len(d_idx), bool),
+                                     cfg))
+    o = jnp.concatenate(outs, axis=2)[:, :, np.argsort(np.concatenate([s_idx, d_idx]))]
+    return o.reshape(b, sq, hq, d).astype(q.dtype)
+
+
+def _online_softmax_step(q, k, v, m, l, acc, qpos, kpos, stream, cfg: _Cfg):
+    """One KV block of the flash-attention recurrence; m, l are [bq, 1], acc [bq, D] (float32)."""
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * cfg.scale
+    mask = token_mask(qpos, kpos, stream, cfg.sink, cfg.local) & (kpos < cfg.sk)
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l_new = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
+    acc_new = alpha * acc + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+    return m_new, l_new, acc_new
+
+
+def _schedule(flags, cfg: _Cfg):
+    """Flattened per-(KV head, query block) lists of active KV blocks, padded by repeating the last one."""
+    xp = np if cfg.static_flags is not None else jnp
+    src = np.asarray(cfg.static_flags) if cfg.static_flags is not None else flags
+    u1, l2, hi = block_ranges(xp, src, sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
+                              local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k)
+    cnt = u1 + xp.maximum(hi - l2, 0)
+    if cfg.static_flags is not None:
+        steps = int(cnt.max())
+    else:  # worst case: a dense head
+        _, _, hi_d = block_ranges(np, np.zeros(1, bool), sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=0,
+                                  local=1, block_q=cfg.block_q, block_k=cfg.block_k)
+        steps = int(hi_d.max())
+    t = xp.arange(steps)[None, None, :]
+
+    def block_at(j):
+        return xp.where(j < u1[..., None], j, l2[..., None] + j - u1[..., None])
+
+    idx = xp.where(t < cnt[..., None], block_at(t), block_at(xp.maximum(cnt[..., None] - 1, 0)))
+    return (jnp.asarray(idx.reshape(-1), jnp.int32), jnp.asarray(cnt.reshape(-1), jnp.int32),
+            jnp.asarray(xp.stack([u1, l2, hi], -1), jnp.int32), steps)
+
+
+def _pad_seq(x, n):
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+
+
+def _pallas_tpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
+    idx, cnt, _, steps = _schedule(flags, cfg)
+    # [B, H, S, D] so that a block's last two dims are (block, head_dim) as Mosaic wants.
+    qt = _pad_seq(q, nq * bq).transpose(0, 2, 1, 3)
+    kt = _pad_seq(k, nk * bk).transpose(0, 2, 1, 3)
+    vt = _pad_seq(v, nk * bk).transpose(0, 2, 1, 3)
+
+    def kernel(idx_ref, cnt_ref, flag_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr):
+        h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+        hk = h // g
+
+        @pl.when(t == 0)
+        def _init():
+            m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
+            l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+            acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+        @pl.when(t < cnt_ref[hk * nq + i])
+        def _step():
+            kb = idx_ref[(hk * nq + i) * steps + t]
+            qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            m, l_, acc = _online_softmax_step(q_ref[...], k_ref[...], v_ref[...], m_scr[...], l_scr[...],
+                                              acc_scr[...], qpos, kpos, flag_ref[hk] != 0, cfg)
+            m_scr[...], l_scr[...], acc_scr[...] = m, l_, acc
+
+        @pl.when(t == steps - 1)
+        def _finish():
+            l_ = l_scr[...]
+            o_ref[...] = (acc_scr[...] / jnp.where(l_ == 0.0, 1.0, l_)).astype(o_ref.dtype)
+
+    def kv_map(b_, h, i, t, idx_ref, cnt_ref, flag_ref):
+        return b_, h // g, idx_ref[((h // g) * nq + i) * steps + t], 0
+
+    def q_map(b_, h, i, t, *_):
+        return b_, h, i, 0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(b, hq, nq, steps),
+        in_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), kv_map),
+                  pl.BlockSpec((None, None, bk, d), kv_map)],
+        out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+        scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                        pltpu.VMEM((bq, d), jnp.float32)],
+    )
+    out = pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, hq, nq * bq, d), q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=interpret, name="hybrid_attention_tpu",
+    )(idx, cnt, flags, qt, kt, vt)
+    return out.transpose(0, 2, 1, 3)[:, :sq]
+
+
+def _pallas_gpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
+    _, _, ranges, _ = _schedule(flags, cfg)
+    # (u1, l2, hi, streaming) per (KV head, query block); 4 entries keep Triton's power-of-two shapes.
+    stream = jnp.broadcast_to(flags[:, None, None], ranges.shape[:2] + (1,))
+    bounds = jnp.concatenate([ranges, stream], axis=-1)
+    qp, kp, vp = _pad_seq(q, nq * bq), _pad_seq(k, nk * bk), _pad_seq(v, nk * bk)
+
+    def kernel(bounds_ref, q_ref, k_ref, v_ref, o_ref):
+        i = pl.program_id(0)
+        u1, l2, hi, st = bounds_ref[0], bounds_ref[1], bounds_ref[2], bounds_ref[3]
+        q_blk = q_ref[...]
+        qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+
+        def body(kb, carry):
+            kslice = pl.ds(kb * bk, bk)
+            kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            return _online_softmax_step(q_blk, k_ref[kslice, :], v_ref[kslice, :], *carry, qpos, kpos, st != 0,
+                                        cfg)
+
+        carry = (jnp.full((bq, 1), MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
+                 jnp.zeros((bq, d), jnp.float32))
+        carry = lax.fori_loop(0, u1, body, carry)  # sink blocks (streaming heads only)
+        _, l_, acc = lax.fori_loop(l2, hi, body, carry)  # local window or causal prefix
+        o_ref[...] = (acc / jnp.where(l_ == 0.0, 1.0, l_)).astype(o_ref.dtype)
+
+    out = pl.pallas_call(
+        kernel, grid=(nq, b, hq),
+        in_specs=[pl.BlockSpec((None, None, 4), lambda i, b_, h: (h // g, i, 0)),
+                  pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+                  pl.BlockSpec((None, nk * bk, None, d), lambda i, b_, h: (b_, 0, h // g, 0)),
+                  pl.BlockSpec((None, nk * bk, None, d), lambda i, b_, h: (b_, 0, h // g, 0))],
+        out_specs=pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, nq * bq, hq, d), q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret, name="hybrid_attention_gpu",
+    )(bounds, qp, kp, vp)
+    return out[:, :sq]
+
+
+_FORWARDS = {"tpu": _pallas_tpu_forward, "gpu": _pallas_gpu_forward, "interpret": _pallas_tpu_forward}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _pallas_hybrid(q, k, v, flags, cfg: _Cfg, flavour: str):
+    return _FORWARDS[flavour](q, k, v, flags, cfg, flavour == "interpret")
+
+
+def _pallas_hybrid_fwd(q, k, v, flags, cfg, flavour):
+    return _pallas_hybrid(q, k, v, flags, cfg, flavour), (q, k, v, flags)
+
+
+def _pallas_hybrid_bwd(cfg, flavour, res, g):
+    # Recompute-based backward through the block-sparse XLA path: same skipped blocks, no extra kernel.
+    q, k, v, flags = res
+    _, vjp = jax.vjp(lambda q_, k_, v_: _xla_hybrid(q_, k_, v_, flags, cfg), q, k, v)
+    return (*vjp(g), None)
+
+
+_pallas_hybrid.defvjp(_pallas_hybrid_fwd, _pallas_hybrid_bwd)
+
+
+def _default_block(n: int) -> int:
+    return int(min(128, max(8, pl.next_power_of_2(n))))
+
+
+def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q, block_k):
+    """Validates the arguments of `hybrid_attention`; returns (int32 flags [Hkv], _Cfg)."""
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"q and k must be [batch, seq, heads, head_dim], got {q.shape} and {k.shape}")
+    b, sq, hq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {k.shape} does not match q {q.shape} in batch or head_dim")
+    sk, hkv = k.shape[1], k.shape[2]
+    check_gqa(hq, hkv)
+    flags, static = check_streaming_heads(streaming_heads, hkv)
+    sink, local = check_int("sink", sink, 0), check_int("local", local, 1)
+    q_offset = check_int("q_offset", q_offset, 0)
+    if q_offset + sq > sk:
+        raise ValueError(f"q_offset + q_len ({q_offset} + {sq}) exceeds kv_len {sk}: queries need their own keys")
+    block_q = _default_block(sq) if block_q is None else check_int("block_q", block_q, 1)
+    block_k = _default_block(sk) if block_k is None else check_int("block_k", block_k, 1)
+    static_t = None if static is None else tuple(bool(x) for x in static)
+    return flags, _Cfg(sq, sk, q_offset, sink, local, default_scale(scale, d), block_q, block_k, static_t)
+
+
+def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale=None, implementation=None,
+                     interpret=False, block_q=None, block_k=None):
+    """Causal attention where streaming KV heads see only `sink` first tokens and a `local` window.
+
+    Args:
+      q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D] with Hq % Hkv == 0 (GQA); float32 or bfloat16; any Sq, Sk.
+      streaming_heads: bool [Hkv]. Concrete (numpy/list) flags split the heads statically, so streaming heads
+        cost O(sink + local) per query; traced flags work too but the XLA path then masks a dense causal pass.
+      sink, local: Python ints, sink >= 0, local >= 1. Key j is visible to query position p iff j <= p and,
+        for streaming heads, (j < sink or p - j < local).
+      q_offset: position of query 0 (chunked prefill: Sk = q_offset + Sq); q_offset + Sq <= Sk.
+      scale: softmax scale, default 1/sqrt(D).
+      implementation: None (Pallas on GPU/TPU, XLA elsewhere), "pallas" or "xla".
+      interpret: run the Pallas kernel in the interpreter (CPU testing).
+      block_q, block_k: block sizes (default min(128, next power of two of the length), at least 8).
+    Returns:
+      [B, Sq, Hq, D] in q.dtype. Differentiable w.r.t. q, k, v on every path.
+    """
+    flags, cfg = make_config(q, k, streaming_heads, sink=sink, local=local, q_offset=q_offset, scale=scale,
+                             block_q=block_q, block_k=block_k)
+    if v.shape != k.shape:
+        raise ValueError(f"v {v.shape} must have the shape of k {k.shape}")
+    impl, flavour = resolve_implementation(implementation, interpret)
+    if impl == "xla":
+        return _xla_hybrid(q, k, v, flags, cfg)
+    return _pallas_hybrid(q, k, v, flags, cfg, flavour)

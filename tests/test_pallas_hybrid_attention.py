@@ -1,0 +1,152 @@
+"""hybrid_attention: XLA block-sparse path and both Pallas kernels (interpret mode) against the dense reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+import pallas_kernels as pk
+from pallas_kernels._common import token_mask
+from pallas_kernels.hybrid_attention import _pallas_gpu_forward, make_config
+
+# (Sq, q_offset, Hq, Hkv, D, sink, local, streaming, dtype): odd lengths, GQA 1/2/4/8, sink/local edge cases.
+CASES = {
+    "gqa2_mixed": (37, 0, 4, 2, 64, 3, 5, [True, False], jnp.float32),
+    "gqa8_offset_local1_sink0": (29, 19, 8, 1, 64, 0, 1, [True], jnp.float32),
+    "gqa1_sink_covers_all": (21, 3, 2, 2, 64, 100, 4, [True, True], jnp.float32),
+    "gqa4_all_dense_d128": (45, 0, 16, 4, 128, 8, 16, [False] * 4, jnp.float32),
+    "bf16_long_window": (70, 11, 4, 2, 128, 4, 40, [False, True], jnp.bfloat16),
+}
+BLOCK = 16
+
+
+def _inputs(key, sq, q_offset, hq, hkv, d, dtype, batch=2):
+    kq, kk, kv = jax.random.split(jax.random.key(key), 3)
+    sk = sq + q_offset
+    return (jax.random.normal(kq, (batch, sq, hq, d), dtype), jax.random.normal(kk, (batch, sk, hkv, d), dtype),
+            jax.random.normal(kv, (batch, sk, hkv, d), dtype))
+
+
+def _tol(dtype):
+    return 3e-2 if dtype == jnp.bfloat16 else 2e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pallas_hybrid_matches_reference(name):
+    sq, off, hq, hkv, d, sink, local, stream, dtype = CASES[name]
+    q, k, v = _inputs(len(name), sq, off, hq, hkv, d, dtype, batch=1 + (dtype == jnp.bfloat16))
+    kw = dict(streaming_heads=np.array(stream), sink=sink, local=local, q_offset=off)
+    ref = np.asarray(pk.hybrid_attention_reference(q, k, v, **kw), np.float32)
+    xla = jax.jit(lambda q, k, v: pk.hybrid_attention(q, k, v, **kw, implementation="xla", block_q=BLOCK,
+                                                      block_k=BLOCK))(q, k, v)
+    tpu_style = pk.hybrid_attention(q, k, v, **kw, implementation="pallas", interpret=True, block_q=BLOCK,
+                                    block_k=BLOCK)
+    flags, cfg = make_config(q, k, kw["streaming_heads"], sink=sink, local=local, q_offset=off, scale=None,
+                             block_q=BLOCK, block_k=BLOCK)
+    gpu_style = _pallas_gpu_forward(q, k, v, flags, cfg, True)
+    for out in (xla, tpu_style, gpu_style):
+        assert out.dtype == dtype and out.shape == q.shape
+        np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=_tol(dtype), rtol=_tol(dtype))
+
+
+def test_pallas_hybrid_reference_is_token_exact():
+    # The reference itself against a brute-force numpy loop (so the kernels are not checked against a twin bug).
+    sq, off, sink, local = 9, 4, 2, 3
+    q, k, v = _inputs(7, sq, off, 2, 1, 64, jnp.float32, batch=1)
+    out = pk.hybrid_attention_reference(q, k, v, streaming_heads=np.array([True]), sink=sink, local=local,
+                                        q_offset=off)
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    for i in range(sq):
+        p = off + i
+        keys = [j for j in range(p + 1) if j < sink or p - j < local]
+        s = qn[0, i, 1] @ kn[0, keys, 0].T / 8.0
+        w = np.exp(s - s.max())
+        np.testing.assert_allclose(np.asarray(out[0, i, 1]), (w / w.sum()) @ vn[0, keys, 0], atol=1e-5)
+
+
+def test_pallas_hybrid_tpu_interpret_mode():
+    sq, off, hq, hkv, d, sink, local, stream, dtype = CASES["gqa2_mixed"]
+    q, k, v = _inputs(3, sq, off, hq, hkv, d, dtype, batch=1)
+    kw = dict(streaming_heads=np.array(stream), sink=sink, local=local, q_offset=off)
+    with pltpu.force_tpu_interpret_mode():
+        out = pk.hybrid_attention(q, k, v, **kw, implementation="pallas", block_q=BLOCK, block_k=BLOCK)
+    np.testing.assert_allclose(out, pk.hybrid_attention_reference(q, k, v, **kw), atol=2e-5, rtol=2e-5)
+
+
+def test_pallas_hybrid_gradients_match_reference():
+    q, k, v = _inputs(11, 27, 6, 4, 2, 64, jnp.float32, batch=1)
+    kw = dict(streaming_heads=np.array([True, False]), sink=2, local=7, q_offset=6)
+    cot = jax.random.normal(jax.random.key(5), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+
+    ref = jax.grad(loss(lambda q, k, v: pk.hybrid_attention_reference(q, k, v, **kw)), (0, 1, 2))(q, k, v)
+    for impl in ("xla", "pallas"):
+        f = lambda q, k, v, impl=impl: pk.hybrid_attention(q, k, v, **kw, implementation=impl, interpret=True,
+                                                           block_q=BLOCK, block_k=BLOCK)
+        grads = jax.jit(jax.grad(loss(f), (0, 1, 2)))(q, k, v)
+        for g, r in zip(grads, ref):
+            np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5)
+
+
+def test_pallas_hybrid_traced_streaming_heads():
+    # Flags under jit (e.g. an nnx.Variable): no static head split, same numbers.
+    q, k, v = _inputs(13, 33, 0, 4, 2, 64, jnp.float32, batch=1)
+    flags = jnp.array([False, True])
+    kw = dict(sink=3, local=6)
+    ref = pk.hybrid_attention_reference(q, k, v, streaming_heads=flags, **kw)
+    for impl in ("xla", "pallas"):
+        out = jax.jit(lambda q, k, v, f, impl=impl: pk.hybrid_attention(
+            q, k, v, streaming_heads=f, **kw, implementation=impl, interpret=True, block_q=BLOCK,
+            block_k=BLOCK))(q, k, v, flags)
+        np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def _brute_force_blocks(sq, sk, off, stream, sink, local, bq, bk):
+    qpos = off + np.arange(sq)[:, None]
+    kpos = np.arange(sk)[None, :]
+    total = 0
+    for s in stream:
+        m = np.asarray(token_mask(qpos, kpos, s, sink, local))
+        nq, nk = -(-sq // bq), -(-sk // bk)
+        m = np.pad(m, ((0, nq * bq - sq), (0, nk * bk - sk)))
+        total += int(m.reshape(nq, bq, nk, bk).any(axis=(1, 3)).sum())
+    return total
+
+
+@pytest.mark.parametrize("sq,off,sink,local,bq,bk", [(300, 0, 64, 100, 32, 32), (97, 203, 0, 1, 16, 32),
+                                                     (130, 5, 500, 3, 64, 16), (256, 256, 20, 64, 32, 64)])
+def test_pallas_hybrid_block_count_is_exact(sq, off, sink, local, bq, bk):
+    stream = [True, False, True]
+    expected = _brute_force_blocks(sq, sq + off, off, stream, sink, local, bq, bk)
+    got = pk.hybrid_attention_block_count(sq, sq + off, stream, sink=sink, local=local, q_offset=off, block_q=bq,
+                                          block_k=bk)
+    assert got == expected
+
+
+def test_pallas_hybrid_streaming_cost_is_constant_in_context():
+    # sink 64 / local 256 with 128-blocks: each extra query block of a streaming head costs the sink block plus
+    # 3 local blocks, however long the context; a dense head costs the causal triangle.
+    def count(n, stream):
+        return pk.hybrid_attention_block_count(n, n, [stream], sink=64, local=256)
+
+    assert count(65536, True) - count(32768, True) == 4 * 256
+    assert count(16384, False) == 128 * 129 // 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(hq=3, hkv=2), "multiple of KV heads"),
+    (dict(stream=[True]), "streaming_heads must have shape"),
+    (dict(sink=-1), "sink must be >= 0"),
+    (dict(local=0), "local must be >= 1"),
+    (dict(q_offset=5), "exceeds kv_len"),
+])
+def test_pallas_hybrid_bad_input_raises(kwargs, match):
+    hq, hkv = kwargs.get("hq", 4), kwargs.get("hkv", 2)
+    q = jnp.zeros((1, 8, hq, 64))
+    k = jnp.zeros((1, 8, hkv, 64))
+    with pytest.raises(ValueError, match=match):
+        pk.hybrid_attention(q, k, k, streaming_heads=kwargs.get("stream", [True, False]), sink=kwargs.get("sink", 1),
+                            local=kwargs.get("local", 2), q_offset=kwargs.get("q_offset", 0), implementation="xla")
