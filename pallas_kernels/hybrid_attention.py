@@ -17,7 +17,8 @@ Three implementations share `block_ranges` (the active KV blocks of each query b
   causal blocks) with data-dependent bounds; Triton has no scalar prefetch, hence a separate kernel.
 
 Backends actually executed: CPU only (XLA path; both Pallas kernels in interpret mode, the TPU-style one also
-under `pltpu.force_tpu_interpret_mode()`). Not yet run on a real GPU or TPU.
+under `pltpu.force_tpu_interpret_mode()`). Both kernels also lower from CPU through `jax.export`
+for TPU (Pallas -> Mosaic) and CUDA (Pallas -> Triton); not yet compiled or run on a real GPU or TPU.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ tokens exactly: position < length, and for streaming heads (position < sink or l
 - `_pallas_gpu_decode`: grid (B, Hkv), in-kernel loop over the list loading pages from the whole pool (Triton
   has no scalar prefetch); the query group is padded to 16 rows for `dot`.
 Backends actually executed: CPU only (XLA; both kernels in interpret mode, the TPU-style one also under
-`pltpu.force_tpu_interpret_mode()`).
+`pltpu.force_tpu_interpret_mode()`). Both kernels also lower from CPU through `jax.export`
+for TPU (Pallas -> Mosaic) and CUDA (Pallas -> Triton); not yet compiled or run on a real GPU or TPU.
 """
 
 from __future__ import annotations

@@ -1,0 +1,64 @@
+"""The Pallas kernels lower for TPU (Pallas -> Mosaic) and NVIDIA GPU (Pallas -> Triton) from this CPU machine.
+
+`jax.export` runs the Pallas lowering for a named platform without the device, so block-shape, scalar-prefetch
+and Triton-dialect errors show up here; the final Mosaic / Triton compilation still needs the hardware.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels.hybrid_attention import _pallas_gpu_forward, _pallas_tpu_forward, make_config
+from pallas_kernels.sparse_decode import _DecodeCfg, _pallas_gpu_decode, _pallas_tpu_decode, decode_page_lists
+
+PLATFORMS = {"tpu": "tpu", "gpu": "cuda"}
+TRITON_CALL = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+
+@pytest.fixture
+def fake_tpu_info(monkeypatch):
+    # Mosaic lowering asks the local device for TPU generation info; pretend to be a v5e.
+    tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
+    if not hasattr(tpu_info, "registry"):
+        pytest.skip("this jax has no TPU info registry to describe a v5e")
+    monkeypatch.setitem(tpu_info.registry, "cpu",
+                        lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
+
+
+def _lower(fn, platform, *shapes):
+    exported = export.export(jax.jit(fn), platforms=[PLATFORMS[platform]], disabled_checks=[TRITON_CALL])(*shapes)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("d,dtype", [(128, jnp.bfloat16), (64, jnp.float32)])
+def test_pallas_hybrid_attention_lowers(fake_tpu_info, platform, d, dtype):
+    q = jax.ShapeDtypeStruct((1, 1000, 8, d), dtype)
+    k = jax.ShapeDtypeStruct((1, 1000, 2, d), dtype)
+    flags, cfg = make_config(q, k, np.array([True, False]), sink=64, local=256, q_offset=0, scale=None,
+                             block_q=128, block_k=128)
+    fwd = _pallas_tpu_forward if platform == "tpu" else _pallas_gpu_forward
+    text = _lower(lambda q, k, v: fwd(q, k, v, flags, cfg, False), platform, q, k, k)
+    assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_pallas_sparse_paged_decode_lowers(fake_tpu_info, platform):
+    b, hkv, g, d, pages, page, max_pages = 2, 2, 4, 128, 64, 64, 16
+    shapes = (jax.ShapeDtypeStruct((b, hkv * g, d), jnp.bfloat16),
+              jax.ShapeDtypeStruct((hkv, pages, page, d), jnp.bfloat16),
+              jax.ShapeDtypeStruct((hkv, pages, page, d), jnp.bfloat16),
+              jax.ShapeDtypeStruct((b, max_pages), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32),
+              jax.ShapeDtypeStruct((b, hkv, 4), jnp.int32))
+    stream = np.array([True, False])
+    kernel = _pallas_tpu_decode if platform == "tpu" else _pallas_gpu_decode
+
+    def step(q, kp, vp, table, lengths, selected):
+        lists = decode_page_lists(table, lengths, selected, stream, sink=64, local=256, page_size=page)
+        return kernel(q, kp, vp, table, lengths, lists, jnp.asarray(stream, jnp.int32),
+                      _DecodeCfg(64, 256, d**-0.5, page), False)
+
+    text = _lower(step, platform, *shapes)
+    assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in text
