@@ -1,0 +1,93 @@
+"""Offline images for the DC-AE experiments (scikit-image / scikit-learn samples) and reconstruction metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# RGB sample images that ship inside the scikit-image and scikit-learn wheels (no download).
+SKIMAGE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
+SKLEARN_IMAGES = ("china", "flower")
+ALL_IMAGES = SKIMAGE_IMAGES + SKLEARN_IMAGES
+TEST_IMAGES = ("coffee", "chelsea")
+TRAIN_IMAGES = tuple(n for n in ALL_IMAGES if n not in TEST_IMAGES)
+
+
+def load_image(name: str) -> np.ndarray:
+    """uint8 [H, W, 3]."""
+    if name in SKLEARN_IMAGES:
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image(f"{name}.jpg"))
+    if name not in SKIMAGE_IMAGES:
+        raise ValueError(f"unknown image {name!r}; known: {ALL_IMAGES}")
+    import skimage.data
+
+    return np.asarray(getattr(skimage.data, name)())[..., :3]
+
+
+def to_signed(img: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1]."""
+    return img.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def resize(img: np.ndarray, scale: float) -> np.ndarray:
+    """Anti-aliased rescale of a uint8 image."""
+    from skimage.transform import rescale
+
+    return to_uint8(rescale(to_signed(img), scale, channel_axis=-1, anti_aliasing=scale < 1, preserve_range=True))
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """Square center crop (after shrinking so the short side equals `size`)."""
+    h, w = img.shape[:2]
+    if min(h, w) != size:
+        img = resize(img, size / min(h, w))
+        h, w = img.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return img[top : top + size, left : left + size]
+
+
+def crop_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
+    h, w = (img.shape[0] // multiple) * multiple, (img.shape[1] // multiple) * multiple
+    top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return img[top : top + h, left : left + w]
+
+
+class CropSampler:
+    """Random square crops (with random horizontal flips) from a list of images, as float32 in [-1, 1]."""
+
+    def __init__(self, images: list[np.ndarray], size: int, seed: int):
+        small = [im for im in images if min(im.shape[:2]) < size]
+        if small:
+            raise ValueError(f"crop size {size} is larger than an image of shape {small[0].shape}")
+        self.images = [to_signed(im) for im in images]
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch: int) -> np.ndarray:
+        out = np.empty((batch, self.size, self.size, 3), np.float32)
+        for i in range(batch):
+            im = self.images[self.rng.integers(len(self.images))]
+            top = self.rng.integers(im.shape[0] - self.size + 1)
+            left = self.rng.integers(im.shape[1] - self.size + 1)
+            crop = im[top : top + self.size, left : left + self.size]
+            out[i] = crop[:, ::-1] if self.rng.random() < 0.5 else crop
+        return out
+
+
+def psnr(x: np.ndarray, ref: np.ndarray) -> float:
+    """PSNR in dB of images in [-1, 1] after quantizing both to uint8 (the usual 8-bit evaluation)."""
+    a, b = to_uint8(x).astype(np.float64), to_uint8(ref).astype(np.float64)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def ssim(x: np.ndarray, ref: np.ndarray) -> float:
+    """Mean SSIM (scikit-image, Gaussian-free 7x7 window) of one [H, W, 3] image pair in [-1, 1], on uint8."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(to_uint8(x), to_uint8(ref), channel_axis=-1, data_range=255))
