@@ -20,11 +20,12 @@ from jaxeff.dcae import DCAE, WHERE_TO_GET, get_config, jit_method
 from jaxeff.dcae.data import ALL_IMAGES, center_crop, load_image, psnr, ssim, to_signed, to_uint8
 from jaxeff.experiment import Run, register
 
-
 _DEFAULTS = {"dcae_f32c32": "dc-ae-f32c32-in-1.0", "dcae_f64c128": "dc-ae-f64c128-in-1.0",
              "dcae_f128c512": "dc-ae-f128c512-in-1.0", "dcae_f32c32_sana": "dc-ae-f32c32-sana-1.1"}
-_EXPERIMENT_OF = {m.replace("-in-", "-mix-"): e for e, m in _DEFAULTS.items()} | {v: k for k, v in _DEFAULTS.items()}
-_EXPERIMENT_OF["dc-ae-f32c32-sana-1.0"] = "dcae_f32c32_sana"
+
+
+def _experiment_for(model: str) -> str:
+    return "dcae_" + model.split("-")[2] + ("_sana" if "sana" in model else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Config:
         if self.ckpt is None:
             raise ValueError(
                 f"no checkpoint given. Download one and pass it as ckpt=..., e.g. "
-                f"`make exp name={_EXPERIMENT_OF.get(self.model, 'dcae_f32c32')} ckpt=/path/to/{self.model}-diffusers`. "
+                f"`make exp name={_experiment_for(self.model)} ckpt=/path/to/{self.model}-diffusers`. "
                 f"{WHERE_TO_GET}"
             )
         if not Path(self.ckpt).exists():
