@@ -1,0 +1,340 @@
+"""HART hybrid tokenizer: VAR's multi-scale residual VQ-VAE plus the continuous residual.
+
+Layout follows the CompVis vq-f16 autoencoder used by VAR/HART (NHWC here): encoder -> quant_conv -> multi-scale
+residual quantizer with partially shared Phi convs -> post_quant_conv -> decoder. The hybrid part is the residual
+`f - sum(discrete scales)` at the last scale, which the decoder can take on top of the discrete sum.
+
+Semantics mirror mit-han-lab/hart `HARTHybridQuantizer`:
+- `quantize_train` (the VQ-VAE training forward) applies Phi on every scale and, unless the continuous part is
+  skipped, adds the residual so the decoder sees the exact latent (straight-through on the discrete part).
+- `encode_hybrid` (`f_to_idxBl_and_frest`) leaves the last scale without Phi and returns the residual *before*
+  the last discrete scale is removed: the transformer's training target.
+- `next_autoregressive_input` is the per-scale update used during generation.
+Run on CPU only (tests, hart_tiny).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.hart.resample import resize
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 4096
+    z_channels: int = 32  # Cvae
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    using_sa: bool = True
+    using_mid_sa: bool = True
+    norm_groups: int = 32
+    quant_conv_ks: int = 3
+    quant_resi: float = 0.5
+    share_quant_resi: int = 4
+    beta: float = 0.25
+    # 1024px schedule of the released hart-0.7b-1024px tokenizer (14 scales, 9451 tokens, 64x64 latent).
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+
+    def __post_init__(self):
+        if len(self.patch_nums) < 2 or list(self.patch_nums) != sorted(set(self.patch_nums)):
+            raise ValueError(f"patch_nums must be >= 2 strictly increasing sizes, got {self.patch_nums}")
+        for c in {self.ch * m for m in self.ch_mult}:
+            if c % self.norm_groups:
+                raise ValueError(f"channel count {c} is not divisible by norm_groups={self.norm_groups}")
+        if self.share_quant_resi < 1:
+            raise ValueError("share_quant_resi must be >= 1 (number of shared Phi convs)")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.patch_nums[-1] * self.downsample
+
+    def phi_index(self, si: int) -> int:
+        """Which of the `share_quant_resi` Phi convs scale `si` uses (nearest tick to si/(S-1))."""
+        k = self.share_quant_resi
+        ticks = np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
+        return int(np.argmin(np.abs(ticks - si / (len(self.patch_nums) - 1))))
+
+
+def _conv(cin, cout, k, rngs, stride=1, padding=None):
+    return nnx.Conv(cin, cout, kernel_size=(k, k), strides=(stride, stride),
+                    padding=((k // 2, k // 2), (k // 2, k // 2)) if padding is None else padding, rngs=rngs)
+
+
+class ResnetBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, groups: int, rngs: nnx.Rngs):
+        self.norm1 = nnx.GroupNorm(cin, num_groups=groups, epsilon=1e-6, rngs=rngs)
+        self.conv1 = _conv(cin, cout, 3, rngs)
+        self.norm2 = nnx.GroupNorm(cout, num_groups=groups, epsilon=1e-6, rngs=rngs)
+        self.conv2 = _conv(cout, cout, 3, rngs)
+        self.nin_shortcut = _conv(cin, cout, 1, rngs) if cin != cout else None
+
+    def __call__(self, x):
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nnx.Module):
+    """Single-head spatial self-attention with a fused 1x1 qkv conv (VAR layout)."""
+
+    def __init__(self, c: int, groups: int, rngs: nnx.Rngs):
+        self.norm = nnx.GroupNorm(c, num_groups=groups, epsilon=1e-6, rngs=rngs)
+        self.qkv = _conv(c, 3 * c, 1, rngs)
+        self.proj_out = _conv(c, c, 1, rngs)
+
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b, h * w, 3 * c), 3, axis=-1)
+        attn = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
+        return x + self.proj_out(jnp.einsum("bij,bjc->bic", attn, v).reshape(b, h, w, c))
+
+
+class Downsample(nnx.Module):
+    def __init__(self, c: int, rngs: nnx.Rngs):
+        self.conv = _conv(c, c, 3, rngs, stride=2, padding="VALID")
+
+    def __call__(self, x):
+        return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))  # asymmetric pad, as in the VQGAN code
+
+
+class Upsample(nnx.Module):
+    def __init__(self, c: int, rngs: nnx.Rngs):
+        self.conv = _conv(c, c, 3, rngs)
+
+    def __call__(self, x):
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+class Level(nnx.Module):
+    """One resolution level: res blocks, optional attention after each, optional resampler."""
+
+    def __init__(self, blocks, attns, resample):
+        self.block = nnx.List(blocks)
+        self.attn = nnx.List(attns)
+        self.resample = resample
+
+    def __call__(self, h):
+        for i, blk in enumerate(self.block):
+            h = blk(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        return h if self.resample is None else self.resample(h)
+
+
+class Mid(nnx.Module):
+    def __init__(self, c: int, cfg: TokenizerConfig, rngs: nnx.Rngs):
+        self.block_1 = ResnetBlock(c, c, cfg.norm_groups, rngs)
+        self.attn_1 = AttnBlock(c, cfg.norm_groups, rngs) if cfg.using_mid_sa else None
+        self.block_2 = ResnetBlock(c, c, cfg.norm_groups, rngs)
+
+    def __call__(self, h):
+        h = self.block_1(h)
+        if self.attn_1 is not None:
+            h = self.attn_1(h)
+        return self.block_2(h)
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: TokenizerConfig, rngs: nnx.Rngs):
+        g, n = cfg.norm_groups, len(cfg.ch_mult)
+        self.conv_in = _conv(3, cfg.ch, 3, rngs)
+        in_mult = (1,) + tuple(cfg.ch_mult)
+        levels = []
+        for i in range(n):
+            cin, cout = cfg.ch * in_mult[i], cfg.ch * cfg.ch_mult[i]
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(cin, cout, g, rngs))
+                cin = cout
+                if i == n - 1 and cfg.using_sa:
+                    attns.append(AttnBlock(cin, g, rngs))
+            levels.append(Level(blocks, attns, Downsample(cin, rngs) if i != n - 1 else None))
+        self.down = nnx.List(levels)
+        self.mid = Mid(cin, cfg, rngs)
+        self.norm_out = nnx.GroupNorm(cin, num_groups=g, epsilon=1e-6, rngs=rngs)
+        self.conv_out = _conv(cin, cfg.z_channels, 3, rngs)
+
+    def __call__(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(jax.nn.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: TokenizerConfig, rngs: nnx.Rngs):
+        g, n = cfg.norm_groups, len(cfg.ch_mult)
+        cin = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = _conv(cfg.z_channels, cin, 3, rngs)
+        self.mid = Mid(cin, cfg, rngs)
+        levels = [None] * n  # stored low-res last, like the reference's `up` list
+        for i in reversed(range(n)):
+            cout = cfg.ch * cfg.ch_mult[i]
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(cin, cout, g, rngs))
+                cin = cout
+                if i == n - 1 and cfg.using_sa:
+                    attns.append(AttnBlock(cin, g, rngs))
+            levels[i] = Level(blocks, attns, Upsample(cin, rngs) if i != 0 else None)
+        self.up = nnx.List(levels)
+        self.norm_out = nnx.GroupNorm(cin, num_groups=g, epsilon=1e-6, rngs=rngs)
+        self.conv_out = _conv(cin, 3, 3, rngs)
+
+    def __call__(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(list(self.up)):
+            h = level(h)
+        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+
+
+class Phi(nnx.Module):
+    """h * (1 - r) + conv3x3(h) * r: the refinement applied after each upsampled scale."""
+
+    def __init__(self, c: int, ratio: float, rngs: nnx.Rngs):
+        self.conv = _conv(c, c, 3, rngs)
+        self.ratio = abs(ratio)
+
+    def __call__(self, h):
+        return h * (1 - self.ratio) + self.conv(h) * self.ratio
+
+
+def _nearest_code(z, codebook):
+    """argmin_v ||z - e_v||^2 for z [N, C], codebook [V, C]."""
+    d = jnp.sum(z * z, -1, keepdims=True) + jnp.sum(codebook * codebook, -1) - 2 * z @ codebook.T
+    return jnp.argmin(d, axis=-1)
+
+
+class HybridQuantizer(nnx.Module):
+    def __init__(self, cfg: TokenizerConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        v, c = cfg.vocab_size, cfg.z_channels
+        self.embedding = nnx.Embed(v, c, embedding_init=nnx.initializers.uniform(2.0 / v), rngs=rngs)
+        self.embedding.embedding[...] = self.embedding.embedding[...] - 1.0 / v  # U(-1/V, 1/V) like VAR's eini
+        self.quant_resi = nnx.List([Phi(c, cfg.quant_resi, rngs) for _ in range(cfg.share_quant_resi)])
+
+    @property
+    def codebook(self):
+        return self.embedding.embedding[...]
+
+    def phi(self, si: int, h):
+        return self.quant_resi[self.cfg.phi_index(si)](h)
+
+    def lookup(self, idx, pn: int):
+        """[B, pn*pn] indices -> [B, pn, pn, C] code vectors."""
+        return self.codebook[idx].reshape(idx.shape[0], pn, pn, -1)
+
+    def quantize_train(self, f, skip_continuous):
+        """VQ-VAE training forward. f: [B, H, W, C]; skip_continuous: bool scalar (drop the residual).
+
+        Returns (f_hat for the decoder with straight-through gradients, vq_loss, list of index maps)."""
+        pns = self.cfg.patch_nums
+        hw, sn = f.shape[1], len(pns)
+        f_ng = jax.lax.stop_gradient(f)
+        f_rest, f_hat = f_ng, jnp.zeros_like(f)
+        vq_loss, idx_list = 0.0, []
+        for si, pn in enumerate(pns):
+            z = resize(f_rest, pn, "area").reshape(-1, f.shape[-1])
+            idx = _nearest_code(z, jax.lax.stop_gradient(self.codebook)).reshape(f.shape[0], pn * pn)
+            idx_list.append(idx)
+            h = self.phi(si, resize(self.lookup(idx, pn), hw, "bicubic"))
+            f_hat = f_hat + h
+            f_rest = f_rest - h
+            vq_loss = vq_loss + self.cfg.beta * jnp.mean((jax.lax.stop_gradient(f_hat) - f) ** 2)
+            vq_loss = vq_loss + jnp.mean((f_hat - f_ng) ** 2)
+        f_hat = f_hat + jnp.where(skip_continuous, 0.0, 1.0) * f_rest
+        # straight-through: forward value f_hat, gradient to the encoder as if identity
+        return jax.lax.stop_gradient(f_hat - f) + f, vq_loss / sn, idx_list
+
+    def encode_hybrid(self, f):
+        """Returns (idx list per scale, residual [B, H, W, C] before the last discrete scale is removed,
+        discrete f_hat [B, H, W, C] incl. the last scale). latent == f_hat + (residual - last-scale codes)."""
+        pns = self.cfg.patch_nums
+        hw, sn = f.shape[1], len(pns)
+        if hw != pns[-1]:
+            raise ValueError(f"latent is {hw}x{hw} but the last scale is {pns[-1]}")
+        f_rest, f_hat, idx_list = f, jnp.zeros_like(f), []
+        for si, pn in enumerate(pns):
+            z = resize(f_rest, pn, "area").reshape(-1, f.shape[-1])
+            idx = _nearest_code(z, self.codebook).reshape(f.shape[0], pn * pn)
+            h = resize(self.lookup(idx, pn), hw, "bicubic")
+            if si != sn - 1:  # the last discrete scale has no Phi (matches inference)
+                h = self.phi(si, h)
+            else:
+                resid = f_rest
+            f_hat = f_hat + h
+            f_rest = f_rest - h
+            idx_list.append(idx)
+        return idx_list, resid, f_hat
+
+    def idx_to_fhat(self, idx_list, last_phi: bool = False):
+        """Sum of the upsampled (and Phi-refined) code maps. `last_phi` adds Phi on the last scale too (VAR)."""
+        pns = self.cfg.patch_nums
+        hw, sn = pns[-1], len(pns)
+        f_hat = 0.0
+        for si, (pn, idx) in enumerate(zip(pns, idx_list, strict=True)):
+            h = resize(self.lookup(idx, pn), hw, "bicubic")
+            if si != sn - 1 or last_phi:
+                h = self.phi(si, h)
+            f_hat = f_hat + h
+        return f_hat
+
+    def next_autoregressive_input(self, si: int, f_hat, h):
+        """Generation update after scale `si` produced code vectors h [B, pn, pn, C]: returns (f_hat, next input)."""
+        pns = self.cfg.patch_nums
+        if si == len(pns) - 1:
+            f_hat = f_hat + h
+            return f_hat, f_hat
+        f_hat = f_hat + self.phi(si, resize(h, pns[-1], "bicubic"))
+        return f_hat, resize(f_hat, pns[si + 1], "area")
+
+    def teacher_forcing_input(self, idx_list):
+        """Inputs of scales 1..S-1 for the transformer: area-downsampled running f_hat, [B, L - 1, C]."""
+        pns = self.cfg.patch_nums
+        b = idx_list[0].shape[0]
+        f_hat = jnp.zeros((b, pns[-1], pns[-1], self.cfg.z_channels), self.codebook.dtype)
+        out = []
+        for si in range(len(pns) - 1):
+            f_hat = f_hat + self.phi(si, resize(self.lookup(idx_list[si], pns[si]), pns[-1], "bicubic"))
+            nxt = resize(f_hat, pns[si + 1], "area")
+            out.append(nxt.reshape(b, -1, self.cfg.z_channels))
+        return jnp.concatenate(out, axis=1)
+
+
+class HARTTokenizer(nnx.Module):
+    """Encoder + hybrid quantizer + decoder (the `vae` of the released tokenizer)."""
+
+    def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        k = cfg.quant_conv_ks
+        self.encoder = Encoder(cfg, rngs)
+        self.decoder = Decoder(cfg, rngs)
+        self.quant_conv = _conv(cfg.z_channels, cfg.z_channels, k, rngs)
+        self.post_quant_conv = _conv(cfg.z_channels, cfg.z_channels, k, rngs)
+        self.quantize = HybridQuantizer(cfg, rngs)
+
+    def encode(self, img):
+        """img [B, H, W, 3] in [-1, 1] -> latent f [B, h, w, Cvae]."""
+        if img.shape[1] != self.cfg.image_size or img.shape[2] != self.cfg.image_size:
+            raise ValueError(f"image is {img.shape[1]}x{img.shape[2]}, tokenizer expects {self.cfg.image_size}")
+        return self.quant_conv(self.encoder(img))
+
+    def decode(self, f_hat):
+        """latent [B, h, w, Cvae] -> image [B, H, W, 3] clamped to [-1, 1]."""
+        return jnp.clip(self.decoder(self.post_quant_conv(f_hat)), -1.0, 1.0)
+
+    def __call__(self, img, skip_continuous):
+        """Training forward: (reconstruction, vq_loss)."""
+        f_hat, vq_loss, _ = self.quantize.quantize_train(self.encode(img), skip_continuous)
+        return self.decoder(self.post_quant_conv(f_hat)), vq_loss

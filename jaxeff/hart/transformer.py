@@ -1,0 +1,416 @@
+"""HART's scalable-resolution autoregressive transformer (text-to-image), mirroring `HARTForT2I`.
+
+- Sequence: the text tokens (context) are the first "scale"; then one block of tokens per image scale
+  1..S-1, each the area-downsampled running f_hat embedded by `word_embed`, plus a level embedding per scale.
+- Blocks: Llama-style (RMSNorm, SwiGLU, q/v biases, softmax scale 0.25/sqrt(d)) with adaLN (6C) computed from the
+  max-pooled text embedding.
+- Positions: 1D RoPE for text tokens; HART's 2D RoPE for image tokens, coordinates normalised to the last scale's
+  grid and offset by the last text position.
+- Attention: block-causal over levels in training (text tokens see all text tokens, padding included, as in the
+  reference); at inference a KV cache across scales, each scale attending to everything before it and itself.
+- Last scale: MAR-style token subsampling in training (at least half the tokens dropped, >= 32 kept when there are
+  more than 32); one iteration at inference; its hidden states condition the residual diffusion head.
+Run on CPU only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.hart import diffusion as diff
+
+
+@dataclasses.dataclass(frozen=True)
+class HARTConfig:
+    """Transformer + diffusion head. Defaults: the hart-0.7b-1024px layout as far as it is public (C=1536 and depth
+    16 are inferred from the ~732M parameter count; num_heads from head_dim 64). `from_pretrained` reads the real
+    values from `llm/config.json`."""
+
+    embed_dim: int = 1536
+    depth: int = 16
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    context_token: int = 300
+    context_dim: int = 1536
+    vocab_size: int = 4096
+    cvae: int = 32
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+    attn_l2_norm: bool = False
+    use_context_norm: bool = False
+    context_norm_scale: float = 1.0
+    rope_theta: float = 10000.0
+    cond_drop_rate: float = 0.1
+    diff_width: int = 1024
+    diff_depth: int = 6
+    num_sampling_steps: int = 8
+    diffusion_batch_mul: int = 4
+    mar_min_keep: int = 32  # last-scale tokens always kept by the training subsampling
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if (self.embed_dim // self.num_heads) % 4:
+            raise ValueError("head_dim must be a multiple of 4 for HART's 2D RoPE")
+        if self.context_token < 1:
+            raise ValueError("context_token must be >= 1 (text tokens are the first scale)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return int((self.embed_dim * self.mlp_ratio * 2) / 3 + 255) // 256 * 256
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+    @property
+    def seq_len(self) -> int:
+        """Training sequence length: text tokens + all scales but the first (predicted from the last text token)."""
+        return self.context_token + self.num_image_tokens - 1
+
+
+# ----------------------------------------------------------------------------------------------- positions
+
+
+def scale_coords(patch_nums: tuple[int, ...], si: int) -> np.ndarray:
+    """[pn*pn, 2] 2D RoPE coordinates of scale `si`, normalised to the largest grid (row-major, (row, col))."""
+    pn, big = patch_nums[si], patch_nums[-1]
+    ii, jj = np.meshgrid(np.arange(pn), np.arange(pn), indexing="ij")
+    return (np.stack([ii, jj], -1).reshape(-1, 2) / pn * big).astype(np.float32)
+
+
+def rope_1d(pos, dim: int, theta: float):
+    """pos [B, L] -> (cos, sin) [B, L, dim], HF Llama layout (halves)."""
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    f = pos.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([f, f], -1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rope_2d(pos, dim: int, theta: float):
+    """pos [B, L, 2] -> (cos, sin) [B, L, dim]: [axis0 (f, f), axis1 (f, f)] with dim/4 frequencies of stride 4,
+    exactly the reference `LlamaRotaryEmbedding` (so rotate_half pairs axis-0 and axis-1 channels)."""
+    inv = 1.0 / theta ** (np.arange(0, dim, 4, dtype=np.float32) / dim)
+    f0 = pos[..., 0:1].astype(jnp.float32) * inv
+    f1 = pos[..., 1:2].astype(jnp.float32) * inv
+    emb = jnp.concatenate([f0, f0, f1, f1], -1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, L, H, D]; cos/sin [B, L, D]."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos[:, :, None] + rot * sin[:, :, None]
+
+
+def image_rope(cfg: HARTConfig, scales, offset):
+    """cos/sin for the tokens of `scales` (list of scale indices >= 1), offset [B] = last text position."""
+    coords = np.concatenate([scale_coords(cfg.patch_nums, s) for s in scales], 0)
+    pos = jnp.asarray(coords)[None] + offset.astype(jnp.float32)[:, None, None]
+    return rope_2d(pos, cfg.head_dim, cfg.rope_theta)
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+def _linear(din, dout, rngs, bias=True, std=0.02):
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.truncated_normal(std), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a weight; the reference's fused kernel applies it even where `elementwise_affine=False`."""
+
+    def __init__(self, dim: int, eps: float, scale: float = 1.0):
+        self.weight = nnx.Param(jnp.full((dim,), scale, jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps) * self.weight).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs):
+        c = cfg.embed_dim
+        self.cfg = cfg
+        self.qkv_proj = _linear(c, 3 * c, rngs, bias=False)
+        self.q_bias = nnx.Param(jnp.zeros((c,)))
+        self.v_bias = nnx.Param(jnp.zeros((c,)))
+        self.proj = _linear(c, c, rngs, std=0.02 / math.sqrt(2 * cfg.depth))
+        if cfg.attn_l2_norm:
+            self.scale_mul_1H11 = nnx.Param(jnp.full((1, cfg.num_heads, 1, 1), math.log(4.0)))
+
+    def __call__(self, x, cos, sin, mask=None, past=None):
+        """x [B, L, C]; mask [B or 1, L, L_kv] bool (True = attend); past (k, v) [B, L_past, H, D] or None.
+        Returns (out, (k, v) including past)."""
+        b, n, c = x.shape
+        h, d = self.cfg.num_heads, self.cfg.head_dim
+        bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
+        q, k, v = jnp.split((self.qkv_proj(x) + bias).reshape(b, n, 3, h, d), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        if self.cfg.attn_l2_norm:
+            mul = jnp.exp(jnp.minimum(self.scale_mul_1H11[...], math.log(100.0))).reshape(1, 1, h, 1)
+            q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12) * mul
+            k = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), 1e-12)
+            scale = 1.0
+        else:
+            scale = 0.25 / math.sqrt(d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = jnp.concatenate([past[0], k], 1)
+            v = jnp.concatenate([past[1], v], 1)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+        if mask is not None:
+            s = jnp.where(mask[:, None], s, -jnp.inf)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v.astype(jnp.float32)).astype(x.dtype)
+        return self.proj(o.reshape(b, n, c)), (k, v)
+
+
+class FFN(nnx.Module):
+    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs):
+        c, hdim = cfg.embed_dim, cfg.ffn_hidden
+        self.gate_proj = _linear(c, hdim, rngs, bias=False)
+        self.up_proj = _linear(c, hdim, rngs, bias=False)
+        self.down_proj = _linear(hdim, c, rngs, bias=False, std=0.02 / math.sqrt(2 * cfg.depth))
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _ada_init(c: int, k: int):
+    """adaLN init of the reference: gamma rows x1e-5, scale/shift rows x0.5 (init_adaln, init_adaln_gamma)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        w = nnx.initializers.truncated_normal(0.02)(key, shape, dtype)
+        mul = jnp.concatenate([jnp.full((2 * c,), 1e-5), jnp.full(((k - 2) * c,), 0.5)]) if k == 6 else 0.5
+        return w * mul
+
+    return init
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs):
+        c = cfg.embed_dim
+        self.attn = Attention(cfg, rngs)
+        self.ffn = FFN(cfg, rngs)
+        self.ln_wo_grad = RMSNorm(c, cfg.norm_eps)
+        self.ada_lin = nnx.Linear(c, 6 * c, kernel_init=_ada_init(c, 6), rngs=rngs)
+
+    def __call__(self, x, cond, cos, sin, mask=None, past=None):
+        """cond: pooled condition [B, C]."""
+        g1, g2, s1, s2, b1, b2 = jnp.split(self.ada_lin(jax.nn.silu(cond))[:, None], 6, axis=-1)
+        a, kv = self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, cos, sin, mask, past)
+        x = x + a * g1
+        x = x + self.ffn(self.ln_wo_grad(x) * (1 + s2) + b2) * g2
+        return x, kv
+
+
+class HeadNorm(nnx.Module):
+    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs):
+        c = cfg.embed_dim
+        self.ln_wo_grad = RMSNorm(c, cfg.norm_eps)
+        self.ada_lin = nnx.Linear(c, 2 * c, kernel_init=_ada_init(c, 2), rngs=rngs)
+
+    def __call__(self, x, cond):
+        scale, shift = jnp.split(self.ada_lin(jax.nn.silu(cond))[:, None], 2, axis=-1)
+        return self.ln_wo_grad(x) * (1 + scale) + shift
+
+
+class HARTTransformer(nnx.Module):
+    def __init__(self, cfg: HARTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        c = cfg.embed_dim
+        init_std = math.sqrt(1 / c / 3)
+        self.word_embed = _linear(cfg.cvae, c, rngs)
+        self.context_embed = _linear(cfg.context_dim, c, rngs, std=init_std)
+        self.context_norm = (RMSNorm(cfg.context_dim, cfg.norm_eps, cfg.context_norm_scale)
+                             if cfg.use_context_norm else None)
+        self.lvl_embed = nnx.Embed(len(cfg.patch_nums), c, embedding_init=nnx.initializers.truncated_normal(init_std),
+                                   rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
+        self.head_nm = HeadNorm(cfg, rngs)
+        self.head = _linear(c, cfg.vocab_size, rngs, std=0.02 * 0.02)
+        self.decoder_norm = RMSNorm(c, cfg.norm_eps)
+        self.diffloss = diff.SimpleMLPAdaLN(cfg.cvae, c, cfg.diff_width, cfg.diff_depth, rngs=rngs)
+
+    # -- pieces shared by training and generation
+    def embed_context(self, context):
+        """context [B, T, context_dim] -> (token embeddings [B, T, C], pooled adaLN condition [B, C])."""
+        if self.context_norm is not None:
+            context = self.context_norm(context)
+        e = self.context_embed(context)
+        return e, jnp.max(e, axis=1)
+
+    def run_blocks(self, x, cond, cos, sin, mask=None, past=None):
+        kvs = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, cond, cos, sin, mask, None if past is None else past[i])
+            kvs.append(kv)
+        return x, kvs
+
+    def logits(self, h, cond):
+        return self.head(self.head_nm(h, cond)).astype(jnp.float32)
+
+    def diffusion_condition(self, h_last, code_vectors):
+        """decoder_norm(hidden + word_embed(code vectors of the sampled last-scale tokens))."""
+        return self.decoder_norm(h_last + self.word_embed(code_vectors))
+
+    # -- training
+    def forward_train(self, context, ctx_pos, teacher, keep=None):
+        """Teacher-forced forward.
+
+        context [B, T, Dctx], ctx_pos [B, T] text positions, teacher [B, L-1, Cvae] inputs of scales 1..S-1,
+        keep [B, pn_last^2] bool (MAR subsampling of the last scale; None keeps all).
+        Returns (logits [B, L, V] predicting every scale's tokens, last-scale hidden [B, pn_last^2, C])."""
+        cfg = self.cfg
+        t_ctx = cfg.context_token
+        e_ctx, cond = self.embed_context(context)
+        x = jnp.concatenate([e_ctx, self.word_embed(teacher)], 1)
+        levels = np.concatenate([np.zeros(t_ctx, np.int32)] + [np.full(p * p, i + 1) for i, p in
+                                                              enumerate(cfg.patch_nums[1:])])
+        x = x + self.lvl_embed(jnp.asarray(levels))[None]
+        cos_t, sin_t = rope_1d(ctx_pos, cfg.head_dim, cfg.rope_theta)
+        cos_i, sin_i = image_rope(cfg, range(1, len(cfg.patch_nums)), ctx_pos[:, -1])
+        cos, sin = jnp.concatenate([cos_t, cos_i], 1), jnp.concatenate([sin_t, sin_i], 1)
+        mask = jnp.asarray(levels[:, None] >= levels[None, :])[None]
+        if keep is not None:
+            n_last = cfg.patch_nums[-1] ** 2
+            key_keep = jnp.concatenate([jnp.ones((keep.shape[0], x.shape[1] - n_last), bool), keep], 1)
+            mask = mask & key_keep[:, None, :]
+        h, _ = self.run_blocks(x, cond, cos, sin, mask)
+        return self.logits(h[:, t_ctx - 1:], cond), h[:, -cfg.patch_nums[-1] ** 2:]
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    cfg: float = 4.5
+    top_k: int = 600  # the reference drops to `top_k_late` from scale 7 on
+    top_k_late: int = 300
+    top_p: float = 0.0
+    more_smooth: bool = True  # Gumbel-softmax smoothing of the code vectors (the released sample.py default)
+    temperature: float = 1.0  # diffusion head temperature
+    use_diffusion: bool = True  # False: discrete-only last scale (the reference's final_stage != 0)
+
+
+def cfg_ramp(cfg: float, num_scales: int) -> np.ndarray:
+    """Guidance strength per scale: cfg * si / (S - 1) for si < S - 1; the last scale reuses the ramp of S - 2
+    (the reference computes its `t` with the loop's last `ratio`)."""
+    r = np.arange(num_scales, dtype=np.float64) / (num_scales - 1)
+    r[-1] = r[-2]
+    return cfg * r
+
+
+def filter_logits(logits, top_k: int, top_p: float):
+    """Top-k then top-p filtering (masked to -inf), as `sample_with_top_k_top_p_`."""
+    v = logits.shape[-1]
+    if 0 < top_k < v:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p > 0:
+        order = jnp.argsort(logits, -1)
+        srt = jnp.take_along_axis(logits, order, -1)
+        remove = jnp.cumsum(jax.nn.softmax(srt, -1), -1) <= (1 - top_p)
+        remove = remove.at[..., -1].set(False)
+        inv = jnp.argsort(order, -1)
+        logits = jnp.where(jnp.take_along_axis(remove, inv, -1), -jnp.inf, logits)
+    return logits
+
+
+def _code_vectors(logits, idx, codebook, ratio: float, more_smooth: bool, key):
+    if not more_smooth:
+        return codebook[idx]
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    g = -jnp.log(jax.random.exponential(key, logits.shape))
+    return jax.nn.softmax((logits * (1 + ratio) + g) / tau, -1) @ codebook
+
+
+def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts: SampleOptions,
+                  use_cache: bool = True):
+    """Sample the final latent f_hat [B, h, w, Cvae] for a batch of encoded prompts.
+
+    context [B, T, Dctx], ctx_pos [B, T]. CFG always runs on a doubled batch (uncond: zero context, zero
+    positions), like `autoregressive_infer_cfg`. `use_cache=False` recomputes the whole prefix at every scale with
+    the block-causal mask (the reference check for the KV cache)."""
+    cfg = model.cfg
+    pns = cfg.patch_nums
+    n_s = len(pns)
+    b = context.shape[0]
+    ramp = cfg_ramp(opts.cfg, n_s)
+    codebook = quantizer.codebook
+    ctx2 = jnp.concatenate([context, jnp.zeros_like(context)], 0)
+    pos2 = jnp.concatenate([ctx_pos, jnp.zeros_like(ctx_pos)], 0)
+    e_ctx, cond = model.embed_context(ctx2)
+    offset = pos2[:, -1]
+    x = e_ctx + model.lvl_embed(jnp.zeros((cfg.context_token,), jnp.int32))[None]
+    f_hat = jnp.zeros((b, pns[-1], pns[-1], cfg.cvae), jnp.float32)
+    past = None
+    inputs, coss, sins = [], [], []
+    for si, pn in enumerate(pns):
+        cos, sin = (rope_1d(pos2, cfg.head_dim, cfg.rope_theta) if si == 0 else image_rope(cfg, [si], offset))
+        if use_cache:
+            h, past_new = model.run_blocks(x, cond, cos, sin, None, past)
+            past = past_new
+        else:
+            inputs.append(x), coss.append(cos), sins.append(sin)
+            levels = np.concatenate([np.full(t.shape[1], i) for i, t in enumerate(inputs)])
+            mask = jnp.asarray(levels[:, None] >= levels[None, :])[None]
+            h, _ = model.run_blocks(jnp.concatenate(inputs, 1), cond, jnp.concatenate(coss, 1),
+                                    jnp.concatenate(sins, 1), mask)
+            h = h[:, -x.shape[1]:]
+        if si == 0:
+            h = h[:, -1:]
+        lg = model.logits(h, cond)
+        t = float(ramp[si])
+        lg = (1 + t) * lg[:b] - t * lg[b:]
+        lg = filter_logits(lg, opts.top_k if si < 7 else opts.top_k_late, opts.top_p)
+        key, k_s, k_g, k_d = jax.random.split(key, 4)
+        idx = jax.random.categorical(k_s, lg, axis=-1)  # [B, pn*pn]
+        ratio = si / (n_s - 1) if si < n_s - 1 else (n_s - 2) / (n_s - 1)
+        vec = _code_vectors(lg, idx, codebook, ratio, opts.more_smooth, k_g)
+        if si == n_s - 1:
+            if opts.use_diffusion:
+                z = model.diffusion_condition(h, jnp.concatenate([codebook[idx]] * 2, 0))
+                z = z.reshape(2 * b * pn * pn, -1)
+                sched = diff.Schedule.make(1000, cfg.num_sampling_steps)
+                n = b * pn * pn
+                res = diff.sample(model.diffloss, sched, z[:n], k_d, z_uncond=None if t == 1.0 else z[n:], cfg=t,
+                                  temperature=opts.temperature)
+                vec = vec + res.reshape(b, pn * pn, -1)
+            f_hat, _ = quantizer.next_autoregressive_input(si, f_hat, vec.reshape(b, pn, pn, -1))
+            break
+        f_hat, nxt = quantizer.next_autoregressive_input(si, f_hat, vec.reshape(b, pn, pn, -1))
+        nxt = model.word_embed(nxt.reshape(b, -1, cfg.cvae)) + model.lvl_embed(jnp.full((1,), si + 1))[None]
+        x = jnp.concatenate([nxt, nxt], 0)
+    return f_hat
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "use_cache"))
+def generate_fhat_jit(graphdef, state, context, ctx_pos, key, opts: SampleOptions, use_cache: bool = True):
+    """One compiled program for the whole multi-scale generation. graphdef/state = nnx.split((model, quantizer))."""
+    model, quantizer = nnx.merge(graphdef, state)
+    return generate_fhat(model, quantizer, context, ctx_pos, key, opts, use_cache)
+
+
+def sample_keep_mask(key, batch: int, n_last: int, min_keep: int = 32):
+    """MAR training mask of the last scale (True = kept): mask ratio from a truncated normal on [0.5, 1]
+    (mean 1, std 0.25), always keeping `min_keep` tokens (32 in the reference; nothing dropped if n_last <= it)."""
+    k1, k2 = jax.random.split(key)
+    rate = 1.0 + 0.25 * jax.random.truncated_normal(k1, -2.0, 0.0)
+    n_drop = jnp.clip(jnp.ceil(n_last * rate).astype(jnp.int32), 0, max(n_last - min_keep, 0))
+    ranks = jnp.argsort(jax.random.uniform(k2, (batch, n_last)), -1)  # a random order per sample
+    return ranks >= n_drop
