@@ -1,0 +1,180 @@
+"""make bench name=attention: the DuoAttention / LServe kernels against dense attention, side by side in one run.
+
+1. Prefill (CPU, XLA block-sparse path): hybrid_attention with half the KV heads streaming (sink 64, local 256)
+   vs the same path with every head dense (causal): measured time ratio next to the active-block ratio.
+2. Decode (CPU, XLA path): KV bytes read per step and time, page-selected (budget 1024 tokens, page 64 /
+   logical page 16) with and without 50% streaming heads, vs dense decode over every page.
+3. GPU (only when a GPU is present): Pallas hybrid_attention (50% streaming) vs jax.nn.dot_product_attention
+   dense causal (cuDNN where available), bfloat16.
+
+Overrides (ints, or comma-separated ints for lists), e.g. `python -m benchmarks.attention lengths=4096,16384
+history=32768 repeats=2`. Options: lengths, heads, kv_heads, head_dim, history, decode_heads, decode_kv_heads,
+budget, repeats, gpu_lengths.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+
+SINK, LOCAL, BLOCK = 64, 256, 128
+PAGE, LOGICAL_PAGE = 64, 16
+DEFAULTS = {"lengths": [4096, 16384, 32768], "heads": 2, "kv_heads": 2, "head_dim": 64, "repeats": 2,
+            "history": [32768, 131072], "decode_heads": 4, "decode_kv_heads": 2, "budget": 1024,
+            "gpu_lengths": [32768, 65536, 131072]}
+
+
+def parse(argv):
+    opts = dict(DEFAULTS)
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key not in opts:
+            raise SystemExit(f"unknown option {key!r}; options: {sorted(opts)}")
+        ints = [int(x) for x in value.split(",")]
+        opts[key] = ints if isinstance(DEFAULTS[key], list) else ints[0]
+    return opts
+
+
+def best_time(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def half_streaming(n):
+    return np.arange(n) < n // 2
+
+
+def prefill_rows(opts):
+    hq, hkv, d = opts["heads"], opts["kv_heads"], opts["head_dim"]
+    rows = []
+    for n in opts["lengths"]:
+        kq, kk, kv = jax.random.split(jax.random.key(n), 3)
+        q = jax.random.normal(kq, (1, n, hq, d))
+        k = jax.random.normal(kk, (1, n, hkv, d))
+        v = jax.random.normal(kv, (1, n, hkv, d))
+        times, blocks = {}, {}
+        for name, stream in (("dense", np.zeros(hkv, bool)), ("hybrid", half_streaming(hkv))):
+            fn = jax.jit(lambda q, k, v, s=stream: pk.hybrid_attention(
+                q, k, v, streaming_heads=s, sink=SINK, local=LOCAL, implementation="xla", block_q=BLOCK,
+                block_k=BLOCK))
+            times[name] = best_time(fn, q, k, v, repeats=opts["repeats"])
+            blocks[name] = pk.hybrid_attention_block_count(n, n, stream, sink=SINK, local=LOCAL, block_q=BLOCK,
+                                                           block_k=BLOCK)
+        row = {"tokens": n, "dense s": times["dense"], "hybrid s": times["hybrid"],
+               "time ratio": times["dense"] / times["hybrid"], "block ratio": blocks["dense"] / blocks["hybrid"]}
+        row["time/block"] = row["time ratio"] / row["block ratio"]
+        if n <= 8192:  # jax's own dense attention materialises [H, n, n] scores: only at short lengths
+            row["jax.nn dense s"] = best_time(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True)), q, k, v, repeats=opts["repeats"])
+        rows.append(row)
+    return rows
+
+
+def decode_rows(opts):
+    hq, hkv, d, budget = opts["decode_heads"], opts["decode_kv_heads"], opts["head_dim"], opts["budget"]
+    rows = []
+    for n in opts["history"]:
+        max_pages = -(-n // PAGE)
+        cache = pk.init_paged_kv_cache(1, hkv, d, max_pages_per_seq=max_pages, page_size=PAGE,
+                                       logical_page_size=LOGICAL_PAGE)
+        kk, kv, kq = jax.random.split(jax.random.key(n), 3)
+        cache = jax.jit(pk.append_kv)(cache, jax.random.normal(kk, (1, n, hkv, d)),
+                                      jax.random.normal(kv, (1, n, hkv, d)))
+        q = jax.random.normal(kq, (1, hq, d))
+        itemsize = cache.k_pages.dtype.itemsize
+        page_bytes = 2 * PAGE * d * itemsize  # K and V of one page of one head
+
+        def select(q, cache):
+            scores = pk.page_scores(q, cache.kmin, cache.kmax, cache.page_table, cache.lengths,
+                                    logical_page_size=LOGICAL_PAGE)
+            return pk.select_pages(scores, cache.lengths, budget=budget, page_size=PAGE)
+
+        select = jax.jit(select)
+        selected = select(q, cache)
+        stats_bytes = 2 * hkv * max_pages * (PAGE // LOGICAL_PAGE) * d * itemsize  # kmin + kmax, all heads
+        configs = (("dense (all pages)", np.zeros(hkv, bool), None),
+                   (f"selected {budget} tok", np.zeros(hkv, bool), selected),
+                   ("selected + 50% streaming", half_streaming(hkv), selected))
+        dense_time = None
+        for name, stream, sel in configs:
+            fn = jax.jit(lambda q, c, s, st=stream: pk.sparse_paged_decode(
+                q, c.k_pages, c.v_pages, c.page_table, c.lengths, s, streaming_heads=st, sink=SINK, local=LOCAL,
+                implementation="xla"))
+            t = best_time(fn, q, cache, sel, repeats=opts["repeats"] * 3)
+            lists = pk.decode_page_lists(cache.page_table, cache.lengths, sel, stream, sink=SINK, local=LOCAL,
+                                         page_size=PAGE)
+            kv_bytes = int((np.asarray(lists) >= 0).sum()) * page_bytes
+            dense_time = t if dense_time is None else dense_time
+            row = {"history": n, "config": name, "KV MiB/step": kv_bytes / 2**20, "decode s": t,
+                   "speed-up": dense_time / t}
+            if sel is not None:
+                n_sel_heads = int((~stream).sum())
+                row["stats MiB/select"] = stats_bytes * n_sel_heads / hkv / 2**20
+                row["select s"] = best_time(select, q, cache, repeats=opts["repeats"] * 3)
+                # LServe reuses a selection for 4 steps.
+                row["speed-up (select/4)"] = dense_time / (t + row["select s"] / 4)
+            rows.append(row)
+    return rows
+
+
+def gpu_rows(opts):
+    hq, hkv, d = 32, 8, 128
+    rows = []
+    for n in opts["gpu_lengths"]:
+        kq, kk, kv = jax.random.split(jax.random.key(n), 3)
+        q = jax.random.normal(kq, (1, n, hq, d), jnp.bfloat16)
+        k = jax.random.normal(kk, (1, n, hkv, d), jnp.bfloat16)
+        v = jax.random.normal(kv, (1, n, hkv, d), jnp.bfloat16)
+        ours = jax.jit(lambda q, k, v: pk.hybrid_attention(q, k, v, streaming_heads=half_streaming(hkv), sink=SINK,
+                                                           local=LOCAL, implementation="pallas"))
+        t_ours = best_time(ours, q, k, v, repeats=opts["repeats"])
+        try:
+            dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                         implementation="cudnn"))
+            t_dense, dense_name = best_time(dense, q, k, v, repeats=opts["repeats"]), "cudnn"
+        except Exception:  # no cuDNN flash attention for this GPU/shape: XLA's dense attention
+            dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+            t_dense, dense_name = best_time(dense, q, k, v, repeats=opts["repeats"]), "xla"
+        rows.append({"tokens": n, "dense": dense_name, "dense s": t_dense, "pallas hybrid s": t_ours,
+                     "speed-up": t_dense / t_ours})
+    return rows
+
+
+def table(title, rows):
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) + 2 for c in cols]
+    print(f"\n{title}")
+    print("".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("".join(fmt(r.get(c, "")).rjust(w) for c, w in zip(cols, widths)))
+
+
+def main(argv):
+    opts = parse(argv)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); options: {opts}")
+    table(f"Prefill, XLA block-sparse path: {opts['heads']} q heads / {opts['kv_heads']} KV heads, D "
+          f"{opts['head_dim']}, 50% streaming (sink {SINK}, local {LOCAL}) vs all dense; blocks {BLOCK}x{BLOCK}",
+          prefill_rows(opts))
+    table(f"Decode, XLA path, batch 1, {opts['decode_heads']} q / {opts['decode_kv_heads']} KV heads, "
+          f"page {PAGE} / logical {LOGICAL_PAGE}, float32", decode_rows(opts))
+    if jax.default_backend() == "gpu":
+        table("GPU prefill, bfloat16, 32 q / 8 KV heads, D 128: Pallas hybrid (50% streaming) vs dense causal",
+              gpu_rows(opts))
+    else:
+        print("\nGPU part skipped: no GPU on this machine.")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
