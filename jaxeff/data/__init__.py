@@ -1,0 +1,8 @@
+"""Data: grain pipelines and synthetic tasks (passkey retrieval over real English text, digit arithmetic)."""
+
+from jaxeff.data.arithmetic import DigitTask
+from jaxeff.data.passkey import PasskeyTask, answer_exact_match
+from jaxeff.data.pipeline import index_batches
+from jaxeff.data.text import CharTokenizer, english_corpus
+
+__all__ = ["DigitTask", "PasskeyTask", "answer_exact_match", "index_batches", "CharTokenizer", "english_corpus"]

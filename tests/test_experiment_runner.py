@@ -1,0 +1,79 @@
+"""The experiment runner: registry, presets, override validation, run directories, resume."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxeff import experiment
+from jaxeff.experiment import ExperimentError, make_config, run_experiment
+
+
+def test_unknown_experiment_exits_2_listing_names(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jaxeff.run", "name=no_such_thing", f"runs_root={tmp_path}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown experiment 'no_such_thing'" in proc.stderr and "llama_passkey" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"no_such_key": "1"}, "unknown key 'no_such_key'"),
+    ({"steps": "many"}, "bad value for steps='many'"),
+    ({"context": "40"}, "too short"),
+    ({"eval_contexts": "256,x"}, "bad value for eval_contexts"),
+])
+def test_bad_override_is_named_and_creates_nothing(override, fragment, tmp_path):
+    with pytest.raises(ExperimentError, match=fragment):
+        run_experiment("llama_passkey", "smoke", override, runs_root=tmp_path)
+    assert not (tmp_path / "llama_passkey").exists()
+
+
+def test_make_exp_bad_override_exit_status(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxeff.run", "name=llama_passkey", "preset=smoke", "steps=1.5",
+         f"runs_root={tmp_path}"],
+        capture_output=True, text=True)
+    assert proc.returncode == 2 and "steps" in proc.stderr
+
+
+def test_config_types_and_presets():
+    exp = experiment.get("llama_passkey")
+    cfg = make_config(exp, "smoke", {"eval_contexts": "128,256", "lr": "1e-3", "interrupt_at_step": "none"})
+    assert cfg.eval_contexts == (128, 256) and cfg.lr == 1e-3 and cfg.interrupt_at_step is None
+    assert cfg.steps == exp.presets["smoke"]["steps"]
+    with pytest.raises(ExperimentError, match="no preset"):
+        make_config(exp, "huge", {})
+
+
+TINY = {"context": "128", "batch_size": "4", "hidden_size": "32", "intermediate_size": "64", "num_layers": "1",
+        "num_heads": "2", "num_kv_heads": "1", "steps": "8", "eval_every": "100", "eval_examples": "4",
+        "eval_contexts": "128", "checkpoint_every": "3"}
+
+
+def _params(run):
+    from jaxeff.io.safetensors import load_file
+    return load_file(run.dir / "model" / "model.safetensors")
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
+    full = run_experiment("llama_passkey", "smoke", TINY | {"export_dir": str(tmp_path / "a")},
+                          runs_root=tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("llama_passkey", "smoke", TINY | {"interrupt_at_step": "5", "export_dir": str(tmp_path / "b")},
+                       runs_root=tmp_path / "cut")
+    resumed = run_experiment("llama_passkey", "smoke", TINY | {"export_dir": str(tmp_path / "b")},
+                             runs_root=tmp_path / "cut", resume=True)
+    assert resumed.resumed
+    a, b = _params(full), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # the run directory holds what a user looks at
+    for name in ("config.json", "metrics.jsonl", "results.md", "passkey.png"):
+        assert (resumed.dir / name).exists(), name
+    steps = [json.loads(line)["step"] for line in (resumed.dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 8
+    assert (tmp_path / "b" / "config.json").exists()

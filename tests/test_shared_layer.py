@@ -1,0 +1,149 @@
+"""jaxeff.nn, jaxeff.data, jaxeff.train and jaxeff.distributed pieces, checked against direct computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxeff import distributed
+from jaxeff.data import CharTokenizer, DigitTask, PasskeyTask, answer_exact_match, english_corpus, index_batches
+from jaxeff.models.llama import Llama, LlamaConfig, SamplingConfig, sample_token
+from jaxeff.nn import ContiguousKVCache, attention, xla_attention
+from jaxeff.train import OptimConfig, init_train_state, make_optimizer, make_train_step, next_token_loss
+
+
+def _naive_attention(q, k, v, allowed):
+    """Loop-free but head-by-head reference with an explicit boolean mask [B, Sq, Sk]."""
+    g = q.shape[2] // k.shape[2]
+    k = np.repeat(k, g, axis=2)
+    v = np.repeat(v, g, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(allowed[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("impl", ["xla", "dot_product"])
+def test_attention_positions_window_and_gqa(impl):
+    rng = np.random.default_rng(0)
+    b, sq, sk, hq, hkv, d = 2, 5, 9, 4, 2, 8
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in [(b, sq, hq, d), (b, sk, hkv, d), (b, sk, hkv, d)])
+    qpos = np.array([[4, 5, 6, 7, 8], [2, 3, 4, 5, 6]])
+    kvpos = np.tile(np.arange(sk), (b, 1))
+    kvpos[1, 7:] = -1  # empty cache slots
+    allowed = (kvpos[:, None] <= qpos[:, :, None]) & (qpos[:, :, None] - kvpos[:, None] < 3) & (kvpos[:, None] >= 0)
+    out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_positions=jnp.asarray(qpos),
+                    kv_positions=jnp.asarray(kvpos), sliding_window=3, implementation=impl)
+    np.testing.assert_allclose(np.asarray(out), _naive_attention(q, k, v, allowed), atol=2e-5)
+
+
+def test_attention_rejects_bad_shapes_and_rows_without_keys_are_zero():
+    q = jnp.ones((1, 2, 3, 4))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention(q, jnp.ones((1, 2, 2, 4)), jnp.ones((1, 2, 2, 4)))
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        attention(q, q, q, implementation="magic")
+    mask = jnp.zeros((1, 2, 2), bool)
+    assert np.all(np.asarray(xla_attention(q, q, q, mask, 0.5)) == 0)
+
+
+def test_cache_decode_equals_full_forward():
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, sliding_window=6)
+    model = Llama(cfg, rngs=nnx.Rngs(3))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 12)))
+    full = model(tokens)
+    cache = ContiguousKVCache.init(2, 2, 16, 1, 8)
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    logits, cache = model(tokens[:, :8], pos, cache=cache)
+    outs = [logits]
+    for t in range(8, 12):
+        step, cache = model(tokens[:, t:t + 1], jnp.full((2, 1), t), cache=cache)
+        outs.append(step)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    keys = jax.random.key(0)
+    top_k = np.asarray(sample_token(logits, keys, SamplingConfig(temperature=1.0, top_k=2)))
+    assert set(np.unique(top_k)) == {0, 1}
+    top_p = np.asarray(sample_token(logits, keys, SamplingConfig(temperature=1.0, top_p=0.7)))
+    assert set(np.unique(top_p)) == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
+    freq = np.mean(top_p == 0)
+    assert abs(freq - 0.5 / 0.8) < 0.05
+    assert np.all(np.asarray(sample_token(logits, keys, SamplingConfig())) == 0)
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+
+
+def test_passkey_examples_are_deterministic_and_well_formed():
+    task = PasskeyTask(context=200)
+    a, b = task.example(7, 3), task.example(7, 3)
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    text = CharTokenizer().decode(a["tokens"])
+    key = text[-5:]
+    assert key.isdigit() and text.count(key) == 3  # twice in the needle, once as the answer
+    assert sum(c.isdigit() for c in text) == 15  # the haystack has no digits
+    assert a["loss_mask"].sum() == 5
+    assert answer_exact_match(np.roll(a["tokens"], -1)[None], a["tokens"][None], a["loss_mask"][None])[0]
+    assert len(english_corpus()) > 300_000
+    with pytest.raises(ValueError, match="too short"):
+        PasskeyTask(context=50)
+
+
+def test_digit_task_answers_are_correct():
+    prompts, answers = DigitTask("add", 3).sample(np.random.default_rng(0), 64)
+    a = prompts[:, :3] @ np.array([100, 10, 1])
+    b = prompts[:, 4:7] @ np.array([100, 10, 1])
+    np.testing.assert_array_equal(answers @ np.array([1000, 100, 10, 1]), a + b)
+    prompts, answers = DigitTask("reverse", 4).sample(np.random.default_rng(1), 8)
+    np.testing.assert_array_equal(answers, prompts[:, 1:5][:, ::-1])
+
+
+def test_pipeline_shards_by_process():
+    make = lambda idx: {"idx": idx}
+    shards = [list(index_batches(make, 2, 10, process_index=p, process_count=3)) for p in range(3)]
+    seen = sorted(int(b["idx"][0]) for shard in shards for b in shard)
+    assert seen == list(range(0, 20, 2))
+    assert len(shards[0]) == 4 and len(shards[1]) == 3
+
+
+def test_train_step_learns_and_respects_frozen_and_post_update():
+    cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1, total_steps=30))
+    only_norm = nnx.All(nnx.Param, nnx.PathContains("norm"))
+    graphdef, state = init_train_state(model, tx, trainable=only_norm)
+    frozen_before = jax.tree.map(np.asarray, state.frozen)
+    step = make_train_step(graphdef, lambda m, t: (next_token_loss(m(t), t), {}), tx,
+                           post_update=lambda p: jax.tree.map(lambda x: jnp.clip(x, 0.0, 1.5), p))
+    tokens = jnp.tile(jnp.arange(16), (4, 1))
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, tokens)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    assert all(float(x.max()) <= 1.5 for x in jax.tree.leaves(state.params))
+    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state.frozen)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_lr_schedule_warmup_and_decay():
+    from jaxeff.train import lr_schedule
+
+    sched = lr_schedule(OptimConfig(lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1))
+    assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6 and abs(float(sched(110)) - 0.1) < 1e-6
+    assert isinstance(make_optimizer(OptimConfig(grad_clip=None)), optax.GradientTransformation)
+
+
+def test_cluster_detection_and_mesh():
+    assert not distributed.cluster_detected({})
+    assert distributed.cluster_detected({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"})
+    assert distributed.cluster_detected({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+    assert not distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})
+    mesh = distributed.make_mesh()
+    assert mesh.shape["data"] == jax.device_count()
