@@ -1,0 +1,110 @@
+"""HART's text encoder: the last (final-norm) hidden state of a Qwen2 decoder over the prompt, with HART's LLM
+system prompt prepended and then dropped, padded / truncated to `max_length` (300) tokens.
+
+Padding follows the reference `encode_prompts`: right padding, pad tokens masked out as keys (Hugging Face
+attention mask semantics) but kept as outputs; text positions are `cumsum(mask) - 1`. The decoder is
+`jaxeff.models.llama.Llama` with a Qwen2 config; Qwen2-VL checkpoints are read through their language model
+(text-only M-RoPE equals 1D RoPE). The tokenizer is `transformers.AutoTokenizer` from a local directory only.
+Run on CPU only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.io.safetensors import load_checkpoint_dir
+from jaxeff.models.llama import Llama, LlamaConfig
+from jaxeff.nn import attention
+
+# HART's `llm_system_prompt` (hart/utils/constants.py), used by sample.py by default.
+SYSTEM_PROMPT = (
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
+    "image generation.\n\nExamples:\n- User Prompt: A cat sleeping -> A small, fluffy white cat curled up in a round "
+    "shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.\n- User "
+    "Prompt: A busy city street -> A bustling city street scene at dusk, featuring glowing street lamps, a diverse "
+    "crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.\n\nPlease "
+    "generate only the enhanced description for the prompt below and DO NOT include any additional sentences. "
+    'Start your response with "Enhanced Prompt:".\n\nUser Prompt:\n'
+)
+
+
+def load_qwen2(directory: str | Path, dtype=jnp.float32) -> Llama:
+    """A Qwen2 (or the language model of a Qwen2-VL) Hugging Face directory as a `Llama`."""
+    from jaxeff.io.hf import load_state_dict_into
+
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{directory}: no config.json (expected a Qwen2 / Qwen2-VL model directory)")
+    d = json.loads(cfg_path.read_text())
+    if d.get("model_type") == "qwen2_vl":
+        d = {**d.get("text_config", {}), **{k: v for k, v in d.items() if k != "text_config"}}
+        d.update(model_type="qwen2", rope_scaling=None)
+    cfg = LlamaConfig.from_hf(d)
+    tensors = load_checkpoint_dir(directory)
+    renamed = {}
+    for k, v in tensors.items():
+        if k.startswith(("visual.", "model.visual.")):
+            continue
+        renamed[k.replace("model.language_model.", "model.")] = v
+    renamed.pop("lm_head.weight", None)  # AutoModel (no LM head) is what HART uses
+    # tie_word_embeddings: the encoder needs no LM head (HART uses AutoModel's hidden states)
+    cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+    return load_state_dict_into(model, renamed, source=str(directory))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_sys"))
+def _hidden(graphdef, state, tokens, valid, n_sys: int):
+    model = nnx.merge(graphdef, state)
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    kv_pos = jnp.where(valid, pos, -1)  # padded keys are invisible (HF attention_mask); queries keep arange
+
+    def attn(layer, q, k, v, *, q_positions, kv_positions):
+        return attention(q, k, v, q_positions=q_positions, kv_positions=kv_pos, causal=True)
+
+    return model(tokens, pos, attention_fn=attn, output="hidden")[:, n_sys:].astype(jnp.float32)
+
+
+class TextEncoder:
+    """prompts -> (context [B, T, D] float32, mask [B, T] bool, positions [B, T] int32)."""
+
+    def __init__(self, model: Llama, tokenizer, max_length: int = 300, use_system_prompt: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.use_system_prompt = max_length, use_system_prompt
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the text tokenizer has no pad token; HART pads prompts to max_length")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, max_length: int = 300, use_system_prompt: bool = True):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        return cls(load_qwen2(directory), tok, max_length, use_system_prompt)
+
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        ids = [self.tokenizer(p, padding="max_length", max_length=self.max_length, truncation=True)["input_ids"]
+               for p in prompts]
+        return np.asarray(ids, np.int32)
+
+    def __call__(self, prompts: list[str]):
+        if not prompts:
+            raise ValueError("no prompts given")
+        tokens = self.tokenize(prompts)
+        mask = tokens != self.tokenizer.pad_token_id
+        sys = np.asarray(self.tokenizer(SYSTEM_PROMPT)["input_ids"], np.int32) if self.use_system_prompt else \
+            np.zeros((0,), np.int32)
+        full = np.concatenate([np.tile(sys[None], (len(prompts), 1)), tokens], 1)
+        valid = np.concatenate([np.ones((len(prompts), len(sys)), bool), mask], 1)
+        graphdef, state = nnx.split(self.model)
+        ctx = _hidden(graphdef, state, jnp.asarray(full), jnp.asarray(valid), n_sys=len(sys))
+        pos = np.cumsum(mask, axis=1) - 1
+        return ctx, jnp.asarray(mask), jnp.asarray(pos, jnp.int32)

@@ -1,0 +1,195 @@
+"""HART checkpoint loading: a tiny random checkpoint written by this test in the official hart-0.7b-1024px key
+layout (names and torch shapes enumerated here, independently of the loader's renaming rules)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff.hart import HART, SampleOptions
+from jaxeff.hart.loading import CheckpointMismatchError, load_hart
+from jaxeff.io.safetensors import save_file
+
+C, DEPTH, HEADS, CTX_T, CTX_D, V, CV, PNS = 32, 2, 2, 3, 12, 64, 8, (1, 2, 3, 4)
+FFN = int((C * 4 * 2) / 3 + 255) // 256 * 256
+DW, DD = 32, 2
+CH, MULT = 16, (1, 2, 2)
+
+
+def _llm_tensors(rng):
+    t = {}
+
+    def lin(name, o, i, bias=True):
+        t[f"{name}.weight"] = rng.normal(size=(o, i)).astype(np.float32) * 0.2
+        if bias:
+            t[f"{name}.bias"] = rng.normal(size=(o,)).astype(np.float32) * 0.1
+
+    lin("word_embed", C, CV)
+    lin("context_embed", C, CTX_D)
+    t["lvl_embed.weight"] = rng.normal(size=(len(PNS), C)).astype(np.float32)
+    for i in range(DEPTH):
+        p = f"blocks.{i}"
+        lin(f"{p}.attn.qkv_proj", 3 * C, C, bias=False)
+        t[f"{p}.attn.q_bias"] = rng.normal(size=(C,)).astype(np.float32)
+        t[f"{p}.attn.v_bias"] = rng.normal(size=(C,)).astype(np.float32)
+        t[f"{p}.attn.zero_k_bias"] = np.zeros((C,), np.float32)  # buffer, ignored
+        lin(f"{p}.attn.proj", C, C)
+        lin(f"{p}.ffn.gate_proj", FFN, C, bias=False)
+        lin(f"{p}.ffn.up_proj", FFN, C, bias=False)
+        lin(f"{p}.ffn.down_proj", C, FFN, bias=False)
+        lin(f"{p}.ada_lin.1", 6 * C, C)
+        t[f"{p}.ln_wo_grad.weight"] = 1 + rng.normal(size=(C,)).astype(np.float32) * 0.1
+    t["head_nm.ln_wo_grad.weight"] = np.ones((C,), np.float32)
+    lin("head_nm.ada_lin.1", 2 * C, C)
+    lin("head", V, C)
+    t["decoder_norm.weight"] = np.ones((C,), np.float32)
+    n = "diffloss.net"
+    lin(f"{n}.time_embed.mlp.0", DW, 256)
+    lin(f"{n}.time_embed.mlp.2", DW, DW)
+    lin(f"{n}.cond_embed", DW, C)
+    lin(f"{n}.input_proj", DW, CV)
+    for i in range(DD):
+        t[f"{n}.res_blocks.{i}.in_ln.weight"] = np.ones((DW,), np.float32)
+        t[f"{n}.res_blocks.{i}.in_ln.bias"] = np.zeros((DW,), np.float32)
+        lin(f"{n}.res_blocks.{i}.mlp.0", DW, DW)
+        lin(f"{n}.res_blocks.{i}.mlp.2", DW, DW)
+        lin(f"{n}.res_blocks.{i}.adaLN_modulation.1", 3 * DW, DW)
+    lin(f"{n}.final_layer.linear", 2 * CV, DW)
+    lin(f"{n}.final_layer.adaLN_modulation.1", 2 * DW, DW)
+    t["attn_bias_for_masking"] = np.zeros((1, 1, 4, 4), np.float32)  # buffers, ignored
+    t["lvl_1L"] = np.zeros((1, 4), np.int64)
+    return t
+
+
+def _tok_tensors(rng):
+    t = {}
+
+    def conv(name, o, i, k):
+        t[f"{name}.weight"] = rng.normal(size=(o, i, k, k)).astype(np.float32) * 0.1
+        t[f"{name}.bias"] = rng.normal(size=(o,)).astype(np.float32) * 0.01
+
+    def norm(name, c):
+        t[f"{name}.weight"] = np.ones((c,), np.float32)
+        t[f"{name}.bias"] = np.zeros((c,), np.float32)
+
+    def res(name, i, o):
+        norm(f"{name}.norm1", i)
+        conv(f"{name}.conv1", o, i, 3)
+        norm(f"{name}.norm2", o)
+        conv(f"{name}.conv2", o, o, 3)
+        if i != o:
+            conv(f"{name}.nin_shortcut", o, i, 1)
+
+    def attn(name, c):
+        norm(f"{name}.norm", c)
+        conv(f"{name}.qkv", 3 * c, c, 1)
+        conv(f"{name}.proj_out", c, c, 1)
+
+    e = "vae.encoder"
+    conv(f"{e}.conv_in", CH, 3, 3)
+    cin = CH
+    for lvl, m in enumerate(MULT):  # 1 res block per level
+        res(f"{e}.down.{lvl}.block.0", cin, CH * m)
+        cin = CH * m
+        if lvl == len(MULT) - 1:
+            attn(f"{e}.down.{lvl}.attn.0", cin)
+        else:
+            conv(f"{e}.down.{lvl}.downsample.conv", cin, cin, 3)
+    for pre in (e, "vae.decoder"):
+        res(f"{pre}.mid.block_1", cin, cin)
+        attn(f"{pre}.mid.attn_1", cin)
+        res(f"{pre}.mid.block_2", cin, cin)
+    norm(f"{e}.norm_out", cin)
+    conv(f"{e}.conv_out", CV, cin, 3)
+    d = "vae.decoder"
+    conv(f"{d}.conv_in", cin, CV, 3)
+    for lvl in reversed(range(len(MULT))):
+        for j in range(2):
+            res(f"{d}.up.{lvl}.block.{j}", cin, CH * MULT[lvl])
+            cin = CH * MULT[lvl]
+            if lvl == len(MULT) - 1:
+                attn(f"{d}.up.{lvl}.attn.{j}", cin)
+        if lvl:
+            conv(f"{d}.up.{lvl}.upsample.conv", cin, cin, 3)
+    norm(f"{d}.norm_out", cin)
+    conv(f"{d}.conv_out", 3, cin, 3)
+    conv("vae.quant_conv", CV, CV, 3)
+    conv("vae.post_quant_conv", CV, CV, 3)
+    t["vae.quantize.embedding.weight"] = rng.normal(size=(V, CV)).astype(np.float32)
+    for k in range(4):
+        conv(f"vae.quantize.quant_resi.qresi_ls.{k}", CV, CV, 3)
+    t["vae.quantize.ema_vocab_hit_SV"] = np.zeros((10, V), np.float32)
+    t["disc.dino_proxy.0.weight"] = np.zeros((2, 2), np.float32)  # discriminator, skipped
+    return t
+
+
+def _write(root, llm, tok):
+    (root / "llm").mkdir(parents=True)
+    (root / "tokenizer").mkdir()
+    (root / "llm" / "config.json").write_text(json.dumps(dict(
+        model_type="hart_transformer_t2i", embed_dim=C, depth=DEPTH, num_heads=HEADS, context_token=CTX_T,
+        context_dim=CTX_D, patch_nums=list(PNS), attn_type="llama", mlp_type="llama", diff_width=DW, diff_depth=DD,
+        num_sampling_steps="8", mlp_ratio=4.0)))
+    (root / "tokenizer" / "config.json").write_text(json.dumps(dict(
+        model_type="hart_autoencoder_with_disc", vocab_size=V, z_channels=CV, ch=CH, ch_mult=list(MULT),
+        quantizer_type="var_hybrid", share_quant_resi=4,
+        v_patch_nums=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
+        num_res_blocks=1, norm_groups=8)))  # jaxeff extension keys (the released tokenizer uses the defaults 2, 32)
+    save_file(llm, root / "llm" / "ema_model.safetensors")
+    save_file(tok, root / "tokenizer" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    llm, tok = _llm_tensors(rng), _tok_tensors(rng)
+    root = tmp_path_factory.mktemp("hart") / "hart-tiny"
+    _write(root, llm, tok)
+    return root, llm, tok
+
+
+def test_loader_values_and_errors(ckpt, tmp_path):
+    root, llm, tok_t = ckpt
+    model, tok = load_hart(root)
+    x = np.random.default_rng(1).normal(size=(2, CV)).astype(np.float32)
+    ref = x @ llm["word_embed.weight"].T + llm["word_embed.bias"]
+    np.testing.assert_allclose(model.word_embed(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(model.blocks[1].attn.q_bias[...], llm["blocks.1.attn.q_bias"])
+    np.testing.assert_array_equal(model.diffloss.res_blocks[1].ada.kernel[...],
+                                  llm["diffloss.net.res_blocks.1.adaLN_modulation.1.weight"].T)
+    np.testing.assert_array_equal(tok.quantize.quant_resi[2].conv.kernel[...],
+                                  tok_t["vae.quantize.quant_resi.qresi_ls.2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(tok.decoder.up[1].resample.conv.bias[...],
+                                  tok_t["vae.decoder.up.1.upsample.conv.bias"])
+    torch = pytest.importorskip("torch")
+    img = np.random.default_rng(2).normal(size=(1, 16, 16, 3)).astype(np.float32)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(img).permute(0, 3, 1, 2),
+                                     torch.from_numpy(tok_t["vae.encoder.conv_in.weight"]),
+                                     torch.from_numpy(tok_t["vae.encoder.conv_in.bias"]), padding=1)
+    np.testing.assert_allclose(tok.encoder.conv_in(jnp.asarray(img)), ref.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    # errors name the offending keys
+    bad = dict(llm)
+    del bad["blocks.0.attn.v_bias"]
+    bad["blocks.0.extra.weight"] = np.zeros((1,), np.float32)
+    bad["head.bias"] = np.zeros((V + 1,), np.float32)
+    broken = tmp_path / "broken"
+    _write(broken, bad, tok_t)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_hart(broken)
+    msg = str(e.value)
+    assert "blocks.0.attn.v_bias" in msg and "blocks.0.extra.weight" in msg and "head.bias" in msg
+
+
+def test_from_pretrained_generates(ckpt):
+    root, _, _ = ckpt
+    hart = HART.from_pretrained(root)
+    ctx = jax.random.normal(jax.random.key(0), (2, CTX_T, CTX_D))
+    opts = SampleOptions(cfg=3.0, top_k=10, top_k_late=5)
+    a = hart.generate(context=ctx, seed=1, opts=opts)
+    b = hart.generate(context=ctx, seed=1, opts=opts)
+    assert a.shape == (2, 16, 16, 3) and float(a.min()) >= 0 and float(a.max()) <= 1
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="context must be"):
+        hart.generate(context=ctx[:, :2], seed=1, opts=opts)
