@@ -29,6 +29,10 @@ from jaxeff.train import Checkpointer, OptimConfig, init_train_state, make_optim
 class Config:
     seed: int = 0
     context: int = 256
+    # Shorter contexts first: at initialisation attention is spread over the whole context, so the gradient that
+    # reaches the needle shrinks with its length; short examples teach retrieval fast, then the length grows.
+    curriculum: tuple[int, ...] = (128, 192)
+    curriculum_fraction: float = 0.4  # share of the steps spent on the curriculum contexts
     batch_size: int = 32
     steps: int = 1500
     lr: float = 3e-3
@@ -47,9 +51,10 @@ class Config:
     interrupt_at_step: int | None = None  # simulate a preemption after this step (to exercise resume=true)
 
     def validate(self):
-        PasskeyTask(context=self.context)  # raises if the context cannot hold an example
-        for c in self.eval_contexts:
+        for c in (self.context, *self.curriculum, *self.eval_contexts):  # raises if a context can't hold an example
             PasskeyTask(context=c)
+        if not 0.0 <= self.curriculum_fraction <= 1.0:
+            raise ValueError("curriculum_fraction must be in [0, 1]")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
 
@@ -69,6 +74,13 @@ def passkey_loss(lm_weight: float):
         return key_loss + lm_weight * lm_loss, {"key_loss": key_loss, "lm_loss": lm_loss}
 
     return loss_fn
+
+
+def _task_for_step(cfg: Config, step: int) -> PasskeyTask:
+    stages = (*cfg.curriculum, cfg.context)
+    stage_len = cfg.curriculum_fraction * cfg.steps / max(len(cfg.curriculum), 1)
+    stage = len(stages) - 1 if stage_len == 0 else min(int(step // stage_len), len(stages) - 1)
+    return PasskeyTask(context=stages[stage])
 
 
 def evaluate_passkey(model: Llama, context: int, examples: int, *, seed: int = 12345, batch_size: int = 25,
@@ -102,7 +114,8 @@ def run(cfg: Config, run: Run) -> None:
                                     weight_decay=0.01))
     graphdef, state = init_train_state(model, tx)
     step_fn = make_train_step(graphdef, passkey_loss(cfg.lm_loss_weight), tx)
-    data = index_batches(lambda idx: task.batch(cfg.seed, idx), cfg.batch_size, cfg.steps, seed=cfg.seed)
+    data = index_batches(lambda idx: _task_for_step(cfg, int(idx[0]) // cfg.batch_size).batch(cfg.seed, idx),
+                         cfg.batch_size, cfg.steps, seed=cfg.seed)
     data_iter = iter(data.to_iter_dataset())
     ckpt = Checkpointer(run.checkpoint_dir, interval=cfg.checkpoint_every)
     if run.resumed and ckpt.latest_step() is not None:

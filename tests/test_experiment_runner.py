@@ -50,7 +50,7 @@ def test_config_types_and_presets():
 
 TINY = {"context": "128", "batch_size": "4", "hidden_size": "32", "intermediate_size": "64", "num_layers": "1",
         "num_heads": "2", "num_kv_heads": "1", "steps": "8", "eval_every": "100", "eval_examples": "4",
-        "eval_contexts": "128", "checkpoint_every": "3"}
+        "eval_contexts": "128", "checkpoint_every": "3", "curriculum": ""}
 
 
 def _params(run):
