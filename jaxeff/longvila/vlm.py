@@ -154,6 +154,40 @@ def vlm_loss(model: VideoVLM, batch: VideoBatch, seq_len: int | None = None):
     return stats["loss"], stats
 
 
+def unsplit_loss(model: VideoVLM, batch: VideoBatch):
+    """The exactness reference: every video alone, unpadded, on one device, with the decoder's own attention;
+    CE summed over all videos / global target count. `num_frames` and `text_len` must be concrete (numpy)."""
+    check_batch(batch, model.config)
+    nf, nt = np.asarray(batch.num_frames), np.asarray(batch.text_len)
+    ce = count = correct = 0.0
+    for i in range(len(nf)):
+        video = VideoBatch(batch.frames[i:i + 1, :nf[i]], nf[i:i + 1], batch.text[i:i + 1, :nt[i]], nt[i:i + 1],
+                           batch.targets[i:i + 1, :nt[i]])
+        _, stats = vlm_loss(model, video)
+        ce += stats["loss"] * stats["count"]
+        count += stats["count"]
+        correct += stats["correct"]
+    stats = _stats_dict(ce, count, correct)
+    return stats["loss"], stats
+
+
+def random_batch(cfg: VideoVLMConfig, num_frames, text_len, *, max_frames: int | None = None,
+                 max_text: int | None = None, seed: int = 0) -> VideoBatch:
+    """Random frames/tokens/targets (about 1/4 of targets ignored) with the given per-video sizes."""
+    rng = np.random.default_rng(seed)
+    num_frames, text_len = np.asarray(num_frames, np.int32), np.asarray(text_len, np.int32)
+    b, f, lt = len(num_frames), max_frames or int(num_frames.max()), max_text or int(text_len.max())
+    v = cfg.vision
+    targets = rng.integers(0, cfg.llm.vocab_size, (b, lt))
+    return VideoBatch(
+        frames=jnp.asarray(rng.normal(size=(b, f, v.image_size, v.image_size, v.num_channels)), jnp.float32),
+        num_frames=num_frames,
+        text=jnp.asarray(rng.integers(0, cfg.llm.vocab_size, (b, lt)), jnp.int32),
+        text_len=text_len,
+        targets=jnp.asarray(np.where(rng.random((b, lt)) < 0.25, -1, targets), jnp.int32),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class MMSPConfig:
     ring_axis: str = "ring"

@@ -9,7 +9,7 @@ from flax import nnx
 from jaxeff.distributed import make_mesh
 from jaxeff.longvila import causal_work, padded_length, sequence_parallel_attention, zigzag_permutation
 from jaxeff.longvila.layout import length_multiple
-from jaxeff.longvila.vlm import MMSPConfig, VideoBatch, VideoVLM, make_mmsp_loss, tiny_config, vlm_loss
+from jaxeff.longvila.vlm import MMSPConfig, VideoVLM, make_mmsp_loss, random_batch, tiny_config, unsplit_loss
 from jaxeff.nn import attention
 
 FACTORISATIONS = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -90,39 +90,17 @@ def test_attention_matches_single_device(ring, uly, causal, zigzag):
 @pytest.fixture(scope="module")
 def vlm_case():
     cfg = tiny_config()  # 8 query / 2 KV heads: KV heads < Ulysses degree for (2, 4) and (1, 8)
-    model = VideoVLM(cfg, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    rng = np.random.default_rng(0)
-    b, f, lt = 2, 7, 5  # 14 frames over 8 devices; frame counts 7 and 4 (pool 2: a half-empty last group)
-    image = cfg.vision.image_size
-    batch = VideoBatch(
-        frames=jnp.asarray(rng.normal(size=(b, f, image, image, 3)), jnp.float32),
-        num_frames=np.array([7, 4]),
-        text=jnp.asarray(rng.integers(0, cfg.llm.vocab_size, (b, lt))),
-        text_len=np.array([5, 3]),
-        targets=jnp.asarray(rng.integers(-1, cfg.llm.vocab_size, (b, lt))),
-    )
-
-    def unsplit_loss(state):
-        # The unsplit reference: every video alone, unpadded, one device, the decoder's own attention.
-        model = nnx.merge(graphdef, state)
-        ce = count = 0.0
-        for i in range(b):
-            nf, nt = int(batch.num_frames[i]), int(batch.text_len[i])
-            video = VideoBatch(batch.frames[i:i + 1, :nf], batch.num_frames[i:i + 1], batch.text[i:i + 1, :nt],
-                               batch.text_len[i:i + 1], batch.targets[i:i + 1, :nt])
-            _, stats = vlm_loss(model, video)
-            ce, count = ce + stats["loss"] * stats["count"], count + stats["count"]
-        return ce / count, count
-
-    (loss, count), grads = jax.jit(jax.value_and_grad(unsplit_loss, has_aux=True))(state)
-    return graphdef, state, batch, float(loss), float(count), grads
+    graphdef, state = nnx.split(VideoVLM(cfg, rngs=nnx.Rngs(0)))
+    # 14 frames over 8 devices; 7 and 4 frames with pool 2 (a half-empty last group); 21 and 9 tokens.
+    batch = random_batch(cfg, num_frames=[7, 4], text_len=[5, 1], max_text=5)
+    unsplit = lambda state: unsplit_loss(nnx.merge(graphdef, state), batch)
+    (loss, stats), grads = jax.jit(jax.value_and_grad(unsplit, has_aux=True))(state)
+    return graphdef, state, batch, float(loss), float(stats["count"]), grads
 
 
 @pytest.mark.parametrize("ring,uly", FACTORISATIONS)
 def test_mmsp_model_loss_and_grads_match_unsplit(vlm_case, ring, uly):
     graphdef, state, batch, ref_loss, ref_count, ref_grads = vlm_case
-    # 40 real tokens at most per video -> padded to the layout multiple; padding and masked frames carry no loss.
     loss_fn = make_mmsp_loss(graphdef, _mesh(ring, uly), MMSPConfig())
     (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state, batch)
     assert float(stats["count"]) == ref_count
