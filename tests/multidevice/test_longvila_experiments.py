@@ -17,7 +17,8 @@ def test_mmsp_experiment(tmp_path):
     text = (run.dir / "results.md").read_text()
     exact_row = next(line for line in text.splitlines() if line.startswith("| 2 | 4 | 2 |"))
     assert exact_row.rstrip(" |").endswith("True")
-    comm_row = next(line.split("|") for line in text.splitlines() if line.startswith("| 2 | 4 | ") and "all-to-all" in line)
+    comm_row = next(line.split("|") for line in text.splitlines()
+                    if line.startswith("| 2 | 4 | ") and "all-to-all" in line)
     # HLO-measured bytes equal the analytic formula (all-to-all, ring, total).
     assert comm_row[3] == comm_row[4] and comm_row[5] == comm_row[6] and comm_row[7] == comm_row[8]
     assert "withheld (CPU)" in text and "zigzag" in text
