@@ -34,19 +34,20 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def resize(img: np.ndarray, scale: float) -> np.ndarray:
-    """Anti-aliased rescale of a uint8 image."""
-    from skimage.transform import rescale
+def resize_to(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Anti-aliased resize of a whole uint8 image to (H, W)."""
+    from skimage.transform import resize
 
-    return to_uint8(rescale(to_signed(img), scale, channel_axis=-1, anti_aliasing=scale < 1, preserve_range=True))
+    return to_uint8(resize(to_signed(img), size, anti_aliasing=True, preserve_range=True))
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     """Square center crop (after shrinking so the short side equals `size`)."""
     h, w = img.shape[:2]
     if min(h, w) != size:
-        img = resize(img, size / min(h, w))
-        h, w = img.shape[:2]
+        scale = size / min(h, w)
+        h, w = max(size, round(h * scale)), max(size, round(w * scale))
+        img = resize_to(img, (h, w))
     top, left = (h - size) // 2, (w - size) // 2
     return img[top : top + size, left : left + size]
 

@@ -37,10 +37,13 @@ def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
     return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * factor, w * factor, c_out)
 
 
+def _bound(fan_in: int) -> float:
+    # torch's default init for conv/linear weights and biases: kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
+    return 1.0 / np.sqrt(fan_in)
+
+
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
-    # torch's default init for conv/linear (kaiming-uniform with a=sqrt(5) gives bound 1/sqrt(fan_in))
-    bound = 1.0 / np.sqrt(fan_in)
-    return jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
+    return jax.random.uniform(rngs.params(), shape, dtype, -_bound(fan_in), _bound(fan_in))
 
 
 class Conv2d(nnx.Module):
@@ -362,6 +365,25 @@ class DCAE(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.decode(self.encode(images))
+
+    @classmethod
+    def random(cls, config: DCAEConfig, seed: int = 0, *, dtype=jnp.float32) -> DCAE:
+        """Same init distribution as the constructor, drawn with numpy: constructing with `nnx.Rngs` compiles one
+        XLA RNG program per parameter shape, which takes minutes on a busy CPU for the full-size models."""
+        model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+        rng = np.random.default_rng(seed)
+        for _, m in nnx.iter_modules(model):
+            if isinstance(m, Conv2d | Linear):
+                bound = _bound(int(np.prod(m.weight.shape[:-1])))  # HWIO / (in, out): all but the output axis
+                for var in (m.weight, getattr(m, "bias", None)):
+                    if var is not None:
+                        var.set_value(jnp.asarray(rng.uniform(-bound, bound, var.shape), dtype))
+            elif isinstance(m, RMSNorm2d | BatchNorm2d):
+                for var in vars(m).values():
+                    if isinstance(var, nnx.Variable):
+                        fill = np.ones if var is m.weight or var is getattr(m, "running_var", None) else np.zeros
+                        var.set_value(jnp.asarray(fill(var.shape), dtype))
+        return model
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, config: DCAEConfig | str | None = None, dtype=jnp.float32) -> DCAE:
