@@ -1,0 +1,194 @@
+"""DuoAttention's dual KV cache and chunked-prefill generation on the unmodified decoder.
+
+Per layer, retrieval KV heads keep a full contiguous cache [B, T, n_retrieval, D] (slot t = position t); streaming
+KV heads keep `sink` slots plus a ring of `recent` slots [B, sink + recent, n_streaming, D] with the position of
+every slot (-1 = empty). The head split is static (the pattern is fixed at deployment), so each head type runs its
+own attention over only its own cache.
+
+Streaming heads are sparse from the first chunk: query p sees keys at positions < sink or in (p - recent, p],
+token-exact, whatever the chunk size (the official code runs the first chunk dense and widens the window inside
+later chunks). A chunk attends [ring cache; the chunk itself] under that mask, then only the tokens that stay
+(sink tokens and the chunk's last `recent`) are written to the ring. Queries at position -1 are padding: they
+write nothing and return zeros. Executed on CPU only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxeff.models.llama import pad_prompts
+from jaxeff.nn import attention, make_mask, xla_attention
+
+
+def _query_heads(kv_heads: Sequence[int], group: int) -> np.ndarray:
+    return np.asarray([h * group + j for h in kv_heads for j in range(group)], np.int32)
+
+
+@struct.dataclass
+class DualKVCache:
+    full_k: tuple
+    full_v: tuple
+    ring_k: tuple
+    ring_v: tuple
+    ring_pos: tuple
+    retrieval: tuple = struct.field(pytree_node=False)  # per layer: retrieval KV head indices
+    streaming: tuple = struct.field(pytree_node=False)
+    sink: int = struct.field(pytree_node=False)
+    recent: int = struct.field(pytree_node=False)
+
+    @classmethod
+    def init(cls, retrieval_heads, batch: int, max_len: int, head_dim: int, *, sink: int, recent: int,
+             dtype=jnp.float32) -> DualKVCache:
+        """retrieval_heads: bool [layers, kv_heads] (True = full KV cache)."""
+        mask = np.asarray(retrieval_heads, bool)
+        if mask.ndim != 2:
+            raise ValueError(f"retrieval_heads must be [layers, kv_heads], got shape {mask.shape}")
+        if sink < 0 or recent < 1:
+            raise ValueError(f"need sink >= 0 and recent >= 1, got {sink}, {recent}")
+        ret = tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in mask)
+        stm = tuple(tuple(int(h) for h in np.flatnonzero(~row)) for row in mask)
+        w = sink + recent
+        return cls(
+            full_k=tuple(jnp.zeros((batch, max_len, len(r), head_dim), dtype) for r in ret),
+            full_v=tuple(jnp.zeros((batch, max_len, len(r), head_dim), dtype) for r in ret),
+            ring_k=tuple(jnp.zeros((batch, w, len(s), head_dim), dtype) for s in stm),
+            ring_v=tuple(jnp.zeros((batch, w, len(s), head_dim), dtype) for s in stm),
+            ring_pos=tuple(jnp.full((batch, w), -1, jnp.int32) for _ in stm),
+            retrieval=ret, streaming=stm, sink=sink, recent=recent,
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.full_k[0].shape[1]
+
+    def kv_nbytes(self) -> int:
+        """Bytes of stored keys and values (the slot positions, 4 bytes per ring slot and layer, excluded)."""
+        return sum(x.size * x.dtype.itemsize for x in self.full_k + self.full_v + self.ring_k + self.ring_v)
+
+    def dense_kv_nbytes(self) -> int:
+        """Bytes a dense cache of the same batch, length and dtype would hold."""
+        b, t, _, d = self.full_k[0].shape
+        heads = sum(len(r) + len(s) for r, s in zip(self.retrieval, self.streaming))
+        return 2 * b * t * heads * d * self.full_k[0].dtype.itemsize
+
+    def attend(self, layer: int, q, k, v, q_positions, *, sliding_window=None, scale=None, implementation=None):
+        ret, stm = self.retrieval[layer], self.streaming[layer]
+        group = q.shape[2] // k.shape[2]
+        b = q.shape[0]
+        bidx = jnp.arange(b)[:, None]
+        outs, order, new = [], [], {}
+        if ret:
+            qi = _query_heads(ret, group)
+            slot = jnp.where(q_positions >= 0, q_positions, self.max_len)  # padding: dropped
+            fk = self.full_k[layer].at[bidx, slot].set(k[:, :, ret].astype(self.full_k[layer].dtype), mode="drop")
+            fv = self.full_v[layer].at[bidx, slot].set(v[:, :, ret].astype(self.full_v[layer].dtype), mode="drop")
+            kv_pos = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32), (b, self.max_len))
+            outs.append(attention(q[:, :, qi], fk.astype(q.dtype), fv.astype(q.dtype), q_positions=q_positions,
+                                  kv_positions=kv_pos, causal=True, sliding_window=sliding_window, scale=scale,
+                                  implementation=None if implementation == "pallas" else implementation))
+            order.append(qi)
+            new["full_k"], new["full_v"] = fk, fv
+        if stm:
+            qi = _query_heads(stm, group)
+            ks, vs = k[:, :, stm], v[:, :, stm]
+            rk, rv, rp = self.ring_k[layer], self.ring_v[layer], self.ring_pos[layer]
+            keys = jnp.concatenate([rk.astype(q.dtype), ks], axis=1)
+            vals = jnp.concatenate([rv.astype(q.dtype), vs], axis=1)
+            kv_pos = jnp.concatenate([rp, jnp.where(q_positions >= 0, q_positions, -1)], axis=1)
+            mask = make_mask(q_positions, kv_pos, causal=True, sliding_window=sliding_window)
+            qp, kp = q_positions[:, :, None], kv_pos[:, None, :]
+            mask &= (kp < self.sink) | (qp - kp < self.recent)
+            scale_ = q.shape[-1] ** -0.5 if scale is None else scale
+            outs.append(xla_attention(q[:, :, qi], keys, vals, mask, scale_))
+            order.append(qi)
+            # Keep sink tokens and the last `recent` tokens of the chunk; ring slot of position p >= sink.
+            p = q_positions
+            last = jnp.max(p, axis=1, keepdims=True)
+            keep = (p >= 0) & ((p < self.sink) | (p > last - self.recent))
+            slot = jnp.where(p < self.sink, p, self.sink + (p - self.sink) % self.recent)
+            slot = jnp.where(keep, slot, self.sink + self.recent)
+            new["ring_k"] = rk.at[bidx, slot].set(ks.astype(rk.dtype), mode="drop")
+            new["ring_v"] = rv.at[bidx, slot].set(vs.astype(rv.dtype), mode="drop")
+            new["ring_pos"] = rp.at[bidx, slot].set(p, mode="drop")
+        out = jnp.concatenate(outs, axis=2)[:, :, np.argsort(np.concatenate(order))]
+        cache = self.replace(**{name: _set(getattr(self, name), layer, x) for name, x in new.items()})
+        return out, cache
+
+
+def _set(items: tuple, i: int, x) -> tuple:
+    return items[:i] + (x,) + items[i + 1:]
+
+
+@dataclasses.dataclass
+class DuoGenerateOutput:
+    tokens: np.ndarray  # [B, max_new_tokens] greedy tokens
+    kv_nbytes: int  # stored K/V bytes of the dual cache
+    dense_kv_nbytes: int  # the same for a dense cache of equal capacity
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _prefill_chunk(graphdef, state, cache, tokens, positions, last_index):
+    """One prefill chunk; returns the logits at each row's `last_index` in this chunk (clipped) and the cache."""
+    logits, cache = nnx.merge(graphdef, state)(tokens, positions, cache=cache)
+    idx = jnp.clip(last_index, 0, tokens.shape[1] - 1)
+    return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0], cache
+
+
+@partial(jax.jit, static_argnames=("graphdef", "steps"))
+def _decode(graphdef, state, cache, first, start_pos, steps):
+    model = nnx.merge(graphdef, state)
+
+    def step(carry, _):
+        cache, token, pos = carry
+        logits, cache = model(token[:, None], pos[:, None], cache=cache)
+        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        return (cache, nxt, pos + 1), nxt
+
+    (cache, _, _), rest = jax.lax.scan(step, (cache, first, start_pos), None, length=steps)
+    return rest.T, cache
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, retrieval_heads, sink: int,
+             recent: int, chunk_size: int = 4096, max_len: int | None = None, pad_id: int = 0) -> DuoGenerateOutput:
+    """Greedy generation with the dual cache: chunked prefill (every chunk through the dual cache, streaming heads
+    Λ-sparse from the first one), then a compiled `lax.scan` decode loop."""
+    mc = model.config
+    mask = np.asarray(retrieval_heads, bool)
+    if mask.shape != (mc.num_hidden_layers, mc.num_key_value_heads):
+        raise ValueError(f"retrieval_heads has shape {mask.shape} but the model has {mc.num_hidden_layers} layers x "
+                         f"{mc.num_key_value_heads} KV heads")
+    if max_new_tokens < 1 or chunk_size < 1:
+        raise ValueError("max_new_tokens and chunk_size must be >= 1")
+    tokens, lengths = pad_prompts(prompts, pad_id)
+    chunk = min(chunk_size, tokens.shape[1])
+    n_chunks = -(-tokens.shape[1] // chunk)
+    tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])), constant_values=pad_id)
+    need = int(lengths.max()) + max_new_tokens
+    max_len = need if max_len is None else max_len
+    if need > max_len:
+        raise ValueError(f"prompt ({int(lengths.max())} tokens) + {max_new_tokens} new tokens exceed the cache "
+                         f"length {max_len}")
+    positions = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], np.arange(tokens.shape[1])[None], -1)
+    cache = DualKVCache.init(mask, len(prompts), max_len, mc.head_dim, sink=sink, recent=recent, dtype=model.dtype)
+    graphdef, state = nnx.split(model)
+    first_logits = None
+    for c in range(n_chunks):
+        sl = slice(c * chunk, (c + 1) * chunk)
+        last = jnp.asarray(lengths - 1 - c * chunk)
+        logits, cache = _prefill_chunk(graphdef, state, cache, jnp.asarray(tokens[:, sl]),
+                                       jnp.asarray(positions[:, sl].astype(np.int32)), last)
+        here = ((last >= 0) & (last < chunk))[:, None]
+        first_logits = logits if first_logits is None else jnp.where(here, logits, first_logits)
+    first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
+    out = [np.asarray(first)[:, None]]
+    if max_new_tokens > 1:
+        rest, cache = _decode(graphdef, state, cache, first, jnp.asarray(lengths), steps=max_new_tokens - 1)
+        out.append(np.asarray(rest))
+    return DuoGenerateOutput(np.concatenate(out, axis=1), cache.kv_nbytes(), cache.dense_kv_nbytes())

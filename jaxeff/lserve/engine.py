@@ -1,0 +1,142 @@
+"""`Engine(model, config, streaming_heads).generate(prompts, max_new_tokens)`: LServe on the shared decoder.
+
+A batch of prompts of different lengths is right-padded into aligned chunks (padding sits at position -1 and is
+never stored); each chunk is one jitted prefill call (compiled once per chunk offset, since the block-sparse
+prefill kernel's schedule is static), then the whole decode runs as one jitted `lax.scan` with page re-selection
+every `reselect_every` steps. Greedy decoding. Executed on CPU only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.lserve.cache import LServeCache
+from jaxeff.lserve.config import LServeConfig
+from jaxeff.models.llama import pad_prompts
+
+
+@dataclasses.dataclass
+class LServeOutput:
+    tokens: np.ndarray  # [B, max_new_tokens]; after eos: pad_id
+    num_generated: np.ndarray  # [B], eos included
+    stats: list[dict]  # per request
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _prefill_chunk(graphdef, state, cache, tokens, positions, last_index):
+    logits, cache = nnx.merge(graphdef, state)(tokens, positions, cache=cache)
+    idx = jnp.clip(last_index, 0, tokens.shape[1] - 1)
+    return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0], cache
+
+
+@partial(jax.jit, static_argnames=("graphdef", "steps", "reselect_every", "eos_id", "pad_id"))
+def _decode(graphdef, state, cache, first, start_pos, *, steps, reselect_every, eos_id, pad_id):
+    model = nnx.merge(graphdef, state)
+
+    def step(carry, i):
+        cache, token, pos, done = carry
+        cache = cache.replace(reselect=i % reselect_every == 0)
+        logits, cache = model(token[:, None], pos[:, None], cache=cache)
+        nxt = jnp.where(done, pad_id, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
+        done = done | (nxt == eos_id) if eos_id is not None else done
+        return (cache, nxt, pos + 1, done), nxt
+
+    done = first == eos_id if eos_id is not None else jnp.zeros(first.shape, bool)
+    (cache, _, _, _), rest = jax.lax.scan(step, (cache, first, start_pos, done), jnp.arange(steps))
+    return rest.T, cache
+
+
+class Engine:
+    """LServe serving engine for a `jaxeff.models.llama.Llama`.
+
+    streaming_heads: bool [layers, kv_heads] (True = streaming head, e.g. a DuoAttention pattern selected with
+    `jaxeff.duo_attention.select_retrieval_heads`); None = every head is a retrieval head.
+    """
+
+    def __init__(self, model, config: LServeConfig | None = None, streaming_heads=None):
+        config = LServeConfig() if config is None else config
+        mc = model.config
+        shape = (mc.num_hidden_layers, mc.num_key_value_heads)
+        if streaming_heads is None:
+            streaming_heads = np.zeros(shape, bool)
+        streaming_heads = np.asarray(streaming_heads, bool)
+        if streaming_heads.shape != shape:
+            raise ValueError(f"attention pattern has shape {streaming_heads.shape} but the model has {shape[0]} "
+                             f"layers x {shape[1]} KV heads: the pattern belongs to another model")
+        if mc.sliding_window is not None:
+            raise ValueError("LServe Engine does not support sliding-window attention models")
+        self.model, self.config, self.streaming_heads = model, config, streaming_heads
+        self.graphdef, self.state = nnx.split(model)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, eos_id: int | None = None,
+                 pad_id: int = 0) -> LServeOutput:
+        cfg, mc = self.config, self.model.config
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        tokens, lengths = pad_prompts(prompts, pad_id)
+        longest = int(lengths.max())
+        if longest + max_new_tokens > cfg.max_len:
+            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is longer than the cache "
+                             f"(LServeConfig.max_len = {cfg.max_len})")
+        b = len(prompts)
+        chunk = min(cfg.prefill_chunk, tokens.shape[1])
+        n_chunks = -(-longest // chunk)
+        tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])), constant_values=pad_id)
+        ar = np.arange(tokens.shape[1])[None]
+        positions = np.where(ar < lengths[:, None], ar, -1).astype(np.int32)
+        cache = LServeCache.init(self.streaming_heads, b, mc.head_dim, cfg, dtype=self.model.dtype)
+
+        t0 = time.perf_counter()
+        first_logits = None
+        for c in range(n_chunks):
+            sl = slice(c * chunk, (c + 1) * chunk)
+            last = jnp.asarray(lengths - 1 - c * chunk)
+            logits, cache = _prefill_chunk(self.graphdef, self.state, cache.replace(prefill_offset=c * chunk),
+                                           jnp.asarray(tokens[:, sl]), jnp.asarray(positions[:, sl]), last)
+            here = ((last >= 0) & (last < chunk))[:, None]
+            first_logits = logits if first_logits is None else jnp.where(here, logits, first_logits)
+        first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32).block_until_ready()
+        t1 = time.perf_counter()
+        cache = cache.replace(prefill_offset=-1)
+        out = [np.asarray(first)[:, None]]
+        steps = max_new_tokens - 1
+        if steps:
+            rest, cache = _decode(self.graphdef, self.state, cache, first, jnp.asarray(lengths), steps=steps,
+                                  reselect_every=cfg.reselect_every, eos_id=eos_id, pad_id=pad_id)
+            out.append(np.asarray(rest))
+        t2 = time.perf_counter()
+        out = np.concatenate(out, axis=1)
+        if eos_id is None:
+            n = np.full((b,), max_new_tokens)
+        else:
+            hit = out == eos_id
+            n = np.where(hit.any(1), hit.argmax(1) + 1, max_new_tokens)
+        return LServeOutput(out, n, self._stats(cache, lengths, steps, t1 - t0, t2 - t1))
+
+    def _stats(self, cache: LServeCache, lengths, steps: int, prefill_s: float, decode_s: float) -> list[dict]:
+        """Per request: KV bytes read per decode step (pages + statistics) next to a dense cache's."""
+        cfg, mc = self.config, self.model.config
+        item = jnp.dtype(self.model.dtype).itemsize
+        page_bytes = 2 * cfg.page_size * mc.head_dim * item  # one head's K and V page
+        stat_bytes = 2 * mc.head_dim * item  # one head's min and max of one logical page
+        pages, stats = np.asarray(cache.pages_read), np.asarray(cache.stats_read)
+        rows = []
+        for i, length in enumerate(lengths.tolist()):
+            # Decode step j (0-based) attends over length + j + 1 tokens in every layer and KV head.
+            dense = sum(length + j + 1 for j in range(steps)) * 2 * mc.head_dim * item * mc.num_key_value_heads
+            dense *= mc.num_hidden_layers
+            rows.append({
+                "prompt_tokens": int(length), "decode_steps": steps, "kv_pages_read": int(pages[i]),
+                "kv_bytes_per_step": (pages[i] * page_bytes + stats[i] * stat_bytes) / max(steps, 1),
+                "dense_kv_bytes_per_step": dense / max(steps, 1),
+                "prefill_s": prefill_s, "decode_s": decode_s,  # the batch's wall time, shared by its requests
+            })
+        return rows
