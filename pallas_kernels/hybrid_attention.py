@@ -123,18 +123,23 @@ def _masked_softmax_av(s, mask, v_blocks, v_spec):
     return jnp.einsum(v_spec, p.astype(v_blocks.dtype), v_blocks, preferred_element_type=jnp.float32)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4, 5))
+def _dense_chunk(q, k, v, stream, q_start: int, cfg: _Cfg):
+    # Rematerialised: the backward holds one chunk's [chunk, prefix] scores at a time, not all of them.
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+    qpos = cfg.q_offset + q_start + jnp.arange(q.shape[1])[:, None]
+    mask = token_mask(qpos, jnp.arange(k.shape[1])[None, :], stream[:, None, None, None], cfg.sink, cfg.local)
+    return _masked_softmax_av(s * cfg.scale, mask, v, "bhgqk,bkhd->bqhgd")
+
+
 def _xla_dense_group(q, k, v, stream, cfg: _Cfg):
     """q [B, Sq, h, G, D], k/v [B, Sk, h, D], stream [h] bool: per query chunk, attend the causal key prefix."""
     sq = q.shape[1]
     chunk = cfg.block_q * -(-cfg.nq // _MAX_DENSE_CHUNKS)
     outs = []
     for a in range(0, sq, chunk):
-        b_ = min(a + chunk, sq)
-        kend = min(cfg.sk, cfg.q_offset + b_)
-        s = jnp.einsum("bqhgd,bkhd->bhgqk", q[:, a:b_], k[:, :kend], preferred_element_type=jnp.float32)
-        qpos = cfg.q_offset + jnp.arange(a, b_)[:, None]
-        mask = token_mask(qpos, jnp.arange(kend)[None, :], stream[:, None, None, None], cfg.sink, cfg.local)
-        outs.append(_masked_softmax_av(s * cfg.scale, mask, v[:, :kend], "bhgqk,bkhd->bqhgd"))
+        kend = min(cfg.sk, cfg.q_offset + min(a + chunk, sq))
+        outs.append(_dense_chunk(q[:, a:a + chunk], k[:, :kend], v[:, :kend], jnp.asarray(stream), a, cfg))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -356,7 +361,7 @@ _pallas_hybrid.defvjp(_pallas_hybrid_fwd, _pallas_hybrid_bwd)
 
 
 def _default_block(n: int) -> int:
-    return int(min(128, max(8, pl.next_power_of_2(n))))
+    return int(min(128, max(16, pl.next_power_of_2(n))))  # >= 16: Triton's dot minimum
 
 
 def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q, block_k):
@@ -393,7 +398,7 @@ def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale
       scale: softmax scale, default 1/sqrt(D).
       implementation: None (Pallas on GPU/TPU, XLA elsewhere), "pallas" or "xla".
       interpret: run the Pallas kernel in the interpreter (CPU testing).
-      block_q, block_k: block sizes (default min(128, next power of two of the length), at least 8).
+      block_q, block_k: block sizes (default min(128, next power of two of the length), at least 16).
     Returns:
       [B, Sq, Hq, D] in q.dtype. Differentiable w.r.t. q, k, v on every path.
     """
