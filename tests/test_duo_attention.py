@@ -1,0 +1,113 @@
+"""DuoAttention: released patterns, pattern files, head selection, gate training, dual KV cache."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import pallas_kernels
+from jaxeff import duo_attention as da
+from jaxeff.models.llama import Llama, LlamaConfig
+from jaxeff.models.llama import generate as dense_generate
+
+PATTERNS = Path(__file__).parents[2] / "shared/data/duo_attention_patterns"
+# Share of heads with alpha > 0.5 in the released files (computed independently; see the reference notes).
+RELEASED = {"Llama-2-7B-32K-Instruct": ((32, 32), 0.43), "Llama-3-8B-Instruct-Gradient-1048k": ((32, 8), 0.81),
+            "Meta-Llama-3.1-8B-Instruct": ((32, 8), 0.91), "Mistral-7B-Instruct-v0.2": ((32, 8), 0.95),
+            "Mistral-7B-Instruct-v0.3": ((32, 8), 0.94), "Llama-3-8B-Instruct-Gradient-4194k": ((32, 8), None)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    return Llama(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_patterns_load_unchanged(name):
+    alpha, sink, recent = da.load_pattern(PATTERNS / name)
+    shape, share = RELEASED[name]
+    raw = np.loadtxt(PATTERNS / name / "full_attention_heads.tsv", delimiter="\t")
+    assert alpha.shape == shape and (sink, recent) == (128, 256)
+    np.testing.assert_allclose(alpha, np.clip(raw, 0, 1), atol=1e-7)
+    if share is not None:
+        assert abs(float((alpha > 0.5).mean()) - share) < 0.005
+    keep = da.select_retrieval_heads(alpha, 0.5)
+    assert keep.sum() == alpha.size // 2
+    assert alpha[keep].min() >= alpha[~keep].max()
+
+
+def test_pattern_round_trip_and_shape_errors(tmp_path, model):
+    alpha = np.random.default_rng(0).uniform(-0.01, 1.01, (2, 2)).astype(np.float32)
+    da.save_pattern(tmp_path / "p", alpha, 4, 16, lr=0.02)
+    loaded, sink, recent = da.load_pattern(tmp_path / "p")
+    np.testing.assert_array_equal(loaded, np.clip(alpha, 0, 1))
+    assert (sink, recent) == (4, 16)
+    released, _, _ = da.load_pattern(PATTERNS / "Meta-Llama-3.1-8B-Instruct")
+    with pytest.raises(ValueError, match="32 layers x 8 KV heads|shape \\(32, 8\\)"):
+        da.check_pattern(released, model.config.num_hidden_layers, model.config.num_key_value_heads)
+    with pytest.raises(ValueError, match="retrieval_heads has shape"):
+        da.generate(model, [[1, 2, 3]], 2, retrieval_heads=released > 0.5, sink=4, recent=8)
+    with pytest.raises(FileNotFoundError, match="full_attention_heads.tsv"):
+        da.load_pattern(tmp_path)
+
+
+def test_gate_training_separates_heads(model):
+    """KV head 1 of every layer writes nothing (zero value projection), so only the regulariser acts on its gate
+    and it must fall; KV head 0 carries the long-range signal the streaming mask cuts, so its gate stays high."""
+    cfg = model.config
+    graphdef, state = nnx.split(model)
+    m = nnx.merge(graphdef, state)
+    for layer in m.layers:
+        kernel = layer.self_attn.v_proj.kernel
+        kernel[...] = kernel[...].at[:, cfg.head_dim:].set(0.0)  # KV head 1
+        layer.self_attn.k_proj.kernel[...] = layer.self_attn.k_proj.kernel[...] * 20.0  # peaky, long-range heads
+    rng = np.random.default_rng(0)
+
+    def batches():
+        while True:
+            tokens = rng.integers(0, cfg.vocab_size, (4, 64))
+            mask = np.zeros((4, 64), np.float32)
+            mask[:, -8:] = 1
+            yield {"tokens": tokens, "mask": mask}
+
+    alpha = da.train_gates(m, batches(), da.GateTrainConfig(sink=2, recent=4, steps=60))
+    assert alpha.shape == (2, 2) and (alpha >= 0).all() and (alpha <= 1).all()
+    assert alpha[:, 1].max() < 0.3, alpha
+    assert alpha[:, 0].min() > 0.6, alpha
+
+
+def test_dual_cache_equals_dense_when_window_covers_context(model):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 64, n).tolist() for n in (37, 20, 50)]
+    ref = dense_generate(model, prompts, 6).tokens
+    mask = np.array([[True, False], [False, True]])
+    out = da.generate(model, prompts, 6, retrieval_heads=mask, sink=4, recent=60, chunk_size=16)
+    np.testing.assert_array_equal(out.tokens, ref)
+
+
+def test_dual_cache_chunked_prefill_is_lambda_sparse_from_first_chunk(model):
+    """Chunked prefill through the dual cache equals one-shot hybrid (Λ) attention, and stores the formula's bytes."""
+    mask = np.array([[True, False], [False, False]])
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 48)))
+
+    def hybrid(layer, q, k, v, *, q_positions, kv_positions):
+        return pallas_kernels.hybrid_attention(q, k, v, streaming_heads=~mask[layer], sink=4, local=8)
+
+    graphdef, state = nnx.split(model)
+    ref = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, attention_fn=hybrid))(state, tokens)
+    chunk_fn = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, cache=c))
+    cache = da.DualKVCache.init(mask, 2, 48, model.config.head_dim, sink=4, recent=8)
+    outs = []
+    for c in range(0, 48, 16):
+        logits, cache = chunk_fn(state, tokens[:, c:c + 16], jnp.broadcast_to(jnp.arange(c, c + 16), (2, 16)), cache)
+        outs.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(ref), atol=2e-5)
+    ratio = cache.kv_nbytes() / cache.dense_kv_nbytes()
+    assert ratio == pytest.approx(da.kv_cache_ratio(mask.mean(), 4, 8, 48))
+    # Full attention differs: the streaming heads really are sparse.
+    assert float(jnp.abs(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens) - ref).max()) > 1e-3
