@@ -210,26 +210,24 @@ def _online_softmax_step(q, k, v, m, l, acc, qpos, kpos, stream, cfg: _Cfg):
 
 
 def _schedule(flags, cfg: _Cfg):
-    """Flattened per-(KV head, query block) lists of active KV blocks, padded by repeating the last one."""
-    xp = np if cfg.static_flags is not None else jnp
-    src = np.asarray(cfg.static_flags) if cfg.static_flags is not None else flags
-    u1, l2, hi = block_ranges(xp, src, sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
-                              local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k)
-    cnt = u1 + xp.maximum(hi - l2, 0)
+    """int32 [Hkv, nq, 3] table of (u1, l2, hi) and the static number of KV steps per query block."""
     if cfg.static_flags is not None:
-        steps = int(cnt.max())
-    else:  # worst case: a dense head
-        _, _, hi_d = block_ranges(np, np.zeros(1, bool), sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=0,
-                                  local=1, block_q=cfg.block_q, block_k=cfg.block_k)
-        steps = int(hi_d.max())
-    t = xp.arange(steps)[None, None, :]
+        u1, l2, hi = block_ranges(np, np.asarray(cfg.static_flags), sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset,
+                                  sink=cfg.sink, local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k)
+        steps = int((u1 + np.maximum(hi - l2, 0)).max())
+        return jnp.asarray(np.stack([u1, l2, hi], -1), jnp.int32), steps
+    u1, l2, hi = block_ranges(jnp, flags, sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
+                              local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k)
+    return jnp.stack([u1, l2, hi], -1).astype(jnp.int32), cfg.nk  # traced: worst case is a dense head
 
-    def block_at(j):
-        return xp.where(j < u1[..., None], j, l2[..., None] + j - u1[..., None])
 
-    idx = xp.where(t < cnt[..., None], block_at(t), block_at(xp.maximum(cnt[..., None] - 1, 0)))
-    return (jnp.asarray(idx.reshape(-1), jnp.int32), jnp.asarray(cnt.reshape(-1), jnp.int32),
-            jnp.asarray(xp.stack([u1, l2, hi], -1), jnp.int32), steps)
+def _kv_block(ranges_ref, row, t):
+    """KV block of step t for a flattened (KV head, query block) row; steps past the end repeat the last block,
+    so the TPU pipeline issues no DMA for them. O(Hkv * nq) scalars instead of a per-step list in SMEM."""
+    u1, l2, hi = ranges_ref[3 * row], ranges_ref[3 * row + 1], ranges_ref[3 * row + 2]
+    cnt = u1 + jnp.maximum(hi - l2, 0)
+    j = jnp.maximum(jnp.minimum(t, cnt - 1), 0)
+    return jnp.where(j < u1, j, l2 + j - u1), t < cnt
 
 
 def _pad_seq(x, n):
@@ -241,13 +239,13 @@ def _pallas_tpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
     hkv = k.shape[2]
     g = hq // hkv
     bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
-    idx, cnt, _, steps = _schedule(flags, cfg)
+    ranges, steps = _schedule(flags, cfg)
     # [B, H, S, D] so that a block's last two dims are (block, head_dim) as Mosaic wants.
     qt = _pad_seq(q, nq * bq).transpose(0, 2, 1, 3)
     kt = _pad_seq(k, nk * bk).transpose(0, 2, 1, 3)
     vt = _pad_seq(v, nk * bk).transpose(0, 2, 1, 3)
 
-    def kernel(idx_ref, cnt_ref, flag_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr):
+    def kernel(ranges_ref, flag_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr):
         h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
         hk = h // g
 
@@ -257,9 +255,10 @@ def _pallas_tpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
             l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
             acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-        @pl.when(t < cnt_ref[hk * nq + i])
+        kb, active = _kv_block(ranges_ref, hk * nq + i, t)
+
+        @pl.when(active)
         def _step():
-            kb = idx_ref[(hk * nq + i) * steps + t]
             qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
             m, l_, acc = _online_softmax_step(q_ref[...], k_ref[...], v_ref[...], m_scr[...], l_scr[...],
@@ -271,14 +270,14 @@ def _pallas_tpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
             l_ = l_scr[...]
             o_ref[...] = (acc_scr[...] / jnp.where(l_ == 0.0, 1.0, l_)).astype(o_ref.dtype)
 
-    def kv_map(b_, h, i, t, idx_ref, cnt_ref, flag_ref):
-        return b_, h // g, idx_ref[((h // g) * nq + i) * steps + t], 0
+    def kv_map(b_, h, i, t, ranges_ref, flag_ref):
+        return b_, h // g, _kv_block(ranges_ref, (h // g) * nq + i, t)[0], 0
 
     def q_map(b_, h, i, t, *_):
         return b_, h, i, 0
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
+        num_scalar_prefetch=2,
         grid=(b, hq, nq, steps),
         in_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), kv_map),
                   pl.BlockSpec((None, None, bk, d), kv_map)],
@@ -291,7 +290,7 @@ def _pallas_tpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret, name="hybrid_attention_tpu",
-    )(idx, cnt, flags, qt, kt, vt)
+    )(ranges.reshape(-1), flags, qt, kt, vt)
     return out.transpose(0, 2, 1, 3)[:, :sq]
 
 
@@ -300,7 +299,7 @@ def _pallas_gpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
     hkv = k.shape[2]
     g = hq // hkv
     bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
-    _, _, ranges, _ = _schedule(flags, cfg)
+    ranges, _ = _schedule(flags, cfg)
     # (u1, l2, hi, streaming) per (KV head, query block); 4 entries keep Triton's power-of-two shapes.
     stream = jnp.broadcast_to(flags[:, None, None], ranges.shape[:2] + (1,))
     bounds = jnp.concatenate([ranges, stream], axis=-1)
