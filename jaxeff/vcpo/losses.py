@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 EPS = 1e-8
 LR_RULES = ("sqrt", "linear", "none")
@@ -32,7 +33,7 @@ def _check_token_inputs(logp, logp_mu, mask):
     for name, x in (("logp_mu", logp_mu), ("mask", mask)):
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name} shape {x.shape} does not match logp shape {logp.shape}")
-    if mask is not None and _concrete(mask) and not bool(jnp.any(mask > 0)):
+    if mask is not None and _concrete(mask) and not np.any(np.asarray(mask) > 0):
         raise ValueError("mask selects no token: the batch is empty")
 
 
@@ -69,7 +70,7 @@ def ess_ratio(log_w, mask=None):
     valid = jnp.ones_like(log_w) if mask is None else mask.astype(log_w.dtype)
     if valid.shape != log_w.shape:
         raise ValueError(f"mask shape {valid.shape} does not match log_w shape {log_w.shape}")
-    if mask is not None and _concrete(valid) and not bool(jnp.any(valid > 0)):
+    if mask is not None and _concrete(mask) and not np.any(np.asarray(mask) > 0):
         raise ValueError("ess_ratio: mask selects no sequence")
     shifted = jnp.where(valid > 0, log_w, -jnp.inf)
     top = jnp.max(shifted)
@@ -101,13 +102,15 @@ def _group_counts(group_ids, num_groups):
     if num_groups is None:
         if not _concrete(group_ids):
             raise ValueError("num_groups must be given when group_ids is traced (under jit/vmap)")
-        num_groups = int(jnp.max(group_ids)) + 1
-    counts = jax.ops.segment_sum(jnp.ones(group_ids.shape, jnp.float32), group_ids, num_groups)
+        num_groups = int(np.max(np.asarray(group_ids))) + 1
     if _concrete(group_ids):
-        if bool(jnp.any(group_ids < 0)) or bool(jnp.any(group_ids >= num_groups)):
+        ids = np.asarray(group_ids)
+        if ids.min() < 0 or ids.max() >= num_groups:
             raise ValueError(f"group_ids must lie in [0, {num_groups})")
-        if bool(jnp.any(counts == 0)):
-            raise ValueError(f"empty group(s): {jnp.nonzero(counts == 0)[0].tolist()}")
+        empty = np.nonzero(np.bincount(ids, minlength=num_groups) == 0)[0]
+        if empty.size:
+            raise ValueError(f"empty group(s): {empty.tolist()}")
+    counts = jax.ops.segment_sum(jnp.ones(group_ids.shape, jnp.float32), group_ids, num_groups)
     return counts, num_groups
 
 
