@@ -34,14 +34,14 @@ class Config:
     curriculum: tuple[int, ...] = (128, 192)
     curriculum_fraction: float = 0.4  # share of the steps spent on the curriculum contexts
     batch_size: int = 32
-    steps: int = 1500
+    steps: int = 2000
     lr: float = 3e-3
     warmup_steps: int = 100
-    hidden_size: int = 128
-    num_layers: int = 4
+    hidden_size: int = 64
+    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 384
+    intermediate_size: int = 192
     lm_loss_weight: float = 0.1  # language-modelling loss on the haystack, next to the key loss
     eval_contexts: tuple[int, ...] = (256, 512, 1024)
     eval_examples: int = 200
@@ -102,7 +102,8 @@ def evaluate_passkey(model: Llama, context: int, examples: int, *, seed: int = 1
 
 
 @register("llama_passkey", Config, presets={
-    "smoke": dict(steps=150, batch_size=16, eval_examples=50, eval_every=75, num_layers=2, checkpoint_every=50),
+    "smoke": dict(steps=200, batch_size=16, eval_examples=50, eval_every=100, checkpoint_every=50,
+                  eval_contexts=(256, 512)),
     "full": dict(),
 })
 def run(cfg: Config, run: Run) -> None:

@@ -52,6 +52,7 @@ class Experiment:
 
 
 _REGISTRY: dict[str, Experiment] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
 
 
 def register(name: str, config_cls: type, *, presets: Mapping[str, Mapping[str, Any]], description: str = ""):
@@ -82,8 +83,12 @@ def load_all() -> dict[str, Experiment]:
     import experiments
 
     for info in pkgutil.iter_modules(experiments.__path__):
-        if not info.name.startswith("_"):
+        if info.name.startswith("_") or info.name in _IMPORT_ERRORS:
+            continue
+        try:
             importlib.import_module(f"experiments.{info.name}")
+        except Exception as e:  # one broken experiment file must not hide the others
+            _IMPORT_ERRORS[info.name] = f"{type(e).__name__}: {e}"
     return dict(_REGISTRY)
 
 
@@ -91,7 +96,10 @@ def get(name: str) -> Experiment:
     registry = load_all()
     if name not in registry:
         known = "\n  ".join(sorted(registry))
-        raise ExperimentError(f"unknown experiment {name!r}; known experiments:\n  {known}")
+        broken = "".join(f"\n  experiments/{m}.py: {err}" for m, err in sorted(_IMPORT_ERRORS.items()))
+        if broken:
+            broken = "\nthese experiment files failed to import:" + broken
+        raise ExperimentError(f"unknown experiment {name!r}; known experiments:\n  {known}{broken}")
     return registry[name]
 
 

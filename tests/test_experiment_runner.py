@@ -77,3 +77,18 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     steps = [json.loads(line)["step"] for line in (resumed.dir / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 8
     assert (tmp_path / "b" / "config.json").exists()
+
+
+def test_registry_lists_every_experiment_file_and_imports_cleanly():
+    import pkgutil
+
+    import experiments
+
+    registry = experiment.load_all()
+    assert not experiment._IMPORT_ERRORS, experiment._IMPORT_ERRORS
+    modules = {m.name for m in pkgutil.iter_modules(experiments.__path__) if not m.name.startswith("_")}
+    registered_from = {e.fn.__module__.split(".")[-1] for e in registry.values()}
+    assert modules == registered_from
+    for exp in registry.values():  # every preset's values fit its config class
+        for values in exp.presets.values():
+            exp.config_cls(**values)
