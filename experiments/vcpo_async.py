@@ -125,6 +125,23 @@ def _plots(cfg: Config, run: Run, curves: dict, acc: dict, collapses: dict):
     ax.legend(fontsize=7)
     run.savefig(fig, "accuracy_vs_k.png")
 
+    # Does ESS predict collapse? Min ESS over the 50 steps before collapse (or over the run if none) vs step.
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for m in cfg.methods:
+        for j in range(nk):
+            for s, c in enumerate(collapses[m][j]):
+                ess = curves[m]["ess_ratio"][j, s]
+                end = cfg.steps if c is None else c + 1
+                x = ess[max(0, end - 50) : end].min() if c is not None else ess.min()
+                marker, face = ("^", "none") if c is None else ("o", colors[m])
+                ax.plot([max(x, 1e-6)], [end], marker, color=colors[m], mfc=face,
+                        label=m if (j, s) == (0, 0) else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("min ESS ratio in the 50 steps before collapse (hollow ^: no collapse, whole run)")
+    ax.set_ylabel("collapse step")
+    ax.legend(fontsize=7)
+    run.savefig(fig, "ess_before_collapse.png")
+
 
 @register("vcpo_async", Config, presets={
     "smoke": {"lags": (8,), "methods": ("seq_tis", "vcpo"), "seeds": 1, "steps": 100, "eval_every": 25,

@@ -21,7 +21,7 @@ def tiny_run(tmp_path_factory):
 def test_experiment_outputs_and_lag_semantics(tiny_run):
     d = tiny_run.dir
     for name in ("results.md", "metrics.jsonl", "summary.json", "curves.npz", "reward_vs_step.png",
-                 "ess_gradnorm_vs_step.png", "accuracy_vs_k.png"):
+                 "ess_gradnorm_vs_step.png", "accuracy_vs_k.png", "ess_before_collapse.png"):
         assert (d / name).is_file(), name
     curves = np.load(d / "curves.npz")
     ess, kl, lr_eff = curves["vcpo/ess_ratio"], curves["vcpo/kl_mu_pi_k3"], curves["vcpo/lr_eff"]

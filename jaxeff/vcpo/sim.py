@@ -26,7 +26,7 @@ from flax import nnx
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.vcpo import losses as L
 
-ADVANTAGES = ("grpo", "opob")
+ADVANTAGES = ("grpo", "opob", "opo")
 # Losses linear in the advantage: the two-sum OPOB gradient sum_i A_i g_i is exact for them.
 LINEAR_LOSSES = ("reinforce", "seq_tis", "vcpo")
 
@@ -61,6 +61,7 @@ METHODS = {
     "gspo": Method("gspo"),
     "cispo": Method("cispo"),
     "areal": Method("areal"),
+    "opo": Method("reinforce", "opo"),
     "vcpo": Method("vcpo", "opob", "sqrt"),
     "vcpo_no_ess": Method("vcpo", "opob", "none"),
     "vcpo_no_opob": Method("vcpo", "grpo", "sqrt"),
@@ -90,6 +91,7 @@ class SimConfig:
     rho_on: float = 1.0
     opob_weighting: str = "code"
     tis_c: float = 8.0
+    ess_use_clipped: bool = False  # the official default scales the lr by the ESS of the unclipped weights
 
     def validate(self):
         positive = ("num_digits", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
@@ -173,14 +175,20 @@ def sample_prompts(cfg: SimConfig, key, num_prompts):
     return jax.random.randint(key, (num_prompts, cfg.num_digits), 0, cfg.base, dtype=jnp.int32)
 
 
+def loss_kwargs(cfg: SimConfig, loss_name: str) -> dict:
+    """The truncation level C of the sequence-TIS losses comes from the config (`tis_c`)."""
+    return {"c": cfg.tis_c} if loss_name in ("seq_tis", "vcpo") else {}
+
+
 def per_sample_grads(policy: Policy, loss_name: str, params, tokens, logp_mu):
     """g_i = grad of sample i's loss with advantage 1, divided by B (so sum_i A_i g_i is the batch gradient),
     one vmapped backward pass; also returns the per-token log-probs and entropies."""
     b = tokens.shape[0]
+    kw = loss_kwargs(policy.cfg, loss_name)
 
     def one(p, tok, lmu):
         logp, ent = policy.token_logp(p, tok[None])
-        loss, _ = L.LOSSES[loss_name](logp, lmu[None], jnp.ones_like(logp), jnp.ones((1,)))
+        loss, _ = L.LOSSES[loss_name](logp, lmu[None], jnp.ones_like(logp), jnp.ones((1,)), **kw)
         return loss / b, (logp[0], ent[0])
 
     return jax.vmap(jax.grad(one, has_aux=True), (None, 0, 0))(params, tokens, logp_mu)
@@ -202,6 +210,8 @@ def make_train(cfg: SimConfig, method: Method):
     slots = cfg.max_lag + 1
     eval_prompts = sample_prompts(cfg, jax.random.PRNGKey(2**31 - 1), cfg.eval_prompts)  # same held-out set everywhere
 
+    loss_kw = loss_kwargs(cfg, method.loss)
+
     def gradient(params, tokens, logp_mu, rewards):
         group_mean, group_std = L.group_stats(rewards, group_ids, n_prompts)
         if method.advantage == "opob":
@@ -216,15 +226,19 @@ def make_train(cfg: SimConfig, method: Method):
             scale = 1.0 / (group_std[::g] + 1e-6)
             grad = L.two_sum_gradient(grads, rewards, b, group_ids, num_groups=n_prompts, group_scale=scale)
         else:
-            b = group_mean
-            adv = L.grpo_advantages(rewards, group_ids, num_groups=n_prompts)
+            if method.advantage == "opo":
+                adv = L.opo_advantages(rewards, jnp.sum(mask, -1), group_ids, num_groups=n_prompts)
+                b = rewards - adv
+            else:
+                b = group_mean
+                adv = L.grpo_advantages(rewards, group_ids, num_groups=n_prompts)
 
             def loss_fn(p):
                 logp, entropy = policy.token_logp(p, tokens)
-                return L.LOSSES[method.loss](logp, logp_mu, mask, adv)[0], (logp, entropy)
+                return L.LOSSES[method.loss](logp, logp_mu, mask, adv, **loss_kw)[0], (logp, entropy)
 
             grad, (logp, entropy) = jax.grad(loss_fn, has_aux=True)(params)
-        loss, loss_metrics = L.LOSSES[method.loss](jax.lax.stop_gradient(logp), logp_mu, mask, adv)
+        loss, loss_metrics = L.LOSSES[method.loss](jax.lax.stop_gradient(logp), logp_mu, mask, adv, **loss_kw)
         metrics = dict(loss_metrics, loss=loss, entropy=jnp.mean(entropy), baseline_minus_mean=jnp.mean(b - group_mean))
         return grad, logp, metrics
 
@@ -239,7 +253,8 @@ def make_train(cfg: SimConfig, method: Method):
         rewards = policy.rewards(tokens)
         grad, logp, metrics = gradient(params, tokens, logp_mu, rewards)
         diag = L.is_diagnostics(logp, logp_mu, mask, c=cfg.tis_c)
-        scale = L.lr_scale(diag["ess_ratio"], cfg.rho_on, method.lr_rule)
+        scale = L.lr_scale(diag["ess_ratio_clipped" if cfg.ess_use_clipped else "ess_ratio"], cfg.rho_on,
+                           method.lr_rule)
         updates, opt_state = tx.update(grad, opt_state, params)
         # Scaling the update (not the gradient) scales Adam's step and AdamW's weight decay alike.
         params = optax.apply_updates(params, jax.tree.map(lambda u: scale * u, updates))
