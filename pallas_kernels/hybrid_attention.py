@@ -6,18 +6,21 @@ block that the mask empties, so a streaming head costs O(Sq * (sink + local + bl
 
 Three implementations share `block_ranges` (the active KV blocks of each query block) and `token_mask`:
 - `_xla_hybrid`: plain XLA. Dense heads attend per query chunk to the static causal key prefix; streaming heads
-  gather, per query block, the sink blocks plus a fixed-width window of local blocks. Differentiable by autodiff;
-  it is also the recompute-based backward of the Pallas paths.
-- `_pallas_tpu_forward`: Mosaic-style kernel, grid (B, Hq, q blocks, active KV blocks) with the block schedule in
-  scalar prefetch (SMEM), so the pipeline DMAs only active KV blocks; block dims are (block, head_dim).
+  gather, per query block, the sink blocks plus a fixed-width window of local blocks. Differentiable by autodiff
+  (dense chunks rematerialised); it is also the recompute-based backward of the GPU Pallas path.
+- `_pallas_tpu_forward` / `_pallas_tpu_backward`: Mosaic-style kernels, grid (B, Hq, q blocks, active KV blocks)
+  with a (u1, l2, hi) range table in scalar prefetch (SMEM), so the pipeline DMAs only active KV blocks; block
+  dims are (block, head_dim). The backward is FlashAttention-2 style from the saved log-sum-exp: a dq kernel on
+  the forward schedule and a dk/dv kernel on the transposed one.
   jax's splash attention (`ops/tpu/splash_attention`) expresses the same masks with a `MultiHeadMask`; we keep our
   own kernel because splash's mask pre-processing has no query offset for chunked prefill and evaluates masks on
   the host block by block.
 - `_pallas_gpu_forward`: Triton-style kernel, grid (q blocks, B, Hq), two in-kernel loops (sink blocks, local or
-  causal blocks) with data-dependent bounds; Triton has no scalar prefetch, hence a separate kernel.
+  causal blocks) with data-dependent bounds; Triton has no scalar prefetch, hence a separate kernel. Its
+  backward recomputes through the XLA path (no Triton backward kernel yet).
 
-Backends actually executed: CPU only (XLA path; both Pallas kernels in interpret mode, the TPU-style one also
-under `pltpu.force_tpu_interpret_mode()`). Both kernels also lower from CPU through `jax.export`
+Backends actually executed: CPU only (XLA path; all Pallas kernels in interpret mode, the TPU-style forward and
+backward also under `pltpu.force_tpu_interpret_mode()`). The kernels also lower from CPU through `jax.export`
 for TPU (Pallas -> Mosaic) and CUDA (Pallas -> Triton); not yet compiled or run on a real GPU or TPU.
 """
 
@@ -245,7 +248,7 @@ def _pallas_tpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
     kt = _pad_seq(k, nk * bk).transpose(0, 2, 1, 3)
     vt = _pad_seq(v, nk * bk).transpose(0, 2, 1, 3)
 
-    def kernel(ranges_ref, flag_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr):
+    def kernel(ranges_ref, flag_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr):
         h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
         hk = h // g
 
@@ -269,6 +272,7 @@ def _pallas_tpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
         def _finish():
             l_ = l_scr[...]
             o_ref[...] = (acc_scr[...] / jnp.where(l_ == 0.0, 1.0, l_)).astype(o_ref.dtype)
+            lse_ref[...] = jnp.where(l_ == 0.0, 0.0, m_scr[...] + jnp.log(jnp.where(l_ == 0.0, 1.0, l_)))
 
     def kv_map(b_, h, i, t, ranges_ref, flag_ref):
         return b_, h // g, _kv_block(ranges_ref, (h // g) * nq + i, t)[0], 0
@@ -281,17 +285,156 @@ def _pallas_tpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
         grid=(b, hq, nq, steps),
         in_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), kv_map),
                   pl.BlockSpec((None, None, bk, d), kv_map)],
-        out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+        out_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map)],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, d), jnp.float32)],
     )
-    out = pl.pallas_call(
-        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, hq, nq * bq, d), q.dtype),
+    out, lse = pl.pallas_call(
+        kernel, grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((b, hq, nq * bq, d), q.dtype),
+                   jax.ShapeDtypeStruct((b, hq, nq * bq, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret, name="hybrid_attention_tpu",
     )(ranges.reshape(-1), flags, qt, kt, vt)
-    return out.transpose(0, 2, 1, 3)[:, :sq]
+    return out.transpose(0, 2, 1, 3)[:, :sq], lse
+
+
+def _transposed_schedule(flags, cfg: _Cfg):
+    """Per (KV head, KV block) the contiguous range [qa, qb) of query blocks that use it: int32 [Hkv, nk, 2].
+
+    Contiguous because u1, l2 and hi never decrease along the query blocks."""
+    xp = np if cfg.static_flags is not None else jnp
+    stream = np.asarray(cfg.static_flags) if cfg.static_flags is not None else flags.astype(bool)
+    u1, l2, hi = block_ranges(xp, stream, sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
+                              local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k)
+    kb = xp.arange(cfg.nk)[None, :, None]
+    n_sink = xp.where(xp.asarray(stream), min(-(-cfg.sink // cfg.block_k), cfg.nk), 0)[:, None]
+    qa = (hi[:, None, :] <= kb).sum(-1)
+    qb = xp.where(kb[..., 0] < n_sink, cfg.nq, (l2[:, None, :] <= kb).sum(-1))
+    steps = int(np.maximum(qb - qa, 0).max()) if xp is np else cfg.nq
+    return jnp.asarray(xp.stack([qa, qb], -1), jnp.int32), max(steps, 1)
+
+
+def _q_block(qranges_ref, row, t, num_q_blocks):
+    qa, qb = qranges_ref[2 * row], qranges_ref[2 * row + 1]
+    i = jnp.minimum(qa + jnp.maximum(jnp.minimum(t, qb - qa - 1), 0), num_q_blocks - 1)  # KV blocks of padding
+    return i, t < qb - qa
+
+
+def _probs(q, k, lse, qpos, kpos, stream, cfg: _Cfg):
+    """Softmax probabilities of one block from the saved log-sum-exp; padded queries and keys give 0."""
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * cfg.scale
+    mask = token_mask(qpos, kpos, stream, cfg.sink, cfg.local) & (kpos < cfg.sk) & (qpos < cfg.q_offset + cfg.sq)
+    return jnp.where(mask, jnp.exp(s - lse), 0.0)
+
+
+def _pallas_tpu_backward(q, k, v, flags, out, lse, do, cfg: _Cfg, interpret):
+    """FlashAttention-2 style backward over the same active blocks: a dq kernel on the forward schedule and a
+    dk/dv kernel on the transposed one (each KV block visits its contiguous range of query blocks)."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
+    ranges, steps = _schedule(flags, cfg)
+    qranges, qsteps = _transposed_schedule(flags, cfg)
+    qt, dot_ = (_pad_seq(x, nq * bq).transpose(0, 2, 1, 3) for x in (q, do))
+    kt, vt = (_pad_seq(x, nk * bk).transpose(0, 2, 1, 3) for x in (k, v))
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)  # [B, Sq, Hq, 1]
+    delta = _pad_seq(delta, nq * bq).transpose(0, 2, 1, 3)
+    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+    def dq_kernel(ranges_ref, flag_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_scr):
+        h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+        kb, active = _kv_block(ranges_ref, (h // g) * nq + i, t)
+
+        @pl.when(t == 0)
+        def _init():
+            acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+        @pl.when(active)
+        def _step():
+            qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            k_blk = k_ref[...]
+            p = _probs(q_ref[...], k_blk, lse_ref[...], qpos, kpos, flag_ref[h // g] != 0, cfg)
+            dp = lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_ref[...])
+            acc_scr[...] += lax.dot_general(ds.astype(k_blk.dtype), k_blk, (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+
+        @pl.when(t == steps - 1)
+        def _finish():
+            dq_ref[...] = (acc_scr[...] * cfg.scale).astype(dq_ref.dtype)
+
+    def q_map(b_, h, i, t, *_):
+        return b_, h, i, 0
+
+    def kv_map(b_, h, i, t, ranges_ref, flag_ref):
+        return b_, h // g, _kv_block(ranges_ref, (h // g) * nq + i, t)[0], 0
+
+    q_spec, row_spec = pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map)
+    kv_spec = pl.BlockSpec((None, None, bk, d), kv_map)
+    dq = pl.pallas_call(
+        dq_kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(b, hq, nq, steps),
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec], out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype), compiler_params=params, interpret=interpret,
+        name="hybrid_attention_dq_tpu",
+    )(ranges.reshape(-1), flags, qt, kt, vt, dot_, lse, delta)
+
+    def dkv_kernel(qranges_ref, flag_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                   dk_scr, dv_scr):
+        hk, kb, gi, t = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+        i, active = _q_block(qranges_ref, hk * nk + kb, t, nq)
+
+        @pl.when((gi == 0) & (t == 0))
+        def _init():
+            dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+            dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+        @pl.when(active)
+        def _step():
+            qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            q_blk, do_blk = q_ref[...], do_ref[...]
+            p = _probs(q_blk, k_ref[...], lse_ref[...], qpos, kpos, flag_ref[hk] != 0, cfg)
+            dv_scr[...] += lax.dot_general(p.astype(do_blk.dtype), do_blk, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+            dp = lax.dot_general(do_blk, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_ref[...])
+            dk_scr[...] += lax.dot_general(ds.astype(q_blk.dtype), q_blk, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+
+        @pl.when((gi == g - 1) & (t == qsteps - 1))
+        def _finish():
+            dk_ref[...] = (dk_scr[...] * cfg.scale).astype(dk_ref.dtype)
+            dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+    def qt_map(b_, hk, kb, gi, t, qranges_ref, flag_ref):
+        return b_, hk * g + gi, _q_block(qranges_ref, hk * nk + kb, t, nq)[0], 0
+
+    def k_map(b_, hk, kb, gi, t, *_):
+        return b_, hk, kb, 0
+
+    qt_spec, qrow_spec = pl.BlockSpec((None, None, bq, d), qt_map), pl.BlockSpec((None, None, bq, 1), qt_map)
+    k_spec = pl.BlockSpec((None, None, bk, d), k_map)
+    dk, dv = pl.pallas_call(
+        dkv_kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(b, hkv, nk, g, qsteps),
+            in_specs=[qt_spec, k_spec, k_spec, qt_spec, qrow_spec, qrow_spec], out_specs=[k_spec, k_spec],
+            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+        interpret=interpret, name="hybrid_attention_dkv_tpu",
+    )(qranges.reshape(-1), flags, qt, kt, vt, dot_, lse, delta)
+    untranspose = lambda x, n: x.transpose(0, 2, 1, 3)[:, :n]
+    return untranspose(dq, sq), untranspose(dk, cfg.sk), untranspose(dv, cfg.sk)
 
 
 def _pallas_gpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
@@ -337,21 +480,23 @@ def _pallas_gpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
     return out[:, :sq]
 
 
-_FORWARDS = {"tpu": _pallas_tpu_forward, "gpu": _pallas_gpu_forward, "interpret": _pallas_tpu_forward}
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _pallas_hybrid(q, k, v, flags, cfg: _Cfg, flavour: str):
-    return _FORWARDS[flavour](q, k, v, flags, cfg, flavour == "interpret")
+    return _pallas_hybrid_fwd(q, k, v, flags, cfg, flavour)[0]
 
 
 def _pallas_hybrid_fwd(q, k, v, flags, cfg, flavour):
-    return _pallas_hybrid(q, k, v, flags, cfg, flavour), (q, k, v, flags)
+    if flavour == "gpu":
+        return _pallas_gpu_forward(q, k, v, flags, cfg, False), (q, k, v, flags, None, None)
+    out, lse = _pallas_tpu_forward(q, k, v, flags, cfg, flavour == "interpret")
+    return out, (q, k, v, flags, out, lse)
 
 
 def _pallas_hybrid_bwd(cfg, flavour, res, g):
-    # Recompute-based backward through the block-sparse XLA path: same skipped blocks, no extra kernel.
-    q, k, v, flags = res
+    q, k, v, flags, out, lse = res
+    if flavour != "gpu":
+        return (*_pallas_tpu_backward(q, k, v, flags, out, lse, g, cfg, flavour == "interpret"), None)
+    # GPU: recompute-based backward through the block-sparse XLA path (same skipped blocks).
     _, vjp = jax.vjp(lambda q_, k_, v_: _xla_hybrid(q_, k_, v_, flags, cfg), q, k, v)
     return (*vjp(g), None)
 

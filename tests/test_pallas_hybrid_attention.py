@@ -69,26 +69,38 @@ def test_pallas_hybrid_tpu_interpret_mode():
     sq, off, hq, hkv, d, sink, local, stream, dtype = CASES["gqa2_mixed"]
     q, k, v = _inputs(3, sq, off, hq, hkv, d, dtype, batch=1)
     kw = dict(streaming_heads=np.array(stream), sink=sink, local=local, q_offset=off)
+    ref_out, ref_vjp = jax.vjp(lambda q, k, v: pk.hybrid_attention_reference(q, k, v, **kw), q, k, v)
     with pltpu.force_tpu_interpret_mode():
-        out = pk.hybrid_attention(q, k, v, **kw, implementation="pallas", block_q=BLOCK, block_k=BLOCK)
-    np.testing.assert_allclose(out, pk.hybrid_attention_reference(q, k, v, **kw), atol=2e-5, rtol=2e-5)
+        out, vjp = jax.vjp(lambda q, k, v: pk.hybrid_attention(q, k, v, **kw, implementation="pallas",
+                                                               block_q=BLOCK, block_k=BLOCK), q, k, v)
+        grads = vjp(out)
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
+    for grad, r in zip(grads, ref_vjp(out)):
+        np.testing.assert_allclose(grad, r, atol=5e-5, rtol=5e-5)
 
 
-def test_pallas_hybrid_gradients_match_reference():
-    q, k, v = _inputs(11, 27, 6, 4, 2, 64, jnp.float32, batch=1)
-    kw = dict(streaming_heads=np.array([True, False]), sink=2, local=7, q_offset=6)
-    cot = jax.random.normal(jax.random.key(5), q.shape)
+@pytest.mark.parametrize("sq,off,hq,hkv,sink,local,stream,dtype", [
+    (27, 6, 4, 2, 2, 7, [True, False], jnp.float32),
+    (40, 0, 8, 2, 0, 5, [True, True], jnp.bfloat16),
+])
+def test_pallas_hybrid_gradients_match_reference(sq, off, hq, hkv, sink, local, stream, dtype):
+    q, k, v = _inputs(11, sq, off, hq, hkv, 64, dtype, batch=1)
+    kw = dict(streaming_heads=np.array(stream), sink=sink, local=local, q_offset=off)
+    cot = jax.random.normal(jax.random.key(5), q.shape, dtype)
 
     def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+        return lambda q, k, v: jnp.sum((fn(q, k, v) * cot).astype(jnp.float32))
 
-    ref = jax.grad(loss(lambda q, k, v: pk.hybrid_attention_reference(q, k, v, **kw)), (0, 1, 2))(q, k, v)
-    for impl in ("xla", "pallas"):
+    ref = jax.grad(loss(lambda q, k, v: pk.hybrid_attention_reference(q, k, v, **kw)), (0, 1, 2))(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+    tol = 5e-2 if dtype == jnp.bfloat16 else 5e-5
+    for impl in ("xla", "pallas"):  # pallas: the TPU-style dq and dk/dv kernels in the interpreter
         f = lambda q, k, v, impl=impl: pk.hybrid_attention(q, k, v, **kw, implementation=impl, interpret=True,
                                                            block_q=BLOCK, block_k=BLOCK)
         grads = jax.jit(jax.grad(loss(f), (0, 1, 2)))(q, k, v)
-        for g, r in zip(grads, ref):
-            np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5)
+        for grad, r in zip(grads, ref):
+            assert grad.dtype == dtype
+            np.testing.assert_allclose(np.asarray(grad, np.float32), r, atol=tol, rtol=tol)
 
 
 def test_pallas_hybrid_traced_streaming_heads():

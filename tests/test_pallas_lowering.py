@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from pallas_kernels.hybrid_attention import _pallas_gpu_forward, _pallas_tpu_forward, make_config
+from pallas_kernels.hybrid_attention import _pallas_hybrid, make_config
 from pallas_kernels.sparse_decode import _DecodeCfg, _pallas_gpu_decode, _pallas_tpu_decode, decode_page_lists
 
 PLATFORMS = {"tpu": "tpu", "gpu": "cuda"}
@@ -39,9 +39,16 @@ def test_pallas_hybrid_attention_lowers(fake_tpu_info, platform, d, dtype):
     k = jax.ShapeDtypeStruct((1, 1000, 2, d), dtype)
     flags, cfg = make_config(q, k, np.array([True, False]), sink=64, local=256, q_offset=0, scale=None,
                              block_q=128, block_k=128)
-    fwd = _pallas_tpu_forward if platform == "tpu" else _pallas_gpu_forward
-    text = _lower(lambda q, k, v: fwd(q, k, v, flags, cfg, False), platform, q, k, k)
-    assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in text
+
+    def fwd_bwd(q, k, v):  # TPU: forward, dq and dk/dv kernels; GPU: forward kernel (+ XLA backward)
+        out, vjp = jax.vjp(lambda q, k, v: _pallas_hybrid(q, k, v, flags, cfg, platform), q, k, v)
+        return out, vjp(out)
+
+    text = _lower(fwd_bwd, platform, q, k, k)
+    if platform == "tpu":
+        assert text.count("tpu_custom_call") == 3
+    else:
+        assert "xla.gpu.triton" in text
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
