@@ -12,9 +12,10 @@ Three implementations share `block_ranges` (the active KV blocks of each query b
   with a (u1, l2, hi) range table in scalar prefetch (SMEM), so the pipeline DMAs only active KV blocks; block
   dims are (block, head_dim). The backward is FlashAttention-2 style from the saved log-sum-exp: a dq kernel on
   the forward schedule and a dk/dv kernel on the transposed one.
-  jax's splash attention (`ops/tpu/splash_attention`) expresses the same masks with a `MultiHeadMask`; we keep our
-  own kernel because splash's mask pre-processing has no query offset for chunked prefill and evaluates masks on
-  the host block by block.
+  jax's splash attention (`ops/tpu/splash_attention`) could serve TPU with a `MultiHeadMask` (CausalMask with
+  offset, and a custom computable sink-or-local mask, since its LocalMask has no sink); we keep our own kernel
+  because splash builds its MaskInfo on the host over all nq x nk blocks and keeps [heads, nq, nk] arrays in SMEM,
+  while ours needs O(Hkv * nq) scalars and recomputes masks in-kernel.
 - `_pallas_gpu_forward`: Triton-style kernel, grid (q blocks, B, Hq), two in-kernel loops (sink blocks, local or
   causal blocks) with data-dependent bounds; Triton has no scalar prefetch, hence a separate kernel. Its
   backward recomputes through the XLA path (no Triton backward kernel yet).
