@@ -7,7 +7,7 @@ block that the mask empties, so a streaming head costs O(Sq * (sink + local + bl
 Three implementations share `block_ranges` (the active KV blocks of each query block) and `token_mask`:
 - `_xla_hybrid`: plain XLA. Dense heads attend per query chunk to the static causal key prefix; streaming heads
   gather, per query block, the sink blocks plus a fixed-width window of local blocks. Differentiable by autodiff
-  (dense chunks rematerialised); it is also the recompute-based backward of the GPU Pallas path.
+  (dense chunks rematerialised).
 - `_pallas_tpu_forward` / `_pallas_tpu_backward`: Mosaic-style kernels, grid (B, Hq, q blocks, active KV blocks)
   with a (u1, l2, hi) range table in scalar prefetch (SMEM), so the pipeline DMAs only active KV blocks; block
   dims are (block, head_dim). The backward is FlashAttention-2 style from the saved log-sum-exp: a dq kernel on
@@ -16,12 +16,12 @@ Three implementations share `block_ranges` (the active KV blocks of each query b
   offset, and a custom computable sink-or-local mask, since its LocalMask has no sink); we keep our own kernel
   because splash builds its MaskInfo on the host over all nq x nk blocks and keeps [heads, nq, nk] arrays in SMEM,
   while ours needs O(Hkv * nq) scalars and recomputes masks in-kernel.
-- `_pallas_gpu_forward`: Triton-style kernel, grid (q blocks, B, Hq), two in-kernel loops (sink blocks, local or
-  causal blocks) with data-dependent bounds; Triton has no scalar prefetch, hence a separate kernel. Its
-  backward recomputes through the XLA path (no Triton backward kernel yet).
+- `_pallas_gpu_forward` / `_pallas_gpu_backward`: Triton-style kernels, grid (q blocks, B, Hq), two in-kernel loops
+  (sink blocks, local or causal blocks) with data-dependent bounds; Triton has no scalar prefetch, hence separate
+  kernels. The dk/dv kernel loops each KV block over its query-block range per query head, then sums GQA groups.
 
-Backends actually executed: CPU only (XLA path; all Pallas kernels in interpret mode, the TPU-style forward and
-backward also under `pltpu.force_tpu_interpret_mode()`). The kernels also lower from CPU through `jax.export`
+Backends actually executed: CPU only (XLA path; all six Pallas kernels in interpret mode, the TPU-style forward
+and backward also under `pltpu.force_tpu_interpret_mode()`). The kernels also lower from CPU through `jax.export`
 for TPU (Pallas -> Mosaic) and CUDA (Pallas -> Triton); not yet compiled or run on a real GPU or TPU.
 """
 
@@ -438,68 +438,159 @@ def _pallas_tpu_backward(q, k, v, flags, out, lse, do, cfg: _Cfg, interpret):
     return untranspose(dq, sq), untranspose(dk, cfg.sk), untranspose(dv, cfg.sk)
 
 
-def _pallas_gpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
-    b, sq, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
+def _gpu_bounds(flags, cfg: _Cfg):
+    """(u1, l2, hi, streaming) per (KV head, query block); 4 entries keep Triton's power-of-two shapes."""
     ranges, _ = _schedule(flags, cfg)
-    # (u1, l2, hi, streaming) per (KV head, query block); 4 entries keep Triton's power-of-two shapes.
     stream = jnp.broadcast_to(flags[:, None, None], ranges.shape[:2] + (1,))
-    bounds = jnp.concatenate([ranges, stream], axis=-1)
+    return jnp.concatenate([ranges, stream], axis=-1)
+
+
+def _gpu_kv_loops(bounds_ref, body, carry):
+    u1, l2, hi = bounds_ref[0], bounds_ref[1], bounds_ref[2]
+    carry = lax.fori_loop(0, u1, body, carry)  # sink blocks (streaming heads only)
+    return lax.fori_loop(l2, hi, body, carry)  # local window or causal prefix
+
+
+_TRITON = plgpu.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _pallas_gpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
+    """Returns the output [B, Sq, Hq, D] and the log-sum-exp [B, Hq, Sq_padded] (float32)."""
+    b, sq, hq, d = q.shape
+    g = hq // k.shape[2]
+    bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
     qp, kp, vp = _pad_seq(q, nq * bq), _pad_seq(k, nk * bk), _pad_seq(v, nk * bk)
 
-    def kernel(bounds_ref, q_ref, k_ref, v_ref, o_ref):
+    def kernel(bounds_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
         i = pl.program_id(0)
-        u1, l2, hi, st = bounds_ref[0], bounds_ref[1], bounds_ref[2], bounds_ref[3]
-        q_blk = q_ref[...]
+        q_blk, stream = q_ref[...], bounds_ref[3] != 0
         qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
 
         def body(kb, carry):
             kslice = pl.ds(kb * bk, bk)
             kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            return _online_softmax_step(q_blk, k_ref[kslice, :], v_ref[kslice, :], *carry, qpos, kpos, st != 0,
-                                        cfg)
+            return _online_softmax_step(q_blk, k_ref[kslice, :], v_ref[kslice, :], *carry, qpos, kpos, stream, cfg)
 
         carry = (jnp.full((bq, 1), MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
                  jnp.zeros((bq, d), jnp.float32))
-        carry = lax.fori_loop(0, u1, body, carry)  # sink blocks (streaming heads only)
-        _, l_, acc = lax.fori_loop(l2, hi, body, carry)  # local window or causal prefix
-        o_ref[...] = (acc / jnp.where(l_ == 0.0, 1.0, l_)).astype(o_ref.dtype)
+        m, l_, acc = _gpu_kv_loops(bounds_ref, body, carry)
+        safe_l = jnp.where(l_ == 0.0, 1.0, l_)
+        o_ref[...] = (acc / safe_l).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(l_ == 0.0, 0.0, m + jnp.log(safe_l))[:, 0]
 
-    out = pl.pallas_call(
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0))
+    kv_spec = pl.BlockSpec((None, nk * bk, None, d), lambda i, b_, h: (b_, 0, h // g, 0))
+    out, lse = pl.pallas_call(
         kernel, grid=(nq, b, hq),
-        in_specs=[pl.BlockSpec((None, None, 4), lambda i, b_, h: (h // g, i, 0)),
-                  pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
-                  pl.BlockSpec((None, nk * bk, None, d), lambda i, b_, h: (b_, 0, h // g, 0)),
-                  pl.BlockSpec((None, nk * bk, None, d), lambda i, b_, h: (b_, 0, h // g, 0))],
-        out_specs=pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, nq * bq, hq, d), q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret, name="hybrid_attention_gpu",
-    )(bounds, qp, kp, vp)
-    return out[:, :sq]
+        in_specs=[pl.BlockSpec((None, None, 4), lambda i, b_, h: (h // g, i, 0)), q_spec, kv_spec, kv_spec],
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))],
+        out_shape=[jax.ShapeDtypeStruct((b, nq * bq, hq, d), q.dtype),
+                   jax.ShapeDtypeStruct((b, hq, nq * bq), jnp.float32)],
+        compiler_params=_TRITON, interpret=interpret, name="hybrid_attention_gpu",
+    )(_gpu_bounds(flags, cfg), qp, kp, vp)
+    return out[:, :sq], lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _pallas_hybrid(q, k, v, flags, cfg: _Cfg, flavour: str):
-    return _pallas_hybrid_fwd(q, k, v, flags, cfg, flavour)[0]
+def _pallas_gpu_backward(q, k, v, flags, out, lse, do, cfg: _Cfg, interpret):
+    """Triton-style backward: dq per query block over its KV loops; dk/dv per (KV block, query head) over the
+    contiguous range of query blocks that use it, summed over each GQA group afterwards."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
+    qp, dop = _pad_seq(q, nq * bq), _pad_seq(do, nq * bq)
+    kp, vp = _pad_seq(k, nk * bk), _pad_seq(v, nk * bk)
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1).transpose(0, 2, 1)  # [B, Hq, Sq]
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, nq * bq - sq)))
+
+    def dq_kernel(bounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
+        i = pl.program_id(0)
+        q_blk, do_blk, stream = q_ref[...], do_ref[...], bounds_ref[3] != 0
+        lse_blk, delta_blk = lse_ref[...][:, None], delta_ref[...][:, None]
+        qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+
+        def body(kb, acc):
+            kslice = pl.ds(kb * bk, bk)
+            kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            k_blk = k_ref[kslice, :]
+            p = _probs(q_blk, k_blk, lse_blk, qpos, kpos, stream, cfg)
+            dp = lax.dot_general(do_blk, v_ref[kslice, :], (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta_blk)).astype(k_blk.dtype)
+            return acc + lax.dot_general(ds, k_blk, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+        acc = _gpu_kv_loops(bounds_ref, body, jnp.zeros((bq, d), jnp.float32))
+        dq_ref[...] = (acc * cfg.scale).astype(dq_ref.dtype)
+
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0))
+    kv_full = pl.BlockSpec((None, nk * bk, None, d), lambda i, b_, h: (b_, 0, h // g, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
+    dq = pl.pallas_call(
+        dq_kernel, grid=(nq, b, hq),
+        in_specs=[pl.BlockSpec((None, None, 4), lambda i, b_, h: (h // g, i, 0)), q_spec, kv_full, kv_full, q_spec,
+                  row_spec, row_spec],
+        out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        compiler_params=_TRITON, interpret=interpret, name="hybrid_attention_dq_gpu",
+    )(_gpu_bounds(flags, cfg), qp, kp, vp, dop, lse, delta)
+
+    qranges, _ = _transposed_schedule(flags, cfg)
+    qbounds = jnp.concatenate([qranges, jnp.broadcast_to(flags[:, None, None], qranges.shape[:2] + (1,)),
+                               jnp.zeros_like(qranges[..., :1])], axis=-1)  # (qa, qb, streaming, 0)
+
+    def dkv_kernel(qbounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
+        kb = pl.program_id(0)
+        k_blk, v_blk, stream = k_ref[...], v_ref[...], qbounds_ref[2] != 0
+        kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+
+        def body(i, carry):
+            dk, dv = carry
+            qslice = pl.ds(i * bq, bq)
+            q_blk, do_blk = q_ref[qslice, :], do_ref[qslice, :]
+            qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+            p = _probs(q_blk, k_blk, lse_ref[qslice][:, None], qpos, kpos, stream, cfg)
+            dv = dv + lax.dot_general(p.astype(do_blk.dtype), do_blk, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+            dp = lax.dot_general(do_blk, v_blk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta_ref[qslice][:, None])).astype(q_blk.dtype)
+            return dk + lax.dot_general(ds, q_blk, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32), dv
+
+        zeros = jnp.zeros((bk, d), jnp.float32)
+        dk, dv = lax.fori_loop(qbounds_ref[0], qbounds_ref[1], body, (zeros, zeros))
+        dk_ref[...] = dk * cfg.scale
+        dv_ref[...] = dv
+
+    k_spec = pl.BlockSpec((None, bk, None, d), lambda kb, b_, h: (b_, kb, h // g, 0))
+    q_full = pl.BlockSpec((None, nq * bq, None, d), lambda kb, b_, h: (b_, 0, h, 0))
+    row_full = pl.BlockSpec((None, None, nq * bq), lambda kb, b_, h: (b_, h, 0))
+    part_spec = pl.BlockSpec((None, bk, None, d), lambda kb, b_, h: (b_, kb, h, 0))
+    part = jax.ShapeDtypeStruct((b, nk * bk, hq, d), jnp.float32)  # per query head, summed over groups below
+    dk, dv = pl.pallas_call(
+        dkv_kernel, grid=(nk, b, hq),
+        in_specs=[pl.BlockSpec((None, None, 4), lambda kb, b_, h: (h // g, kb, 0)), q_full, k_spec, k_spec, q_full,
+                  row_full, row_full],
+        out_specs=[part_spec, part_spec], out_shape=[part, part],
+        compiler_params=_TRITON, interpret=interpret, name="hybrid_attention_dkv_gpu",
+    )(qbounds, qp, kp, vp, dop, lse, delta)
+    group_sum = lambda x, like: x[:, : cfg.sk].reshape(b, cfg.sk, hkv, g, d).sum(3).astype(like.dtype)
+    return dq[:, :sq], group_sum(dk, k), group_sum(dv, v)
 
 
-def _pallas_hybrid_fwd(q, k, v, flags, cfg, flavour):
-    if flavour == "gpu":
-        return _pallas_gpu_forward(q, k, v, flags, cfg, False), (q, k, v, flags, None, None)
-    out, lse = _pallas_tpu_forward(q, k, v, flags, cfg, flavour == "interpret")
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _pallas_hybrid(q, k, v, flags, cfg: _Cfg, kernel: str, interpret: bool):
+    """kernel: "tpu" (Mosaic-style, scalar prefetch) or "gpu" (Triton-style); both run in the interpreter too."""
+    return _pallas_hybrid_fwd(q, k, v, flags, cfg, kernel, interpret)[0]
+
+
+def _pallas_hybrid_fwd(q, k, v, flags, cfg, kernel, interpret):
+    forward = _pallas_gpu_forward if kernel == "gpu" else _pallas_tpu_forward
+    out, lse = forward(q, k, v, flags, cfg, interpret)
     return out, (q, k, v, flags, out, lse)
 
 
-def _pallas_hybrid_bwd(cfg, flavour, res, g):
+def _pallas_hybrid_bwd(cfg, kernel, interpret, res, g):
     q, k, v, flags, out, lse = res
-    if flavour != "gpu":
-        return (*_pallas_tpu_backward(q, k, v, flags, out, lse, g, cfg, flavour == "interpret"), None)
-    # GPU: recompute-based backward through the block-sparse XLA path (same skipped blocks).
-    _, vjp = jax.vjp(lambda q_, k_, v_: _xla_hybrid(q_, k_, v_, flags, cfg), q, k, v)
-    return (*vjp(g), None)
+    backward = _pallas_gpu_backward if kernel == "gpu" else _pallas_tpu_backward
+    return (*backward(q, k, v, flags, out, lse, g, cfg, interpret), None)
 
 
 _pallas_hybrid.defvjp(_pallas_hybrid_fwd, _pallas_hybrid_bwd)
@@ -554,4 +645,4 @@ def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale
     impl, flavour = resolve_implementation(implementation, interpret)
     if impl == "xla":
         return _xla_hybrid(q, k, v, flags, cfg)
-    return _pallas_hybrid(q, k, v, flags, cfg, flavour)
+    return _pallas_hybrid(q, k, v, flags, cfg, "gpu" if flavour == "gpu" else "tpu", flavour == "interpret")

@@ -8,7 +8,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels as pk
 from pallas_kernels._common import token_mask
-from pallas_kernels.hybrid_attention import _pallas_gpu_forward, make_config
+from pallas_kernels.hybrid_attention import _pallas_gpu_forward, _pallas_hybrid, make_config
 
 # (Sq, q_offset, Hq, Hkv, D, sink, local, streaming, dtype): odd lengths, GQA 1/2/4/8, sink/local edge cases.
 CASES = {
@@ -44,7 +44,7 @@ def test_pallas_hybrid_matches_reference(name):
                                     block_k=BLOCK)
     flags, cfg = make_config(q, k, kw["streaming_heads"], sink=sink, local=local, q_offset=off, scale=None,
                              block_q=BLOCK, block_k=BLOCK)
-    gpu_style = _pallas_gpu_forward(q, k, v, flags, cfg, True)
+    gpu_style = _pallas_gpu_forward(q, k, v, flags, cfg, True)[0]
     for out in (xla, tpu_style, gpu_style):
         assert out.dtype == dtype and out.shape == q.shape
         np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=_tol(dtype), rtol=_tol(dtype))
@@ -94,9 +94,14 @@ def test_pallas_hybrid_gradients_match_reference(sq, off, hq, hkv, sink, local, 
     ref = jax.grad(loss(lambda q, k, v: pk.hybrid_attention_reference(q, k, v, **kw)), (0, 1, 2))(
         *(x.astype(jnp.float32) for x in (q, k, v)))
     tol = 5e-2 if dtype == jnp.bfloat16 else 5e-5
-    for impl in ("xla", "pallas"):  # pallas: the TPU-style dq and dk/dv kernels in the interpreter
-        f = lambda q, k, v, impl=impl: pk.hybrid_attention(q, k, v, **kw, implementation=impl, interpret=True,
-                                                           block_q=BLOCK, block_k=BLOCK)
+    flags, cfg = make_config(q, k, kw["streaming_heads"], sink=sink, local=local, q_offset=off, scale=None,
+                             block_q=BLOCK, block_k=BLOCK)
+    paths = {"xla": lambda q, k, v: pk.hybrid_attention(q, k, v, **kw, implementation="xla", block_q=BLOCK,
+                                                        block_k=BLOCK),
+             # The Pallas forward and backward kernels of both styles, in the interpreter.
+             "tpu_kernels": lambda q, k, v: _pallas_hybrid(q, k, v, flags, cfg, "tpu", True),
+             "gpu_kernels": lambda q, k, v: _pallas_hybrid(q, k, v, flags, cfg, "gpu", True)}
+    for f in paths.values():
         grads = jax.jit(jax.grad(loss(f), (0, 1, 2)))(q, k, v)
         for grad, r in zip(grads, ref):
             assert grad.dtype == dtype
