@@ -22,7 +22,7 @@ from flax import nnx
 from jaxeff.dcae import DCAEConfig
 from jaxeff.dcae.data import TEST_IMAGES, TRAIN_IMAGES, CropSampler, load_image, resize_to, to_signed
 from jaxeff.dcae.perceptual import load_lpips_weights, lpips
-from jaxeff.dcae.training import evaluate, make_vmapped_recon, make_vmapped_step, recon_loss, stacked_models
+from jaxeff.dcae.training import evaluate, init_model, make_recon, make_step, recon_loss
 from jaxeff.experiment import Run, register
 
 
@@ -118,7 +118,7 @@ class PatchDiscriminator(nnx.Module):
 
 
 def make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg: Config, perceptual):
-    """jit(vmap) over seeds: generator (masked to the decoder head) and discriminator updates on one batch."""
+    """Jitted generator (masked to the decoder head) and discriminator updates on one batch."""
 
     def step(g_params, d_params, g_opt, d_opt, x):
         def g_loss(gp):
@@ -139,7 +139,7 @@ def make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg: Config, perceptual):
         updates, d_opt = d_tx.update(dgrads, d_opt, d_params)
         return g_params, optax.apply_updates(d_params, updates), g_opt, d_opt, {"rec": rec, "g_adv": adv, "d": dl}
 
-    return jax.jit(jax.vmap(step), donate_argnums=(0, 1, 2, 3))
+    return jax.jit(step, donate_argnums=(0, 1, 2, 3))
 
 
 @register("dcae_adaptation", Config, presets={
@@ -160,49 +160,51 @@ def run(cfg: Config, run: Run) -> None:
         loss = recon_loss
     print(perceptual_note)
 
-    graphdef, params = stacked_models(autoencoder_config(cfg), cfg.seeds)
+    acfg = autoencoder_config(cfg)
+    graphdef, params = init_model(acfg, 0)
     images = [load_image(n) for n in TRAIN_IMAGES]
     tests = {res: np.stack([to_signed(resize_to(load_image(n), size)) for n in TEST_IMAGES])
              for res, size in (("low", cfg.test_low), ("high", cfg.test_high))}
-    recon = make_vmapped_recon(graphdef)
+    recon = make_recon(graphdef)
+    phases = []  # (phase, resolution, batch, steps, masked optimizer, compiled step)
+    for phase, res, batch, steps, lr in ((1, cfg.low_res, cfg.batch_low, cfg.steps1, cfg.lr1),
+                                         (2, cfg.high_res, cfg.batch_high, cfg.steps2, cfg.lr2)):
+        tx = masked(optax.adamw(optax.cosine_decay_schedule(lr, steps, 0.05)), phase_labels(params, phase))
+        phases.append((phase, res, batch, steps, tx, make_step(graphdef, tx, loss)))
+    d_graphdef = nnx.graphdef(PatchDiscriminator(cfg.disc_width, rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))))
+    g_tx = masked(optax.adam(cfg.lr3, b1=0.5, b2=0.9), phase_labels(params, 3))
+    d_tx = optax.adam(cfg.lr3, b1=0.5, b2=0.9)
+    gan_step = make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg, loss)
     rows = []
 
-    def report(label: str, phase: int):
-        row = {"after": label, "trainable params": _count(params, phase)}
+    def report(params, label: str, phase: int, seed: int):
+        row = {"after": label, "seed": seed, "trainable params": _count(params, phase)}
         for res, test in tests.items():
-            p, s = evaluate(np.asarray(recon(params, jnp.asarray(test))), test)
-            row[f"PSNR {res}"], row[f"SSIM {res}"] = float(p.mean()), float(s.mean())
+            row[f"PSNR {res}"], row[f"SSIM {res}"] = evaluate(np.asarray(recon(params, jnp.asarray(test))), test)
         row["PSNR gap (low - high)"] = row["PSNR low"] - row["PSNR high"]
         rows.append(row)
         run.log(phase, **{k.replace(" ", "_"): v for k, v in row.items() if k != "after"})
 
-    for phase, res, batch, steps, lr in ((1, cfg.low_res, cfg.batch_low, cfg.steps1, cfg.lr1),
-                                         (2, cfg.high_res, cfg.batch_high, cfg.steps2, cfg.lr2)):
-        tx = masked(optax.adamw(optax.cosine_decay_schedule(lr, steps, 0.05)), phase_labels(params, phase))
-        opt_state = jax.vmap(tx.init)(params)
-        step = make_vmapped_step(graphdef, tx, loss)
-        samplers = [CropSampler(images, res, seed=100 * phase + s) for s in range(cfg.seeds)]
-        for i in run.progress(range(steps), desc=f"phase {phase} @ {res}px"):
-            params, opt_state, l = step(params, opt_state, jnp.asarray(np.stack([s.sample(batch) for s in samplers])))
-            if i % 50 == 0 or i == steps - 1:
-                run.log(i, phase=phase, loss=np.asarray(l).tolist())
-        report(f"phase {phase} ({res}px, {'all layers' if phase == 1 else 'latent-side layers'})", phase)
-
-    d_models = [PatchDiscriminator(cfg.disc_width, rngs=nnx.Rngs(jax.random.key(s, impl="rbg")))
-                for s in range(cfg.seeds)]
-    d_graphdef = nnx.graphdef(d_models[0])
-    d_params = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in d_models])
-    g_tx = masked(optax.adam(cfg.lr3, b1=0.5, b2=0.9), phase_labels(params, 3))
-    d_tx = optax.adam(cfg.lr3, b1=0.5, b2=0.9)
-    g_opt, d_opt = jax.vmap(g_tx.init)(params), jax.vmap(d_tx.init)(d_params)
-    step = make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg, loss)
-    samplers = [CropSampler(images, cfg.low_res, seed=300 + s) for s in range(cfg.seeds)]
-    for i in run.progress(range(cfg.steps3), desc=f"phase 3 @ {cfg.low_res}px (GAN)"):
-        batch = jnp.asarray(np.stack([s.sample(cfg.batch_low) for s in samplers]))
-        params, d_params, g_opt, d_opt, m = step(params, d_params, g_opt, d_opt, batch)
-        if i % 50 == 0 or i == cfg.steps3 - 1:
-            run.log(i, phase=3, **{k: np.asarray(v).tolist() for k, v in m.items()})
-    report(f"phase 3 ({cfg.low_res}px, decoder head + GAN)", 3)
+    for seed in range(cfg.seeds):
+        _, params = init_model(acfg, seed)
+        for phase, res, batch, steps, tx, step in phases:
+            opt_state = tx.init(params)
+            sampler = CropSampler(images, res, seed=100 * phase + seed)
+            for i in run.progress(range(steps), desc=f"seed {seed} phase {phase} @ {res}px"):
+                params, opt_state, l = step(params, opt_state, jnp.asarray(sampler.sample(batch)))
+                if i % 50 == 0 or i == steps - 1:
+                    run.log(i, phase=phase, seed=seed, loss=float(l))
+            report(params, f"phase {phase} ({res}px, {'all layers' if phase == 1 else 'latent-side layers'})",
+                   phase, seed)
+        d_params = nnx.state(PatchDiscriminator(cfg.disc_width, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))))
+        g_opt, d_opt = g_tx.init(params), d_tx.init(d_params)
+        sampler = CropSampler(images, cfg.low_res, seed=300 + seed)
+        for i in run.progress(range(cfg.steps3), desc=f"seed {seed} phase 3 @ {cfg.low_res}px (GAN)"):
+            batch = jnp.asarray(sampler.sample(cfg.batch_low))
+            params, d_params, g_opt, d_opt, m = gan_step(params, d_params, g_opt, d_opt, batch)
+            if i % 50 == 0 or i == cfg.steps3 - 1:
+                run.log(i, phase=3, seed=seed, **{k: float(v) for k, v in m.items()})
+        report(params, f"phase 3 ({cfg.low_res}px, decoder head + GAN)", 3, seed)
 
     run.results(
         rows,
@@ -217,4 +219,4 @@ def run(cfg: Config, run: Run) -> None:
 
 def _count(params, phase: int) -> int:
     labels = jax.tree.leaves(phase_labels(params, phase))
-    return int(sum(x[0].size for x, lab in zip(jax.tree.leaves(params), labels) if lab == "train"))
+    return int(sum(x.size for x, lab in zip(jax.tree.leaves(params), labels) if lab == "train"))

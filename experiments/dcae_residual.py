@@ -1,21 +1,20 @@
 """Residual autoencoding ablation (DC-AE paper, Sec. 3.2): plain vs residual autoencoders at f8 / f16 / f32 with
 the same latent size, trained from scratch on random crops of scikit-image / scikit-learn sample images, tested on
 whole held-out images (coffee, chelsea). The paper's claim: the gain from the space-to-channel shortcuts grows
-with the compression ratio. 3 seeds, trained side by side under `jax.vmap`. Ran on CPU.
+with the compression ratio. 3 seeds. Ran on CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxeff.dcae import DCAEConfig
 from jaxeff.dcae.data import TEST_IMAGES, TRAIN_IMAGES, CropSampler, load_image, resize_to, to_signed
-from jaxeff.dcae.training import evaluate, make_vmapped_recon, make_vmapped_step, stacked_models
+from jaxeff.dcae.training import evaluate, init_model, make_recon, make_step
 from jaxeff.experiment import Run, register
 
 
@@ -71,23 +70,30 @@ def autoencoder_config(cfg: Config, factor: int, residual: bool) -> DCAEConfig:
 
 
 def train_and_eval(cfg: Config, factor: int, residual: bool, test: np.ndarray, run: Run):
-    graphdef, params = stacked_models(autoencoder_config(cfg, factor, residual), cfg.seeds)
+    """Train one autoencoder per seed (one compiled step shared by all) -> (PSNRs [S], SSIMs [S], loss curves)."""
+    acfg = autoencoder_config(cfg, factor, residual)
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(100, cfg.steps // 10 + 1), cfg.steps, cfg.lr * 0.05)
     tx = optax.adamw(sched, weight_decay=1e-4)
-    opt_state = jax.vmap(tx.init)(params)
-    step = make_vmapped_step(graphdef, tx)
+    graphdef, _ = init_model(acfg, 0)
+    step, recon = make_step(graphdef, tx), make_recon(graphdef)
     images = [load_image(n) for n in TRAIN_IMAGES]
-    samplers = [CropSampler(images, cfg.crop, seed=1000 * s + factor) for s in range(cfg.seeds)]
     name = f"f{factor} {'residual' if residual else 'plain'}"
-    losses = []
-    for i in run.progress(range(cfg.steps), desc=name):
-        batch = jnp.asarray(np.stack([s.sample(cfg.batch) for s in samplers]))
-        params, opt_state, loss = step(params, opt_state, batch)
-        if i % 50 == 0 or i == cfg.steps - 1:
-            losses.append((i, np.asarray(loss).tolist()))
-            run.log(i, run_name=name, loss=losses[-1][1])
-    recon = np.asarray(make_vmapped_recon(graphdef)(params, jnp.asarray(test)))
-    return evaluate(recon, test), losses
+    psnrs, ssims, curves = [], [], []
+    for seed in range(cfg.seeds):
+        _, params = init_model(acfg, seed)
+        opt_state = tx.init(params)
+        sampler = CropSampler(images, cfg.crop, seed=1000 * seed + factor)
+        curve = []
+        for i in run.progress(range(cfg.steps), desc=f"{name} seed {seed}"):
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(sampler.sample(cfg.batch)))
+            if i % 50 == 0 or i == cfg.steps - 1:
+                curve.append((i, float(loss)))
+                run.log(i, run_name=name, seed=seed, loss=curve[-1][1])
+        p, s = evaluate(np.asarray(recon(params, jnp.asarray(test))), test)
+        psnrs.append(p)
+        ssims.append(s)
+        curves.append(curve)
+    return np.array(psnrs), np.array(ssims), curves
 
 
 @register("dcae_residual", Config, presets={
@@ -102,7 +108,7 @@ def run(cfg: Config, run: Run) -> None:
     stats, curves = {}, {}
     for factor in cfg.factors:
         for residual in (False, True):
-            (p, s), losses = train_and_eval(cfg, factor, residual, test, run)
+            p, s, losses = train_and_eval(cfg, factor, residual, test, run)
             stats[factor, residual] = (p, s)
             curves[factor, residual] = losses
     rows = []
@@ -129,8 +135,9 @@ def run(cfg: Config, run: Run) -> None:
         ax1.errorbar(cfg.factors, p.mean(1), yerr=p.std(1), marker="o", capsize=3, color=color,
                      label="residual" if residual else "plain")
         for f in cfg.factors:
-            steps, loss = zip(*curves[f, residual])
-            ax2.plot(steps, np.mean(loss, axis=1), color=color, alpha=0.4 + 0.2 * cfg.factors.index(f),
+            steps = [i for i, _ in curves[f, residual][0]]
+            loss = np.mean([[v for _, v in c] for c in curves[f, residual]], axis=0)
+            ax2.plot(steps, loss, color=color, alpha=0.4 + 0.2 * cfg.factors.index(f),
                      label=f"f{f} {'residual' if residual else 'plain'}")
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("spatial compression")

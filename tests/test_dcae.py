@@ -1,5 +1,6 @@
 """DC-AE parity with diffusers' PyTorch `AutoencoderDC` (random weights, small configs) and checkpoint loading."""
 
+import dataclasses
 import json
 
 import jax
@@ -221,5 +222,7 @@ def test_dcae_released_configs():
     assert abs(count(model.encoder) - 123.2e6) < 0.1e6 and abs(count(model.decoder) - 200.2e6) < 0.1e6
     with pytest.raises(ValueError, match="unknown DC-AE config"):
         get_config("dc-ae-f16c4")
+    with pytest.raises(ValueError, match="middle stage without blocks"):
+        dataclasses.replace(CFG_SANA, encoder_layers_per_block=(1, 0, 1, 1))
     with pytest.raises(ValueError, match="multiple of the compression factor"):
         nnx.eval_shape(lambda: DCAE(CFG_SANA, rngs=nnx.Rngs(0))).encode(jnp.zeros((1, 20, 20, 3)))

@@ -77,6 +77,9 @@ class DCAEConfig:
             for i, (w, t, d) in enumerate(zip(widths, types, depths)):
                 if t == "EfficientViTBlock" and d > 0 and w % self.attention_head_dim:
                     raise ValueError(f"{side} stage {i}: width {w} not divisible by head dim {self.attention_head_dim}")
+            if any(d == 0 for d in depths[1:-1]):
+                raise ValueError(f"{side}_layers_per_block={depths}: a middle stage without blocks also skips its "
+                                 "x2 resampling; only the first and last stage may have 0 blocks")
             for i in range(n - 1):
                 if depths[i] > 0 and (4 * widths[i]) % widths[i + 1]:
                     raise ValueError(f"{side} stage {i}: 4*{widths[i]} channels not divisible by {widths[i + 1]}")

@@ -1,5 +1,6 @@
-"""Small-scale DC-AE training pieces shared by the experiments: seed-stacked models trained under `jax.vmap`,
-reconstruction loss, and evaluation on whole held-out images. Run on CPU only."""
+"""Small-scale DC-AE training pieces shared by the experiments: model init, a jitted train step, reconstruction loss,
+and evaluation on whole held-out images. Seeds run one after another through the same compiled step (vmapping over
+parameters would turn every conv into a grouped conv, which XLA:CPU runs far slower). Run on CPU only."""
 
 from __future__ import annotations
 
@@ -16,14 +17,11 @@ from jaxeff.dcae.data import psnr, ssim
 from jaxeff.dcae.model import DCAE
 
 
-def stacked_models(cfg: DCAEConfig, seeds: int):
-    """(graphdef, params with a leading seed axis) for `seeds` independently initialized models."""
+def init_model(cfg: DCAEConfig, seed: int):
+    """(graphdef, params) of a freshly initialized trainable DC-AE."""
     if "batch_norm" in cfg.decoder_norm_types:
         raise ValueError("training needs rms_norm everywhere: BatchNorm2d here is inference-only (frozen statistics)")
-    models = [DCAE.random(cfg, seed=s) for s in range(seeds)]
-    graphdef = nnx.graphdef(models[0])
-    states = [nnx.state(m) for m in models]
-    return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return nnx.split(DCAE.random(cfg, seed=seed))
 
 
 def recon_loss(y: jax.Array, x: jax.Array) -> jax.Array:
@@ -32,8 +30,8 @@ def recon_loss(y: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(d)) + jnp.mean(d * d)
 
 
-def make_vmapped_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable = recon_loss):
-    """jit(vmap(step)) over the seed axis: `step(params, opt_state, images) -> (params, opt_state, loss)`."""
+def make_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable = recon_loss):
+    """Jitted `step(params, opt_state, images) -> (params, opt_state, loss)` with `loss_fn(reconstruction, images)`."""
 
     def step(params, opt_state, x):
         def f(p):
@@ -43,16 +41,15 @@ def make_vmapped_step(graphdef, tx: optax.GradientTransformation, loss_fn: Calla
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(jax.vmap(step), donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_vmapped_recon(graphdef):
-    """jit(vmap(reconstruct)) over the seed axis: `(params, images [B,H,W,3]) -> [S, B, H, W, 3]`."""
-    return jax.jit(jax.vmap(lambda p, x: nnx.merge(graphdef, p)(x), in_axes=(0, None)))
+def make_recon(graphdef):
+    """Jitted `(params, images [B, H, W, 3]) -> reconstructions`."""
+    return jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
 
 
-def evaluate(recons: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-seed mean PSNR and SSIM over images: recons [S, B, H, W, 3], images [B, H, W, 3] -> ([S], [S])."""
-    p = np.array([[psnr(r, x) for r, x in zip(rs, images)] for rs in recons]).mean(axis=1)
-    s = np.array([[ssim(r, x) for r, x in zip(rs, images)] for rs in recons]).mean(axis=1)
-    return p, s
+def evaluate(recons: np.ndarray, images: np.ndarray) -> tuple[float, float]:
+    """Mean PSNR and SSIM over a batch of reconstructions of `images` ([B, H, W, 3] in [-1, 1])."""
+    return (float(np.mean([psnr(r, x) for r, x in zip(recons, images)])),
+            float(np.mean([ssim(r, x) for r, x in zip(recons, images)])))

@@ -1,0 +1,98 @@
+"""DC-AE experiments: checkpoint handling of the pretrained runs, optax phase masks, UViT cost, LPIPS-style loss."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxeff.dcae import DCAE, DCAEConfig, torch_state
+from jaxeff.dcae.perceptual import _STAGES, load_lpips_weights, lpips
+from jaxeff.dcae.training import init_model, make_step
+from jaxeff.experiment import ExperimentError, run_experiment
+from jaxeff.io.safetensors import save_checkpoint_dir, save_file
+
+
+def test_dcae_pretrained_needs_checkpoint(tmp_path):
+    with pytest.raises(ExperimentError, match="no checkpoint given.*ckpt=.*huggingface.co/collections/mit-han-lab"):
+        run_experiment("dcae_f32c32", "smoke", {}, runs_root=tmp_path)
+    with pytest.raises(ExperimentError, match="does not exist"):
+        run_experiment("dcae_f64c128", "smoke", {"ckpt": str(tmp_path / "missing")}, runs_root=tmp_path)
+    assert not any(tmp_path.iterdir())  # validation fails before a run directory exists
+
+
+def test_dcae_pretrained_runs_on_a_small_f32c32_checkpoint(tmp_path):
+    # the f32c32 family's shape (6 stages, 32 latent channels) at toy widths, saved in the diffusers layout
+    cfg = DCAEConfig(
+        attention_head_dim=8,
+        encoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+        decoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+        encoder_layers_per_block=(0, 1, 1, 1, 1, 1),
+        decoder_layers_per_block=(0, 1, 1, 1, 1, 1),
+    )
+    ckpt = tmp_path / "tiny-diffusers"
+    save_checkpoint_dir(torch_state(DCAE.random(cfg, seed=0)), ckpt, stem="diffusion_pytorch_model")
+    (ckpt / "config.json").write_text(json.dumps(cfg.to_diffusers()))
+    run = run_experiment("dcae_f32c32", "smoke", {"ckpt": str(ckpt), "resolution": "64", "images": "coffee"},
+                         runs_root=tmp_path / "runs")
+    text = (run.dir / "results.md").read_text()
+    assert "| coffee |" in text and "latent (2, 2, 32)" in text
+    assert (run.dir / "reconstructions.png").exists()
+    with pytest.raises(ValueError, match="f32c32 model, but this experiment is for f64c128"):
+        run_experiment("dcae_f64c128", "smoke", {"ckpt": str(ckpt), "resolution": "64", "images": "coffee"},
+                       runs_root=tmp_path / "runs")
+
+
+def test_dcae_adaptation_masks_freeze_other_layers():
+    from experiments.dcae_adaptation import PHASE_LAYERS, Config, _dotted, autoencoder_config, masked, phase_labels
+
+    graphdef, params = init_model(autoencoder_config(Config(base_width=8)), seed=0)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+    for phase in (2, 3):
+        labels = phase_labels(params, phase)
+        tx = masked(optax.adam(1e-2), labels)
+        before = jax.tree.map(np.asarray, params)
+        params, _, _ = make_step(graphdef, tx)(params, tx.init(params), x)
+        changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before, params))
+        flat = jax.tree_util.tree_flatten_with_path(labels)[0]
+        trained = {_dotted(path) for path, lab in flat if lab == "train"}
+        assert all(any(t.startswith(p) for t in trained) for p in PHASE_LAYERS[phase])
+        assert all(t.startswith(PHASE_LAYERS[phase]) for t in trained)
+        assert all(c == (lab == "train") for (_, lab), c in zip(flat, changed))
+
+
+def test_dcae_uvit_token_and_flop_ratios():
+    from experiments.dcae_uvit import AUTOENCODERS, Config, measure
+
+    cfg = Config(resolution=128, width=32, depth=2, heads=2, batch=1, repeats=1, dtype="float32")
+    (_, c8, f8, p8), _, (_, c64, f64, p64) = AUTOENCODERS
+    r8, r64 = measure(cfg, c8, f8, p8), measure(cfg, c64, f64, p64)
+    assert (r8["tokens"], r64["tokens"]) == (64, 4)
+    assert r8["fwd_GFLOPs"] / r64["fwd_GFLOPs"] > 4  # 16x fewer tokens; patch-embed and output convs do not shrink
+    assert r8["train_GFLOPs"] > 2 * r8["fwd_GFLOPs"]
+
+
+def test_dcae_lpips_from_local_file(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors, cin = {}, 3
+    widths = (64, 128, 256, 512, 512)
+    for k, stage in enumerate(_STAGES):
+        for i in stage:
+            tensors[f"features.{i}.weight"] = (rng.standard_normal((widths[k], cin, 3, 3)) / np.sqrt(9 * cin)).astype(
+                np.float32)
+            tensors[f"features.{i}.bias"] = np.zeros(widths[k], np.float32)
+            cin = widths[k]
+        tensors[f"lin{k}.model.1.weight"] = rng.uniform(0, 1, (1, widths[k], 1, 1)).astype(np.float32)
+    save_file(tensors, tmp_path / "lpips.safetensors")
+    w = load_lpips_weights(tmp_path / "lpips.safetensors")
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+    d = jax.jit(lambda a, b: lpips(w, a, b))
+    assert np.allclose(d(x, x), 0.0)
+    far, near = d(x, -x), d(x, x + 0.05)
+    assert np.all(far > near) and np.all(near > 0)
+    del tensors["lin4.model.1.weight"]
+    save_file(tensors, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="lin4.model.1.weight"):
+        load_lpips_weights(tmp_path / "bad.safetensors")
