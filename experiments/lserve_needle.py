@@ -1,0 +1,152 @@
+"""lserve_needle: passkey (needle) retrieval with the LServe engine vs token budget and context length.
+
+Static sparsity comes from a DuoAttention pattern (`pattern=` directory, else the newest `duo_attention_passkey`
+run's pattern, else heads identified here with `jaxeff.duo_attention.train_gates`); dynamic sparsity is the page
+selection under a token budget. For every context: dense decoding (every head reads every page), streaming heads
+only, and streaming heads + page selection per budget. Reported: exact match of the greedy key, KV bytes read
+per decode step relative to dense (pages + min/max statistics), and prefill / decode wall-time ratios against
+the dense engine measured in the same process after a warm-up call (CPU ratios; absolute times are not
+meaningful on a shared CPU).
+
+`full` preset: `model=/path/to/Llama-3-8B-Instruct-Gradient-1048k pattern=/path/to/duo_attn_pattern` at 32K-128K
+tokens with the official page sizes and budget (GPU/TPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.duo_attention_passkey import resolve_model  # same model resolution (and smoke fallback)
+from jaxeff import duo_attention as da
+from jaxeff.data import PasskeyTask
+from jaxeff.duo_attention.evaluation import key_matches, load_tokenizer, passkey_prompts
+from jaxeff.experiment import Run, register
+from jaxeff.io import from_pretrained
+from jaxeff.lserve import Engine, LServeConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str = ""  # default: checkpoints/llama_passkey_full, else _smoke, else a fresh llama_passkey smoke run
+    pattern: str = ""  # default: newest runs/duo_attention_passkey/*/pattern, else identified here
+    sparsity: float = 0.5
+    identify_steps: int = 100
+    sink: int = 16
+    local: int = 64
+    page_size: int = 16
+    logical_page_size: int = 4
+    budgets: tuple[int, ...] = (32, 64, 128)
+    reselect_every: int = 4
+    contexts: tuple[int, ...] = (256, 512, 1024)
+    prefill_chunk: int = 256
+    eval_examples: int = 50
+    eval_batch: int = 25
+    timing_tokens: int = 64  # decode steps of the timed generation
+    dtype: str = "float32"
+    require_model: bool = False
+
+    def validate(self):
+        if self.require_model and not (self.model and self.pattern):
+            raise ValueError("this preset needs model=/path/to/hf_model and pattern=/path/to/duo_attn_pattern")
+        if self.model and not (Path(self.model) / "config.json").is_file():
+            raise FileNotFoundError(f"model={self.model}: not a Hugging Face model directory (no config.json)")
+        if self.pattern and not (Path(self.pattern) / "full_attention_heads.tsv").is_file():
+            raise FileNotFoundError(f"pattern={self.pattern}: no full_attention_heads.tsv")
+        for b in self.budgets:  # raises on a budget below one page
+            LServeConfig(page_size=self.page_size, logical_page_size=self.logical_page_size, token_budget=b)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError("dtype must be float32 or bfloat16")
+
+
+def find_pattern(cfg: Config, model, run: Run) -> tuple[np.ndarray, str]:
+    if cfg.pattern:
+        alpha, _, _ = da.load_pattern(cfg.pattern)
+        return alpha, f"pattern `{cfg.pattern}`"
+    found = sorted(Path("runs/duo_attention_passkey").glob("*/pattern/full_attention_heads.tsv"))
+    for tsv in reversed(found):
+        alpha, _, _ = da.load_pattern(tsv.parent)
+        if alpha.shape == (model.config.num_hidden_layers, model.config.num_key_value_heads):
+            return alpha, f"pattern `{tsv.parent}`"
+    task = PasskeyTask()
+    rng = np.random.default_rng(0)
+
+    def batches():
+        while True:
+            b = task.batch(0, rng.integers(0, 2**31, 8))
+            mask = np.zeros(b["tokens"].shape, np.float32)
+            mask[:, -40:-1] = 1.0  # question + key
+            yield {"tokens": b["tokens"], "mask": mask}
+
+    alpha = da.train_gates(model, batches(), da.GateTrainConfig(sink=cfg.sink, recent=cfg.local,
+                                                                steps=cfg.identify_steps),
+                           progress=lambda r: run.progress(r, desc="identify heads"))
+    da.save_pattern(run.dir / "pattern", alpha, cfg.sink, cfg.local, num_steps=cfg.identify_steps)
+    return alpha, f"heads identified here ({cfg.identify_steps} steps), pattern `{run.dir / 'pattern'}`"
+
+
+def evaluate(engine: Engine, prompts, keys, batch: int, tokenizer, new_tokens: int, timing_tokens: int) -> dict:
+    """Accuracy and bytes over all prompts; then prefill / decode wall time of one batch generating `timing_tokens`
+    tokens (after a warm-up call; the faster of two timed calls)."""
+    hits, stats = [], []
+    for s in range(0, len(prompts), batch):
+        out = engine.generate(prompts[s: s + batch], new_tokens)
+        hits.append(key_matches(out.tokens, keys[s: s + batch], tokenizer))
+        stats += out.stats
+    read = np.mean([st["kv_bytes_per_step"] / st["dense_kv_bytes_per_step"] for st in stats])
+    timed = [engine.generate(prompts[:batch], timing_tokens).stats[0] for _ in range(3)][1:]
+    return {"exact match": float(np.concatenate(hits).mean()), "KV bytes read / dense": float(read),
+            "prefill_s": min(t["prefill_s"] for t in timed), "decode_s": min(t["decode_s"] for t in timed)}
+
+
+@register("lserve_needle", Config, presets={
+    "smoke": dict(contexts=(256, 512), budgets=(32, 64), eval_examples=10, eval_batch=10, identify_steps=40,
+                  timing_tokens=16),
+    "full": dict(require_model=True, sink=128, local=256, page_size=64, logical_page_size=16, budgets=(4096,),
+                 contexts=(32768, 65536, 131072), prefill_chunk=32000, eval_examples=10, eval_batch=1,
+                 dtype="bfloat16"),
+})
+def run(cfg: Config, run: Run) -> None:
+    """Needle accuracy, bytes read and time ratios of LServe vs dense decoding."""
+    model_dir, model_note = resolve_model(cfg.model, run)
+    model = from_pretrained(model_dir, dtype=jnp.dtype(cfg.dtype))
+    mc = model.config
+    tokenizer = None if mc.vocab_size == PasskeyTask().tokenizer.vocab_size else load_tokenizer(model_dir)
+    alpha, source = find_pattern(cfg, model, run)
+    da.check_pattern(alpha, mc.num_hidden_layers, mc.num_key_value_heads)
+    streaming = ~da.select_retrieval_heads(alpha, cfg.sparsity)
+    new_tokens = 5 if tokenizer is None else 8
+
+    rows = []
+    for context in cfg.contexts:
+        prompts, keys = passkey_prompts(context, cfg.eval_examples, seed=777, tokenizer=tokenizer)
+        max_len = max(map(len, prompts)) + max(new_tokens, cfg.timing_tokens)
+        base = LServeConfig(max_len=max_len, page_size=cfg.page_size, logical_page_size=cfg.logical_page_size,
+                            token_budget=max(cfg.budgets), reselect_every=cfg.reselect_every, sink=cfg.sink,
+                            local=cfg.local, prefill_chunk=cfg.prefill_chunk)
+        variants = [("dense", None, dataclasses.replace(base, dynamic_sparsity=False), None),
+                    ("streaming heads only", None, dataclasses.replace(base, dynamic_sparsity=False), streaming)]
+        variants += [("streaming + page selection", b, dataclasses.replace(base, token_budget=b), streaming)
+                     for b in cfg.budgets]
+        dense = None
+        for name, budget, lcfg, heads in run.progress(variants, desc=f"context {context}"):
+            res = evaluate(Engine(model, lcfg, heads), prompts, keys, cfg.eval_batch, tokenizer, new_tokens,
+                           cfg.timing_tokens)
+            dense = dense or res
+            rows.append({"context": context, "mode": name, "budget": budget, "exact match": res["exact match"],
+                         "KV bytes read / dense": res["KV bytes read / dense"],
+                         "prefill time / dense": res["prefill_s"] / dense["prefill_s"],
+                         "decode time / dense": res["decode_s"] / dense["decode_s"]})
+            run.log(len(rows), **{k.replace(" ", "_").replace("/", "per"): v for k, v in rows[-1].items()})
+    run.results(rows, title="LServe needle retrieval vs token budget and context",
+                note=f"{model_note}; {source}; sparsity {cfg.sparsity} "
+                     f"({int(streaming.sum())}/{streaming.size} KV heads streaming), sink {cfg.sink}, local "
+                     f"{cfg.local}, pages {cfg.page_size}/{cfg.logical_page_size} tokens, selection reused "
+                     f"{cfg.reselect_every} steps, prefill chunk {cfg.prefill_chunk}; {cfg.eval_examples} examples, "
+                     f"greedy key. KV bytes read per decode step include the min/max statistics. Times: one batch "
+                     f"generating {cfg.timing_tokens} tokens, wall clock after warm-up (best of 2) on "
+                     f"{jax.devices()[0].device_kind}, as ratios to the dense engine.")
