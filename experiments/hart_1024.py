@@ -124,28 +124,32 @@ def _with_weights(cfg: Config, run: Run):
     from PIL import Image
 
     t0 = time.time()
-    first = hart.generate(prompts[: cfg.batch], seed=cfg.seed, opts=opts)
-    jax.block_until_ready(first)
+    jax.block_until_ready(hart.generate(prompts[: cfg.batch], seed=cfg.seed, opts=opts))
     compile_s = time.time() - t0
     images, times = [], []
-    for i in run.progress(range(0, len(prompts), cfg.batch), desc="generate"):
-        chunk = prompts[i:i + cfg.batch]
-        t = time.time()
-        imgs = np.asarray(hart.generate(chunk, seed=cfg.seed + i, opts=opts))  # prompt encoding inside, as reference
-        times.append((time.time() - t, len(chunk)))
-        images.extend(imgs)
+    for rep in run.progress(range(cfg.timed_runs), desc="generate"):
+        for i in range(0, len(prompts), cfg.batch):
+            chunk = prompts[i:i + cfg.batch]
+            padded = chunk + chunk[-1:] * (cfg.batch - len(chunk))  # one batch shape: no recompilation
+            t = time.time()
+            # prompt encoding is inside the timed region, as in the reference latency_profile.py
+            imgs = np.asarray(hart.generate(padded, seed=cfg.seed + i, opts=opts))[: len(chunk)]
+            times.append((time.time() - t, len(chunk)))
+            if rep == 0:
+                images.extend(imgs)
     for j, im in enumerate(images):
         Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)).save(out_dir / f"{j:04d}.png")
     grid = hart_tiny._grid([im for im in images], 1, len(images))
     run.savefig(grid, "grid.png")
     (run.dir / "prompts.txt").write_text("\n".join(prompts))
-    total_t = sum(t for t, _ in times)
+    total_t, total_n = sum(t for t, _ in times), sum(n for _, n in times)
     m = hart_macs(hart.transformer.cfg)
     run.results([{"images": len(images), "batch": cfg.batch, "latency s / batch": total_t / len(times),
-                  "images / s": len(images) / total_t, "first call (compile) s": compile_s,
+                  "images / s": total_n / total_t, "first call (compile) s": compile_s,
                   "TMACs / image (analytic)": m["total"] / 1e12, "device": jax.devices()[0].device_kind}],
                 title="hart_1024: generation with the released weights",
-                note=f"cfg {cfg.cfg}, more_smooth={cfg.more_smooth}, seed {cfg.seed}; PNGs in images/, grid.png.")
+                note=(f"cfg {cfg.cfg}, more_smooth={cfg.more_smooth}, seed {cfg.seed}, {cfg.timed_runs} timed passes "
+                      "after one compile call; text encoding included; PNGs in images/, grid.png."))
 
 
 @register("hart_1024", Config, presets={"smoke": {}, "full": {"xla_check": True}})

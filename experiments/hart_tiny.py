@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,7 @@ class Config:
     cfg: float = 1.5
     top_k: int = 0
     more_smooth: bool = False
+    diff_target: Literal["sampled", "gt"] = "gt"
     per_class: int = 4
     num_eval: int = 200
     seed: int = 0
@@ -123,17 +125,20 @@ def run_tiny(cfg: Config, run: Run, label: str = "hart_tiny") -> dict:
     idx_all, teach_all, resid_all = (np.concatenate(a) for a in zip(*[tokens(gs, jnp.asarray(x_tr[i:i + 256]))
                                                                       for i in range(0, n, 256)]))
 
-    # (3) transformer + residual diffusion
-    hcfg = HARTConfig(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.heads, context_token=2,
-                      context_dim=32, vocab_size=cfg.vocab, cvae=cfg.cvae, patch_nums=pns, diff_width=cfg.diff_width,
-                      diff_depth=cfg.diff_depth, mar_min_keep=4, diffusion_batch_mul=2)
+    # (3) transformer + residual diffusion. The residual scale plays the role of HART's vae_scale=0.6 for this
+    # tokenizer's latents: 3 std of the final residual, so the clipped x0 range [-1, 1] covers it.
+    final_resid = resid_all - np.asarray(tok.quantize.codebook)[idx_all[:, -pns[-1] ** 2:]]
+    vae_scale = round(3 * float(np.std(final_resid)), 3)
+    hcfg = HARTConfig(vae_scale=vae_scale, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.heads,
+                      context_token=2, context_dim=32, vocab_size=cfg.vocab, cvae=cfg.cvae, patch_nums=pns,
+                      diff_width=cfg.diff_width, diff_depth=cfg.diff_depth, mar_min_keep=4, diffusion_batch_mul=2)
     model = ClassConditionedHART(HARTTransformer(hcfg, rngs=nnx.Rngs(cfg.seed + 1)), 10, rngs=nnx.Rngs(cfg.seed + 2))
     tx = make_optimizer(OptimConfig(lr=cfg.lr_ar, warmup_steps=min(40, cfg.ar_steps), total_steps=cfg.ar_steps,
                                     weight_decay=0.01))
     gd, st = init_train_state(model, tx)
     codebook = tok.quantize.codebook
     top_k = cfg.top_k or cfg.vocab
-    step = make_train_step(gd, lambda m, b: hart_loss(m, b, top_k=top_k), tx)
+    step = make_train_step(gd, lambda m, b: hart_loss(m, b, top_k=top_k, diff_target=cfg.diff_target), tx)
 
     def batch(i):
         j = order(i)
@@ -157,7 +162,7 @@ def run_tiny(cfg: Config, run: Run, label: str = "hart_tiny") -> dict:
         last = t.quantize.lookup(idx[-1], pns[-1]).reshape(img.shape[0], -1, cfg.cvae)
         z = m.transformer.diffusion_condition(h_last, last)
         sched = diff.Schedule.make(1000, hcfg.num_sampling_steps)
-        res = diff.sample(m.transformer.diffloss, sched, z.reshape(-1, cfg.embed_dim), key)
+        res = diff.sample(m.transformer.diffloss, sched, z.reshape(-1, cfg.embed_dim), key, scale=vae_scale)
         f_sampled = f_hat + res.reshape(f.shape)
         return (t.decode(t.quantize.idx_to_fhat(idx, last_phi=True)), t.decode(f), t.decode(f_sampled),
                 t.decode(f_hat))
@@ -167,7 +172,9 @@ def run_tiny(cfg: Config, run: Run, label: str = "hart_tiny") -> dict:
     rows = [{"decoder input": nm, "PSNR dB": psnr(o, x_ev)} for nm, o in zip(names, outs[:3])]
     rows.append({"decoder input": "discrete, no residual (generation path)", "PSNR dB": psnr(outs[3], x_ev)})
     run.results(rows, title=f"{label}: reconstruction PSNR on {len(x_ev)} held-out digits ({cfg.image_size}px)",
-                note="Tokenizer, decoder and diffusion head all trained here from scratch (MSE + VQ losses only).")
+                note=("Tokenizer, decoder and diffusion head all trained here from scratch (MSE + VQ losses only). "
+                      f"Diffusion target w.r.t. {cfg.diff_target} codes; residual scale {vae_scale}. A sampled "
+                      "residual is a draw from the head's distribution, not the image's own residual."))
     fig = _grid(np.concatenate([(x_ev[:8] + 1) / 2] + [(np.asarray(o[:8]) + 1) / 2 for o in outs[:3]]), 4, 8)
     run.savefig(fig, f"{label}_reconstructions.png")
 

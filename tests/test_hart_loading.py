@@ -1,5 +1,6 @@
-"""HART checkpoint loading: a tiny random checkpoint written by this test in the official hart-0.7b-1024px key
-layout (names and torch shapes enumerated here, independently of the loader's renaming rules)."""
+"""HART loading: a tiny random checkpoint written by this test in the official hart-0.7b-1024px key layout (names
+and torch shapes enumerated here, independently of the loader's renaming rules); the Qwen2 text encoder against
+Hugging Face transformers; the hart_1024 experiment end to end on both."""
 
 import json
 
@@ -10,9 +11,10 @@ import pytest
 
 from jaxeff.hart import HART, SampleOptions
 from jaxeff.hart.loading import CheckpointMismatchError, load_hart
+from jaxeff.hart.text import SYSTEM_PROMPT, TextEncoder
 from jaxeff.io.safetensors import save_file
 
-C, DEPTH, HEADS, CTX_T, CTX_D, V, CV, PNS = 32, 2, 2, 3, 12, 64, 8, (1, 2, 3, 4)
+C, DEPTH, HEADS, CTX_T, CTX_D, V, CV, PNS = 32, 2, 2, 3, 32, 64, 8, (1, 2, 3, 4)
 FFN = int((C * 4 * 2) / 3 + 255) // 256 * 256
 DW, DD = 32, 2
 CH, MULT = 16, (1, 2, 2)
@@ -169,6 +171,14 @@ def test_loader_values_and_errors(ckpt, tmp_path):
                                      torch.from_numpy(tok_t["vae.encoder.conv_in.weight"]),
                                      torch.from_numpy(tok_t["vae.encoder.conv_in.bias"]), padding=1)
     np.testing.assert_allclose(tok.encoder.conv_in(jnp.asarray(img)), ref.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    # PyTorch .bin weights (the released llm/ema_model.bin) load through the optional torch converter
+    bin_root = tmp_path / "bin"
+    _write(bin_root, {"unused": np.zeros((1,), np.float32)}, tok_t)
+    (bin_root / "llm" / "ema_model.safetensors").unlink()
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in llm.items()},
+               bin_root / "llm" / "ema_model.bin")
+    model_bin, _ = load_hart(bin_root)
+    np.testing.assert_array_equal(model_bin.head.kernel[...], llm["head.weight"].T)
     # errors name the offending keys
     bad = dict(llm)
     del bad["blocks.0.attn.v_bias"]
@@ -193,3 +203,66 @@ def test_from_pretrained_generates(ckpt):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="context must be"):
         hart.generate(context=ctx[:, :2], seed=1, opts=opts)
+
+
+WORDS = "a cat dog red blue sleeping on the mat sky prompt user".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    torch = pytest.importorskip("torch")
+    d = tmp_path_factory.mktemp("qwen2tiny")
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(d)
+    cfg = transformers.Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def _reference(model_dir, prompts, max_length):
+    """The reference `encode_prompts` with use_llm_system_prompt=True, through Hugging Face Qwen2."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    lm = transformers.AutoModel.from_pretrained(model_dir).eval()
+    ids = torch.stack([tok(p, return_tensors="pt", padding="max_length", max_length=max_length,
+                           truncation=True).input_ids[0] for p in prompts])
+    mask = ids != tok.pad_token_id
+    sys_ids = tok(SYSTEM_PROMPT, return_tensors="pt").input_ids.repeat(len(prompts), 1)
+    with torch.no_grad():
+        h = lm(torch.cat([sys_ids, ids], 1), attention_mask=torch.cat([torch.ones_like(sys_ids).bool(), mask], 1),
+               output_hidden_states=True).hidden_states[-1][:, sys_ids.shape[1]:]
+    return h.numpy(), mask.numpy(), (torch.cumsum(mask, 1) - 1).numpy()
+
+
+def test_text_encoder_matches_transformers(model_dir):
+    prompts = ["a red cat sleeping on the mat", "blue sky", "a dog a dog a dog a dog a dog a dog a dog"]
+    enc = TextEncoder.from_pretrained(model_dir, max_length=10)
+    ctx, mask, pos = enc(prompts)
+    ref_h, ref_mask, ref_pos = _reference(model_dir, prompts, 10)
+    assert ctx.shape == (3, 10, 32)
+    np.testing.assert_array_equal(np.asarray(mask), ref_mask)
+    np.testing.assert_array_equal(np.asarray(pos), ref_pos)
+    np.testing.assert_allclose(np.asarray(ctx), ref_h, atol=2e-4, rtol=1e-3)  # padded positions included
+
+
+def test_hart_1024_with_weights_end_to_end(ckpt, model_dir, tmp_path):
+    """`make exp name=hart_1024 ckpt=... text_encoder=...` on the tiny checkpoint and tiny Qwen2."""
+    from jaxeff.experiment import run_experiment
+
+    root, _, _ = ckpt
+    run = run_experiment("hart_1024", "smoke", {"ckpt": str(root), "text_encoder": str(model_dir),
+                                                "prompts": "a red cat,blue sky,a dog", "batch": "2",
+                                                "timed_runs": "1"}, runs_root=tmp_path)
+    pngs = sorted((run.dir / "images").glob("*.png"))
+    assert len(pngs) == 3 and (run.dir / "grid.png").exists()
+    text = (run.dir / "results.md").read_text()
+    assert "images / s" in text and "TMACs / image" in text

@@ -15,7 +15,7 @@ from jaxeff.hart.transformer import (
     SampleOptions,
     cfg_ramp,
     filter_logits,
-    generate_fhat,
+    generate_fhat_jit,
     sample_keep_mask,
     scale_coords,
 )
@@ -106,9 +106,9 @@ def test_diffusion_sampler_shapes_and_seed():
     sched = diff.Schedule.make(1000, 8)
     assert sched.timestep_map.tolist() == [0, 143, 285, 428, 571, 714, 856, 999]
     z = jax.random.normal(jax.random.key(1), (5, 16))
-    a = diff.sample(net, sched, z, jax.random.key(7), z_uncond=z * 0, cfg=1.5)
-    b = diff.sample(net, sched, z, jax.random.key(7), z_uncond=z * 0, cfg=1.5)
-    c = diff.sample(net, sched, z, jax.random.key(8), z_uncond=z * 0, cfg=1.5)
+    g, st = nnx.split(net)
+    run = jax.jit(lambda st, z, k: diff.sample(nnx.merge(g, st), sched, z, k, z_uncond=z * 0, cfg=1.5))
+    a, b, c = (run(st, z, jax.random.key(k)) for k in (7, 7, 8))
     assert a.shape == (5, 8)
     np.testing.assert_array_equal(a, b)
     assert float(jnp.abs(a - c).max()) > 1e-3
@@ -122,11 +122,12 @@ def test_kv_cached_generation_equals_uncached(model, tok):
     ctx = jax.random.normal(jax.random.key(0), (2, 3, 12))
     pos = jnp.tile(jnp.arange(3)[None], (2, 1))
     opts = SampleOptions(cfg=2.0, more_smooth=True)
-    a = generate_fhat(model, tok.quantize, ctx, pos, jax.random.key(3), opts, use_cache=True)
-    b = generate_fhat(model, tok.quantize, ctx, pos, jax.random.key(3), opts, use_cache=False)
+    gd, st = nnx.split((model, tok.quantize))
+    a = generate_fhat_jit(gd, st, ctx, pos, jax.random.key(3), opts, use_cache=True)
+    b = generate_fhat_jit(gd, st, ctx, pos, jax.random.key(3), opts, use_cache=False)
     assert a.shape == (2, 4, 4, 8)
     np.testing.assert_allclose(a, b, atol=1e-4)
-    c = generate_fhat(model, tok.quantize, ctx, pos, jax.random.key(4), opts, use_cache=True)
+    c = generate_fhat_jit(gd, st, ctx, pos, jax.random.key(4), opts, use_cache=True)
     assert float(jnp.abs(a - c).max()) > 1e-3  # the seed matters
 
 

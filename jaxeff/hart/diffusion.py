@@ -163,8 +163,9 @@ class Schedule:
         return self.c("coef1", t) * x0 + self.c("coef2", t) * x, log_var
 
 
-def sample(net: SimpleMLPAdaLN, sched: Schedule, z, key, *, z_uncond=None, cfg=0.0, temperature: float = 1.0):
-    """Ancestral sampling of residual tokens [N, Cvae] (already multiplied back by VAE_SCALE).
+def sample(net: SimpleMLPAdaLN, sched: Schedule, z, key, *, z_uncond=None, cfg=0.0, temperature: float = 1.0,
+           scale: float = VAE_SCALE):
+    """Ancestral sampling of residual tokens [N, Cvae] (already multiplied back by `scale`).
 
     With `z_uncond`, epsilon is (1 + cfg) * cond - cfg * uncond and the variance is the conditional one."""
     n, cv = z.shape[0], net.in_channels
@@ -183,7 +184,7 @@ def sample(net: SimpleMLPAdaLN, sched: Schedule, z, key, *, z_uncond=None, cfg=0
         key, kn = jax.random.split(key)
         noise = jax.random.normal(kn, x.shape, jnp.float32)
         x = mean + (0.0 if i == 0 else 1.0) * jnp.exp(0.5 * log_var) * noise * temperature
-    return x * VAE_SCALE
+    return x * scale
 
 
 def _normal_kl(m1, lv1, m2, lv2):
@@ -207,11 +208,11 @@ def _discretized_nll(x, mean, log_scale):
     return -lp
 
 
-def loss(net: SimpleMLPAdaLN, sched: Schedule, target, z, key, weight=None):
+def loss(net: SimpleMLPAdaLN, sched: Schedule, target, z, key, weight=None, scale: float = VAE_SCALE):
     """iDDPM training loss (epsilon MSE + variational bound for the learned variance), mean over tokens.
 
     target: [N, Cvae] residual tokens (unscaled); z: [N, z_channels]; weight: optional [N] mask."""
-    x0 = target / VAE_SCALE
+    x0 = target / scale
     kt, kn = jax.random.split(key)
     t = jax.random.randint(kt, (x0.shape[0],), 0, sched.num_steps)
     noise = jax.random.normal(kn, x0.shape, x0.dtype)

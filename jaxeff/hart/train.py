@@ -42,9 +42,12 @@ class ClassConditionedHART(nnx.Module):
         return self.table[...][labels], jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (labels.shape[0], t))
 
 
-def hart_loss(model: ClassConditionedHART, batch, top_k: int = 600, top_p: float = 0.96):
+def hart_loss(model: ClassConditionedHART, batch, top_k: int = 600, top_p: float = 0.96, diff_target: str = "sampled"):
     """batch: idx [B, L] (all scales), teacher [B, L-1, Cvae], resid [B, n_last, Cvae] (residual before the last
-    discrete scale), labels [B], codebook [V, Cvae], key."""
+    discrete scale), labels [B], codebook [V, Cvae], key. `diff_target`: "sampled" (the reference: residual w.r.t.
+    codes sampled from the model's logits) or "gt" (w.r.t. the ground-truth codes)."""
+    if diff_target not in ("sampled", "gt"):
+        raise ValueError(f"diff_target must be 'sampled' or 'gt', got {diff_target!r}")
     tr = model.transformer
     cfg = tr.cfg
     k_drop, k_keep, k_samp, k_diff = jax.random.split(batch["key"], 4)
@@ -58,12 +61,14 @@ def hart_loss(model: ClassConditionedHART, batch, top_k: int = 600, top_p: float
     w = jnp.concatenate([jnp.ones((ctx.shape[0], logits.shape[1] - n_last)), keep.astype(jnp.float32)], 1)
     ce = jnp.sum(ce_tok * w) / jnp.sum(w)
     lg_last = filter_logits(jax.lax.stop_gradient(logits[:, -n_last:]), top_k, top_p)
-    codes = batch["codebook"][jax.random.categorical(k_samp, lg_last, axis=-1)]
+    idx_last = batch["idx"][:, -n_last:] if diff_target == "gt" else jax.random.categorical(k_samp, lg_last, axis=-1)
+    codes = batch["codebook"][idx_last]
     target = batch["resid"] - codes
     z = tr.diffusion_condition(h_last, codes)
     m = cfg.diffusion_batch_mul
     dl = diff.loss(tr.diffloss, _TRAIN_SCHED, jnp.tile(target.reshape(-1, cfg.cvae), (m, 1)),
-                   jnp.tile(z.reshape(-1, cfg.embed_dim), (m, 1)), k_diff, jnp.tile(keep.reshape(-1), m))
+                   jnp.tile(z.reshape(-1, cfg.embed_dim), (m, 1)), k_diff, jnp.tile(keep.reshape(-1), m),
+                   scale=cfg.vae_scale)
     acc = jnp.sum((jnp.argmax(logits, -1) == batch["idx"]) * w) / jnp.sum(w)
     return ce + dl, {"ce": ce, "diff": dl, "acc": acc}
 

@@ -53,6 +53,7 @@ class HARTConfig:
     num_sampling_steps: int = 8
     diffusion_batch_mul: int = 4
     mar_min_keep: int = 32  # last-scale tokens always kept by the training subsampling
+    vae_scale: float = 0.6  # residual tokens are divided by this for the diffusion head (x0 is clipped to [-1, 1])
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
@@ -389,7 +390,7 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
                 sched = diff.Schedule.make(1000, cfg.num_sampling_steps)
                 n = b * pn * pn
                 res = diff.sample(model.diffloss, sched, z[:n], k_d, z_uncond=None if t == 1.0 else z[n:], cfg=t,
-                                  temperature=opts.temperature)
+                                  temperature=opts.temperature, scale=cfg.vae_scale)
                 vec = vec + res.reshape(b, pn * pn, -1)
             f_hat, _ = quantizer.next_autoregressive_input(si, f_hat, vec.reshape(b, pn, pn, -1))
             break
