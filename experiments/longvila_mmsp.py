@@ -8,7 +8,7 @@ Sections (every factorisation ring x ulysses of the device count):
    forward+backward; plus the analytic numbers for a LLaMA-3-8B-like layer at 256k tokens on 4 x 8 GPUs.
 3. Causal work per device (max / mean) for contiguous vs zigzag layouts: ideal visible pairs, pairs in the
    sub-blocks the kernel computes, and the synchronous ring's critical path.
-4. `throughput=true` (the `full` preset): tokens/s of forward+backward 2D attention vs ring-only and Ulysses-only
+4. Section "throughput" (in the `full` preset): tokens/s of forward+backward 2D attention vs ring-only and Ulysses-only
    on the host's mesh; on CPU the section runs but its timings are not reported (simulated devices share cores).
 
 Devices: on a CPU-only host with fewer than 8 devices the body re-runs itself in a child process with
@@ -43,11 +43,14 @@ from jaxeff.longvila.layout import causal_work, layout_permutation, padded_lengt
 from jaxeff.longvila.vlm import MMSPConfig, VideoVLM, make_mmsp_loss, random_batch, tiny_config, unsplit_loss
 from jaxeff.nn import attention
 
+SECTIONS = ("exactness", "comm", "balance", "throughput")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     devices: int = 8
     ulysses_degrees: tuple[int, ...] = ()  # factorisations to run, by Ulysses degree; () = all
+    sections: tuple[str, ...] = ("exactness", "comm", "balance")  # + "throughput" (full preset)
     # communication measurement (compile only)
     comm_batch: int = 1
     comm_seq: int = 4096
@@ -58,7 +61,6 @@ class Config:
     # causal balance
     balance_seq: int = 4096
     # throughput (full preset)
-    throughput: bool = False
     thr_batch: int = 1
     thr_seq: int = 32768
     thr_heads: int = 32
@@ -73,6 +75,9 @@ class Config:
         bad = [u for u in self.ulysses_degrees if u < 1 or self.devices % u]
         if bad:
             raise ValueError(f"ulysses_degrees {bad} do not divide devices={self.devices}")
+        unknown = set(self.sections) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
         if self.comm_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"comm_dtype must be float32 or bfloat16, got {self.comm_dtype!r}")
         if self.comm_seq % (2 * self.devices) or self.thr_seq % (2 * self.devices):
@@ -82,7 +87,7 @@ class Config:
 @register("longvila_mmsp", Config, presets={
     "smoke": {},
     "full": {"comm_dtype": "bfloat16", "comm_seq": 262144, "comm_heads": 32, "comm_kv_heads": 8,
-             "comm_head_dim": 128, "balance_seq": 16384, "throughput": True},
+             "comm_head_dim": 128, "balance_seq": 16384, "sections": SECTIONS},
 })
 def run(cfg: Config, run: Run) -> None:
     """MM-SP exactness, communication bytes and causal balance per (ring, ulysses) factorisation."""
@@ -111,10 +116,13 @@ def body(cfg: Config, run: Run) -> None:
     if len(devices) < cfg.devices:
         raise ValueError(f"{cfg.devices} devices requested, {len(devices)} available")
     facts = [(r, u) for r, u in factorisations(cfg.devices) if not cfg.ulysses_degrees or u in cfg.ulysses_degrees]
-    exactness(cfg, run, facts, devices)
-    communication(cfg, run, facts, devices)
-    balance(cfg, run, facts)
-    if cfg.throughput:
+    if "exactness" in cfg.sections:
+        exactness(cfg, run, facts, devices)
+    if "comm" in cfg.sections:
+        communication(cfg, run, facts, devices)
+    if "balance" in cfg.sections:
+        balance(cfg, run, facts)
+    if "throughput" in cfg.sections:
         throughput(cfg, run)
 
 

@@ -36,6 +36,7 @@ class Config:
     noise_scale: float = 0.5
     hidden: int = 64
     layers: int = 2
+    rope_theta: float = 1e6  # LongVILA extends the context by raising RoPE theta (1e4 generalises worse here)
     eval_frames: tuple[int, ...] = (8, 16, 32, 64)
     depths: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     eval_videos: int = 16
@@ -69,7 +70,7 @@ def run(cfg: Config, run: Run) -> None:
 def body(cfg: Config, run: Run) -> None:
     task = NeedleTask(noise_scale=cfg.noise_scale)
     vcfg = tiny_config(vocab_size=task.vocab_size, image_size=task.image_size, temporal_pool=cfg.temporal_pool,
-                       hidden=cfg.hidden, layers=cfg.layers)
+                       hidden=cfg.hidden, layers=cfg.layers, rope_theta=cfg.rope_theta)
     model = VideoVLM(vcfg, rngs=nnx.Rngs(cfg.seed))
     tx = make_optimizer(OptimConfig(lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10), total_steps=cfg.steps))
     graphdef, state = init_train_state(model, tx)

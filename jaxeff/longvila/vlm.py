@@ -55,12 +55,13 @@ class VideoVLMConfig:
 
 
 def tiny_config(vocab_size: int = 64, image_size: int = 16, patch_size: int = 4, temporal_pool: int = 2,
-                num_heads: int = 8, num_kv_heads: int = 2, hidden: int = 64, layers: int = 2) -> VideoVLMConfig:
+                num_heads: int = 8, num_kv_heads: int = 2, hidden: int = 64, layers: int = 2,
+                rope_theta: float = 10000.0) -> VideoVLMConfig:
     vision = ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=3, hidden_size=32,
                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     llm = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                      max_position_embeddings=1 << 16)
+                      rope_theta=rope_theta, max_position_embeddings=1 << 16)
     return VideoVLMConfig(vision=vision, llm=llm, temporal_pool=temporal_pool)
 
 

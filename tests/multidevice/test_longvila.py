@@ -10,6 +10,7 @@ from jaxeff.distributed import make_mesh
 from jaxeff.longvila import causal_work, padded_length, sequence_parallel_attention, zigzag_permutation
 from jaxeff.longvila.layout import length_multiple
 from jaxeff.longvila.vlm import MMSPConfig, VideoVLM, make_mmsp_loss, random_batch, tiny_config, unsplit_loss
+from jaxeff.models.vit import ViT, ViTConfig, space_to_channel, temporal_pool
 from jaxeff.nn import attention
 
 FACTORISATIONS = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -89,7 +90,9 @@ def test_attention_matches_single_device(ring, uly, causal, zigzag):
 
 @pytest.fixture(scope="module")
 def vlm_case():
-    cfg = tiny_config()  # 8 query / 2 KV heads: KV heads < Ulysses degree for (2, 4) and (1, 8)
+    # 8 query / 2 KV heads: KV heads < Ulysses degree for (2, 4) and (1, 8). One decoder layer keeps compiles short
+    # (the experiment longvila_mmsp checks the 2-layer model).
+    cfg = tiny_config(layers=1)
     graphdef, state = nnx.split(VideoVLM(cfg, rngs=nnx.Rngs(0)))
     # 14 frames over 8 devices; 7 and 4 frames with pool 2 (a half-empty last group); 21 and 9 tokens.
     batch = random_batch(cfg, num_frames=[7, 4], text_len=[5, 1], max_text=5)
@@ -108,3 +111,26 @@ def test_mmsp_model_loss_and_grads_match_unsplit(vlm_case, ring, uly):
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, ref_grads))
     assert max(diffs) < 1e-4
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_grads)) > 1e-3  # gradients are not ~0
+
+
+def test_vision_connector_pieces():
+    # space_to_channel: each 2x2 square of a 4x4 grid becomes one token, (row, col, channel) ordered.
+    grid = jnp.arange(16.0).reshape(1, 16, 1)
+    merged = space_to_channel(grid, 4, 2)
+    np.testing.assert_array_equal(merged[0, 0], [0, 1, 4, 5])
+    np.testing.assert_array_equal(merged[0, 3], [10, 11, 14, 15])
+    assert space_to_channel(jnp.zeros((2, 9, 3)), 3, 2).shape == (2, 4, 12)  # zero-padded 3x3 -> 4x4
+    # temporal_pool: mean over the real frames of each group only.
+    x = jnp.arange(5.0)[None, :, None, None] * jnp.ones((1, 5, 2, 3))
+    pooled, mask = temporal_pool(x, jnp.array([[True, True, True, False, False]]), 2)
+    np.testing.assert_allclose(pooled[0, :, 0, 0], [0.5, 2.0, 0.0])
+    np.testing.assert_array_equal(mask[0], [True, True, False])
+    # ViT: select_layer=-1 is the last layer before post_layernorm.
+    vit = ViT(ViTConfig(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2), rngs=nnx.Rngs(0))
+    pixels = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))
+    last, before_norm = nnx.jit(lambda m, x: (m(x), m.post_layernorm(m(x, select_layer=-1))))(vit, pixels)
+    np.testing.assert_allclose(last, before_norm, atol=1e-6)
+    assert vit(pixels, select_layer=0).shape == (3, 4, 16)
+    with pytest.raises(ValueError, match="pixels must be"):
+        vit(jnp.zeros((1, 4, 4, 3)))
