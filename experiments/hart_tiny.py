@@ -162,14 +162,15 @@ def run_tiny(cfg: Config, run: Run, label: str = "hart_tiny") -> dict:
         last = t.quantize.lookup(idx[-1], pns[-1]).reshape(img.shape[0], -1, cfg.cvae)
         z = m.transformer.diffusion_condition(h_last, last)
         sched = diff.Schedule.make(1000, hcfg.num_sampling_steps)
-        res = diff.sample(m.transformer.diffloss, sched, z.reshape(-1, cfg.embed_dim), key, scale=vae_scale)
-        f_sampled = f_hat + res.reshape(f.shape)
-        return (t.decode(t.quantize.idx_to_fhat(idx, last_phi=True)), t.decode(f), t.decode(f_sampled),
-                t.decode(f_hat))
+        res, res_t0 = (diff.sample(m.transformer.diffloss, sched, z.reshape(-1, cfg.embed_dim), key,
+                                   scale=vae_scale, temperature=temp).reshape(f.shape) for temp in (1.0, 0.0))
+        return (t.decode(t.quantize.idx_to_fhat(idx, last_phi=True)), t.decode(f), t.decode(f_hat + res),
+                t.decode(f_hat), t.decode(f_hat + res_t0))
 
     outs = recon(nnx.split(tok), nnx.split(model), jnp.asarray(x_ev), jnp.asarray(y_ev), jax.random.key(cfg.seed))
     names = ("discrete-only", "hybrid (true residual)", "hybrid (sampled residual)")
     rows = [{"decoder input": nm, "PSNR dB": psnr(o, x_ev)} for nm, o in zip(names, outs[:3])]
+    rows.append({"decoder input": "hybrid (sampled residual, temperature 0)", "PSNR dB": psnr(outs[4], x_ev)})
     rows.append({"decoder input": "discrete, no residual (generation path)", "PSNR dB": psnr(outs[3], x_ev)})
     run.results(rows, title=f"{label}: reconstruction PSNR on {len(x_ev)} held-out digits ({cfg.image_size}px)",
                 note=("Tokenizer, decoder and diffusion head all trained here from scratch (MSE + VQ losses only). "
