@@ -121,6 +121,17 @@ def test_pallas_hybrid_traced_streaming_heads():
         np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
+def test_pallas_hybrid_single_query_with_unused_trailing_keys():
+    # A decode-like call: one query at position 40 over a 60-slot KV buffer whose tail is not yet written.
+    q = jax.random.normal(jax.random.key(21), (1, 1, 4, 64))
+    k, v = (jax.random.normal(jax.random.key(i), (1, 60, 2, 64)) for i in (22, 23))
+    kw = dict(streaming_heads=np.array([True, False]), sink=3, local=7, q_offset=40)
+    ref = pk.hybrid_attention_reference(q, k, v, **kw)
+    for impl in ("xla", "pallas"):
+        out = pk.hybrid_attention(q, k, v, **kw, implementation=impl, interpret=True)
+        np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
 def _brute_force_blocks(sq, sk, off, stream, sink, local, bq, bk):
     qpos = off + np.arange(sq)[:, None]
     kpos = np.arange(sk)[None, :]
