@@ -11,7 +11,7 @@ from jaxeff import distributed
 from jaxeff.data import CharTokenizer, DigitTask, PasskeyTask, answer_exact_match, english_corpus, index_batches
 from jaxeff.models.llama import Llama, LlamaConfig, SamplingConfig, sample_token
 from jaxeff.nn import ContiguousKVCache, attention, xla_attention
-from jaxeff.train import OptimConfig, init_train_state, make_optimizer, make_train_step, next_token_loss
+from jaxeff.train import OptimConfig, init_train_state, make_optimizer, make_train_step, merge, next_token_loss
 
 
 def _naive_attention(q, k, v, allowed):
@@ -147,3 +147,25 @@ def test_cluster_detection_and_mesh():
     assert not distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})
     mesh = distributed.make_mesh()
     assert mesh.shape["data"] == jax.device_count()
+
+
+@pytest.mark.parametrize("graph_mode", [True, False])
+def test_works_with_and_without_nnx_tree_mode(graph_mode):
+    from flax import config as flax_config
+
+    from jaxeff.models.llama import generate
+
+    previous = flax_config.nnx_graph_mode
+    flax_config.update("nnx_graph_mode", graph_mode)
+    try:
+        cfg = LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2)
+        model = Llama(cfg, rngs=nnx.Rngs(0))
+        tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1, total_steps=5))
+        graphdef, state = init_train_state(model, tx)
+        step = make_train_step(graphdef, lambda m, t: (next_token_loss(m(t), t), {}), tx)
+        state, metrics = step(state, jnp.tile(jnp.arange(8), (2, 1)))
+        assert np.isfinite(float(metrics["loss"]))
+        assert generate(merge(graphdef, state), [[1, 2, 3]], 4).tokens.shape == (1, 4)
+    finally:
+        flax_config.update("nnx_graph_mode", previous)

@@ -57,7 +57,10 @@ class TrainState:
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, trainable=nnx.Param):
-    """Split `model` into (graphdef, TrainState); `trainable` is an NNX filter choosing what the optimizer updates."""
+    """Split `model` into (graphdef, TrainState); `trainable` is an NNX filter choosing what the optimizer updates.
+
+    The train step donates the state's buffers, which `model` shares: after the first step use
+    `merge(graphdef, state)`, not `model`."""
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen)
 
