@@ -54,6 +54,10 @@ def test_opob_minimises_weighted_second_moment(tabular):
         at_opob = objective(b[sel][:1])[0]
         assert at_opob <= at_grid.min() + 1e-6
         assert abs(float(b[sel][0]) - float(grid[jnp.argmin(at_grid)])) <= float(grid[1] - grid[0])
+    # Scale-free (tiny ||s||^2 is not swamped by an epsilon); a group with all-zero weights gets its reward mean.
+    np.testing.assert_allclose(vcpo.opob_baseline(rewards, w, s2 * 1e-20, prompts), b, rtol=1e-5)
+    zero = vcpo.opob_baseline(rewards, w, jnp.where(prompts == 0, 0.0, s2), prompts)
+    assert float(zero[0]) == pytest.approx(float(rewards[:G].mean()), rel=1e-6)
     # The released code's weighting differs from the README's only through min(w, c)^2.
     np.testing.assert_allclose(
         vcpo.opob_weights(w, s2, weighting="code", clip_c=1.0), jnp.minimum(w, 1.0) ** 2 * w**2 * s2, rtol=1e-6

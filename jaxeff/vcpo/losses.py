@@ -136,7 +136,11 @@ def opob_weights(w, score_sq_norms, *, weighting="readme", clip_c=8.0):
 
 def opob_baseline(rewards, w, score_sq_norms, group_ids, *, num_groups=None, weighting="readme", clip_c=8.0):
     """Off-policy optimal baseline per prompt group, returned per sample [B]:
-    b*_g = sum_{i in g} W_i R_i / sum_{i in g} W_i with W_i = `opob_weights` (0 if a group's weights are all 0)."""
+    b*_g = sum_{i in g} W_i R_i / sum_{i in g} W_i with W_i = `opob_weights`.
+
+    Scale-free: the weights are divided by their group maximum first, so tiny ||s||^2 (a confident policy, or
+    gradients of a 1/B-scaled loss) are not swamped by an absolute epsilon the way the official `+ 1e-8` would be.
+    A group whose weights are all 0 gets its reward mean (the official code returns 0 there)."""
     batch = rewards.shape[0] if rewards.ndim == 1 else -1
     _check_seq("rewards", rewards, batch)
     _check_seq("w", w, batch)
@@ -144,9 +148,13 @@ def opob_baseline(rewards, w, score_sq_norms, group_ids, *, num_groups=None, wei
     _check_seq("group_ids", group_ids, batch)
     _, num_groups = _group_counts(group_ids, num_groups)
     weights = opob_weights(w, score_sq_norms, weighting=weighting, clip_c=clip_c)
+    top = jax.ops.segment_max(weights, group_ids, num_groups)
+    weights = weights / jnp.where(top > 0, top, 1.0)[group_ids]
     num = jax.ops.segment_sum(weights * rewards, group_ids, num_groups)
     den = jax.ops.segment_sum(weights, group_ids, num_groups)
-    return (num / (den + EPS))[group_ids]
+    counts = jax.ops.segment_sum(jnp.ones_like(rewards), group_ids, num_groups)
+    mean = jax.ops.segment_sum(rewards, group_ids, num_groups) / jnp.maximum(counts, 1.0)
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), mean)[group_ids]
 
 
 def grpo_advantages(rewards, group_ids, *, num_groups=None, norm_by_std=True):
