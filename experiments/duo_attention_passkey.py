@@ -13,6 +13,7 @@ evaluates the released pattern on passkeys at 32K-128K tokens with the model's o
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def evaluate(model, mask, cfg: Config, context: int, tokenizer=None) -> dict:
 @register("duo_attention_passkey", Config, presets={
     "smoke": dict(steps=60, eval_examples=20, eval_batch=20, random_trials=2, eval_contexts=(512,)),
     "full": dict(require_model=True, sink=64, recent=256, eval_contexts=(32768, 65536, 131072), eval_examples=10,
-                 eval_batch=1, random_trials=1, chunk_size=32000, dtype="bfloat16"),
+                 eval_batch=1, random_trials=1, chunk_size=1024, dtype="bfloat16"),
 })
 def run(cfg: Config, run: Run) -> None:
     """Identify retrieval heads (or load a pattern), plot alpha, evaluate top-r / random / all-streaming."""
@@ -142,14 +143,15 @@ def run(cfg: Config, run: Run) -> None:
 
     top = da.select_retrieval_heads(alpha, cfg.sparsity)
     r = int(top.sum())
+    # Random controls: distinct r-head subsets other than the top one.
     rng = np.random.default_rng(cfg.seed + 1)
-    controls = []
-    while len(controls) < cfg.random_trials:
-        m = np.zeros(alpha.size, bool)
-        m[rng.choice(alpha.size, r, replace=False)] = True
-        m = m.reshape(alpha.shape)
-        if not (m == top).all() or r in (0, alpha.size):
-            controls.append(m)
+    trials = min(cfg.random_trials, math.comb(alpha.size, r) - 1)
+    seen, controls = {tuple(np.flatnonzero(top))}, []
+    while len(controls) < trials:
+        pick = tuple(sorted(rng.choice(alpha.size, r, replace=False).tolist()))
+        if pick not in seen:
+            seen.add(pick)
+            controls.append(np.isin(np.arange(alpha.size), pick).reshape(alpha.shape))
     configs = [("dense (all retrieval)", np.ones_like(top)), (f"top-{r} retrieval", top)]
     configs += [(f"random {r} #{i + 1}", m) for i, m in enumerate(controls)]
     configs += [("all streaming", np.zeros_like(top))]
@@ -158,7 +160,9 @@ def run(cfg: Config, run: Run) -> None:
     for context in cfg.eval_contexts:
         for name, mask in run.progress(configs, desc=f"eval {context}"):
             res = evaluate(model, mask, cfg, context, tokenizer)
-            rows.append({"context": context, "heads": name, "retrieval heads": int(mask.sum()), **res})
+            streamed = " ".join(f"L{i}H{j}" for i, j in np.argwhere(~mask)) if mask.size <= 16 else ""
+            rows.append({"context": context, "heads": name, "retrieval heads": int(mask.sum()),
+                         "streaming (layer, KV head)": streamed or "-", **res})
             run.log(len(rows), context=context, heads=name, exact_match=res["exact match"])
     run.results(rows, title="Passkey exact match with the dual KV cache",
                 note=f"{model_note}; {source}. Sink {cfg.sink}, recent {cfg.recent}, sparsity {cfg.sparsity}, "
