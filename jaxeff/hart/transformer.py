@@ -341,12 +341,13 @@ def _code_vectors(logits, idx, codebook, ratio: float, more_smooth: bool, key):
 
 
 def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts: SampleOptions,
-                  use_cache: bool = True):
+                  use_cache: bool = True, return_tokens: bool = False):
     """Sample the final latent f_hat [B, h, w, Cvae] for a batch of encoded prompts.
 
     context [B, T, Dctx], ctx_pos [B, T]. CFG always runs on a doubled batch (uncond: zero context, zero
     positions), like `autoregressive_infer_cfg`. `use_cache=False` recomputes the whole prefix at every scale with
-    the block-causal mask (the reference check for the KV cache)."""
+    the block-causal mask (the reference check for the KV cache). `return_tokens` also returns the sampled indices
+    and the guided logits of every scale."""
     cfg = model.cfg
     pns = cfg.patch_nums
     n_s = len(pns)
@@ -361,6 +362,7 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
     f_hat = jnp.zeros((b, pns[-1], pns[-1], cfg.cvae), jnp.float32)
     past = None
     inputs, coss, sins = [], [], []
+    tokens, all_logits = [], []
     for si, pn in enumerate(pns):
         cos, sin = (rope_1d(pos2, cfg.head_dim, cfg.rope_theta) if si == 0 else image_rope(cfg, [si], offset))
         if use_cache:
@@ -378,9 +380,11 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
         lg = model.logits(h, cond)
         t = float(ramp[si])
         lg = (1 + t) * lg[:b] - t * lg[b:]
+        all_logits.append(lg)
         lg = filter_logits(lg, opts.top_k if si < 7 else opts.top_k_late, opts.top_p)
         key, k_s, k_g, k_d = jax.random.split(key, 4)
         idx = jax.random.categorical(k_s, lg, axis=-1)  # [B, pn*pn]
+        tokens.append(idx)
         ratio = si / (n_s - 1) if si < n_s - 1 else (n_s - 2) / (n_s - 1)
         vec = _code_vectors(lg, idx, codebook, ratio, opts.more_smooth, k_g)
         if si == n_s - 1:
@@ -397,7 +401,7 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
         f_hat, nxt = quantizer.next_autoregressive_input(si, f_hat, vec.reshape(b, pn, pn, -1))
         nxt = model.word_embed(nxt.reshape(b, -1, cfg.cvae)) + model.lvl_embed(jnp.full((1,), si + 1))[None]
         x = jnp.concatenate([nxt, nxt], 0)
-    return f_hat
+    return (f_hat, tokens, all_logits) if return_tokens else f_hat
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts", "use_cache"))
