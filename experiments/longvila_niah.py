@@ -36,7 +36,7 @@ class Config:
     noise_scale: float = 0.5
     hidden: int = 64
     layers: int = 2
-    rope_theta: float = 1e6  # LongVILA extends the context by raising RoPE theta (1e4 generalises worse here)
+    rope_theta: float = 1e6  # LongVILA extends the context by raising RoPE theta
     eval_frames: tuple[int, ...] = (8, 16, 32, 64)
     depths: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     eval_videos: int = 16

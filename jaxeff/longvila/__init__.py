@@ -1,7 +1,12 @@
-"""LongVILA MM-SP: multi-modal sequence parallelism (2D Ulysses x ring attention) with `jax.shard_map`."""
+"""LongVILA MM-SP: multi-modal sequence parallelism (2D Ulysses x ring attention) with `jax.shard_map`.
+
+- `sequence_parallel_attention` (global arrays) / `sp_attention_local` (inside `shard_map`): 2D attention.
+- `layout`: the zigzag partition valid for any Ulysses degree, padding multiples, causal work per device.
+- `vlm`: the tiny video VLM and its MM-SP loss (stage-1 frame sharding, stage-2 token re-shard).
+- `comm`: collective bytes from compiled HLO and the analytic formula. `niah`: synthetic video NIAH data.
+"""
 
 from jaxeff.longvila.attention import (
-    reference_attention,
     ring_attention_local,
     sequence_parallel_attention,
     sp_attention_local,
@@ -11,7 +16,6 @@ from jaxeff.longvila.layout import causal_work, padded_length, zigzag_permutatio
 __all__ = [
     "causal_work",
     "padded_length",
-    "reference_attention",
     "ring_attention_local",
     "sequence_parallel_attention",
     "sp_attention_local",

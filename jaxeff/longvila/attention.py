@@ -14,7 +14,8 @@ The sequence axis of q/k/v is sharded over the device pair (ring_axis, ulysses_a
 
 GQA: when the KV heads do not split over the Ulysses degree they are repeated (the smallest repeat that makes
 them divisible); autodiff of the repeat sums the copies' gradients back. Differentiable by plain autodiff (the
-transpose of `ppermute` is the reverse `ppermute`). Run on CPU (8 host-platform devices) only.
+transpose of `ppermute` is the reverse `ppermute`); each block's scores are recomputed in the backward pass
+(`jax.checkpoint`), so activation memory is linear in S per device. Run on CPU (8 host-platform devices) only.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def _fold_block(state, q, k, v, q_pos, kv_pos, causal: bool, scale: float):
     return o_new, m_new, denom_new
 
 
+# Rematerialise each block's scores in the backward pass: autodiff of the ring would otherwise keep a
+# [Lq, Lk] probability matrix per step (activation memory quadratic in S/R per device); with this, the backward
+# keeps only each step's inputs (K/V block and running state), linear in S.
+_fold_block_remat = jax.checkpoint(_fold_block, static_argnums=(6, 7))
+
+
 def _fold_blocks_skipping(states, q_subs, k, v, q_pos_subs, kv_pos, causal, scale, num_sub):
     """Fold K/V into each query sub-block, skipping (sub-block, sub-block) pairs that are entirely masked."""
     k_subs = jnp.split(k, num_sub, axis=1)
@@ -90,12 +97,13 @@ def _fold_blocks_skipping(states, q_subs, k, v, q_pos_subs, kv_pos, causal, scal
                 # Conservative test (min over the block): a sub-block is skipped only if no key can be visible.
                 state = lax.cond(
                     jnp.max(qp) >= jnp.min(kp),
-                    lambda st, qs=qs, ks=ks, vs=vs, qp=qp, kp=kp: _fold_block(st, qs, ks, vs, qp, kp, True, scale),
+                    lambda st, qs=qs, ks=ks, vs=vs, qp=qp, kp=kp: _fold_block_remat(st, qs, ks, vs, qp, kp, True,
+                                                                                    scale),
                     lambda st: st,
                     state,
                 )
             else:
-                state = _fold_block(state, qs, ks, vs, qp, kp, False, scale)
+                state = _fold_block_remat(state, qs, ks, vs, qp, kp, False, scale)
         new_states.append(state)
     return new_states
 
@@ -191,16 +199,3 @@ def sequence_parallel_attention(q, k, v, *, mesh: Mesh, ring_axis: str, ulysses_
                            out_specs=seq)
     return mapped(q, k, v, pos)
 
-
-def reference_attention(q, k, v, *, causal: bool = True, positions=None, scale: float | None = None):
-    """Single-device softmax attention with GQA and position-based causal masking (the exactness reference)."""
-    b, s, h, d = q.shape
-    hkv = k.shape[2]
-    pos = _as_batch_positions(positions, b, s)
-    scale = d**-0.5 if scale is None else scale
-    qg = q.reshape(b, s, hkv, h // hkv, d)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(_visible(pos, pos, causal)[:, None, None], logits, _NEG)
-    p = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, s, h, d).astype(q.dtype)
