@@ -276,9 +276,26 @@ def _utc_stamp() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
+COMPLETE_MARKER = ".complete"
+
+
 def _latest_resumable(root: Path) -> Path | None:
-    candidates = sorted(p for p in root.glob("*") if p.is_dir() and (p / "checkpoints").is_dir())
+    """Newest run directory that holds checkpoints and did not finish."""
+    candidates = sorted(
+        p for p in root.glob("*")
+        if p.is_dir() and (p / "checkpoints").is_dir() and not (p / COMPLETE_MARKER).exists()
+    )
     return candidates[-1] if candidates else None
+
+
+def _config_differences(directory: Path, cfg: Any) -> list[str]:
+    try:
+        saved = json.loads((directory / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return ["(config.json unreadable)"]
+    now = _jsonable(cfg)
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
 def run_experiment(
@@ -299,6 +316,12 @@ def run_experiment(
     root = Path(runs_root) / name
     directory = _latest_resumable(root) if resume else None
     resumed = directory is not None
+    if resume and not resumed:
+        print(f"resume=true: no unfinished run with checkpoints under {root}; starting a new run", file=sys.stderr)
+    if resumed:
+        changed = _config_differences(directory, cfg)
+        if changed:
+            print(f"warning: resuming {directory} with a changed config: {'; '.join(changed)}", file=sys.stderr)
     if directory is None:
         directory = root / _utc_stamp()
         suffix = 1
@@ -314,6 +337,7 @@ def run_experiment(
         if not run.checkpoint_dir.exists() and directory.exists():
             shutil.move(str(directory), str(directory.with_name(directory.name + ".failed")))
         raise
+    (directory / COMPLETE_MARKER).touch()
     return run
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLEMENTATIONS = (None, "xla", "dot_product", "pallas")
 
@@ -99,7 +100,7 @@ def attention(
         import pallas_kernels
 
         return pallas_kernels.hybrid_attention(
-            q, k, v, streaming_heads=jnp.zeros((k.shape[2],), bool), sink=0, local=1, q_offset=sk - sq, scale=scale
+            q, k, v, streaming_heads=np.zeros((k.shape[2],), bool), sink=0, local=1, q_offset=sk - sq, scale=scale
         )
     mask = make_mask(q_positions, kv_positions, causal=causal, sliding_window=sliding_window)
     if implementation == "dot_product":
