@@ -1,10 +1,13 @@
 """LServe engine: exactness against the plain decoder, page accounting, clear errors."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxeff.lserve import Engine, LServeConfig, ring_page_table
+import pallas_kernels
+from jaxeff.lserve import Engine, LServeCache, LServeConfig, ring_page_table
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.models.llama import generate as dense_generate
 
@@ -71,3 +74,30 @@ def test_clear_errors(setup):
         Engine(model, small(max_len=40)).generate(prompts, NEW)
     with pytest.raises(ValueError, match="pattern belongs to another model"):
         Engine(model, small(), streaming_heads=np.zeros((32, 8), bool))
+
+
+def test_streaming_ring_prefill_and_decode_equal_lambda_attention(setup):
+    """Streaming heads with a ring much smaller than the prompt, prefilled in chunks larger than the ring, then
+    decoded: every logit equals the one-shot forward with hybrid (Λ) attention."""
+    model, _, _ = setup
+    cfg = small(sink=4, local=8, prefill_chunk=24, dynamic_sparsity=False)
+    streaming = np.array([[True, False], [False, True]])
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 51)))
+    graphdef, state = nnx.split(model)
+
+    def hybrid(layer, q, k, v, *, q_positions, kv_positions):
+        return pallas_kernels.hybrid_attention(q, k, v, streaming_heads=streaming[layer], sink=4, local=8)
+
+    ref = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, attention_fn=hybrid))(state, tokens)
+    step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, cache=c))
+    cache = LServeCache.init(streaming, 2, model.config.head_dim, cfg)
+    outs = []
+    for start in (0, 24):
+        pos = jnp.broadcast_to(jnp.arange(start, start + 24), (2, 24))
+        logits, cache = step(state, tokens[:, start:start + 24], pos, cache.replace(prefill_offset=start))
+        outs.append(logits)
+    cache = cache.replace(prefill_offset=-1)
+    for p in range(48, 51):
+        logits, cache = step(state, tokens[:, p:p + 1], jnp.full((2, 1), p), cache)
+        outs.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(ref), atol=2e-5)
