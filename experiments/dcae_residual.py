@@ -97,7 +97,7 @@ def train_and_eval(cfg: Config, factor: int, residual: bool, test: np.ndarray, r
 
 
 @register("dcae_residual", Config, presets={
-    "smoke": {"steps": 300, "base_width": 8, "test_size": (128, 192)},
+    "smoke": {"steps": 200, "seeds": 2, "base_width": 8, "test_size": (128, 192)},
     "full": {},
 })
 def run(cfg: Config, run: Run) -> None:

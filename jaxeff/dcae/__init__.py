@@ -1,4 +1,13 @@
-"""DC-AE: deep compression autoencoders (MIT HAN Lab, arXiv 2410.10733) in Flax NNX, loading the released weights."""
+"""DC-AE: deep compression autoencoders (MIT HAN Lab, arXiv 2410.10733) in Flax NNX, loading the released weights.
+
+    from jaxeff.dcae import DCAE, jit_method
+    model = DCAE.from_pretrained("dc-ae-f32c32-in-1.0-diffusers")   # or an original-format dir / model.safetensors
+    z = jit_method(model, "encode", scaled=True)(images)            # [B, H, W, 3] in [-1, 1] -> [B, H/32, W/32, 32]
+    x = jit_method(model, "decode", scaled=True)(z)
+
+Released architectures: `CONFIGS` / `get_config(name)`; random weights for training: `DCAE.random(config, seed)`.
+Parity with diffusers' `AutoencoderDC` (float32, relative error < 1e-4) is tested on CPU; nothing else was run.
+"""
 
 from jaxeff.dcae.config import CONFIGS, DCAEConfig, get_config
 from jaxeff.dcae.model import DCAE, jit_method, pixel_shuffle, pixel_unshuffle

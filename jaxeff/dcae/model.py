@@ -64,6 +64,13 @@ class Conv2d(nnx.Module):
             cin_g, cout = w.shape[2], w.shape[3]
             wg = w[0, 0].reshape(cin_g, g, cout // g).transpose(1, 0, 2)
             y = jnp.einsum("...gi,gio->...go", x.reshape(*x.shape[:-1], g, cin_g), wg).reshape(*x.shape[:-1], cout)
+        elif self.groups == w.shape[3] and w.shape[2] == 1 and self.stride == 1:
+            # depthwise as k*k shifted multiply-adds that XLA fuses into one loop: XLA:CPU's grouped conv was
+            # 10-20x slower than this (and than torch) on the 512px GLUMBConv / multi-scale shapes
+            k, p = self.kernel_size, self.kernel_size // 2
+            h, wd = x.shape[1:3]
+            xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+            y = sum(xp[:, i : i + h, j : j + wd] * w[i, j, 0] for i in range(k) for j in range(k))
         else:
             p = self.kernel_size // 2
             y = jax.lax.conv_general_dilated(
