@@ -9,7 +9,9 @@ Streaming heads are sparse from the first chunk: query p sees keys at positions 
 token-exact, whatever the chunk size (the official code runs the first chunk dense and widens the window inside
 later chunks). A chunk attends [ring cache; the chunk itself] under that mask, then only the tokens that stay
 (sink tokens and the chunk's last `recent`) are written to the ring. Queries at position -1 are padding: they
-write nothing and return zeros. Executed on CPU only.
+write nothing and return zeros. Cost per chunk of C tokens: retrieval heads O(C * max_len) like a contiguous
+cache, streaming heads O(C * (sink + recent + C)) masked einsums (memory stays sink + recent; the block-sparse
+kernel path for long chunks is LServe's `pallas_kernels.hybrid_attention` prefill). Executed on CPU only.
 """
 
 from __future__ import annotations

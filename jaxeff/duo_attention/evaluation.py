@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxeff.data import PasskeyTask
+from jaxeff.data import PasskeyTask, english_corpus
+from jaxeff.data.passkey import QUESTION
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -23,24 +24,33 @@ def load_tokenizer(model_dir: str | Path):
 
 def passkey_prompts(context: int, n: int, *, seed: int = 12345, depth: float | None = None, tokenizer=None,
                     key_digits: int = 5) -> tuple[list[list[int]], list[str]]:
-    """(prompt token lists, keys). context counts characters of the char task; with a Hugging Face `tokenizer`
-    it counts that tokenizer's tokens (the haystack is sized by the tokenizer's characters per token)."""
+    """(prompt token lists, keys). context counts characters of the char task (`PasskeyTask` examples); with a
+    Hugging Face `tokenizer` it counts about that many of its tokens: the same needle and question around a
+    haystack of the same English text (repeated for contexts longer than the corpus), sized by the tokenizer's
+    characters per token."""
     if tokenizer is None:
         task = PasskeyTask(context=context, key_digits=key_digits)
         batch = task.batch(seed, np.arange(n), depth=depth)
         prompts = [row[: context - key_digits].tolist() for row in batch["tokens"]]
         keys = [task.tokenizer.decode(row[context - key_digits:]) for row in batch["tokens"]]
         return prompts, keys
-    sample = PasskeyTask(context=4096).example(seed, 0)["tokens"][1:]
-    text = PasskeyTask().tokenizer.decode(sample)
-    chars_per_token = len(text) / len(tokenizer.encode(text, add_special_tokens=False))
-    task = PasskeyTask(context=int(context * chars_per_token * 0.97), key_digits=key_digits)
+    task = PasskeyTask(key_digits=key_digits)
+    corpus = english_corpus()
+    sample = corpus[:20000]
+    chars_per_token = len(sample) / len(tokenizer.encode(sample, add_special_tokens=False))
+    hay_len = int(context * chars_per_token * 0.97) - len(task.needle("0" * key_digits)) - len(QUESTION)
+    reps = -(-(hay_len + len(corpus)) // len(corpus))  # long contexts repeat the corpus
+    text = corpus * reps
     prompts, keys = [], []
     for i in range(n):
-        row = task.example(seed, i, depth)["tokens"]
-        prompt_text = task.tokenizer.decode(row[1: len(row) - key_digits]).rstrip()
-        prompts.append(list(tokenizer.encode(prompt_text, add_special_tokens=True)))
-        keys.append(task.tokenizer.decode(row[len(row) - key_digits:]))
+        rng = np.random.default_rng([seed, i])
+        key = str(rng.integers(1, 10)) + "".join(str(d) for d in rng.integers(0, 10, key_digits - 1))
+        start = int(rng.integers(0, len(corpus)))
+        hay = text[start: start + hay_len]
+        cut = int(round((rng.uniform(task.min_depth, task.max_depth) if depth is None else depth) * hay_len))
+        prompt = hay[:cut] + task.needle(key) + hay[cut:] + QUESTION.rstrip()
+        prompts.append(list(tokenizer.encode(prompt, add_special_tokens=True)))
+        keys.append(key)
     return prompts, keys
 
 
