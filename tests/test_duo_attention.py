@@ -60,8 +60,7 @@ def test_gate_training_separates_heads(model):
     """KV head 1 of every layer writes nothing (zero value projection), so only the regulariser acts on its gate
     and it must fall; KV head 0 carries the long-range signal the streaming mask cuts, so its gate stays high."""
     cfg = model.config
-    graphdef, state = nnx.split(model)
-    m = nnx.merge(graphdef, state)
+    m = nnx.clone(model)  # the module-scoped model stays untouched
     for layer in m.layers:
         kernel = layer.self_attn.v_proj.kernel
         kernel[...] = kernel[...].at[:, cfg.head_dim:].set(0.0)  # KV head 1
