@@ -25,7 +25,7 @@ from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.transformer import HARTConfig, HARTTransformer, SampleOptions, generate_fhat_jit
 
 PRESETS = {
-    "reduced": {"width": 256, "depth": 4, "heads": 4, "context": 32, "batch": 1, "dit_steps": 20, "repeats": 3,
+    "reduced": {"width": 512, "depth": 8, "heads": 8, "context": 32, "batch": 1, "dit_steps": 20, "repeats": 2,
                 "scales": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "diff_width": 256, "diff_depth": 3},
     "full": {"width": 1536, "depth": 16, "heads": 24, "context": 300, "batch": 1, "dit_steps": 20, "repeats": 5,
              "scales": (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64), "diff_width": 1024, "diff_depth": 6},
