@@ -2,7 +2,8 @@
 
 Encode / decode throughput (images/s) of DC-AE in jaxeff vs diffusers' PyTorch `AutoencoderDC` on CPU, with the
 same random weights (float32), printed side by side with the ratio, plus the relative difference of the outputs.
-jaxeff is timed after compilation (compile time printed separately); both run on all the CPU threads they see.
+jaxeff is timed after compilation (compile time printed separately), alternating with diffusers run by run; both
+use all the CPU threads they see.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ def _parse(argv: list[str]) -> dict[str, str]:
     return opts
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
+def _interleaved_best(fns, repeats: int) -> list[float]:
+    """Best wall time of each fn, alternating between them so a changing machine load hits both alike."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def main(argv: list[str]) -> None:
@@ -67,10 +70,10 @@ def main(argv: list[str]) -> None:
         fn = jit_method(model, jfn)
         out = np.asarray(fn(jnp.asarray(arg)))  # compile + first run
         first = time.perf_counter() - start
-        jt = _best(lambda: jax.block_until_ready(fn(jnp.asarray(arg))), repeats)  # noqa: B023
+        outs = []
         with torch.inference_mode():
-            outs = []
-            tt = _best(lambda: outs.append(tfn(targ)), repeats)  # noqa: B023
+            jt, tt = _interleaved_best([lambda: jax.block_until_ready(fn(jnp.asarray(arg))),  # noqa: B023
+                                        lambda: outs.append(tfn(targ))], repeats)  # noqa: B023
         ref = outs[-1].permute(0, 2, 3, 1).numpy()
         rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
         rows.append((name, batch / jt, batch / tt, tt / jt, first, rel))
