@@ -53,17 +53,22 @@ class Config:
     require_model: bool = False  # the full preset: model= and pattern= must be given
 
     def validate(self):
-        if self.require_model and not (self.model and self.pattern):
-            raise ValueError("this preset needs model=/path/to/hf_model and pattern=/path/to/duo_attn_pattern")
-        if self.model and not (Path(self.model) / "config.json").is_file():
-            raise FileNotFoundError(f"model={self.model}: not a Hugging Face model directory (no config.json)")
-        if self.pattern and not (Path(self.pattern) / "full_attention_heads.tsv").is_file():
-            raise FileNotFoundError(f"pattern={self.pattern}: no full_attention_heads.tsv")
+        check_model_and_pattern(self.model, self.pattern, self.require_model)
         if not 0 < self.sparsity < 1:
             raise ValueError("sparsity must be in (0, 1)")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError("dtype must be float32 or bfloat16")
         PasskeyTask(context=self.train_context)
+
+
+def check_model_and_pattern(model: str, pattern: str, require_model: bool) -> None:
+    """Config validation shared with `lserve_needle`: paths must exist before a run directory is made."""
+    if require_model and not (model and pattern):
+        raise ValueError("this preset needs model=/path/to/hf_model and pattern=/path/to/duo_attn_pattern")
+    if model and not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"model={model}: not a Hugging Face model directory (no config.json)")
+    if pattern and not (Path(pattern) / "full_attention_heads.tsv").is_file():
+        raise FileNotFoundError(f"pattern={pattern}: no full_attention_heads.tsv")
 
 
 def resolve_model(cfg_model: str, run: Run) -> tuple[str, str]:

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.duo_attention_passkey import resolve_model  # same model resolution (and smoke fallback)
+# same model resolution (and smoke fallback) and path checks as the DuoAttention experiment
+from experiments.duo_attention_passkey import check_model_and_pattern, resolve_model
 from jaxeff import duo_attention as da
 from jaxeff.data import PasskeyTask
 from jaxeff.duo_attention.evaluation import key_matches, load_tokenizer, passkey_prompts
@@ -51,12 +52,7 @@ class Config:
     require_model: bool = False
 
     def validate(self):
-        if self.require_model and not (self.model and self.pattern):
-            raise ValueError("this preset needs model=/path/to/hf_model and pattern=/path/to/duo_attn_pattern")
-        if self.model and not (Path(self.model) / "config.json").is_file():
-            raise FileNotFoundError(f"model={self.model}: not a Hugging Face model directory (no config.json)")
-        if self.pattern and not (Path(self.pattern) / "full_attention_heads.tsv").is_file():
-            raise FileNotFoundError(f"pattern={self.pattern}: no full_attention_heads.tsv")
+        check_model_and_pattern(self.model, self.pattern, self.require_model)
         for b in self.budgets:  # raises on a budget below one page
             LServeConfig(page_size=self.page_size, logical_page_size=self.logical_page_size, token_budget=b)
         if self.dtype not in ("float32", "bfloat16"):
