@@ -10,6 +10,7 @@ experiments load it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -85,19 +86,23 @@ def _task_for_step(cfg: Config, step: int) -> PasskeyTask:
     return PasskeyTask(context=stages[stage])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _greedy_predictions(graphdef, state, tokens):
+    return jnp.argmax(nnx.merge(graphdef, state)(tokens), -1)
+
+
 def evaluate_passkey(model: Llama, context: int, examples: int, *, seed: int = 12345, batch_size: int = 25,
                      depths: tuple[float, ...] | None = None) -> dict[str, float]:
     """Exact-match accuracy of the key digits (teacher-forced argmax == greedy decoding of the key)."""
     task = PasskeyTask(context=context)
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, t: jnp.argmax(nnx.merge(graphdef, s)(t), -1))
+    graphdef, state = nnx.split(model)  # one compiled forward per shape across calls (evals during training)
     results = {}
     for depth in depths or (None,):
         hits = []
         for start in range(0, examples, batch_size):
             idx = np.arange(start, min(start + batch_size, examples))
             batch = task.batch(seed, idx, depth=depth)
-            preds = np.asarray(forward(state, jnp.asarray(batch["tokens"])))
+            preds = np.asarray(_greedy_predictions(graphdef, state, jnp.asarray(batch["tokens"])))
             hits.append(answer_exact_match(preds, batch["tokens"], batch["loss_mask"]))
         results["all" if depth is None else f"{depth:.2f}"] = float(np.concatenate(hits).mean())
     return results

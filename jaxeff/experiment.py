@@ -95,7 +95,7 @@ def load_all() -> dict[str, Experiment]:
 def get(name: str) -> Experiment:
     registry = load_all()
     if name not in registry:
-        known = "\n  ".join(sorted(registry))
+        known = "\n  ".join(f"{n:<24} {registry[n].description}".rstrip() for n in sorted(registry))
         broken = "".join(f"\n  experiments/{m}.py: {err}" for m, err in sorted(_IMPORT_ERRORS.items()))
         if broken:
             broken = "\nthese experiment files failed to import:" + broken

@@ -22,8 +22,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
-        saved = self.manager.save(step, args=args, force=force)
-        return saved
+        return self.manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         step = self.manager.latest_step() if step is None else step
