@@ -53,18 +53,14 @@ def _check_floating(name, x):
         raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
 
 
-def _row_align(*dtypes) -> int:
+def _tpu_block_rows(rows: int, width: int, block_rows: int | None, dtype) -> int:
     # Mosaic tiles 32-bit rows in groups of 8 sublanes; 16-bit dtypes pack two rows per sublane.
-    return 8 * max(4 // jnp.dtype(d).itemsize for d in dtypes)
-
-
-def _tpu_block_rows(rows: int, width: int, block_rows: int | None, dtypes) -> int:
-    align = _row_align(*dtypes)
+    align = 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
     if block_rows is None:
         block_rows = max(align, _TPU_BLOCK_ELEMS // width // align * align)
     elif block_rows % align:
-        raise ValueError(f"block_rows must be a multiple of {align} on the TPU-style kernel for dtypes "
-                         f"{[str(jnp.dtype(d)) for d in dtypes]}, got {block_rows}")
+        raise ValueError(f"block_rows must be a multiple of {align} on the TPU-style kernel for dtype "
+                         f"{jnp.dtype(dtype)}, got {block_rows}")
     return rows if rows <= block_rows else block_rows  # a block spanning all rows is always a legal block
 
 
@@ -110,7 +106,7 @@ def _norm_cost(rows, width, itemsize, has_res):
 def _pallas_tpu_norm(y2, w, b, res2, eps, block_rows, interpret):
     rows, width = y2.shape
     has_res = res2 is not None
-    br = _tpu_block_rows(rows, width, block_rows, [y2.dtype])
+    br = _tpu_block_rows(rows, width, block_rows, y2.dtype)
 
     def kernel(y_ref, w_ref, b_ref, *refs):
         res_ref, o_ref = refs if has_res else (None, refs[0])
@@ -250,7 +246,7 @@ def _gate(a, gate):
 def _pallas_tpu_glu(y2, block_rows, interpret):
     rows, width2 = y2.shape
     h = width2 // 2
-    br = _tpu_block_rows(rows, h, block_rows, [y2.dtype])
+    br = _tpu_block_rows(rows, h, block_rows, y2.dtype)
     out_spec = pl.BlockSpec((br, h), lambda i: (i, 0))
     if h % 128 == 0:  # two lane-aligned half blocks of the same array: no in-kernel lane shuffles
         def kernel(a_ref, g_ref, o_ref):

@@ -78,12 +78,15 @@ def test_pallas_channel_norm_dispatch():
 
 def test_pallas_channel_norm_tpu_interpret_mode():
     y, w, b, r = _norm_inputs(2, (1, 7, 9, 256), jnp.bfloat16, True)
-    yg = jax.random.normal(jax.random.key(3), (1, 7, 9, 512), jnp.bfloat16)
+    # GLU halves of 256 (two lane-aligned BlockSpecs) and 48 (one row block split in the kernel).
+    gates = [jax.random.normal(jax.random.key(3), (1, 7, 9, 512), jnp.bfloat16),
+             jax.random.normal(jax.random.key(4), (1, 7, 9, 96), jnp.float32)]
     with pltpu.force_tpu_interpret_mode():
-        out = pk.channel_rms_norm(y, w, b, r, implementation="pallas", block_rows=32)
-        gate = pk.glu_silu(yg, implementation="pallas", block_rows=16)
+        out = pk.channel_rms_norm(y, w, b, r, implementation="pallas", block_rows=32)  # 63 rows: partial last block
+        gated = [pk.glu_silu(yg, implementation="pallas", block_rows=16) for yg in gates]
     _close(out, pk.channel_rms_norm_reference(y, w, b, r), jnp.bfloat16)
-    _close(gate, pk.glu_silu_reference(yg), jnp.bfloat16)
+    for yg, g in zip(gates, gated):
+        _close(g, pk.glu_silu_reference(yg), yg.dtype)
 
 
 def test_pallas_channel_norm_gradients():
