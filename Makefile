@@ -6,7 +6,7 @@ export JAX_PLATFORMS ?=
 # Every `key=value` given on the command line except name/preset/resume is an experiment override.
 OVERRIDES := $(filter-out name=% preset=% resume=% PYTHON=%,$(MAKEOVERRIDES))
 
-.PHONY: install install-ref exp test test-fast bench lint notebooks clean-runs
+.PHONY: install install-ref exp test test-device test-fast bench lint notebooks clean-runs
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ exp: install
 test: install install-ref
 	JAX_PLATFORMS=cpu $(PY) -m pytest tests --ignore=tests/multidevice -q --durations=15
 	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest tests/multidevice -q
+
+# On a GPU/TPU machine: the pallas tests on the accelerator, compiled-kernel checks included.
+test-device: install
+	JAX_PLATFORMS= $(PY) -m pytest tests -k pallas -q -rs
 
 bench: install install-ref
 	@test -n "$(name)" || { echo "usage: make bench name=<benchmark>"; ls benchmarks | grep -v __ | sed 's/\.py$$//;s/^/  /'; exit 2; }

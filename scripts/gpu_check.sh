@@ -57,12 +57,13 @@ for s in $STEPS; do
   case $s in
     env) step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; \
       $PY -c 'import sys, jax, flax; print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, jax.devices())'" ;;
-    kernels) step kernels 240 $PY -m pytest -q -rs -p no:cacheprovider tests -k "pallas and device" ;;
+    kernels) step kernels 240 env JAX_PLATFORMS= $PY -m pytest -q -rs -p no:cacheprovider tests/test_pallas_device.py \
+      tests/test_pallas_channel_norm.py -k device ;;
     attention) step attention 150 $PY -m benchmarks.attention parts=gpu repeats=5 ;;
     dcae) step dcae_f32 120 $PY -m benchmarks.dcae resolution=1024 batch=4 repeats=5
           step dcae_bf16 120 $PY -m benchmarks.dcae resolution=1024 batch=4 repeats=5 dtype=bfloat16 ;;
     uvit) step uvit 200 $PY -m jaxeff.run name=dcae_uvit preset=full batch=16 && latest_results dcae_uvit ;;
-    pallas_all) step pallas_all 240 $PY -m pytest -q -p no:cacheprovider tests -k "pallas and not device" ;;
+    pallas_all) step pallas_all 240 env JAX_PLATFORMS= $PY -m pytest -q -p no:cacheprovider tests -k "pallas and not device" ;;
     *) echo "unknown step $s (steps: env kernels attention dcae uvit pallas_all)"; exit 2 ;;
   esac
 done

@@ -23,7 +23,7 @@ def fake_tpu_info(monkeypatch):
     tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
     if not hasattr(tpu_info, "registry"):
         pytest.skip("this jax has no TPU info registry to describe a v5e")
-    monkeypatch.setitem(tpu_info.registry, "cpu",
+    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
                         lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import grain
 import numpy as np
+
+if TYPE_CHECKING:  # imported when used, so the models and kernels work where grain is not installed
+    import grain
 
 
 def index_batches(
@@ -22,6 +25,8 @@ def index_batches(
 
     Each process reads the batches i with i % process_count == process_index (grain slicing), so a data-parallel
     job sees disjoint data; the iterator state (`get_state`/`set_state`) is checkpointable."""
+    import grain
+
     if process_index is None or process_count is None:
         import jax
 
