@@ -4,8 +4,9 @@
    vs the same path with every head dense (causal): measured time ratio next to the active-block ratio.
 2. Decode (CPU, XLA path): KV bytes read per step and time, page-selected (budget 1024 tokens, page 64 /
    logical page 16) with and without 50% streaming heads, vs dense decode over every page.
-3. GPU (only when a GPU is present): Pallas hybrid_attention (50% streaming) vs jax.nn.dot_product_attention
-   dense causal (cuDNN where available), bfloat16.
+3. GPU (only when a GPU is present), bfloat16: cuDNN dense causal attention vs the Pallas kernel with all heads
+   dense and with 50% streaming heads, vs the default GPU path (dense heads through cuDNN, streaming heads through
+   Pallas), forward and forward+backward; then the Pallas kernel's Triton launch parameters.
 
 Overrides (ints, or comma-separated ints for lists), e.g. `python -m benchmarks.attention lengths=4096,16384
 history=32768 repeats=2`. Options: lengths, heads, kv_heads, head_dim, history, decode_heads, decode_kv_heads,
@@ -139,26 +140,59 @@ def decode_rows(opts):
     return rows
 
 
+def _gpu_inputs(n, hq, hkv, d):
+    kq, kk, kv = jax.random.split(jax.random.key(n), 3)
+    return (jax.random.normal(kq, (1, n, hq, d), jnp.bfloat16), jax.random.normal(kk, (1, n, hkv, d), jnp.bfloat16),
+            jax.random.normal(kv, (1, n, hkv, d), jnp.bfloat16))
+
+
+def _fwd_bwd(fn):
+    return jax.jit(lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)),
+                                            argnums=(0, 1, 2))(q, k, v))
+
+
 def gpu_rows(opts):
+    """Forward (and forward+backward) times: cuDNN dense causal vs the Pallas kernel (all heads dense, and 50%
+    streaming) vs the default hybrid path (dense heads through cuDNN, streaming heads through Pallas)."""
     hq, hkv, d = 32, 8, 128
+    dense_flags, half = np.zeros(hkv, bool), half_streaming(hkv)
+
+    def hybrid(flags, implementation, **kw):
+        return lambda q, k, v: pk.hybrid_attention(q, k, v, streaming_heads=flags, sink=SINK, local=LOCAL,
+                                                   implementation=implementation, **kw)
+
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    variants = {"cudnn dense": cudnn, "pallas dense": hybrid(dense_flags, "pallas"),
+                "pallas hybrid": hybrid(half, "pallas"), "cudnn+pallas hybrid": hybrid(half, "cudnn")}
     rows = []
     for n in tqdm(opts["gpu_lengths"], desc="gpu prefill"):
-        kq, kk, kv = jax.random.split(jax.random.key(n), 3)
-        q = jax.random.normal(kq, (1, n, hq, d), jnp.bfloat16)
-        k = jax.random.normal(kk, (1, n, hkv, d), jnp.bfloat16)
-        v = jax.random.normal(kv, (1, n, hkv, d), jnp.bfloat16)
-        ours = jax.jit(lambda q, k, v: pk.hybrid_attention(q, k, v, streaming_heads=half_streaming(hkv), sink=SINK,
-                                                           local=LOCAL, implementation="pallas"))
-        t_ours = best_time(ours, q, k, v, repeats=opts["repeats"])
-        try:
-            dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                         implementation="cudnn"))
-            t_dense, dense_name = best_time(dense, q, k, v, repeats=opts["repeats"]), "cudnn"
-        except Exception:  # no cuDNN flash attention for this GPU/shape: XLA's dense attention
-            dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
-            t_dense, dense_name = best_time(dense, q, k, v, repeats=opts["repeats"]), "xla"
-        rows.append({"tokens": n, "dense": dense_name, "dense s": t_dense, "pallas hybrid s": t_ours,
-                     "speed-up": t_dense / t_ours})
+        args = _gpu_inputs(n, hq, hkv, d)
+        row = {"tokens": n}
+        for name, fn in variants.items():
+            row[f"{name} s"] = best_time(jax.jit(fn), *args, repeats=opts["repeats"])
+        for name in variants:
+            row[f"{name} x"] = row["cudnn dense s"] / row[f"{name} s"]
+        for name in ("cudnn dense", "cudnn+pallas hybrid"):  # training: forward + backward
+            row[f"{name} fwd+bwd s"] = best_time(_fwd_bwd(variants[name]), *args, repeats=opts["repeats"])
+        row["fwd+bwd x"] = row["cudnn dense fwd+bwd s"] / row["cudnn+pallas hybrid fwd+bwd s"]
+        rows.append(row)
+    return rows
+
+
+def gpu_tuning_rows(opts):
+    """Triton launch parameters of the Pallas kernel, all heads dense (the kernel's worst case)."""
+    n = opts["gpu_lengths"][0]
+    args = _gpu_inputs(n, 32, 8, 128)
+    rows = []
+    for bq, bk, warps, stages in ((128, 128, 4, 2), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
+                                  (128, 64, 8, 3), (64, 64, 4, 3)):
+        fn = jax.jit(lambda q, k, v, bq=bq, bk=bk, w=warps, st=stages: pk.hybrid_attention(
+            q, k, v, streaming_heads=np.zeros(8, bool), sink=SINK, local=LOCAL, implementation="pallas",
+            block_q=bq, block_k=bk, num_warps=w, num_stages=st))
+        t = best_time(fn, *args, repeats=opts["repeats"])
+        tflops = 4 * n * n / 2 * 128 * 32 / t / 1e12  # causal: half of the QK^T and PV products
+        rows.append({"tokens": n, "block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages,
+                     "fwd s": t, "TFLOP/s": tflops})
     return rows
 
 
@@ -186,8 +220,9 @@ def main(argv):
     if "gpu" not in parts:
         return
     if jax.default_backend() == "gpu":
-        table("GPU prefill, bfloat16, 32 q / 8 KV heads, D 128: Pallas hybrid (50% streaming) vs dense causal",
-              gpu_rows(opts))
+        table("GPU prefill, bfloat16, 32 q / 8 KV heads, D 128, 50% streaming heads (sink 64, local 256); "
+              "x = speed-up over cuDNN dense causal", gpu_rows(opts))
+        table("Pallas kernel launch parameters (all heads dense, forward)", gpu_tuning_rows(opts))
     else:
         print("\nGPU part skipped: no GPU on this machine.")
 

@@ -16,6 +16,8 @@ Three implementations share `block_ranges` (the active KV blocks of each query b
   offset, and a custom computable sink-or-local mask, since its LocalMask has no sink); we keep our own kernel
   because splash builds its MaskInfo on the host over all nq x nk blocks and keeps [heads, nq, nk] arrays in SMEM,
   while ours needs O(Hkv * nq) scalars and recomputes masks in-kernel.
+- `_cudnn_hybrid` (GPU default where it applies): dense heads through cuDNN's fused attention, streaming heads
+  through the Triton-style kernel below, as DuoAttention's own code pairs FlashAttention with a streaming kernel.
 - `_pallas_gpu_forward` / `_pallas_gpu_backward`: Triton-style kernels, grid (q blocks, B, Hq), two in-kernel loops
   (sink blocks, local or causal blocks) with data-dependent bounds; Triton has no scalar prefetch, hence separate
   kernels. The dk/dv kernel loops each KV block over its query-block range per query head, then sums GQA groups.
@@ -63,6 +65,8 @@ class _Cfg:
     block_q: int
     block_k: int
     static_flags: tuple[bool, ...] | None  # None when streaming_heads is traced
+    num_warps: int | None = None  # Triton launch parameters (GPU only); None: chosen from the block shape
+    num_stages: int | None = None
 
     @property
     def nq(self) -> int:
@@ -180,32 +184,63 @@ def _xla_streaming_group(q, k, v, cfg: _Cfg):
     return o.reshape(b, nq * bq, h, g, d)[:, :sq]
 
 
-def _xla_hybrid(q, k, v, flags, cfg: _Cfg):
+def _split_head_kinds(q, k, v, cfg: _Cfg, streaming_fn, dense_fn):
+    """Runs streaming_fn / dense_fn(q [B, Sq, h, G, D], k, v) on the streaming / dense KV heads (static flags)
+    and puts the outputs back in head order; returns [B, Sq, Hq, D] in q.dtype."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, sq, hkv, hq // hkv, d)
-    if cfg.static_flags is None:  # traced pattern: no static head split, masked prefix path for all heads
-        o = _xla_dense_group(qg, k, v, flags.astype(bool), cfg)
-        return o.reshape(b, sq, hq, d).astype(q.dtype)
     stream = np.asarray(cfg.static_flags)
-    s_idx, d_idx = np.flatnonzero(stream), np.flatnonzero(~stream)
-    outs = []
-    if len(s_idx):
-        outs.append(_xla_streaming_group(qg[:, :, s_idx], k[:, :, s_idx], v[:, :, s_idx], cfg))
-    if len(d_idx):
-        outs.append(_xla_dense_group(qg[:, :, d_idx], k[:, :, d_idx], v[:, :, d_idx], np.zeros(len(d_idx), bool),
-                                     cfg))
-    o = jnp.concatenate(outs, axis=2)[:, :, np.argsort(np.concatenate([s_idx, d_idx]))]
+    parts = [(idx, fn) for idx, fn in ((np.flatnonzero(stream), streaming_fn), (np.flatnonzero(~stream), dense_fn))
+             if idx.size]
+    outs = [fn(qg[:, :, idx], k[:, :, idx], v[:, :, idx]) for idx, fn in parts]
+    o = jnp.concatenate(outs, axis=2)[:, :, np.argsort(np.concatenate([idx for idx, _ in parts]))]
     return o.reshape(b, sq, hq, d).astype(q.dtype)
 
 
+def _xla_hybrid(q, k, v, flags, cfg: _Cfg):
+    if cfg.static_flags is None:  # traced pattern: no static head split, masked prefix path for all heads
+        b, sq, hq, d = q.shape
+        o = _xla_dense_group(q.reshape(b, sq, k.shape[2], -1, d), k, v, flags.astype(bool), cfg)
+        return o.reshape(b, sq, hq, d).astype(q.dtype)
+    return _split_head_kinds(q, k, v, cfg, lambda q, k, v: _xla_streaming_group(q, k, v, cfg),
+                             lambda q, k, v: _xla_dense_group(q, k, v, np.zeros(k.shape[2], bool), cfg))
+
+
+def _cudnn_applies(q, cfg: _Cfg) -> bool:
+    # jax's cuDNN attention: fp16/bf16, head_dim <= 128 in multiples of 8, and a causal mask aligned at query 0
+    return (jax.default_backend() == "gpu" and cfg.static_flags is not None and cfg.q_offset == 0
+            and cfg.sq == cfg.sk and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 128)
+
+
+def _cudnn_hybrid(q, k, v, cfg: _Cfg):
+    """Dense heads through cuDNN's fused causal attention, streaming heads through the Triton kernel."""
+    ungroup = lambda qg: qg.reshape(*qg.shape[:2], -1, qg.shape[-1])
+
+    def dense(qg, k, v):
+        return jax.nn.dot_product_attention(ungroup(qg), k, v, scale=cfg.scale, is_causal=True,
+                                            implementation="cudnn").reshape(qg.shape)
+
+    def streaming(qg, k, v):
+        sub = dataclasses.replace(cfg, static_flags=(True,) * k.shape[2])
+        return _pallas_hybrid(ungroup(qg), k, v, jnp.ones(k.shape[2], jnp.int32), sub, "gpu", False).reshape(qg.shape)
+
+    return _split_head_kinds(q, k, v, cfg, streaming, dense)
+
+
 def _online_softmax_step(q, k, v, m, l, acc, qpos, kpos, stream, cfg: _Cfg):
-    """One KV block of the flash-attention recurrence; m, l are [bq, 1], acc [bq, D] (float32)."""
+    """One KV block of the flash-attention recurrence; m, l are [bq, 1], acc [bq, D] (float32).
+
+    qpos is None for a block that every query sees whole: no mask arithmetic."""
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * cfg.scale
-    mask = token_mask(qpos, kpos, stream, cfg.sink, cfg.local) & (kpos < cfg.sk)
-    s = jnp.where(mask, s, MASK_VALUE)
+    if qpos is not None:
+        mask = token_mask(qpos, kpos, stream, cfg.sink, cfg.local) & (kpos < cfg.sk)
+        s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    p = jnp.exp(s - m_new)
+    if qpos is not None:
+        p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp(m - m_new)
     l_new = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
     acc_new = alpha * acc + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
@@ -324,8 +359,12 @@ def _q_block(qranges_ref, row, t, num_q_blocks):
 
 
 def _probs(q, k, lse, qpos, kpos, stream, cfg: _Cfg):
-    """Softmax probabilities of one block from the saved log-sum-exp; padded queries and keys give 0."""
+    """Softmax probabilities of one block from the saved log-sum-exp; padded queries and keys give 0.
+
+    qpos None: a block that every query sees whole, unmasked (padded query rows are then garbage to discard)."""
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * cfg.scale
+    if qpos is None:
+        return jnp.exp(s - lse)
     mask = token_mask(qpos, kpos, stream, cfg.sink, cfg.local) & (kpos < cfg.sk) & (qpos < cfg.q_offset + cfg.sq)
     return jnp.where(mask, jnp.exp(s - lse), 0.0)
 
@@ -445,13 +484,29 @@ def _gpu_bounds(flags, cfg: _Cfg):
     return jnp.concatenate([ranges, stream], axis=-1)
 
 
-def _gpu_kv_loops(bounds_ref, body, carry):
-    u1, l2, hi = bounds_ref[0], bounds_ref[1], bounds_ref[2]
-    carry = lax.fori_loop(0, u1, body, carry)  # sink blocks (streaming heads only)
-    return lax.fori_loop(l2, hi, body, carry)  # local window or causal prefix
+def _gpu_kv_loops(bounds_ref, i, body, carry, cfg: _Cfg):
+    """Runs `body(kb, carry, masked)` over the active KV blocks of query block i.
+
+    Blocks that every query of the block sees whole (all keys causal, real, and for streaming heads inside every
+    query's local window) run with masked=False and skip the mask arithmetic: all but the diagonal of a dense
+    head, the middle of a streaming head's window."""
+    u1, l2, hi, stream = bounds_ref[0], bounds_ref[1], bounds_ref[2], bounds_ref[3] != 0
+    bk = cfg.block_k
+    q_lo = cfg.q_offset + i * cfg.block_q
+    q_hi = q_lo + cfg.block_q - 1
+    whole_hi = jnp.clip(jnp.minimum((q_lo + 1) // bk, cfg.sk // bk), l2, hi)
+    whole_lo = jnp.where(stream, jnp.clip((q_hi - cfg.local) // bk + 1, l2, whole_hi), l2)
+    masked = functools.partial(body, masked=True)
+    carry = lax.fori_loop(0, u1, masked, carry)  # sink blocks (streaming heads only)
+    carry = lax.fori_loop(l2, whole_lo, masked, carry)  # local-window edge
+    carry = lax.fori_loop(whole_lo, whole_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(whole_hi, hi, masked, carry)  # diagonal and ragged end
 
 
-_TRITON = plgpu.CompilerParams(num_warps=4, num_stages=2)
+def _triton_params(cfg: _Cfg, d: int) -> plgpu.CompilerParams:
+    # 8 warps once a 128x128 tile meets a 128-wide head: 4 leave Hopper's tensor cores underfed.
+    num_warps = cfg.num_warps or (8 if cfg.block_q * cfg.block_k >= 128 * 128 and d >= 128 else 4)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages or 2)
 
 
 def _pallas_gpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
@@ -466,14 +521,15 @@ def _pallas_gpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
         q_blk, stream = q_ref[...], bounds_ref[3] != 0
         qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
 
-        def body(kb, carry):
+        def body(kb, carry, masked):
             kslice = pl.ds(kb * bk, bk)
             kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            return _online_softmax_step(q_blk, k_ref[kslice, :], v_ref[kslice, :], *carry, qpos, kpos, stream, cfg)
+            return _online_softmax_step(q_blk, k_ref[kslice, :], v_ref[kslice, :], *carry,
+                                        qpos if masked else None, kpos, stream, cfg)
 
         carry = (jnp.full((bq, 1), MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
                  jnp.zeros((bq, d), jnp.float32))
-        m, l_, acc = _gpu_kv_loops(bounds_ref, body, carry)
+        m, l_, acc = _gpu_kv_loops(bounds_ref, i, body, carry, cfg)
         safe_l = jnp.where(l_ == 0.0, 1.0, l_)
         o_ref[...] = (acc / safe_l).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(l_ == 0.0, 0.0, m + jnp.log(safe_l))[:, 0]
@@ -486,7 +542,7 @@ def _pallas_gpu_forward(q, k, v, flags, cfg: _Cfg, interpret):
         out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))],
         out_shape=[jax.ShapeDtypeStruct((b, nq * bq, hq, d), q.dtype),
                    jax.ShapeDtypeStruct((b, hq, nq * bq), jnp.float32)],
-        compiler_params=_TRITON, interpret=interpret, name="hybrid_attention_gpu",
+        compiler_params=_triton_params(cfg, d), interpret=interpret, name="hybrid_attention_gpu",
     )(_gpu_bounds(flags, cfg), qp, kp, vp)
     return out[:, :sq], lse
 
@@ -509,17 +565,17 @@ def _pallas_gpu_backward(q, k, v, flags, out, lse, do, cfg: _Cfg, interpret):
         lse_blk, delta_blk = lse_ref[...][:, None], delta_ref[...][:, None]
         qpos = cfg.q_offset + i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
 
-        def body(kb, acc):
+        def body(kb, acc, masked):  # unmasked blocks leave NaN/inf only in padded query rows, sliced off
             kslice = pl.ds(kb * bk, bk)
             kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
             k_blk = k_ref[kslice, :]
-            p = _probs(q_blk, k_blk, lse_blk, qpos, kpos, stream, cfg)
+            p = _probs(q_blk, k_blk, lse_blk, qpos if masked else None, kpos, stream, cfg)
             dp = lax.dot_general(do_blk, v_ref[kslice, :], (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)
             ds = (p * (dp - delta_blk)).astype(k_blk.dtype)
             return acc + lax.dot_general(ds, k_blk, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
-        acc = _gpu_kv_loops(bounds_ref, body, jnp.zeros((bq, d), jnp.float32))
+        acc = _gpu_kv_loops(bounds_ref, i, body, jnp.zeros((bq, d), jnp.float32), cfg)
         dq_ref[...] = (acc * cfg.scale).astype(dq_ref.dtype)
 
     q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0))
@@ -530,7 +586,7 @@ def _pallas_gpu_backward(q, k, v, flags, out, lse, do, cfg: _Cfg, interpret):
         in_specs=[pl.BlockSpec((None, None, 4), lambda i, b_, h: (h // g, i, 0)), q_spec, kv_full, kv_full, q_spec,
                   row_spec, row_spec],
         out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        compiler_params=_TRITON, interpret=interpret, name="hybrid_attention_dq_gpu",
+        compiler_params=_triton_params(cfg, d), interpret=interpret, name="hybrid_attention_dq_gpu",
     )(_gpu_bounds(flags, cfg), qp, kp, vp, dop, lse, delta)
 
     qranges, _ = _transposed_schedule(flags, cfg)
@@ -569,7 +625,7 @@ def _pallas_gpu_backward(q, k, v, flags, out, lse, do, cfg: _Cfg, interpret):
         in_specs=[pl.BlockSpec((None, None, 4), lambda kb, b_, h: (h // g, kb, 0)), q_full, k_spec, k_spec, q_full,
                   row_full, row_full],
         out_specs=[part_spec, part_spec], out_shape=[part, part],
-        compiler_params=_TRITON, interpret=interpret, name="hybrid_attention_dkv_gpu",
+        compiler_params=_triton_params(cfg, d), interpret=interpret, name="hybrid_attention_dkv_gpu",
     )(qbounds, qp, kp, vp, dop, lse, delta)
     group_sum = lambda x, like: x[:, : cfg.sk].reshape(b, cfg.sk, hkv, g, d).sum(3).astype(like.dtype)
     return dq[:, :sq], group_sum(dk, k), group_sum(dv, v)
@@ -600,7 +656,8 @@ def _default_block(n: int) -> int:
     return int(min(128, max(16, pl.next_power_of_2(n))))  # >= 16: Triton's dot minimum
 
 
-def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q, block_k):
+def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q, block_k, num_warps=None,
+                num_stages=None):
     """Validates the arguments of `hybrid_attention`; returns (int32 flags [Hkv], _Cfg)."""
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"q and k must be [batch, seq, heads, head_dim], got {q.shape} and {k.shape}")
@@ -617,11 +674,14 @@ def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q,
     block_q = _default_block(sq) if block_q is None else check_int("block_q", block_q, 1)
     block_k = _default_block(sk) if block_k is None else check_int("block_k", block_k, 1)
     static_t = None if static is None else tuple(bool(x) for x in static)
-    return flags, _Cfg(sq, sk, q_offset, sink, local, default_scale(scale, d), block_q, block_k, static_t)
+    num_warps = None if num_warps is None else check_int("num_warps", num_warps, 1)
+    num_stages = None if num_stages is None else check_int("num_stages", num_stages, 1)
+    return flags, _Cfg(sq, sk, q_offset, sink, local, default_scale(scale, d), block_q, block_k, static_t,
+                       num_warps, num_stages)
 
 
 def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale=None, implementation=None,
-                     interpret=False, block_q=None, block_k=None):
+                     interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None):
     """Causal attention where streaming KV heads see only `sink` first tokens and a `local` window.
 
     Args:
@@ -632,16 +692,24 @@ def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale
         for streaming heads, (j < sink or p - j < local).
       q_offset: position of query 0 (chunked prefill: Sk = q_offset + Sq); q_offset + Sq <= Sk.
       scale: softmax scale, default 1/sqrt(D).
-      implementation: None (Pallas on GPU/TPU, XLA elsewhere), "pallas" or "xla".
+      implementation: "pallas", "xla", "cudnn" (GPU: dense heads through cuDNN's fused attention, streaming
+        heads through the Pallas kernel; needs concrete flags, q_offset 0 with Sq == Sk, bf16/fp16, D <= 128) or
+        None: "cudnn" where it applies on a GPU, else Pallas on GPU/TPU and XLA elsewhere.
       interpret: run the Pallas kernel in the interpreter (CPU testing).
       block_q, block_k: block sizes (default min(128, next power of two of the length), at least 16).
+      num_warps, num_stages: Triton launch parameters of the GPU kernels (default from the block shape).
     Returns:
       [B, Sq, Hq, D] in q.dtype. Differentiable w.r.t. q, k, v on every path.
     """
     flags, cfg = make_config(q, k, streaming_heads, sink=sink, local=local, q_offset=q_offset, scale=scale,
-                             block_q=block_q, block_k=block_k)
+                             block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
     if v.shape != k.shape:
         raise ValueError(f"v {v.shape} must have the shape of k {k.shape}")
+    if implementation == "cudnn" or (implementation is None and not interpret and _cudnn_applies(q, cfg)):
+        if not _cudnn_applies(q, cfg):
+            raise ValueError("implementation='cudnn' needs a GPU, concrete streaming_heads, q_offset 0 with "
+                             "q_len == kv_len, bfloat16/float16 inputs and head_dim <= 128 (a multiple of 8)")
+        return _cudnn_hybrid(q, k, v, cfg)
     impl, flavour = resolve_implementation(implementation, interpret)
     if impl == "xla":
         return _xla_hybrid(q, k, v, flags, cfg)

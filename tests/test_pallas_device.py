@@ -35,11 +35,17 @@ HYBRID_CASES = {
     "bf16_d128_chunk_offset": (1, 777, 1300, 16, 4, 128, 4, 100, [True, False, True, False], jnp.bfloat16),
     "bf16_d128_all_dense": (1, 2048, 0, 8, 8, 128, 64, 256, [False] * 8, jnp.bfloat16),
     "bf16_d64_all_streaming_sink0": (2, 513, 0, 4, 4, 64, 0, 33, [True] * 4, jnp.bfloat16),
+    "bf16_d128_mixed_gqa4": (1, 1500, 0, 16, 4, 128, 64, 256, [True, False, False, True], jnp.bfloat16),
 }
+# "cudnn": dense heads through cuDNN, streaming heads through the Triton kernel (GPU, q_offset 0, bf16).
+HYBRID_RUNS = [(name, "pallas") for name in HYBRID_CASES] + [
+    ("bf16_d128_mixed_gqa4", "cudnn"), ("bf16_d128_all_dense", "cudnn"), ("bf16_d64_all_streaming_sink0", "cudnn")]
 
 
-@pytest.mark.parametrize("name", list(HYBRID_CASES))
-def test_pallas_device_hybrid_attention_forward_and_grads(name):
+@pytest.mark.parametrize("name,implementation", HYBRID_RUNS)
+def test_pallas_device_hybrid_attention_forward_and_grads(name, implementation):
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        pytest.skip("cuDNN needs an NVIDIA GPU")
     b, sq, off, hq, hkv, d, sink, local, stream, dtype = HYBRID_CASES[name]
     seed = secrets.randbits(31)
     kq, kk, kv, kc = jax.random.split(jax.random.key(seed), 4)
@@ -54,7 +60,7 @@ def test_pallas_device_hybrid_attention_forward_and_grads(name):
         return out, vjp(cot.astype(out.dtype))
 
     out, grads = jax.jit(lambda q, k, v: fwd_bwd(
-        lambda q, k, v: pk.hybrid_attention(q, k, v, **kw, implementation="pallas"), q, k, v))(q, k, v)
+        lambda q, k, v: pk.hybrid_attention(q, k, v, **kw, implementation=implementation), q, k, v))(q, k, v)
     with jax.default_matmul_precision("highest"):
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         ref, ref_grads = jax.jit(lambda q, k, v: fwd_bwd(
