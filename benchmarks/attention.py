@@ -6,11 +6,12 @@
    logical page 16) with and without 50% streaming heads, vs dense decode over every page.
 3. GPU (only when a GPU is present), bfloat16: cuDNN dense causal attention vs the Pallas kernel with all heads
    dense and with 50% streaming heads, vs the default GPU path (dense heads through cuDNN, streaming heads through
-   Pallas), forward and forward+backward; then the Pallas kernel's Triton launch parameters.
+   Pallas), forward and forward+backward; the Pallas kernel's Triton launch parameters; and part 2's decode
+   comparison with the Pallas decode kernel at GPU sizes.
 
 Overrides (ints, or comma-separated ints for lists), e.g. `python -m benchmarks.attention lengths=4096,16384
 history=32768 repeats=2`. Options: lengths, heads, kv_heads, head_dim, history, decode_heads, decode_kv_heads,
-budget, repeats, gpu_lengths, parts (comma-separated subset of prefill,decode,gpu).
+budget, repeats, gpu_lengths, gpu_history, parts (comma-separated subset of prefill,decode,gpu).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SINK, LOCAL, BLOCK = 64, 256, 128
 PAGE, LOGICAL_PAGE = 64, 16
 DEFAULTS = {"lengths": [4096, 16384, 32768], "heads": 2, "kv_heads": 2, "head_dim": 64, "repeats": 2,
             "history": [32768, 131072], "decode_heads": 4, "decode_kv_heads": 2, "budget": 1024,
-            "gpu_lengths": [32768, 65536, 131072], "parts": "prefill,decode,gpu"}
+            "gpu_lengths": [32768, 65536, 131072], "gpu_history": [131072, 524288], "parts": "prefill,decode,gpu"}
 
 
 def parse(argv):
@@ -86,17 +87,17 @@ def prefill_rows(opts):
     return rows
 
 
-def decode_rows(opts):
-    hq, hkv, d, budget = opts["decode_heads"], opts["decode_kv_heads"], opts["head_dim"], opts["budget"]
+def decode_rows(opts, *, heads, kv_heads, head_dim, history, implementation="xla", dtype=jnp.float32):
+    hq, hkv, d, budget = heads, kv_heads, head_dim, opts["budget"]
     rows = []
-    for n in tqdm(opts["history"], desc="decode"):
+    for n in tqdm(history, desc="decode"):
         max_pages = -(-n // PAGE)
         cache = pk.init_paged_kv_cache(1, hkv, d, max_pages_per_seq=max_pages, page_size=PAGE,
-                                       logical_page_size=LOGICAL_PAGE)
+                                       logical_page_size=LOGICAL_PAGE, dtype=dtype)
         kk, kv, kq = jax.random.split(jax.random.key(n), 3)
-        cache = jax.jit(pk.append_kv)(cache, jax.random.normal(kk, (1, n, hkv, d)),
-                                      jax.random.normal(kv, (1, n, hkv, d)))
-        q = jax.random.normal(kq, (1, hq, d))
+        cache = jax.jit(pk.append_kv)(cache, jax.random.normal(kk, (1, n, hkv, d), dtype),
+                                      jax.random.normal(kv, (1, n, hkv, d), dtype))
+        q = jax.random.normal(kq, (1, hq, d), dtype)
         itemsize = cache.k_pages.dtype.itemsize
         page_bytes = 2 * PAGE * d * itemsize  # K and V of one page of one head
 
@@ -112,8 +113,8 @@ def decode_rows(opts):
                    (f"selected {budget} tok", np.zeros(hkv, bool), selected),
                    ("selected + 50% streaming", half_streaming(hkv), selected))
         # Reference point without paging: jax's dense attention over contiguous K/V of the same history.
-        k_flat = jax.random.normal(kk, (1, n, hkv, d))
-        v_flat = jax.random.normal(kv, (1, n, hkv, d))
+        k_flat = jax.random.normal(kk, (1, n, hkv, d), dtype)
+        v_flat = jax.random.normal(kv, (1, n, hkv, d), dtype)
         t_flat = best_time(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v)), q, k_flat, v_flat,
                            repeats=opts["repeats"] * 3)
         rows.append({"history": n, "config": "jax.nn dense, contiguous", "KV MiB/step": 2 * k_flat.nbytes / 2**20,
@@ -122,7 +123,7 @@ def decode_rows(opts):
         for name, stream, sel in configs:
             fn = jax.jit(lambda q, c, s, st=stream: pk.sparse_paged_decode(
                 q, c.k_pages, c.v_pages, c.page_table, c.lengths, s, streaming_heads=st, sink=SINK, local=LOCAL,
-                implementation="xla"))
+                implementation=implementation))
             t = best_time(fn, q, cache, sel, repeats=opts["repeats"] * 3)
             lists = pk.decode_page_lists(cache.page_table, cache.lengths, sel, stream, sink=SINK, local=LOCAL,
                                          page_size=PAGE)
@@ -216,13 +217,18 @@ def main(argv):
               prefill_rows(opts))
     if "decode" in parts:
         table(f"Decode, XLA path, batch 1, {opts['decode_heads']} q / {opts['decode_kv_heads']} KV heads, "
-              f"page {PAGE} / logical {LOGICAL_PAGE}, float32", decode_rows(opts))
+              f"page {PAGE} / logical {LOGICAL_PAGE}, float32",
+              decode_rows(opts, heads=opts["decode_heads"], kv_heads=opts["decode_kv_heads"],
+                          head_dim=opts["head_dim"], history=opts["history"]))
     if "gpu" not in parts:
         return
     if jax.default_backend() == "gpu":
         table("GPU prefill, bfloat16, 32 q / 8 KV heads, D 128, 50% streaming heads (sink 64, local 256); "
               "x = speed-up over cuDNN dense causal", gpu_rows(opts))
         table("Pallas kernel launch parameters (all heads dense, forward)", gpu_tuning_rows(opts))
+        table(f"GPU decode, Pallas kernels, batch 1, 32 q / 8 KV heads, D 128, bfloat16, page {PAGE} / logical "
+              f"{LOGICAL_PAGE}", decode_rows(opts, heads=32, kv_heads=8, head_dim=128, history=opts["gpu_history"],
+                                              implementation="pallas", dtype=jnp.bfloat16))
     else:
         print("\nGPU part skipped: no GPU on this machine.")
 

@@ -35,6 +35,10 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = from_pretrained(d)
+    # Same device class on both sides: PyTorch on CUDA when jax runs on a GPU.
+    torch_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    hf = hf.to(torch_device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls in TF32, as jax does on a GPU by default
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, size=(opts["batch"], opts["prompt"]))
     n = opts["new_tokens"]
@@ -44,9 +48,9 @@ def main(argv: list[str]) -> None:
 
     def run_torch():
         with torch.no_grad():
-            out = hf.generate(torch.tensor(prompts), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=0)
-        return out[:, opts["prompt"]:].numpy()
+            out = hf.generate(torch.tensor(prompts, device=torch_device), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+        return out[:, opts["prompt"]:].cpu().numpy()  # .cpu() waits for the GPU
 
     same = np.array_equal(run_jax(), run_torch())  # also warms up / compiles
 
@@ -60,7 +64,8 @@ def main(argv: list[str]) -> None:
 
     t_jax, t_torch = best(run_jax), best(run_torch)
     tokens = opts["batch"] * n
-    print(f"device: {jax.devices()[0].device_kind}; torch threads: {torch.get_num_threads()}; config: {opts}")
+    print(f"jax device: {jax.devices()[0].device_kind}; torch device: {torch_device} "
+          f"({torch.get_num_threads()} threads); config: {opts}")
     print(f"greedy outputs identical: {same}")
     print(f"{'implementation':<28}{'seconds':>10}{'tokens/s':>12}")
     print(f"{'transformers (PyTorch)':<28}{t_torch:>10.3f}{tokens / t_torch:>12.1f}")
