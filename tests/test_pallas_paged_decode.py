@@ -164,3 +164,18 @@ def test_pallas_sparse_paged_decode_bad_input_raises(filled):
         pk.append_kv(cache, jnp.zeros((B, 20, HKV, D)), jnp.zeros((B, 20, HKV, D)))
     with pytest.raises(ValueError, match="out of range"):
         pk.init_paged_kv_cache(1, 1, 8, max_pages_per_seq=2, page_size=8, logical_page_size=4, num_pages=1)
+
+
+@pytest.mark.parametrize("target_programs", [1, 12, 1000])  # one split, several pages per split, one page each
+def test_pallas_gpu_decode_splits_merge_exactly(filled, monkeypatch, target_programs):
+    monkeypatch.setattr("pallas_kernels.sparse_decode._GPU_TARGET_PROGRAMS", target_programs)
+    cache, _, _ = filled
+    stream = np.array([True, False])
+    q = jax.random.normal(jax.random.key(target_programs), (B, 4, D))
+    scores = pk.page_scores(q, cache.kmin, cache.kmax, cache.page_table, cache.lengths, logical_page_size=LPAGE)
+    selected = pk.select_pages(scores, cache.lengths, budget=5 * PAGE, page_size=PAGE)
+    args = (q, cache.k_pages, cache.v_pages, cache.page_table, cache.lengths)
+    lists = pk.decode_page_lists(cache.page_table, cache.lengths, selected, stream, sink=3, local=20, page_size=PAGE)
+    out = _pallas_gpu_decode(*args, lists, jnp.asarray(stream, jnp.int32), _DecodeCfg(3, 20, D**-0.5, PAGE), True)
+    ref = pk.sparse_paged_decode_reference(*args, selected, streaming_heads=stream, sink=3, local=20)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
