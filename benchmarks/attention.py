@@ -11,7 +11,7 @@
 
 Overrides (ints, or comma-separated ints for lists), e.g. `python -m benchmarks.attention lengths=4096,16384
 history=32768 repeats=2`. Options: lengths, heads, kv_heads, head_dim, history, decode_heads, decode_kv_heads,
-budget, repeats, gpu_lengths, gpu_history, parts (comma-separated subset of prefill,decode,gpu).
+budget, repeats, gpu_lengths, gpu_history, parts (comma-separated subset of prefill,decode,gpu,gpu_decode).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ SINK, LOCAL, BLOCK = 64, 256, 128
 PAGE, LOGICAL_PAGE = 64, 16
 DEFAULTS = {"lengths": [4096, 16384, 32768], "heads": 2, "kv_heads": 2, "head_dim": 64, "repeats": 2,
             "history": [32768, 131072], "decode_heads": 4, "decode_kv_heads": 2, "budget": 1024,
-            "gpu_lengths": [32768, 65536, 131072], "gpu_history": [131072, 524288], "parts": "prefill,decode,gpu"}
+            "gpu_lengths": [32768, 65536, 131072], "gpu_history": [131072, 524288],
+            "parts": "prefill,decode,gpu,gpu_decode"}
 
 
 def parse(argv):
@@ -220,17 +221,19 @@ def main(argv):
               f"page {PAGE} / logical {LOGICAL_PAGE}, float32",
               decode_rows(opts, heads=opts["decode_heads"], kv_heads=opts["decode_kv_heads"],
                           head_dim=opts["head_dim"], history=opts["history"]))
-    if "gpu" not in parts:
+    if not {"gpu", "gpu_decode"} & set(parts):
         return
-    if jax.default_backend() == "gpu":
+    if jax.default_backend() != "gpu":
+        print("\nGPU parts skipped: no GPU on this machine.")
+        return
+    if "gpu" in parts:
         table("GPU prefill, bfloat16, 32 q / 8 KV heads, D 128, 50% streaming heads (sink 64, local 256); "
               "x = speed-up over cuDNN dense causal", gpu_rows(opts))
         table("Pallas kernel launch parameters (all heads dense, forward)", gpu_tuning_rows(opts))
+    if "gpu_decode" in parts:
         table(f"GPU decode, Pallas kernels, batch 1, 32 q / 8 KV heads, D 128, bfloat16, page {PAGE} / logical "
               f"{LOGICAL_PAGE}", decode_rows(opts, heads=32, kv_heads=8, head_dim=128, history=opts["gpu_history"],
                                               implementation="pallas", dtype=jnp.bfloat16))
-    else:
-        print("\nGPU part skipped: no GPU on this machine.")
 
 
 if __name__ == "__main__":

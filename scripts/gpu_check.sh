@@ -60,7 +60,8 @@ for s in $STEPS; do
       $PY -c 'import sys, jax, flax; print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, jax.devices())'" ;;
     kernels) step kernels 240 env JAX_PLATFORMS= $PY -m pytest -q -rs -p no:cacheprovider tests/test_pallas_device.py \
       tests/test_pallas_channel_norm.py -k device ;;
-    attention) step attention 180 $PY -m benchmarks.attention parts=gpu repeats=5 budget=4096 ;;
+    attention) step attention 180 $PY -m benchmarks.attention parts=gpu,gpu_decode repeats=5 budget=4096 ;;
+    gpu_decode) step gpu_decode 120 $PY -m benchmarks.attention parts=gpu_decode repeats=5 budget=4096 ;;
     dcae) step dcae_f32 120 $PY -m benchmarks.dcae resolution=1024 batch=4 repeats=5
           step dcae_bf16 120 $PY -m benchmarks.dcae resolution=1024 batch=4 repeats=5 dtype=bfloat16 ;;
     uvit) step uvit 200 $PY -m jaxeff.run name=dcae_uvit preset=full batch=16 && latest_results dcae_uvit ;;
