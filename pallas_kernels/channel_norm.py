@@ -103,6 +103,22 @@ def _norm_cost(rows, width, itemsize, has_res):
                            bytes_accessed=(2 + has_res) * rows * width * itemsize + 8 * width)
 
 
+def _norm_call(kernel, y2, w, b, res2, block, compiler_params, interpret, name):
+    """One grid step per block of rows; weight and bias as one (1, width) block shared by every step."""
+    rows, width = y2.shape
+    row_spec = pl.BlockSpec(block, lambda i: (i, 0))
+    vec_spec = pl.BlockSpec((1, block[1]), lambda i: (0, 0))
+    return pl.pallas_call(
+        kernel, grid=(pl.cdiv(rows, block[0]),),
+        in_specs=[row_spec, vec_spec, vec_spec] + [row_spec] * (res2 is not None),
+        out_specs=row_spec,
+        out_shape=jax.ShapeDtypeStruct(y2.shape, y2.dtype),
+        compiler_params=compiler_params,
+        cost_estimate=_norm_cost(rows, width, y2.dtype.itemsize, res2 is not None),
+        interpret=interpret, name=name,
+    )(y2, w, b, *([res2] if res2 is not None else []))
+
+
 def _pallas_tpu_norm(y2, w, b, res2, eps, block_rows, interpret):
     rows, width = y2.shape
     has_res = res2 is not None
@@ -113,17 +129,8 @@ def _pallas_tpu_norm(y2, w, b, res2, eps, block_rows, interpret):
         out = _norm_rows(y_ref[...], w_ref[...], b_ref[...], None if res_ref is None else res_ref[...], eps, width)
         o_ref[...] = out.astype(o_ref.dtype)
 
-    row_spec = pl.BlockSpec((br, width), lambda i: (i, 0))
-    vec_spec = pl.BlockSpec((1, width), lambda i: (0, 0))
-    return pl.pallas_call(
-        kernel, grid=(pl.cdiv(rows, br),),
-        in_specs=[row_spec, vec_spec, vec_spec] + [row_spec] * has_res,
-        out_specs=row_spec,
-        out_shape=jax.ShapeDtypeStruct(y2.shape, y2.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        cost_estimate=_norm_cost(rows, width, y2.dtype.itemsize, has_res),
-        interpret=interpret, name="channel_rms_norm_tpu",
-    )(y2, w, b, *([res2] if has_res else []))
+    return _norm_call(kernel, y2, w, b, res2, (br, width), pltpu.CompilerParams(dimension_semantics=("parallel",)),
+                      interpret, "channel_rms_norm_tpu")
 
 
 def _pallas_gpu_norm(y2, w, b, res2, eps, block_rows, interpret):
@@ -144,17 +151,9 @@ def _pallas_gpu_norm(y2, w, b, res2, eps, block_rows, interpret):
 
     # Blocks wider than the array: Triton addresses them with the array's strides and the masks keep every access
     # in bounds; the interpreter pads to the block shape.
-    row_spec = pl.BlockSpec((br, wp), lambda i: (i, 0))
-    vec_spec = pl.BlockSpec((1, wp), lambda i: (0, 0))
-    return pl.pallas_call(
-        kernel, grid=(pl.cdiv(rows, br),),
-        in_specs=[row_spec, vec_spec, vec_spec] + [row_spec] * has_res,
-        out_specs=row_spec,
-        out_shape=jax.ShapeDtypeStruct(y2.shape, y2.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=_gpu_num_warps(br * wp), num_stages=1),
-        cost_estimate=_norm_cost(rows, width, y2.dtype.itemsize, has_res),
-        interpret=interpret, name="channel_rms_norm_gpu",
-    )(y2, w, b, *([res2] if has_res else []))
+    return _norm_call(kernel, y2, w, b, res2, (br, wp),
+                      plgpu.CompilerParams(num_warps=_gpu_num_warps(br * wp), num_stages=1), interpret,
+                      "channel_rms_norm_gpu")
 
 
 _NORM_KERNELS = {"tpu": _pallas_tpu_norm, "gpu": _pallas_gpu_norm, "interpret": _pallas_tpu_norm}
