@@ -2,8 +2,8 @@
 # One session on a GPU machine: environment, the compiled Pallas kernels against their references, then the
 # benchmarks and experiments that need a GPU, each under its own time limit so one failure does not stop the rest.
 #
-#   bash scripts/gpu_check.sh [step ...]     steps: env kernels attention dcae uvit decode hart pallas_all
-#                                            (default: all, in that order)
+#   bash scripts/gpu_check.sh [step ...]     steps: env kernels attention gpu_decode channel_norm dcae uvit
+#                                            decode hart pallas_all (default: all but gpu_decode, in that order)
 #
 # Logs go to $OUT (the device tool's output folder) or runs/gpu_check/<UTC time>/: one combined log plus the
 # experiments' results.md files. Uses the machine's python3 (jax with CUDA preinstalled); wheels in .whl/ (flax,
@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TQDM_MININTERVAL=10
-STEPS=${*:-env kernels attention dcae uvit decode hart pallas_all}
+STEPS=${*:-env kernels attention channel_norm dcae uvit decode hart pallas_all}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   need=$($PY - <<'EOF'
@@ -62,6 +62,7 @@ for s in $STEPS; do
       tests/test_pallas_channel_norm.py -k device ;;
     attention) step attention 180 $PY -m benchmarks.attention parts=gpu,gpu_decode repeats=5 budget=4096 ;;
     gpu_decode) step gpu_decode 120 $PY -m benchmarks.attention parts=gpu_decode repeats=5 budget=4096 ;;
+    channel_norm) step channel_norm 90 $PY -m benchmarks.channel_norm ;;
     dcae) step dcae_f32 120 $PY -m benchmarks.dcae resolution=1024 batch=4 repeats=5
           step dcae_bf16 120 $PY -m benchmarks.dcae resolution=1024 batch=4 repeats=5 dtype=bfloat16 ;;
     uvit) step uvit 200 $PY -m jaxeff.run name=dcae_uvit preset=full batch=16 && latest_results dcae_uvit ;;
@@ -69,7 +70,7 @@ for s in $STEPS; do
       repeats=2 ;;
     hart) step hart 150 $PY -m benchmarks.hart preset=full ;;
     pallas_all) step pallas_all 240 env JAX_PLATFORMS= $PY -m pytest -q -p no:cacheprovider tests -k "pallas and not device" ;;
-    *) echo "unknown step $s (steps: env kernels attention dcae uvit decode hart pallas_all)"; exit 2 ;;
+    *) echo "unknown step $s; see the top of $0"; exit 2 ;;
   esac
 done
 grep -E "passed|failed|rror|^\|" "$LOG" | tail -n 80
