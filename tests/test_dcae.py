@@ -246,8 +246,8 @@ def test_dcae_conv_paths_match_direct_conv():
         wd = jnp.asarray(rng.standard_normal((k, k, 1, 5)), jnp.float32)
         assert rel_err(jax.jit(depthwise_conv_shifted)(x, wd), direct(x, wd, groups=5)) < 1e-5
     # the module dispatches to Winograd at the encoder's 128px shapes; compare that path with torch's conv
-    conv = Conv2d(64, 64, 3, rngs=nnx.Rngs(0))
-    xb = jnp.asarray(rng.standard_normal((1, 128, 128, 64)), jnp.float32)
+    conv = Conv2d(256, 256, 3, rngs=nnx.Rngs(0))
+    xb = jnp.asarray(rng.standard_normal((1, 128, 128, 256)), jnp.float32)
     assert _winograd_pays(xb, conv.weight[...]) and not _winograd_pays(xb[:, :64], conv.weight[...])
     ref = torch.nn.functional.conv2d(torch.tensor(np.asarray(xb)).permute(0, 3, 1, 2),
                                      torch.tensor(np.asarray(conv.weight[...]).transpose(3, 2, 0, 1)),

@@ -81,11 +81,12 @@ def winograd_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _winograd_pays(x: jax.Array, w: jax.Array) -> bool:
-    # Measured on XLA:CPU (2-core AVX-512 EPYC, float32): 1.5-1.9x faster than the native conv (and than torch's
-    # oneDNN) on >= 128x128 maps with >= 256 channels; slower on small maps (the filter transform is redone every
-    # call) and on thin convs (the tile transforms dominate). GPU/TPU convolution libraries pick their own algorithms.
+    # Measured on XLA:CPU (2-core AVX-512 EPYC, float32): 1.5-2x faster than the native conv (and than torch's
+    # oneDNN) on >= 128x128 maps with >= 256 channels in and out; no gain at 128 output channels (and a loss when a
+    # pixel-unshuffle follows), a loss on small maps (the filter transform is redone every call) and on thin convs.
+    # GPU/TPU convolution libraries pick their own algorithms.
     pixels = x.shape[0] * x.shape[1] * x.shape[2]
-    return jax.default_backend() == "cpu" and x.dtype == jnp.float32 and pixels >= 128 * 128 and min(w.shape[2:]) >= 64
+    return jax.default_backend() == "cpu" and x.dtype == jnp.float32 and pixels >= 128 * 128 and min(w.shape[2:]) >= 256
 
 
 def depthwise_conv_shifted(x: jax.Array, w: jax.Array) -> jax.Array:
