@@ -2,7 +2,9 @@
 
 Module and parameter names mirror diffusers' `AutoencoderDC` (`encoder.down_blocks.3.0.attn.to_q.weight`), so a
 diffusers state dict maps onto this model by name, with torch layouts transposed (conv OIHW -> HWIO, linear
-(out, in) -> (in, out)). Run on CPU only (parity with diffusers 0.42.1 in float32 in tests/test_dcae.py).
+(out, in) -> (in, out)). Run on CPU only (parity with diffusers 0.42.1 in float32 in tests/test_dcae.py). On CPU,
+wide 3x3 convs on large maps run as Winograd F(4x4, 3x3) and depthwise convs as shifted sums, which XLA:CPU runs
+faster than its native convolutions; other backends get XLA's convolutions.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def winograd_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
     for p in range(a):
         rp = _lincomb(rows, _WINO_BT[p])
         cols = [rp[:, :, j : j + m * tw : m] for j in range(a)]  # [B, th, tw, C]
-        # separate dots (not one batched einsum): XLA:CPU then fuses each tile transform into its matmul's input
+        # 36 separate dots, not one batched einsum: that copied all tiles into one stacked operand (1.2x slower)
         prods.append([_lincomb(cols, _WINO_BT[q]) @ _lincomb(taps, np.outer(_WINO_G[p], _WINO_G[q]).ravel())
                       for q in range(a)])
     half = [[_lincomb([prods[p][q] for p in range(a)], _WINO_AT[r]) for q in range(a)] for r in range(m)]
@@ -131,7 +133,7 @@ class Conv2d(nnx.Module):
                 xg = x.reshape(*x.shape[:-1], g, cin_g)
                 y = jnp.einsum("...gi,gio->...go", xg, wg).reshape(*x.shape[:-1], cout)
         elif self.groups == w.shape[3] and w.shape[2] == 1 and self.stride == 1 and jax.default_backend() == "cpu":
-            y = depthwise_conv_shifted(x, w)
+            y = depthwise_conv_shifted(x, w)  # GPU/TPU take the native grouped conv below
         elif self.kernel_size == 3 and self.stride == 1 and self.groups == 1 and _winograd_pays(x, w):
             y = winograd_conv3x3(x, w)
         else:
