@@ -4,7 +4,8 @@ DC-AE activation sizes (batch 4 at 1024px: the 64x64x512 and 32x32x1024 Efficien
 map), float32 and bfloat16. For each: XLA's fusion of the plain-JAX reference, and the Pallas kernel at its default
 block and a few other `block_rows`, as microseconds per call and GB/s over the bytes that must move (inputs read
 once, output written once). On CPU the Pallas kernels run in the interpreter, so only a GPU/TPU run says anything;
-options: repeats=N, shapes=small (CPU smoke sizes).
+options: repeats=N, shapes=small (CPU smoke sizes), block_rows=default,16,64 (powers of two that are multiples of
+16 are legal on both kernel flavours).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import pallas_kernels as pk
 
 SHAPES = {"dcae": [(4, 128, 128, 512), (4, 64, 64, 512), (4, 32, 32, 1024)], "small": [(1, 8, 8, 128)]}
 GLU_SHAPES = {"dcae": [(4, 64, 64, 4096), (4, 32, 32, 8192)], "small": [(1, 8, 8, 256)]}
-BLOCK_ROWS = (None, 16, 64)  # legal on both flavours: powers of two, multiples of 16
 
 
 def per_call_us(fn, *args, repeats):
@@ -36,16 +36,17 @@ def per_call_us(fn, *args, repeats):
 
 
 def main(argv):
-    opts = {"repeats": "5", "shapes": "dcae"}
+    opts = {"repeats": "5", "shapes": "dcae", "block_rows": "default,16,64"}
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in opts:
             raise SystemExit(f"unknown option {key!r}; options: {sorted(opts)}")
         opts[key] = value
     repeats, interpret = int(opts["repeats"]), jax.default_backend() not in ("gpu", "tpu")
+    block_rows = [None if x == "default" else int(x) for x in opts["block_rows"].split(",")]
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); "
           f"{'Pallas in the interpreter (CPU): timings say nothing' if interpret else 'compiled Pallas'}")
-    print("\n| op | shape | dtype | XLA us | Pallas us (block_rows: " + ", ".join(map(str, BLOCK_ROWS))
+    print("\n| op | shape | dtype | XLA us | Pallas us (block_rows: " + ", ".join(map(str, block_rows))
           + ") | XLA / best Pallas | Pallas GB/s |")
     print("|---|---|---|---|---|---|---|")
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -56,7 +57,7 @@ def main(argv):
             xla = per_call_us(jax.jit(pk.channel_rms_norm_reference), y, w, b, res, repeats=repeats)
             ours = [per_call_us(jax.jit(lambda y, w, b, r, br=br: pk.channel_rms_norm(
                 y, w, b, r, block_rows=br, interpret=interpret, implementation="pallas")), y, w, b, res,
-                repeats=repeats) for br in BLOCK_ROWS]
+                repeats=repeats) for br in block_rows]
             gbs = 3 * y.size * y.dtype.itemsize / min(ours) / 1e3
             print(f"| norm+residual | {shape} | {jnp.dtype(dtype).name} | {xla:.1f} | "
                   f"{', '.join(f'{t:.1f}' for t in ours)} | {xla / min(ours):.2f}x | {gbs:.0f} |", flush=True)
@@ -65,7 +66,7 @@ def main(argv):
             xla = per_call_us(jax.jit(pk.glu_silu_reference), y, repeats=repeats)
             ours = [per_call_us(jax.jit(lambda y, br=br: pk.glu_silu(
                 y, block_rows=br, interpret=interpret, implementation="pallas")), y, repeats=repeats)
-                for br in BLOCK_ROWS]
+                for br in block_rows]
             gbs = 1.5 * y.size * y.dtype.itemsize / min(ours) / 1e3
             print(f"| glu_silu | {shape} | {jnp.dtype(dtype).name} | {xla:.1f} | "
                   f"{', '.join(f'{t:.1f}' for t in ours)} | {xla / min(ours):.2f}x | {gbs:.0f} |", flush=True)
