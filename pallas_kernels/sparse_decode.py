@@ -11,9 +11,10 @@ tokens exactly: position < length, and for streaming heads (position < sink or l
   loading pages from the whole pool (Triton has no scalar prefetch), partial softmax states merged in XLA; the
   query group is padded to 16 rows for `dot`. Splitting matters: with grid (B, Hkv) alone a batch-1 step ran on 8
   of an H200's 132 SMs (155 GB/s reading every page).
-Backends actually executed: CPU only (XLA; both kernels in interpret mode, the TPU-style one also under
-`pltpu.force_tpu_interpret_mode()`). Both kernels also lower from CPU through `jax.export`
-for TPU (Pallas -> Mosaic) and CUDA (Pallas -> Triton); not yet compiled or run on a real GPU or TPU.
+Backends actually executed: CPU (XLA; both kernels in interpret mode, the TPU-style one also under
+`pltpu.force_tpu_interpret_mode()`) and an NVIDIA H200 (the Triton-style kernel compiled, against the reference
+in tests/test_pallas_device.py). The TPU-style kernel lowers for TPU (Pallas -> Mosaic) through `jax.export` but
+has not run on a TPU.
 """
 
 from __future__ import annotations
