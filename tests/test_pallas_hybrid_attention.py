@@ -170,6 +170,8 @@ def test_pallas_hybrid_streaming_cost_is_constant_in_context():
     (dict(sink=-1), "sink must be >= 0"),
     (dict(local=0), "local must be >= 1"),
     (dict(q_offset=5), "exceeds kv_len"),
+    (dict(implementation="cudnn"), "implementation='cudnn' needs a GPU"),  # this machine has none; f32 too
+    (dict(num_warps=0), "num_warps must be >= 1"),
 ])
 def test_pallas_hybrid_bad_input_raises(kwargs, match):
     hq, hkv = kwargs.get("hq", 4), kwargs.get("hkv", 2)
@@ -177,4 +179,5 @@ def test_pallas_hybrid_bad_input_raises(kwargs, match):
     k = jnp.zeros((1, 8, hkv, 64))
     with pytest.raises(ValueError, match=match):
         pk.hybrid_attention(q, k, k, streaming_heads=kwargs.get("stream", [True, False]), sink=kwargs.get("sink", 1),
-                            local=kwargs.get("local", 2), q_offset=kwargs.get("q_offset", 0), implementation="xla")
+                            local=kwargs.get("local", 2), q_offset=kwargs.get("q_offset", 0),
+                            implementation=kwargs.get("implementation", "xla"), num_warps=kwargs.get("num_warps"))
