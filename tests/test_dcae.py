@@ -33,13 +33,8 @@ CFG_EVIT = DCAEConfig(
     scaling_factor=0.5,
 )
 # The sana pattern: multi-scale aggregation, stride-2 conv down-sampling, nearest + conv up-sampling, RMSNorm.
-CFG_SANA = DCAEConfig(
-    latent_channels=8,
-    attention_head_dim=16,
-    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
-    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
-    encoder_block_out_channels=(8, 16, 32, 32),
-    decoder_block_out_channels=(8, 16, 32, 32),
+CFG_SANA = dataclasses.replace(
+    CFG_EVIT,
     encoder_layers_per_block=(1, 1, 1, 1),
     decoder_layers_per_block=(1, 1, 1, 2),
     encoder_qkv_multiscales=((), (), (5,), (5,)),
