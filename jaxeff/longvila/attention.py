@@ -8,6 +8,8 @@ The sequence axis of q/k/v is sharded over the device pair (ring_axis, ulysses_a
 2. Ring: K/V and their global positions go round `ring_axis` with `ppermute` (R - 1 hops) while each device folds
    every visiting block into an online softmax (f32 running max / sum). Causal masking compares the global
    positions that travel with K/V, so any token order (contiguous, zigzag, packed) gives the exact result.
+   Negative positions are empty slots: their K/V are zeroed and never attended to, and their rows (and any row
+   that sees no key) come back as zeros, as in `jaxeff.nn.attention`.
    Sub-blocks whose keys are all in the future of all queries are skipped with `lax.cond`; with the zigzag layout
    (`jaxeff.longvila.layout`) every ring rank then does the same causal work.
 3. The inverse all-to-all restores the sequence-sharded layout.
@@ -28,6 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+
+from jaxeff.nn.attention import zero_empty_slots
 
 # Finite mask value: -inf would make exp(-inf - -inf) = nan and poison gradients through `where`.
 _NEG = -1e30
@@ -113,13 +117,15 @@ def ring_attention_local(q, k, v, q_pos, kv_pos, *, ring_axis: str | None, ring_
     """Ring attention on per-device blocks (call inside `shard_map`).
 
     q [B, L, H, D]; k, v [B, L, Hkv, D] (H a multiple of Hkv); q_pos, kv_pos [B, L] global positions.
-    K/V visit every ring rank once (`ring_size - 1` ppermute hops). Returns [B, L, H, D] in q.dtype.
+    K/V visit every ring rank once (`ring_size - 1` ppermute hops). Returns [B, L, H, D] in q.dtype; a query that
+    sees no key (e.g. at an empty slot, position < 0) gets zeros, and K/V at empty slots are zeroed before use.
     """
     b, lq, h, d = q.shape
     hkv = k.shape[2]
     g = h // hkv
     scale = d**-0.5 if scale is None else scale
     num_sub = num_sub_blocks if lq % num_sub_blocks == 0 else 1
+    k, v = zero_empty_slots(k, kv_pos), zero_empty_slots(v, kv_pos)
     qg = q.reshape(b, lq, hkv, g, d)
     q_subs = jnp.split(qg, num_sub, axis=1)
     q_pos_subs = jnp.split(q_pos, num_sub, axis=1)
@@ -140,7 +146,8 @@ def ring_attention_local(q, k, v, q_pos, kv_pos, *, ring_axis: str | None, ring_
 
         (states, k, v, kv_pos), _ = lax.scan(step, (states, k, v, kv_pos), None, length=ring_size - 1)
     states = fold(states, q_subs, k, v, q_pos_subs, kv_pos)
-    outs = [o / jnp.moveaxis(den, -1, 1)[..., None] for o, _, den in states]
+    # A fully masked row has o = 0 and den = 0: divide by 1 there (0/0 would be NaN and spread to later layers).
+    outs = [o / jnp.moveaxis(jnp.where(den > 0, den, 1.0), -1, 1)[..., None] for o, _, den in states]
     return jnp.concatenate(outs, axis=1).reshape(b, lq, h, d).astype(q.dtype)
 
 

@@ -6,6 +6,10 @@ Masks are described by positions rather than dense boolean arrays: query i sits 
 `kv_pos <= q_pos`, and (sliding window w) `q_pos - kv_pos < w`. That one rule covers prefill, chunked prefill
 with offsets, ragged batches and decode over a cache.
 
+Fully masked rows (a query at an empty slot, or one that sees no key) come back as zeros in every
+implementation, and K/V at empty slots are zeroed before use, so garbage there (even NaN) never reaches a real
+row, forward or backward.
+
 `implementation`:
 - "xla": einsum + float32 softmax; exact reference, runs everywhere (CPU default).
 - "dot_product": `jax.nn.dot_product_attention` (XLA picks cuDNN flash attention on GPU where it can).
@@ -32,14 +36,20 @@ def default_positions(batch: int, q_len: int, kv_len: int) -> tuple[jnp.ndarray,
 
 def make_mask(q_positions, kv_positions, *, causal: bool = True, sliding_window: int | None = None):
     """Boolean [B, Sq, Sk] visibility mask from positions."""
-    qp = q_positions[:, :, None]
-    kp = kv_positions[:, None, :]
+    qp = jnp.asarray(q_positions)[:, :, None]
+    kp = jnp.asarray(kv_positions)[:, None, :]
     mask = kp >= 0
     if causal:
         mask &= kp <= qp
     if sliding_window is not None:
         mask &= qp - kp < sliding_window
     return mask
+
+
+def zero_empty_slots(x, positions):
+    """x [B, S, H, D] with the rows at empty slots (position < 0) set to 0: a masked slot's garbage (NaN, inf)
+    would otherwise reach real rows as 0 * NaN in the weighted sum or in the gradient."""
+    return jnp.where((jnp.asarray(positions) >= 0)[:, :, None, None], x, jnp.zeros((), x.dtype))
 
 
 def _check(q, k, v):
@@ -103,6 +113,9 @@ def attention(
             q, k, v, streaming_heads=np.zeros((k.shape[2],), bool), sink=0, local=1, q_offset=sk - sq, scale=scale
         )
     mask = make_mask(q_positions, kv_positions, causal=causal, sliding_window=sliding_window)
+    k, v = zero_empty_slots(k, kv_positions), zero_empty_slots(v, kv_positions)
     if implementation == "dot_product":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+        # Its masked softmax gives a row with no visible key the mean of V: zero those rows instead.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+        return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(out.dtype)
     return xla_attention(q, k, v, mask, scale)
