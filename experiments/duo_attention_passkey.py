@@ -7,7 +7,10 @@ decoding of the key) is evaluated at longer contexts with the top-r heads as ret
 compared with r + (1 - r)(sink + recent)/L.
 
 `full` preset: `model=/path/to/Llama-3-8B-Instruct-Gradient-1048k pattern=/path/to/its/duo_attn_pattern`
-evaluates the released pattern on passkeys at 32K-128K tokens with the model's own tokenizer (GPU/TPU).
+evaluates the released pattern on passkeys at 32K-128K tokens with the model's own tokenizer (GPU/TPU). `pattern=`
+also takes a name that `jaxeff.duo_attention.load_pattern` downloads, e.g.
+`pattern=github:mit-han-lab/duo-attention/attn_patterns/Llama-3-8B-Instruct-Gradient-1048k/lr=0.02-reg=0.05-ctx=1000_32000-multi_passkey10`
+(the values of `jaxeff.duo_attention.pattern.RELEASED_PATTERNS`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from jaxeff import duo_attention as da
 from jaxeff.data import PasskeyTask
 from jaxeff.data.passkey import QUESTION
 from jaxeff.duo_attention.evaluation import key_matches, load_tokenizer, passkey_prompts
+from jaxeff.duo_attention.pattern import is_pattern_name, parse_pattern_name
 from jaxeff.experiment import Run, register, run_experiment
 from jaxeff.io import from_pretrained
 
@@ -34,7 +38,7 @@ PASSKEY_CHECKPOINTS = ("checkpoints/llama_passkey_full", "checkpoints/llama_pass
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: str = ""  # HF-format directory; default: the llama_passkey export (trained first if there is none)
-    pattern: str = ""  # an existing pattern directory: skip identification
+    pattern: str = ""  # a pattern directory or an hf:/github: name (see load_pattern): skip identification
     seed: int = 0
     train_context: int = 256
     batch_size: int = 8
@@ -67,7 +71,9 @@ def check_model_and_pattern(model: str, pattern: str, require_model: bool) -> No
         raise ValueError("this preset needs model=/path/to/hf_model and pattern=/path/to/duo_attn_pattern")
     if model and not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"model={model}: not a Hugging Face model directory (no config.json)")
-    if pattern and not (Path(pattern) / "full_attention_heads.tsv").is_file():
+    if is_pattern_name(pattern):
+        parse_pattern_name(pattern)  # a malformed name fails here; the download happens in the run
+    elif pattern and not (Path(pattern) / "full_attention_heads.tsv").is_file():
         raise FileNotFoundError(f"pattern={pattern}: no full_attention_heads.tsv")
 
 

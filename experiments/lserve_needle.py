@@ -1,6 +1,7 @@
 """lserve_needle: passkey (needle) retrieval with the LServe engine vs token budget and context length.
 
-Static sparsity comes from a DuoAttention pattern (`pattern=` directory, else the newest `duo_attention_passkey`
+Static sparsity comes from a DuoAttention pattern (`pattern=` directory or `hf:`/`github:` name as
+`jaxeff.duo_attention.load_pattern` takes, else the newest `duo_attention_passkey`
 run's pattern, else heads identified here with `jaxeff.duo_attention.train_gates`); dynamic sparsity is the page
 selection under a token budget. For every context: dense decoding (every head reads every page), streaming heads
 only, and streaming heads + page selection per budget. Reported: exact match of the greedy key, KV bytes read
@@ -34,7 +35,7 @@ from jaxeff.lserve import Engine, LServeConfig
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: str = ""  # default: checkpoints/llama_passkey_full, else _smoke, else a fresh llama_passkey smoke run
-    pattern: str = ""  # default: newest runs/duo_attention_passkey/*/pattern, else identified here
+    pattern: str = ""  # dir or hf:/github: name; default: newest runs/duo_attention_passkey/*/pattern, else identified
     sparsity: float = 0.5
     identify_steps: int = 100
     sink: int = 16

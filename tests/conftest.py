@@ -7,6 +7,9 @@ its device count after this file runs.
 """
 
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -14,3 +17,19 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """`shared_data("hart_golden")` -> ../shared/data/hart_golden, or skips the test when that folder is absent:
+    ../shared (reference data beside the checkout) exists in CI but not in a user's clone."""
+    def get(name: str) -> Path:
+        path = SHARED / "data" / name
+        if not path.is_dir():
+            pytest.skip(f"{path} is absent: the ../shared reference data beside the checkout (present in CI) is "
+                        f"not part of a clone")
+        return path
+    return get

@@ -1,7 +1,5 @@
 """DuoAttention: released patterns, pattern files, head selection, gate training, dual KV cache."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,6 @@ from jaxeff import duo_attention as da
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.models.llama import generate as dense_generate
 
-PATTERNS = Path(__file__).parents[2] / "shared/data/duo_attention_patterns"
 # Share of heads with alpha > 0.5 in the released files (computed independently; see the reference notes).
 RELEASED = {"Llama-2-7B-32K-Instruct": ((32, 32), 0.43), "Llama-3-8B-Instruct-Gradient-1048k": ((32, 8), 0.81),
             "Meta-Llama-3.1-8B-Instruct": ((32, 8), 0.91), "Mistral-7B-Instruct-v0.2": ((32, 8), 0.95),
@@ -28,10 +25,11 @@ def model():
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
-def test_released_patterns_load_unchanged(name):
-    alpha, sink, recent = da.load_pattern(PATTERNS / name)
+def test_released_patterns_load_unchanged(name, shared_data):
+    folder = shared_data("duo_attention_patterns") / name
+    alpha, sink, recent = da.load_pattern(folder)
     shape, share = RELEASED[name]
-    raw = np.loadtxt(PATTERNS / name / "full_attention_heads.tsv", delimiter="\t")
+    raw = np.loadtxt(folder / "full_attention_heads.tsv", delimiter="\t")
     assert alpha.shape == shape and (sink, recent) == (128, 256)
     np.testing.assert_allclose(alpha, np.clip(raw, 0, 1), atol=1e-7)
     if share is not None:
@@ -47,13 +45,82 @@ def test_pattern_round_trip_and_shape_errors(tmp_path, model):
     loaded, sink, recent = da.load_pattern(tmp_path / "p")
     np.testing.assert_array_equal(loaded, np.clip(alpha, 0, 1))
     assert (sink, recent) == (4, 16)
-    released, _, _ = da.load_pattern(PATTERNS / "Meta-Llama-3.1-8B-Instruct")
+    released = np.full((32, 8), 0.7, np.float32)  # the shape of the Llama-3.1-8B pattern
     with pytest.raises(ValueError, match="32 layers x 8 KV heads|shape \\(32, 8\\)"):
         da.check_pattern(released, model.config.num_hidden_layers, model.config.num_key_value_heads)
     with pytest.raises(ValueError, match="retrieval_heads has shape"):
         da.generate(model, [[1, 2, 3]], 2, retrieval_heads=released > 0.5, sink=4, recent=8)
     with pytest.raises(FileNotFoundError, match="full_attention_heads.tsv"):
         da.load_pattern(tmp_path)
+
+
+def test_pattern_names_download_once_into_the_cache(tmp_path, monkeypatch):
+    """Released patterns by name, without network: the downloaders are replaced by copies from a local folder."""
+    from jaxeff.duo_attention import pattern
+
+    alpha = np.random.default_rng(1).uniform(0, 1, (32, 8))
+    served = da.save_pattern(tmp_path / "served", alpha, 128, 256)
+    urls = []
+
+    def fake_download(url, dest):
+        urls.append(url)
+        dest.write_bytes((served / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(pattern, "_download", fake_download)
+    name = pattern.RELEASED_PATTERNS["Meta-Llama-3.1-8B-Instruct"]
+    for _ in range(2):  # the second load reads the cache
+        loaded, sink, recent = da.load_pattern(name, cache_dir=tmp_path / "cache")
+    np.testing.assert_allclose(loaded, alpha.astype(np.float32))
+    assert (sink, recent) == (128, 256)
+    base = "https://raw.githubusercontent.com/mit-han-lab/duo-attention/main/attn_patterns/" \
+           "Meta-Llama-3.1-8B-Instruct/lr=0.02-reg=0.05-ctx=1000_128000-multi_passkey10/"
+    assert urls == [base + "full_attention_heads.tsv", base + "config.json"]
+
+    calls = []
+
+    def fake_hf(repo_id, filename, revision, cache_dir):
+        calls.append((repo_id, filename, revision))
+        return str(served / filename.rsplit("/", 1)[1])
+
+    monkeypatch.setattr(pattern, "_hf_download", fake_hf)
+    loaded, _, _ = da.load_pattern("hf:someone/duo-patterns@v1/llama/run1")
+    np.testing.assert_allclose(loaded, alpha.astype(np.float32))
+    assert calls == [("someone/duo-patterns", "llama/run1/full_attention_heads.tsv", "v1"),
+                     ("someone/duo-patterns", "llama/run1/config.json", "v1")]
+    assert pattern.parse_pattern_name("github:a/b@dev/x/y") == ("github", "a/b", "dev", "x/y")
+    for bad in ("github:mit-han-lab/duo-attention", "hf:repo/only", "s3:a/b/c"):
+        with pytest.raises(ValueError, match="is not 'hf:"):
+            pattern.parse_pattern_name(bad)
+
+
+def test_pattern_names_offline_error(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from experiments.duo_attention_passkey import Config
+    from jaxeff.duo_attention import pattern
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    name = pattern.RELEASED_PATTERNS["Mistral-7B-Instruct-v0.2"]
+    with pytest.raises(ConnectionError, match="seems offline.*pass the local directory"):
+        da.load_pattern(name, cache_dir=tmp_path)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written in the cache
+
+    def hf_offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_offline)
+    with pytest.raises(ConnectionError, match="seems offline"):
+        da.load_pattern("hf:someone/duo-patterns/llama", cache_dir=tmp_path)
+    Config(pattern=name).validate()  # the experiments take names (downloaded in the run, not at validation)
+    with pytest.raises(ValueError, match="is not 'hf:"):
+        Config(pattern="github:mit-han-lab/duo-attention").validate()
 
 
 def test_gate_training_separates_heads(model):

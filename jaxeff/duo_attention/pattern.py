@@ -3,23 +3,117 @@
 A pattern directory holds `full_attention_heads.tsv` (tab-separated [layers x KV heads] gate values alpha, written
 by `np.savetxt`, raw values that may fall slightly outside [0, 1]) and `config.json` (the identification run's
 arguments, among them `sink_size` and `recent_size`). The released patterns of mit-han-lab/duo-attention load
-unchanged.
+unchanged, from a local directory or by name (`RELEASED_PATTERNS`, downloaded once into a cache directory):
+
+    load_pattern("github:mit-han-lab/duo-attention/attn_patterns/<model>/<run>")   # raw files from GitHub
+    load_pattern("hf:<owner>/<repo>@<revision>/<folder>")                          # a Hugging Face model repo
 """
 
 from __future__ import annotations
 
 import json
+import os
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 TSV_NAME = "full_attention_heads.tsv"
 CONFIG_NAME = "config.json"
+_OFFICIAL = "github:mit-han-lab/duo-attention/attn_patterns"
+# The patterns released in mit-han-lab/duo-attention (attn_patterns/<model>/<identification run>).
+RELEASED_PATTERNS = {
+    model: f"{_OFFICIAL}/{model}/lr=0.02-reg=0.05-ctx=1000_{ctx}-multi_passkey10"
+    for model, ctx in [("Llama-2-7B-32K-Instruct", 32000), ("Llama-3-8B-Instruct-Gradient-1048k", 32000),
+                       ("Llama-3-8B-Instruct-Gradient-4194k", 32000), ("Meta-Llama-3.1-8B-Instruct", 128000),
+                       ("Mistral-7B-Instruct-v0.2", 32000), ("Mistral-7B-Instruct-v0.3", 32000)]
+}
 
 
-def load_pattern(directory: str | Path) -> tuple[np.ndarray, int, int]:
-    """Returns (alpha float32 [layers, kv_heads] clipped to [0, 1], sink_size, recent_size)."""
-    directory = Path(directory)
+def is_pattern_name(source: str | Path) -> bool:
+    """True for an `hf:` / `github:` name (downloaded by `resolve_pattern`), False for a local path."""
+    return isinstance(source, str) and source.startswith(("hf:", "github:"))
+
+
+def parse_pattern_name(name: str) -> tuple[str, str, str | None, str]:
+    """`"hf:owner/repo[@rev]/folder"` or `"github:owner/repo[@ref]/folder"` -> (kind, "owner/repo", rev, folder).
+
+    rev is None when not given (GitHub: the `main` branch; Hugging Face: the repo's default revision)."""
+    kind, _, rest = name.partition(":")
+    parts = rest.strip("/").split("/", 2)
+    if kind not in ("hf", "github") or len(parts) < 3 or not all(parts):
+        raise ValueError(f"pattern name {name!r} is not 'hf:<owner>/<repo>[@<revision>]/<folder>' or "
+                         f"'github:<owner>/<repo>[@<ref>]/<folder>'")
+    owner, repo, folder = parts
+    repo, _, rev = repo.partition("@")
+    return kind, f"{owner}/{repo}", rev or None, folder
+
+
+def default_cache_dir() -> Path:
+    """$JAXEFF_CACHE, else $XDG_CACHE_HOME/jaxeff, else ~/.cache/jaxeff."""
+    if os.environ.get("JAXEFF_CACHE"):
+        return Path(os.environ["JAXEFF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxeff"
+
+
+def _download(url: str, dest: Path) -> None:
+    """urllib download to dest, written under a temporary name first so a failure leaves no partial file."""
+    tmp = dest.with_name(dest.name + ".part")
+    with urllib.request.urlopen(url, timeout=60) as response:
+        tmp.write_bytes(response.read())
+    tmp.replace(dest)
+
+
+def _hf_download(repo_id: str, filename: str, revision: str | None, cache_dir: Path | None) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+
+
+def resolve_pattern(source: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A local pattern directory for `source`: a path is returned as is; an `hf:` / `github:` name (see
+    `parse_pattern_name`) is downloaded on first use. GitHub files go to `cache_dir` (default `default_cache_dir()`)
+    under github/<owner>/<repo>/<ref>/<folder>; Hugging Face files go to huggingface_hub's cache (or `cache_dir`).
+    Without a network a name that is not cached raises ConnectionError saying how to use a local copy instead."""
+    if not is_pattern_name(source):
+        return Path(source)
+    kind, repo, rev, folder = parse_pattern_name(source)
+    offline_hint = (f"could not download the DuoAttention pattern {source!r}: the machine seems offline or the name "
+                    f"is wrong. Download {TSV_NAME} and {CONFIG_NAME} of that folder elsewhere and pass the local "
+                    f"directory instead")
+    if kind == "github":
+        ref = rev or "main"
+        local = Path(cache_dir or default_cache_dir()) / "github" / repo / ref / folder
+        local.mkdir(parents=True, exist_ok=True)
+        for name in (TSV_NAME, CONFIG_NAME):
+            if not (local / name).is_file():
+                url = f"https://raw.githubusercontent.com/{repo}/{urllib.parse.quote(ref)}/" \
+                      f"{urllib.parse.quote(folder, safe='/=')}/{name}"
+                try:
+                    _download(url, local / name)
+                except OSError as err:  # urllib's URLError/HTTPError, timeouts
+                    raise ConnectionError(f"{offline_hint} ({url}: {err})") from err
+        return local
+    from huggingface_hub.errors import HfHubHTTPError
+
+    paths = []
+    for name in (TSV_NAME, CONFIG_NAME):
+        try:
+            paths.append(Path(_hf_download(repo, f"{folder}/{name}", rev, cache_dir)))
+        except (OSError, HfHubHTTPError) as err:
+            raise ConnectionError(f"{offline_hint} (hf://{repo}/{folder}/{name}: {err})") from err
+    if paths[0].parent != paths[1].parent:
+        raise RuntimeError(f"huggingface_hub put {TSV_NAME} and {CONFIG_NAME} of {source!r} in different folders")
+    return paths[0].parent
+
+
+def load_pattern(source: str | Path, cache_dir: str | Path | None = None) -> tuple[np.ndarray, int, int]:
+    """Returns (alpha float32 [layers, kv_heads] clipped to [0, 1], sink_size, recent_size).
+
+    `source`: a pattern directory, or an `hf:` / `github:` name (downloaded and cached by `resolve_pattern`), e.g.
+    `RELEASED_PATTERNS["Meta-Llama-3.1-8B-Instruct"]`."""
+    directory = resolve_pattern(source, cache_dir)
     tsv, cfg_path = directory / TSV_NAME, directory / CONFIG_NAME
     for path in (tsv, cfg_path):
         if not path.is_file():
