@@ -1,0 +1,1 @@
+"""NVILA (NVlabs/VILA) in JAX: Dynamic-S2 / dynamic tiling, scale merge, projectors, and the VLM."""
