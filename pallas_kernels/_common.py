@@ -66,5 +66,14 @@ def token_mask(q_pos, k_pos, streaming, sink: int, local: int):
     return (k_pos <= q_pos) & (jnp.logical_not(streaming) | window)
 
 
+def masked_softmax(s, mask):
+    """Softmax of s over the last axis restricted to `mask`; a row with no visible entry gives zeros (not the
+    uniform average a plain softmax of masked logits gives)."""
+    s = jnp.where(mask, s, MASK_VALUE)
+    p = jnp.where(mask, jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(denom > 0, denom, 1.0)
+
+
 def default_scale(scale, head_dim: int) -> float:
     return float(head_dim) ** -0.5 if scale is None else float(scale)

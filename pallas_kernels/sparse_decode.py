@@ -36,6 +36,7 @@ from pallas_kernels._common import (
     check_int,
     check_streaming_heads,
     default_scale,
+    masked_softmax,
     resolve_implementation,
     token_mask,
 )
@@ -96,8 +97,7 @@ def sparse_paged_decode_reference(q, k_pages, v_pages, page_table, lengths, sele
     qpos = (lengths - 1)[:, None, None]
     mask = token_mask(qpos, pos[None, None], stream[None, :, None], sink, local) & (stream[None, :, None] | chosen)
     s = jnp.einsum("bhgd,hbkd->bhgk", q.astype(jnp.float32).reshape(b, hkv, g, d), k) * default_scale(scale, d)
-    s = jnp.where(mask[:, :, None], s, MASK_VALUE)
-    o = jnp.einsum("bhgk,hbkd->bhgd", jax.nn.softmax(s, axis=-1), v)
+    o = jnp.einsum("bhgk,hbkd->bhgd", masked_softmax(s, mask[:, :, None]), v)
     return o.reshape(b, hq, d).astype(q.dtype)
 
 
@@ -112,9 +112,9 @@ def _xla_decode_group(q, k_pages, v_pages, page_table, lengths, lists, stream, c
     mask = (lists[..., None] >= 0) & (pos < lengths[:, None, None, None])
     mask &= token_mask(qpos, pos, jnp.asarray(stream)[None, :, None, None], cfg.sink, cfg.local)
     s = jnp.einsum("bhgd,bhwpd->bhgwp", q, k, preferred_element_type=jnp.float32) * cfg.scale
-    s = jnp.where(mask[:, :, None], s, MASK_VALUE)
     bsz, h, g, w, _ = s.shape
-    p = jax.nn.softmax(s.reshape(bsz, h, g, w * ps), axis=-1).reshape(s.shape)
+    mask = jnp.broadcast_to(mask[:, :, None], s.shape).reshape(bsz, h, g, w * ps)
+    p = masked_softmax(s.reshape(bsz, h, g, w * ps), mask).reshape(s.shape)
     return jnp.einsum("bhgwp,bhwpd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
@@ -296,8 +296,8 @@ def _check_decode_inputs(q, k_pages, v_pages, page_table, lengths, selected_page
     check_page_table(page_table, num_pages, lengths, ps)
     if not isinstance(lengths, jax.core.Tracer):
         lens = np.asarray(lengths)
-        if (lens < 1).any() or (lens > page_table.shape[1] * ps).any():
-            raise ValueError(f"lengths {lens.tolist()} must be in [1, {page_table.shape[1] * ps}]")
+        if (lens < 0).any() or (lens > page_table.shape[1] * ps).any():
+            raise ValueError(f"lengths {lens.tolist()} must be in [0, {page_table.shape[1] * ps}]")
     return check_streaming_heads(streaming_heads, hkv)
 
 
@@ -306,7 +306,8 @@ def sparse_paged_decode(q, k_pages, v_pages, page_table, lengths, selected_pages
     """One decode step of LServe's hybrid sparse attention over a paged KV cache.
 
     Args:
-      q: [B, Hq, D], the query of the newest token (already in the cache, at position lengths - 1).
+      q: [B, Hq, D], the query of the newest token (already in the cache, at position lengths - 1). A sequence
+        with length 0 (an empty batch slot) sees no token and gets zeros in every implementation.
       k_pages, v_pages: [Hkv, P, page_size, D] page pools; page_table: int32 [B, max_pages]; lengths: int32 [B].
       selected_pages: int32 [B, Hkv, n] distinct logical pages per dense KV head (-1: unused), e.g. from
         `select_pages`; None reads every page (dense decode).

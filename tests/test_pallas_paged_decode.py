@@ -179,3 +179,35 @@ def test_pallas_gpu_decode_splits_merge_exactly(filled, monkeypatch, target_prog
     out = _pallas_gpu_decode(*args, lists, jnp.asarray(stream, jnp.int32), _DecodeCfg(3, 20, D**-0.5, PAGE), True)
     ref = pk.sparse_paged_decode_reference(*args, selected, streaming_heads=stream, sink=3, local=20)
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_pallas_sparse_paged_decode_empty_slot_gives_zeros(filled):
+    # A batch slot with length 0 sees no token: zeros in every implementation; the other rows are unchanged.
+    cache, _, _ = filled
+    q = jax.random.normal(jax.random.key(5), (B, 4, D))
+    lengths = cache.lengths.at[1].set(0)
+    stream = np.array([True, False])
+    kw = dict(streaming_heads=stream, sink=3, local=20)
+    full = pk.sparse_paged_decode_reference(q, cache.k_pages, cache.v_pages, cache.page_table, cache.lengths, None,
+                                            **kw)
+    args = (q, cache.k_pages, cache.v_pages, cache.page_table, lengths, None)
+    lists = pk.decode_page_lists(cache.page_table, lengths, None, stream, sink=3, local=20, page_size=PAGE)
+    with pltpu.force_tpu_interpret_mode():
+        tpu_mode = pk.sparse_paged_decode(*args, **kw, implementation="pallas")
+    outs = {
+        "reference": pk.sparse_paged_decode_reference(*args, **kw),
+        "xla": jax.jit(lambda *a: pk.sparse_paged_decode(*a, **kw, implementation="xla"))(*args),
+        "xla traced pattern": jax.jit(lambda s, *a: pk.sparse_paged_decode(
+            *a, streaming_heads=s, sink=3, local=20, implementation="xla"))(jnp.asarray(stream), *args),
+        "pallas interpret": pk.sparse_paged_decode(*args, **kw, implementation="pallas", interpret=True),
+        "pallas tpu interpret mode": tpu_mode,
+        "pallas gpu-style": _pallas_gpu_decode(q, cache.k_pages, cache.v_pages, cache.page_table, lengths, lists,
+                                               jnp.asarray(stream, jnp.int32), _DecodeCfg(3, 20, D**-0.5, PAGE), True),
+    }
+    for name, out in outs.items():
+        out = np.asarray(out)
+        assert np.isfinite(out).all(), name
+        np.testing.assert_array_equal(out[1], 0.0, err_msg=name)
+        np.testing.assert_allclose(out[[0, 2]], np.asarray(full)[[0, 2]], atol=2e-5, err_msg=name)
+    with pytest.raises(ValueError, match=r"must be in \[0, "):
+        pk.sparse_paged_decode(*args[:4], lengths.at[0].set(-1), None, **kw, implementation="xla")
