@@ -1,0 +1,146 @@
+"""K-step parallel decoding with a KV cache, as one compiled program (`lax.fori_loop`); official `sample_tokens`
+(mit-han-lab/lpd `models/lpd.py:160-230`).
+
+Cache slots: slot 0 is the class slot, slot 1 + k the k-th token in generation order (cs = [0, 1, 1 + g1, ...]).
+Step i feeds the content of step i - 1 (the class vector at i = 0) at slots cs[i] ... cs[i+1] - 1, followed by
+g_{i+1} position queries at cs[i+1] ... cs[i+2] - 1, as one contiguous block written into the cache before the
+attention: so the queries' K/V written at step i - 1 are overwritten by the real content. Block-causal mask: a
+content slot sees slots < cs[i+1], a query slot sees slots < cs[i+2] (its own step's queries included).
+
+Static shapes: every step feeds a block of W = max content group + max query group slots (padding past the
+real ones is written beyond everything visible and overwritten by the next step), and the cache holds N + 1 + W
+slots, so one program serves all K steps. CFG (cfg != 1) doubles the batch, conditional half first; the unconditional
+class vector is `fake_latent`; scale per token 1 + (cfg - 1) * k / N for generation index k (linear, the official
+default) or cfg (constant). Sampling divides by max(temperature, 1e-5); `greedy` takes the argmax instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.lpd import schedules
+from jaxeff.lpd.model import LPD
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def cfg_scales(cfg: float, num_tokens: int, schedule: str = "linear") -> jnp.ndarray:
+    """[N] float32 guidance scale per generation index (the official float32 computation)."""
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"unknown cfg schedule {schedule!r}; choose from {CFG_SCHEDULES}")
+    if schedule == "constant":
+        return jnp.full((num_tokens,), cfg, jnp.float32)
+    idx = jnp.arange(num_tokens, dtype=jnp.float32)
+    return (jnp.float32(cfg) - 1) * idx / num_tokens + 1
+
+
+def _decode(model: LPD, orders, labels, key, cfg, temperature, *, sizes, guided, cfg_schedule, greedy,
+            return_logits, implementation):
+    c = model.config
+    n, b, d = c.num_tokens, orders.shape[0], c.dim
+    cs = jnp.asarray(schedules.cumsum(sizes))
+    g_content, g_query = max((1,) + sizes[:-1]), max(sizes)
+    width = g_content + g_query
+    total = n + 1 + width
+    bb = 2 * b if guided else b
+
+    cls = model.class_vector(labels, b)
+    if guided:
+        cls = jnp.concatenate([cls, model.class_vector(None, b)], axis=0)
+    pos = model.slot_positions(orders)
+    pos = jnp.pad(pos, ((0, 0), (0, total - (n + 1)), (0, 0)))
+    pos = jnp.concatenate([pos, pos], axis=0) if guided else pos
+    scales = jnp.pad(cfg_scales(cfg, n, cfg_schedule), (0, g_query))
+
+    cache_shape = (bb, total, c.num_heads, c.head_dim)
+    caches = tuple((jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype)) for _ in model.blocks)
+    gen = jnp.zeros((b, n + g_query), jnp.int32)
+    logit_buf = jnp.zeros((3 if return_logits else 0, b, n + g_query, c.vocab_size), jnp.float32)
+    j = jnp.arange(width)
+    slots = jnp.arange(total)
+
+    def step(i, carry):
+        caches, gen, prev, logit_buf = carry
+        start, g_prev = cs[i], cs[i + 1] - cs[i]
+        is_content = j < g_prev
+        tok = model.token_emb(prev[:, jnp.minimum(j, g_query - 1)])
+        tok = jnp.concatenate([tok, tok], axis=0) if guided else tok
+        vec = jnp.where(i == 0, cls[:, None], tok)
+        p = jax.lax.dynamic_slice(pos, (0, start, 0), (bb, width, d))
+        x = jnp.where(is_content[None, :, None], model.content(vec, p), model.query(p))
+        limit = jnp.where(is_content, cs[i + 1], cs[i + 2])
+        mask = (slots[None, :] < limit[:, None])[None]
+        new_caches = []
+        for block, cache in zip(model.blocks, caches):
+            x, cache = block(x, mask, cache, start, implementation)
+            new_caches.append(cache)
+        h = jax.lax.dynamic_slice(model.norm(x), (0, g_prev, 0), (bb, g_query, d))
+        logits = model.head(h).astype(jnp.float32)
+        first = cs[i + 1] - 1  # generation index of this step's first token
+        if guided:
+            cond, uncond = logits[:b], logits[b:]
+            s = jax.lax.dynamic_slice(scales, (first,), (g_query,))[None, :, None]
+            out = uncond + s * (cond - uncond)
+        else:
+            cond = uncond = out = logits
+        if greedy:
+            chosen = jnp.argmax(out, axis=-1).astype(jnp.int32)
+        else:
+            chosen = jax.random.categorical(jax.random.fold_in(key, i), out / jnp.maximum(temperature, 1e-5))
+            chosen = chosen.astype(jnp.int32)
+        gen = jax.lax.dynamic_update_slice(gen, chosen, (0, first))
+        if return_logits:
+            logit_buf = jax.lax.dynamic_update_slice(logit_buf, jnp.stack([cond, uncond, out]), (0, 0, first, 0))
+        return tuple(new_caches), gen, chosen, logit_buf
+
+    prev = jnp.zeros((b, g_query), jnp.int32)
+    _, gen, _, logit_buf = jax.lax.fori_loop(0, len(sizes), step, (caches, gen, prev, logit_buf))
+    gen = gen[:, :n]
+    tokens = jnp.zeros_like(gen).at[jnp.arange(b)[:, None], orders].set(gen)
+    result = {"tokens": tokens, "tokens_gen_order": gen}
+    if return_logits:
+        result.update(cond_logits=logit_buf[0, :, :n], uncond_logits=logit_buf[1, :, :n],
+                      guided_logits=logit_buf[2, :, :n])
+    return result
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sizes", "guided", "cfg_schedule", "greedy",
+                                             "return_logits", "implementation", "has_labels"))
+def _decode_jit(graphdef, state, orders, labels, key, cfg, temperature, *, has_labels, **static):
+    model = nnx.merge(graphdef, state)
+    model.eval()  # dropout off (the merged copy only)
+    return _decode(model, orders, labels if has_labels else None, key, cfg, temperature, **static)
+
+
+def generate(model: LPD, group_sizes, orders, labels=None, *, cfg: float = 1.0, cfg_schedule: str = "linear",
+             temperature: float = 1.0, key=None, greedy: bool = False, return_logits: bool = False,
+             implementation: str | None = None) -> dict:
+    """Generate tokens in K = len(group_sizes) forward passes (one jit-compiled program per schedule).
+
+    orders [B, N] int (raster indices in generation order; e.g. `orders.locality_aware_order`), labels [B] int or
+    None (unconditional: `fake_latent`). Returns {"tokens" [B, N] raster, "tokens_gen_order" [B, N]} plus, with
+    `return_logits`, float32 [B, N, V] "cond_logits", "uncond_logits", "guided_logits" in generation order."""
+    c = model.config
+    sizes = schedules.check_group_sizes(group_sizes, c.num_tokens)
+    orders = jnp.asarray(orders, jnp.int32)
+    if orders.ndim != 2 or orders.shape[1] != c.num_tokens:
+        raise ValueError(f"orders must be [B, {c.num_tokens}], got {orders.shape}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"unknown cfg schedule {cfg_schedule!r}; choose from {CFG_SCHEDULES}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (orders.shape[0],) or labels.min() < 0 or labels.max() >= c.num_classes:
+            raise ValueError(f"labels must be [B] in [0, {c.num_classes}), got {labels}")
+    if not greedy and key is None:
+        raise ValueError("sampling needs a PRNG key (or greedy=True)")
+    graphdef, state = nnx.split(model)
+    return _decode_jit(
+        graphdef, state, orders, jnp.zeros(orders.shape[:1], jnp.int32) if labels is None else jnp.asarray(labels),
+        jax.random.key(0) if key is None else key, jnp.float32(cfg), jnp.float32(temperature),
+        has_labels=labels is not None, sizes=sizes, guided=float(cfg) != 1.0, cfg_schedule=cfg_schedule,
+        greedy=greedy, return_logits=return_logits, implementation=implementation)

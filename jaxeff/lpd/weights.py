@@ -1,0 +1,134 @@
+"""Loading the released LPD checkpoints and the LlamaGen VQ tokenizer into the NNX modules.
+
+Formats: safetensors (read without torch), or the official torch pickles: LPD `{"model": state_dict, ...}`
+(`main.py` reads `torch.load(path)["model"]`; training checkpoints also carry optimizer/epoch/scaler/args) and
+LlamaGen `vq_ds16_c2i.pt` (`ckpt["model"]` if present, else a bare state dict). Pickles need the optional torch.
+
+Our module paths are the official keys (`blocks.3.attn.qkv`, `encoder.conv_blocks.1.res.0.conv1`, ...) with the
+leaf renamed (kernel/scale/embedding -> weight) and Linear / Conv kernels transposed from torch's layout. The loader
+names every missing, unexpected and shape-mismatched key; `quantize.codebook_used` (a usage counter) is ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from jaxeff.io.safetensors import load_file
+
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+_IGNORED = ("quantize.codebook_used",)
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def official_key(path: tuple) -> str:
+    *mods, leaf = (str(p) for p in path)
+    return ".".join(mods + [_LEAF.get(leaf, leaf)])
+
+
+def _to_ours(arr: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and arr.ndim == 4:  # conv [O, I, kh, kw] -> [kh, kw, I, O]
+        return arr.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and arr.ndim == 2:  # linear [out, in] -> [in, out]
+        return arr.T
+    return arr
+
+
+def _to_torch(arr: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and arr.ndim == 4:
+        return arr.transpose(3, 2, 0, 1)
+    if leaf == "kernel" and arr.ndim == 2:
+        return arr.T
+    return arr
+
+
+def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str, np.ndarray]:
+    """Official tensors of a `.safetensors` file or a torch pickle (`{"model": sd}` or a bare state dict).
+
+    Pickles load with `weights_only=True` unless you pass False for a file you trust (real training checkpoints
+    carry an argparse `args` object that the safe loader refuses)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path} is a torch pickle; install torch to read it (or convert it to safetensors)") from e
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # torch raises UnpicklingError subclasses that differ between versions
+        raise ValueError(f"{path}: torch.load(weights_only={weights_only}) failed ({e}); if the file is trusted and "
+                         "holds non-tensor objects (training args), pass weights_only=False") from e
+    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(sd).__name__}")
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+
+
+def load_into(module, tensors: dict, *, source: str = "checkpoint", dtype=jnp.float32):
+    """Fill `module` (possibly abstract, from nnx.eval_shape) from an official state dict; returns the module."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)  # rest: dropout rng state
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(params))
+    used, missing, mismatched, new = set(), [], [], {}
+    for path, cur in flat.items():
+        key = official_key(path)
+        if key not in tensors:
+            missing.append(key)
+            continue
+        arr = _to_ours(np.asarray(tensors[key]), str(path[-1]))
+        if arr.shape != tuple(cur.shape):
+            mismatched.append(f"{key}: checkpoint {tuple(np.shape(tensors[key]))} vs model {tuple(cur.shape)}")
+            continue
+        new[path] = jnp.asarray(arr, dtype)
+        used.add(key)
+    unexpected = sorted(k for k in tensors if k not in used and k not in _IGNORED)
+    problems = [f"{name}: {vals}" for name, vals in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if vals]
+    if problems:
+        raise CheckpointMismatchError(f"{source} does not fit the model: " + "; ".join(problems))
+    nnx.replace_by_pure_dict(params, traverse_util.unflatten_dict(new))
+    return nnx.merge(graphdef, params, rest)
+
+
+def state_dict(module) -> dict[str, np.ndarray]:
+    """Official-layout numpy state dict of `module`'s parameters (for saving as safetensors)."""
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+    return {official_key(p): np.ascontiguousarray(_to_torch(np.asarray(v), str(p[-1]))) for p, v in flat.items()}
+
+
+def lpd_config_from_state_dict(tensors: dict, *, num_heads: int | None = None, **overrides):
+    """LPDConfig read off the tensor shapes; heads are not stored, so `num_heads` defaults to dim // 64 (the
+    released L / XL / XXL all use head_dim 64)."""
+    from jaxeff.lpd.config import LPDConfig
+
+    for key in ("token_emb.weight", "class_emb.weight", "pos_embed"):
+        if key not in tensors:
+            raise CheckpointMismatchError(f"not an LPD state dict: no {key!r} (keys start {sorted(tensors)[:5]})")
+    vocab, dim = tensors["token_emb.weight"].shape
+    n = tensors["pos_embed"].shape[1] - 1
+    grid = int(round(n**0.5))
+    if grid * grid != n:
+        raise CheckpointMismatchError(f"pos_embed has {n} + 1 rows; {n} is not a square token grid")
+    depth = len({k.split(".")[1] for k in tensors if k.startswith("blocks.")})
+    return LPDConfig(dim=dim, depth=depth, num_heads=num_heads or dim // 64, vocab_size=vocab,
+                     num_classes=tensors["class_emb.weight"].shape[0], grid_size=grid, **overrides)
+
+
+def load_lpd(path: str | Path, config=None, *, num_heads: int | None = None, weights_only: bool = True,
+             dtype=jnp.float32, **overrides):
+    """An `LPD` model from a released checkpoint (`.pth` pickle or `.safetensors`); the config comes from the
+    tensor shapes unless given (`overrides` e.g. proj_dropout=0.0 go into the inferred config)."""
+    from jaxeff.lpd.model import LPD
+
+    tensors = read_state_dict(path, weights_only=weights_only)
+    cfg = config or lpd_config_from_state_dict(tensors, num_heads=num_heads, **overrides)
+    model = nnx.eval_shape(lambda: LPD(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+    return load_into(model, tensors, source=str(path), dtype=dtype)

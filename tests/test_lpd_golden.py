@@ -1,0 +1,115 @@
+"""LPD vs the official code's outputs on a tiny random model (../shared/data/lpd_golden, see its README).
+
+Tolerances are the README's (section 8): float32 on CPU."""
+
+import numpy as np
+import pytest
+
+from jaxeff.lpd import schedules
+from jaxeff.lpd.model import block_causal_mask, cross_entropy, training_mask
+from jaxeff.lpd.sampling import generate
+from jaxeff.lpd.weights import CheckpointMismatchError, load_lpd, read_state_dict
+
+N = 64
+
+
+@pytest.fixture(scope="module")
+def golden(shared_data):
+    return shared_data("lpd_golden")
+
+
+@pytest.fixture(scope="module")
+def model(golden):
+    return load_lpd(golden / "lpd_tiny.safetensors", num_heads=4, proj_dropout=0.0)
+
+
+def _without_last_content(x, g_last, axis):
+    """Static layout (2N + 1) -> the official one (2N + 1 - gK): drop the last step's content slots."""
+    return np.delete(np.asarray(x), np.arange(N + 1 - g_last, N + 1), axis=axis)
+
+
+@pytest.mark.parametrize("case", ["A", "B", "C"])
+def test_training_forward(golden, model, case):
+    d = np.load(golden / f"train_{case}.npz")
+    sizes, orders = d["group_sizes"], d["orders"]
+    np.testing.assert_array_equal(schedules.cumsum(sizes), d["cumsum"])
+    logits, hidden = model(d["tokens"], d["labels"], orders, schedules.step_of(sizes), d["label_dropped"],
+                           return_hidden=True)
+    seq = model.training_sequence(d["tokens"], d["labels"], orders.astype(np.int32), d["label_dropped"])
+    np.testing.assert_allclose(_without_last_content(seq, sizes[-1], 1), d["seq_input"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(logits, d["logits"], rtol=1e-5, atol=5e-5)
+    if "final_hidden" in d:
+        np.testing.assert_allclose(hidden, d["final_hidden"], rtol=0, atol=2e-5)
+    ce = cross_entropy(logits, d["tokens"], orders)
+    np.testing.assert_allclose(ce, d["per_token_ce"], rtol=0, atol=5e-5)
+    np.testing.assert_allclose(float(ce.mean()), float(d["loss"]), rtol=1e-5)
+
+
+def test_block0_output(golden, model):
+    d = np.load(golden / "train_A.npz")
+    sizes = d["group_sizes"]
+    seq = model.training_sequence(d["tokens"], d["labels"], d["orders"].astype(np.int32), d["label_dropped"])
+    mask = training_mask(schedules.step_of(sizes))[None]
+    out, _ = model.blocks[0](seq, mask)
+    np.testing.assert_allclose(_without_last_content(out, sizes[-1], 1), d["block0_out"], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["train_A", "train_B", "train_C", "mask_256px_20steps"])
+def test_training_mask(golden, case):
+    d = np.load(golden / f"{case}.npz")
+    sizes = d["group_sizes"]
+    n = int(sum(sizes))
+    prefix = "train_" if case.startswith("mask") else ""
+    mask = np.asarray(training_mask(schedules.step_of(sizes)))
+    assert mask.shape == (2 * n + 1, 2 * n + 1)
+    drop = np.arange(n + 1 - sizes[-1], n + 1)
+    official = np.delete(np.delete(mask, drop, 0), drop, 1)
+    np.testing.assert_array_equal(official, d[f"{prefix}attn_mask"])
+    # the dropped content slots are invisible to every other position
+    assert not mask[np.setdiff1d(np.arange(2 * n + 1), drop)][:, drop].any()
+    if prefix:
+        np.testing.assert_array_equal(block_causal_mask(d["cumsum"]), d["infer_attn_mask"])
+
+
+@pytest.mark.parametrize("case", ["A", "B", "C", "D"])
+def test_kstep_greedy_decoding(golden, model, case):
+    d = np.load(golden / f"infer_{case}.npz")
+    np.testing.assert_array_equal(block_causal_mask(d["cumsum"]), d["attn_mask"])
+    labels = None if d["labels"][0] < 0 else d["labels"]
+    schedule = "constant" if case == "C" else "linear"  # README 5.2
+    out = generate(model, d["group_sizes"], d["orders"], labels, cfg=float(d["cfg"]), cfg_schedule=schedule,
+                   greedy=True, return_logits=True)
+    np.testing.assert_array_equal(out["tokens_gen_order"], d["tokens_gen_order"])
+    np.testing.assert_array_equal(out["tokens"], d["tokens"])
+    for name in ("cond_logits", "uncond_logits", "guided_logits"):
+        if name in d:
+            np.testing.assert_allclose(out[name], d[name], rtol=1e-5, atol=5e-5, err_msg=name)
+
+
+def test_pickle_matches_safetensors_and_mismatch_is_named(golden, model, tmp_path):
+    pytest.importorskip("torch")
+    st, pth = read_state_dict(golden / "lpd_tiny.safetensors"), read_state_dict(golden / "lpd_tiny.pth")
+    assert sorted(st) == sorted(pth)
+    for k in st:
+        np.testing.assert_array_equal(st[k], pth[k])
+    from jaxeff.io.safetensors import save_file
+
+    bad = dict(st)
+    bad.pop("mask_token")
+    bad["extra.weight"] = np.zeros(3, np.float32)
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys: \['mask_token'\].*unexpected keys: \['extra"):
+        load_lpd(tmp_path / "bad.safetensors", num_heads=4)
+
+
+def test_schedules_are_the_official_tables(golden):
+    import json
+
+    lookup = json.loads((golden / "tables" / "group_sizes_lookup.json").read_text())
+    for res in (256, 512):
+        table = lookup[f"{res} resolution"]
+        assert sorted(schedules.GROUP_SIZES[res]) == sorted(int(k.split()[0]) for k in table)
+        for key, sizes in table.items():
+            assert list(schedules.group_sizes(res, int(key.split()[0]))) == sizes
+        training = json.loads((golden / "tables" / "group_sizes_training" / f"group_sizes_{res}.json").read_text())
+        assert [list(schedules.GROUP_SIZES[res][k]) for k in schedules.TRAINING_STEPS[res]] == training
