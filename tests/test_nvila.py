@@ -1,0 +1,167 @@
+"""NVILA: SigLIP layer -2 vs transformers, area interpolation vs torch, and a tiny checkpoint written here in the
+released layout (config.json, llm/, vision_tower/, mm_projector/) that loads, frames its prompt and generates."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as tF
+from flax import nnx
+
+from jaxeff.io import save_file
+from jaxeff.io.hf import save_pretrained
+from jaxeff.models.llama import LlamaConfig
+from jaxeff.models.vit import ViT
+from jaxeff.nvila import features as F
+from jaxeff.nvila import model as M
+from jaxeff.nvila.projector import Projector, projector_state_dict
+
+
+def _siglip_torch(image_size, hidden=32, layers=3, seed=0):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    cfg = SiglipVisionConfig(image_size=image_size, patch_size=14, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=2, vision_use_head=False)
+    model = SiglipVisionModel(cfg).eval()
+    with torch.no_grad():  # non-trivial LayerNorm affines and position embeddings
+        for name, p in model.named_parameters():
+            if "norm" in name or "position" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_siglip_layer_minus_2_matches_transformers():
+    tm = _siglip_torch(56)
+    vit = nnx.eval_shape(lambda: ViT(M.siglip_config(tm.config.to_dict()), rngs=nnx.Rngs(0)))
+    M.load_siglip_state(vit, {k: v.numpy() for k, v in tm.state_dict().items()})
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 56, 56)).astype(np.float32)
+    with torch.no_grad():
+        out = tm(pixel_values=torch.from_numpy(x), output_hidden_states=True)
+    pix = jnp.asarray(x.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(vit(pix, select_layer=-2)), out.hidden_states[-2].numpy(), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(vit(pix)), out.last_hidden_state.numpy(), atol=2e-5)
+    with pytest.raises(ValueError, match="missing post_layernorm.weight"):
+        sd = {k: v.numpy() for k, v in tm.state_dict().items() if not k.endswith("post_layernorm.weight")}
+        M.load_siglip_state(vit, sd)
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((7, 5), (3, 4)), ((32, 32), (64, 160)), ((13, 9), (20, 6)),
+                                          ((11, 17), (11, 5))])
+def test_area_resize_matches_torch_interpolate(in_hw, out_hw):
+    x = np.random.default_rng(1).standard_normal((2, 3, *in_hw)).astype(np.float32)
+    want = tF.interpolate(torch.from_numpy(x), size=out_hw, mode="area").numpy()
+    got = F.area_resize(jnp.asarray(x.transpose(0, 2, 3, 1)), out_hw)
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=1e-6)
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"])
+
+
+def write_tiny_nvila(root, lite: bool, video_pool: int = 1):
+    """A random tiny NVILA (or NVILA-Lite) in the released layout."""
+    tokenizer = _byte_tokenizer()
+    vocab = len(tokenizer)  # 258: bytes + <|im_start|>, <|im_end|>; media tokens come after
+    llm_cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, model_type="qwen2", attention_bias=True,
+                          max_position_embeddings=8192, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                          initializer_range=0.2)
+    from jaxeff.models.llama import Llama
+
+    save_pretrained(Llama(llm_cfg, rngs=nnx.Rngs(1)), root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    # 56-pixel tiles (4x4 patches) and S2 scales 56/112/168 keep the test fast; the rules are the 448 ones
+    _siglip_torch(56, hidden=16, layers=2).save_pretrained(root / "vision_tower")
+    kind = "mlp_downsample_3x3_fix" if lite else "mlp_downsample"
+    mm_hidden = 16 if lite else 48
+    proj = Projector(kind, mm_hidden, 32, rngs=nnx.Rngs(2))
+    (root / "mm_projector").mkdir()
+    save_file(projector_state_dict(proj), root / "mm_projector" / "model.safetensors")
+    (root / "mm_projector" / "config.json").write_text(json.dumps({"mm_projector_type": kind,
+                                                                   "model_type": "v2l_projector"}))
+    top = {"model_type": "llava_llama", "mm_hidden_size": mm_hidden, "hidden_size": 32, "mm_vision_select_layer": -2,
+           "mm_vision_select_feature": "cls_patch", "image_aspect_ratio": "dynamic" if lite else "dynamic_s2",
+           "dynamic_s2": not lite, "s2_scales": "56,112,168", "max_tiles": 12}
+    if video_pool > 1:
+        top["video_encoder"] = {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[video_pool, 1, 1]]}
+    (root / "config.json").write_text(json.dumps(top))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_nvila(tmp_path_factory):
+    return M.from_pretrained(write_tiny_nvila(tmp_path_factory.mktemp("nvila"), lite=False, video_pool=8),
+                             dtype=jnp.float32)
+
+
+def _image(w, h, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_tiny_nvila_dynamic_s2_framing_and_generation(tiny_nvila):
+    m = tiny_nvila
+    assert m.config.image_aspect_ratio == "dynamic_s2" and m.config.channel_repeat == 3
+    assert m.media_ids[M.IMAGE_TOKEN] >= m.config.llm.vocab_size  # beyond the embedding table
+    p = m.build_prompt("What is it?", [_image(640, 480)])
+    assert p.kinds.count("image") == 12 * 4 and p.kinds.count("end") == 1  # 3x4 grid, 2x2 tokens per tile
+    first_image = p.kinds.index("image")
+    assert p.kinds[first_image + 48] == "end"
+    # two images: one tile each, 4 tokens + "\n" each
+    p2 = m.build_prompt("Compare.", [_image(300, 200), _image(200, 300, seed=1)])
+    assert p2.kinds.count("image") == 8 and p2.kinds.count("end") == 2
+    ids = m.generate_ids(p, max_new_tokens=4)
+    assert 1 <= len(ids) <= 4 and (ids < m.config.llm.vocab_size).all()
+    logits = m.model.llm(None, inputs_embeds=p.embeds)  # greedy first token = argmax of the full forward
+    assert ids[0] == int(jnp.argmax(logits[0, -1]))
+    assert m.generate(_image(640, 480), "What is it?", max_new_tokens=4) == m.tokenizer.decode(
+        ids, skip_special_tokens=True)
+
+
+def test_tiny_nvila_media_tokens_and_errors(tiny_nvila):
+    m = tiny_nvila
+    with pytest.raises(ValueError, match="beyond the embedding table"):
+        m.build_prompt("look: <vila/sentinel>")
+    with pytest.raises(ValueError, match="media tokens"):
+        m.build_prompt("<image> but no image")
+    with pytest.raises(ValueError, match="images or a video"):
+        m.build_prompt("x", [_image(64, 64)], video=np.zeros((2, 64, 64, 3), np.uint8))
+
+
+def test_tiny_nvila_video_temporal_pooling(tiny_nvila):
+    m = tiny_nvila
+    frames = np.stack([_image(96, 64, seed=s) for s in range(10)])  # 8 + 2 frames, pool 8
+    p = m.build_prompt("What happens?", video=frames)
+    assert p.kinds.count("video") == 2 * 4 and p.kinds.count("end") == 2
+    per_frame = m.encode_tiles(np.concatenate([M.tiling.siglip_preprocess(f, 56) for f in frames]))
+    start = p.kinds.index("video")
+    np.testing.assert_allclose(np.asarray(p.embeds[0, start:start + 4]), np.asarray(per_frame[:8].mean(0)),
+                               atol=1e-5)
+    second = start + 5  # after the first group's "\n": the short last group averages its 2 real frames
+    np.testing.assert_allclose(np.asarray(p.embeds[0, second:second + 4]), np.asarray(per_frame[8:].mean(0)),
+                               atol=1e-5)
+
+
+def test_tiny_nvila_lite_tiles_and_generation(tmp_path):
+    m = M.from_pretrained(write_tiny_nvila(tmp_path, lite=True), dtype=jnp.float32)
+    assert m.config.image_aspect_ratio == "dynamic" and m.config.projector_type == "mlp_downsample_3x3_fix"
+    p = m.build_prompt("Describe.", [_image(112, 56)])  # 1x2 grid + thumbnail = 3 tiles
+    assert p.kinds.count("image") == 3 * 4 and p.kinds.count("end") == 3  # 4x4 -> pad 6x6 -> 2x2 per tile
+    newline = m.end_ids[0]
+    text_ids = m.tokenizer(M.CHAT_TEMPLATE.format(content="<image>\n" * 3 + "Describe."),
+                           add_special_tokens=False).input_ids
+    assert sum(i == newline for i in text_ids) >= 3  # the rewritten prompt's literal "\n" per tile
+    ids = m.generate_ids(p, max_new_tokens=3)
+    assert (ids < m.config.llm.vocab_size).all()
+    jax.block_until_ready(p.embeds)
