@@ -97,3 +97,132 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
     msg = str(err.value)
     assert "model.layers.1.mlp.up_proj.weight" in msg and "model.layers.0.extra.weight" in msg
     assert "model.norm.weight" in msg
+
+
+# One random config per computation-changing field (issue 21): logits against transformers, then save_pretrained ->
+# transformers and -> jaxeff keep the fields and the logits.
+FIELD_CASES = {
+    # Qwen2 windows layers >= max_window_layers only: none here, the second layer in the next case.
+    "qwen2_window_from_max_window_layers_2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        use_sliding_window=True, sliding_window=8, max_window_layers=2)),
+    "qwen2_window_from_max_window_layers_1": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    "qwen2_layer_types": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        use_sliding_window=True, sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    "qwen2_window_off": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        use_sliding_window=False, sliding_window=8, max_window_layers=0)),
+    "mistral_window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=8)),
+    "llama_biases_head_dim": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        attention_bias=True, mlp_bias=True, head_dim=24, tie_word_embeddings=True)),
+    "llama_linear_rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_scaling={"rope_type": "linear", "factor": 3.0})),
+    "llama_yarn": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2_yarn_mscale": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "mscale": 0.9,
+                      "mscale_all_dim": 0.5, "beta_fast": 16, "truncate": False}, rms_norm_eps=1e-2)),
+}
+# config.json keys that change the computation, compared after the round trip (rope is checked by the logits)
+COMPUTE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias",
+                "hidden_act", "sliding_window", "use_sliding_window", "layer_types", "eos_token_id", "bos_token_id")
+
+
+@pytest.mark.parametrize("case", list(FIELD_CASES))
+def test_config_fields_match_transformers_and_round_trip(case, tmp_path):
+    cfg_cls, model_cls, extra = FIELD_CASES[case]
+    torch.manual_seed(0)
+    hf = model_cls(cfg_cls(**(COMMON | extra | {"eos_token_id": [60, 96, 16]}))).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_pretrained(tmp_path / "hf")
+    tokens = np.random.default_rng(1).integers(0, COMMON["vocab_size"], size=(2, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(tokens)))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+
+    save_pretrained(ours, tmp_path / "ours")
+    back = model_cls.from_pretrained(tmp_path / "ours").eval()
+    a, b = hf.config.to_dict(), back.config.to_dict()
+    for d in (a, b):  # Qwen2Config has no head_dim field; the modeling code falls back to hidden / heads
+        d["head_dim"] = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+    for key in COMPUTE_KEYS:
+        if key in a or key in b:
+            assert a.get(key) == b.get(key), (key, a.get(key), b.get(key))
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.tensor(tokens)).logits.numpy(), ref, atol=1e-5)
+    assert from_pretrained(tmp_path / "ours").config == ours.config
+
+
+def test_qwen2_window_applies_from_max_window_layers():
+    from jaxeff.models.llama import LlamaConfig
+
+    base = COMMON | {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8}
+    assert LlamaConfig.from_hf(base | {"max_window_layers": 1}).layer_windows == (None, 8)
+    assert LlamaConfig.from_hf(base | {"max_window_layers": 2}).layer_windows == (None, None)
+    assert LlamaConfig.from_hf(base | {"use_sliding_window": False}).layer_windows == (None, None)
+    # layer_types (newer configs) wins over max_window_layers
+    types = {"layer_types": ["sliding_attention", "full_attention"], "max_window_layers": 2}
+    assert LlamaConfig.from_hf(base | types).layer_windows == (8, None)
+    # Mistral windows every layer, and its default window is 4096; Llama has none
+    assert LlamaConfig.from_hf(COMMON | {"model_type": "mistral"}).layer_windows == (4096, 4096)
+    assert LlamaConfig.from_hf(COMMON | {"model_type": "llama", "sliding_window": 8}).layer_windows == (None, None)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "dynamic"),
+    ("rope_scaling", {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}, "longrope"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+     "partial_rotary_factor"),
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("model_type", "gemma2", "gemma2"),
+])
+def test_unsupported_config_fields_are_refused_by_name(field, value, match):
+    from jaxeff.models.llama import LlamaConfig
+
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig.from_hf(COMMON | {"model_type": "llama", field: value})
+
+
+def test_attention_fn_on_a_windowed_model_is_refused(tmp_path):
+    from flax import nnx
+
+    from jaxeff.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      model_type="mistral", sliding_window=4)
+    with pytest.raises(ValueError, match="sliding_window=4"):
+        Llama(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 3), jnp.int32), attention_fn=lambda *a, **k: None)
+
+
+def test_several_stop_ids_stop_where_transformers_stops(tmp_path):
+    """A Llama-3 Instruct-style `eos_token_id` list: greedy decoding stops at whichever id comes first."""
+    hf = _hf_model("llama", tmp_path / "plain")
+    prompt = np.random.default_rng(1).integers(0, COMMON["vocab_size"], 7)
+    with torch.no_grad():
+        free = hf.generate(torch.tensor(prompt[None]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)[0, 7:].tolist()
+    # stop on the third generated token, among two ids the model does not produce before it
+    others = [t for t in range(COMMON["vocab_size"]) if t not in free[:3]][:2]
+    stops = [others[0], others[1], free[2]]
+    expected = free.index(free[2]) + 1
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = stops
+    hf.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompt[None]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 7:]
+    assert len(ref) == expected <= 3
+
+    ours = from_pretrained(tmp_path / "hf")
+    assert ours.config.eos_token_id == tuple(stops)
+    for eos in (ours.config.eos_token_id, stops, np.asarray(stops)):
+        out = generate(ours, [prompt.tolist(), [3]], 8, eos_id=eos, pad_id=0)
+        assert out.num_generated[0] == expected
+        np.testing.assert_array_equal(out.tokens[0, :expected], ref.numpy())
+        assert (out.tokens[0, expected:] == 0).all()
+    save_pretrained(ours, tmp_path / "ours")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").eos_token_id == stops

@@ -52,7 +52,8 @@ def test_attention_rejects_bad_shapes_and_rows_without_keys_are_zero():
 
 def test_cache_decode_equals_full_forward():
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, sliding_window=6)
+                      num_attention_heads=4, num_key_value_heads=1, sliding_window=6, model_type="qwen2",
+                      attention_bias=True, layer_types=("full_attention", "sliding_attention"))
     model = Llama(cfg, rngs=nnx.Rngs(3))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 12)))
     full = model(tokens)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxeff.models.llama import pad_prompts
+from jaxeff.models.llama import is_stop, num_generated, pad_prompts, stop_id_tuple
 from jaxeff.nn import attention, make_mask, xla_attention
 
 
@@ -130,7 +130,8 @@ def _set(items: tuple, i: int, x) -> tuple:
 
 @dataclasses.dataclass
 class DuoGenerateOutput:
-    tokens: np.ndarray  # [B, max_new_tokens] greedy tokens
+    tokens: np.ndarray  # [B, max_new_tokens] greedy tokens; after a stop id: pad_id
+    num_generated: np.ndarray  # [B], the stop id included
     kv_nbytes: int  # stored K/V bytes of the dual cache
     dense_kv_nbytes: int  # the same for a dense cache of equal capacity
 
@@ -143,24 +144,27 @@ def _prefill_chunk(graphdef, state, cache, tokens, positions, last_index):
     return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0], cache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "steps"))
-def _decode(graphdef, state, cache, first, start_pos, steps):
+@partial(jax.jit, static_argnames=("graphdef", "steps", "pad_id"))
+def _decode(graphdef, state, cache, first, start_pos, stop_ids, steps, pad_id):
     model = nnx.merge(graphdef, state)
 
     def step(carry, _):
-        cache, token, pos = carry
+        cache, token, pos, done = carry
         logits, cache = model(token[:, None], pos[:, None], cache=cache)
-        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-        return (cache, nxt, pos + 1), nxt
+        nxt = jnp.where(done, pad_id, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
+        return (cache, nxt, pos + 1, done | is_stop(nxt, stop_ids)), nxt
 
-    (cache, _, _), rest = jax.lax.scan(step, (cache, first, start_pos), None, length=steps)
+    (cache, _, _, _), rest = jax.lax.scan(step, (cache, first, start_pos, is_stop(first, stop_ids)), None,
+                                          length=steps)
     return rest.T, cache
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, retrieval_heads, sink: int,
-             recent: int, chunk_size: int = 4096, max_len: int | None = None, pad_id: int = 0) -> DuoGenerateOutput:
+             recent: int, chunk_size: int = 4096, max_len: int | None = None, eos_id: int | Sequence[int] | None = None,
+             pad_id: int = 0) -> DuoGenerateOutput:
     """Greedy generation with the dual cache: chunked prefill (every chunk through the dual cache, streaming heads
-    Λ-sparse from the first one), then a compiled `lax.scan` decode loop."""
+    Λ-sparse from the first one), then a compiled `lax.scan` decode loop. eos_id: None, one stop id or several (as
+    `jaxeff.models.llama.generate`): a row stops after the first it generates and is `pad_id` after it."""
     mc = model.config
     mask = np.asarray(retrieval_heads, bool)
     if mask.shape != (mc.num_hidden_layers, mc.num_key_value_heads):
@@ -168,6 +172,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
                          f"{mc.num_key_value_heads} KV heads")
     if max_new_tokens < 1 or chunk_size < 1:
         raise ValueError("max_new_tokens and chunk_size must be >= 1")
+    stops = stop_id_tuple(eos_id)
     tokens, lengths = pad_prompts(prompts, pad_id)
     chunk = min(chunk_size, tokens.shape[1])
     n_chunks = -(-tokens.shape[1] // chunk)
@@ -191,6 +196,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
     first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
     out = [np.asarray(first)[:, None]]
     if max_new_tokens > 1:
-        rest, cache = _decode(graphdef, state, cache, first, jnp.asarray(lengths), steps=max_new_tokens - 1)
+        rest, cache = _decode(graphdef, state, cache, first, jnp.asarray(lengths), jnp.asarray(stops, jnp.int32),
+                              steps=max_new_tokens - 1, pad_id=pad_id)
         out.append(np.asarray(rest))
-    return DuoGenerateOutput(np.concatenate(out, axis=1), cache.kv_nbytes(), cache.dense_kv_nbytes())
+    out = np.concatenate(out, axis=1)
+    return DuoGenerateOutput(out, num_generated(out, stops), cache.kv_nbytes(), cache.dense_kv_nbytes())

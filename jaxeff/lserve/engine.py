@@ -20,13 +20,13 @@ from flax import nnx
 
 from jaxeff.lserve.cache import LServeCache
 from jaxeff.lserve.config import LServeConfig
-from jaxeff.models.llama import pad_prompts
+from jaxeff.models.llama import is_stop, num_generated, pad_prompts, stop_id_tuple
 
 
 @dataclasses.dataclass
 class LServeOutput:
-    tokens: np.ndarray  # [B, max_new_tokens]; after eos: pad_id
-    num_generated: np.ndarray  # [B], eos included
+    tokens: np.ndarray  # [B, max_new_tokens]; after a stop id: pad_id
+    num_generated: np.ndarray  # [B], the stop id included
     stats: list[dict]  # per request
 
 
@@ -37,8 +37,8 @@ def _prefill_chunk(graphdef, state, cache, tokens, positions, last_index):
     return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0], cache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "steps", "reselect_every", "eos_id", "pad_id"))
-def _decode(graphdef, state, cache, first, start_pos, *, steps, reselect_every, eos_id, pad_id):
+@partial(jax.jit, static_argnames=("graphdef", "steps", "reselect_every", "pad_id"))
+def _decode(graphdef, state, cache, first, start_pos, stop_ids, *, steps, reselect_every, pad_id):
     model = nnx.merge(graphdef, state)
 
     def step(carry, i):
@@ -46,10 +46,9 @@ def _decode(graphdef, state, cache, first, start_pos, *, steps, reselect_every, 
         cache = cache.replace(reselect=i % reselect_every == 0)
         logits, cache = model(token[:, None], pos[:, None], cache=cache)
         nxt = jnp.where(done, pad_id, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
-        done = done | (nxt == eos_id) if eos_id is not None else done
-        return (cache, nxt, pos + 1, done), nxt
+        return (cache, nxt, pos + 1, done | is_stop(nxt, stop_ids)), nxt
 
-    done = first == eos_id if eos_id is not None else jnp.zeros(first.shape, bool)
+    done = is_stop(first, stop_ids)
     (cache, _, _, _), rest = jax.lax.scan(step, (cache, first, start_pos, done), jnp.arange(steps))
     return rest.T, cache
 
@@ -71,16 +70,20 @@ class Engine:
         if streaming_heads.shape != shape:
             raise ValueError(f"attention pattern has shape {streaming_heads.shape} but the model has {shape[0]} "
                              f"layers x {shape[1]} KV heads: the pattern belongs to another model")
-        if mc.sliding_window is not None:
-            raise ValueError("LServe Engine does not support sliding-window attention models")
+        if any(w is not None for w in mc.layer_windows):
+            raise ValueError(f"LServe Engine does not support sliding-window attention (sliding_window="
+                             f"{mc.sliding_window} on layers {mc.layer_windows})")
         self.model, self.config, self.streaming_heads = model, config, streaming_heads
         self.graphdef, self.state = nnx.split(model)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, eos_id: int | None = None,
-                 pad_id: int = 0) -> LServeOutput:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                 eos_id: int | Sequence[int] | None = None, pad_id: int = 0) -> LServeOutput:
+        """Greedy tokens [B, max_new_tokens]; eos_id: None, one stop id or several (as `jaxeff.models.llama.
+        generate`): a row stops after the first it generates and is `pad_id` after it."""
         cfg, mc = self.config, self.model.config
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        stops = stop_id_tuple(eos_id)
         tokens, lengths = pad_prompts(prompts, pad_id)
         longest = int(lengths.max())
         if longest + max_new_tokens > cfg.max_len:
@@ -109,17 +112,13 @@ class Engine:
         out = [np.asarray(first)[:, None]]
         steps = max_new_tokens - 1
         if steps:
-            rest, cache = _decode(self.graphdef, self.state, cache, first, jnp.asarray(lengths), steps=steps,
-                                  reselect_every=cfg.reselect_every, eos_id=eos_id, pad_id=pad_id)
+            rest, cache = _decode(self.graphdef, self.state, cache, first, jnp.asarray(lengths),
+                                  jnp.asarray(stops, jnp.int32), steps=steps, reselect_every=cfg.reselect_every,
+                                  pad_id=pad_id)
             out.append(np.asarray(rest))
         t2 = time.perf_counter()
         out = np.concatenate(out, axis=1)
-        if eos_id is None:
-            n = np.full((b,), max_new_tokens)
-        else:
-            hit = out == eos_id
-            n = np.where(hit.any(1), hit.argmax(1) + 1, max_new_tokens)
-        return LServeOutput(out, n, self._stats(cache, lengths, steps, t1 - t0, t2 - t1))
+        return LServeOutput(out, num_generated(out, stops), self._stats(cache, lengths, steps, t1 - t0, t2 - t1))
 
     def _stats(self, cache: LServeCache, lengths, steps: int, prefill_s: float, decode_s: float) -> list[dict]:
         """Per request: KV bytes read per decode step (pages + statistics) next to a dense cache's."""

@@ -25,10 +25,31 @@ from flax import nnx
 from jaxeff.nn import ContiguousKVCache, RMSNorm, RopeScaling, SwiGLU, apply_rope, attention, inv_frequencies
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+_ACTIVATIONS = ("silu", "swish")  # transformers' ACT2FN names of the one activation SwiGLU computes
+
+
+def stop_id_tuple(ids: int | Sequence[int] | None) -> tuple[int, ...]:
+    """None, one id or several ids (a config's `eos_token_id`, a `generate(eos_id=...)`) -> a tuple of ints."""
+    if ids is None:
+        return ()
+    arr = np.asarray(ids)
+    if arr.size and (arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"stop ids must be an int or a flat sequence of ints, got {ids!r}")
+    return tuple(int(i) for i in arr.reshape(-1))
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """The computation-changing fields of a transformers Llama / Mistral / Qwen2 config.
+
+    Per model type, as transformers computes it: q/k/v biases (`attention_bias`) are always on for Qwen2, never for
+    Mistral, and on Llama they also bias o_proj; `mlp_bias` exists on Llama only. `layer_types` says per layer
+    whether `sliding_window` applies ("sliding_attention") or not ("full_attention"); None = every layer when
+    `sliding_window` is set (Mistral), Qwen2's `use_sliding_window` / `max_window_layers` are turned into it.
+    `eos_token_id` is one id or a tuple of ids (Llama-3 Instruct lists several).
+    """
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -41,12 +62,15 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has one
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
     model_type: str = "llama"
     initializer_range: float = 0.02
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -60,19 +84,68 @@ class LlamaConfig:
             )
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} not supported; supported: {MODEL_TYPES}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} not supported (the MLP is SwiGLU: {_ACTIVATIONS})")
+        if self.model_type == "qwen2" and not self.attention_bias:
+            raise ValueError("qwen2 always has q/k/v biases (transformers' Qwen2 ignores attention_bias): "
+                             "set attention_bias=True")
+        if self.model_type == "mistral" and self.attention_bias:
+            raise ValueError("mistral has no attention biases (transformers' Mistral ignores attention_bias)")
+        if self.mlp_bias and self.model_type != "llama":
+            raise ValueError(f"mlp_bias exists only on llama (transformers' {self.model_type} MLP has no bias)")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad or len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types must give one of {LAYER_TYPES} for each of the "
+                                 f"{self.num_hidden_layers} layers, got {self.layer_types}")
+            if self.sliding_window is None and "sliding_attention" in self.layer_types:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if self.sliding_window is not None and self.model_type == "llama":
+            raise ValueError("llama has no sliding window (transformers' Llama ignores it); use model_type "
+                             "'mistral' or 'qwen2'")
+        if isinstance(self.eos_token_id, (list, tuple)):
+            object.__setattr__(self, "eos_token_id", stop_id_tuple(self.eos_token_id))
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """The sliding window of each layer (None = full causal attention)."""
+        if self.layer_types is None:
+            return (self.sliding_window,) * self.num_hidden_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
+
+    @property
+    def o_proj_bias(self) -> bool:
+        return self.attention_bias and self.model_type == "llama"
 
     @classmethod
     def from_hf(cls, d: dict) -> LlamaConfig:
-        """From a Hugging Face config.json dict (llama, mistral, qwen2)."""
+        """From a Hugging Face config.json dict (llama, mistral, qwen2), with transformers' defaults for missing
+        keys that change the computation; fields jaxeff cannot compute raise ValueError naming them."""
         model_type = d.get("model_type", "llama")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"config.json model_type {model_type!r} not supported; supported: {MODEL_TYPES}")
-        window = d.get("sliding_window")
-        if model_type == "qwen2" and not d.get("use_sliding_window", False):
-            window = None
-        eos = d.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        partial = d.get("partial_rotary_factor")
+        if partial is not None and partial != 1.0:
+            raise ValueError(f"partial_rotary_factor={partial} is not supported (rotary on the whole head only)")
+        max_pos = d.get("max_position_embeddings", 4096)
+        if "original_max_position_embeddings" in d:  # a top-level value wins, as in transformers
+            rope = {**rope, "original_max_position_embeddings": d["original_max_position_embeddings"]}
+        window, layer_types = None, None
+        if model_type == "mistral":
+            window = d.get("sliding_window", 4096)  # MistralConfig's default; layer_types is ignored there
+        elif model_type == "qwen2" and d.get("use_sliding_window", False):
+            window = d.get("sliding_window", 4096)
+            n = d["num_hidden_layers"]
+            layer_types = d.get("layer_types") or [
+                "sliding_attention" if window is not None and i >= d.get("max_window_layers", 28)
+                else "full_attention" for i in range(n)
+            ]
+        if window is None:
+            layer_types = None  # transformers: no window on any layer, whatever layer_types says
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -82,20 +155,24 @@ class LlamaConfig:
             num_key_value_heads=d.get("num_key_value_heads"),
             head_dim=d.get("head_dim"),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rope_scaling=RopeScaling.from_hf(d.get("rope_scaling") or d.get("rope_parameters")),
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            rope_theta=d.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=RopeScaling.from_hf(rope, max_pos),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            attention_bias=d.get("attention_bias", model_type == "qwen2"),
+            attention_bias={"qwen2": True, "mistral": False}.get(model_type, d.get("attention_bias", False)),
+            mlp_bias=d.get("mlp_bias", False) if model_type == "llama" else False,
+            hidden_act=d.get("hidden_act", "silu"),
             sliding_window=window,
+            layer_types=layer_types,
             model_type=model_type,
             initializer_range=d.get("initializer_range", 0.02),
             bos_token_id=d.get("bos_token_id"),
-            eos_token_id=eos,
+            eos_token_id=d.get("eos_token_id"),
         )
 
     def to_hf(self) -> dict:
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d = {
             "architectures": [arch[self.model_type]],
             "model_type": self.model_type,
@@ -111,18 +188,23 @@ class LlamaConfig:
             "rope_scaling": self.rope_scaling.to_hf() if self.rope_scaling else None,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "initializer_range": self.initializer_range,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": eos,
         }
         if self.model_type == "llama":
             d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
         if self.model_type == "qwen2":
+            windows = self.layer_windows
             d["use_sliding_window"] = self.sliding_window is not None
             d["sliding_window"] = self.sliding_window
+            d["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]
+            # Readers without layer_types (transformers < 4.53) window the layers from max_window_layers on.
+            d["max_window_layers"] = next((i for i, w in enumerate(windows) if w is not None), len(windows))
         return d
 
 
@@ -137,15 +219,15 @@ class LlamaAttention(nnx.Module):
         self.q_proj = nnx.Linear(cfg.hidden_size, self.num_heads * hd, use_bias=cfg.attention_bias, **kw)
         self.k_proj = nnx.Linear(cfg.hidden_size, self.num_kv_heads * hd, use_bias=cfg.attention_bias, **kw)
         self.v_proj = nnx.Linear(cfg.hidden_size, self.num_kv_heads * hd, use_bias=cfg.attention_bias, **kw)
-        self.o_proj = nnx.Linear(self.num_heads * hd, cfg.hidden_size, use_bias=False, **kw)
+        self.o_proj = nnx.Linear(self.num_heads * hd, cfg.hidden_size, use_bias=cfg.o_proj_bias, **kw)
 
-    def qkv(self, x, positions, inv_freq):
-        """Projected, RoPE-rotated q [B,S,Hq,D] and k, v [B,S,Hkv,D]."""
+    def qkv(self, x, positions, inv_freq, rope_scale: float = 1.0):
+        """Projected, RoPE-rotated q [B,S,Hq,D] and k, v [B,S,Hkv,D] (cos/sin times `rope_scale`, yarn)."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        return apply_rope(q, positions, inv_freq, rope_scale), apply_rope(k, positions, inv_freq, rope_scale), v
 
     def output(self, attn_out):
         b, s = attn_out.shape[:2]
@@ -155,8 +237,8 @@ class LlamaAttention(nnx.Module):
 class LlamaDecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype,
-                          init_std=cfg.initializer_range, rngs=rngs)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, dtype=dtype,
+                          param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
@@ -209,11 +291,17 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         if output not in ("logits", "hidden"):
             raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
-        window = self.config.sliding_window
-        inv_freq = inv_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        cfg = self.config
+        windows = cfg.layer_windows
+        if attention_fn is not None and cache is None and any(w is not None for w in windows):
+            raise ValueError(f"attention_fn gets no sliding window, but this model's layers use "
+                             f"sliding_window={cfg.sliding_window} (layer_types={cfg.layer_types})")
+        inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        rope_scale = cfg.rope_scaling.attention_scaling if cfg.rope_scaling else 1.0
         for i, layer in enumerate(self.layers):
+            window = windows[i]
             h = layer.input_layernorm(x)
-            q, k, v = layer.self_attn.qkv(h, positions, inv_freq)
+            q, k, v = layer.self_attn.qkv(h, positions, inv_freq, rope_scale)
             if cache is not None:
                 a, cache = cache.attend(i, q, k, v, positions, sliding_window=window, implementation=implementation)
             elif attention_fn is not None:
@@ -268,14 +356,27 @@ def sample_token(logits: jnp.ndarray, rng: jax.Array, sampling: SamplingConfig) 
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def is_stop(tokens: jnp.ndarray, stop_ids: jnp.ndarray) -> jnp.ndarray:
+    """tokens [...] int, stop_ids [K] int (K may be 0) -> bool [...]: the token is one of the stop ids. Traceable,
+    so a decode loop takes the stop ids as an array argument and one compiled program serves every stop set of
+    that size."""
+    return jnp.any(tokens[..., None] == stop_ids, axis=-1)
+
+
+def num_generated(tokens: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
+    """tokens [B, N] -> [B] int: tokens up to and including the first stop id (N where none)."""
+    hit = np.isin(tokens, np.asarray(stop_ids, np.int64))
+    return np.where(hit.any(1), hit.argmax(1) + 1, tokens.shape[1])
+
+
 @dataclasses.dataclass
 class GenerateOutput:
-    tokens: np.ndarray  # [B, max_new_tokens]; after eos: pad_id
-    num_generated: np.ndarray  # [B], eos included
+    tokens: np.ndarray  # [B, max_new_tokens]; after a stop id: pad_id
+    num_generated: np.ndarray  # [B], the stop id included
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_id", "pad_id", "implementation"))
-def _generate_jit(graphdef, state, tokens, prompt_lens, cache, rng, *, max_new_tokens, sampling, eos_id, pad_id,
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "pad_id", "implementation"))
+def _generate_jit(graphdef, state, tokens, prompt_lens, cache, rng, stop_ids, *, max_new_tokens, sampling, pad_id,
                   implementation):
     model = nnx.merge(graphdef, state)
     b, s = tokens.shape
@@ -284,7 +385,7 @@ def _generate_jit(graphdef, state, tokens, prompt_lens, cache, rng, *, max_new_t
     last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
     rng, sub = jax.random.split(rng)
     first = sample_token(last, sub, sampling)
-    done = first == eos_id if eos_id is not None else jnp.zeros((b,), bool)
+    done = is_stop(first, stop_ids)
 
     def step(carry, _):
         cache, token, pos, done, rng = carry
@@ -292,8 +393,7 @@ def _generate_jit(graphdef, state, tokens, prompt_lens, cache, rng, *, max_new_t
         rng, sub = jax.random.split(rng)
         nxt = sample_token(logits[:, 0], sub, sampling)
         nxt = jnp.where(done, pad_id, nxt)
-        new_done = done | (nxt == eos_id) if eos_id is not None else done
-        return (cache, nxt, pos + 1, new_done, rng), nxt
+        return (cache, nxt, pos + 1, done | is_stop(nxt, stop_ids), rng), nxt
 
     (_, _, _, _, _), rest = jax.lax.scan(step, (cache, first, prompt_lens, done, rng), None, length=max_new_tokens - 1)
     return jnp.concatenate([first[:, None], rest.T], axis=1)
@@ -317,26 +417,25 @@ def generate(
     max_new_tokens: int,
     *,
     sampling: SamplingConfig = SamplingConfig(),
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     seed: int = 0,
     implementation: str | None = None,
 ) -> GenerateOutput:
     """Generate for a batch of prompts of different lengths: one prefill, then a compiled `lax.scan` decode loop
-    over a contiguous KV cache (prefill and decode are a single jitted program)."""
+    over a contiguous KV cache (prefill and decode are a single jitted program).
+
+    eos_id: None (never stop), one stop id or several (e.g. `model.config.eos_token_id` of a Llama-3 Instruct
+    config); a row stops after the first of them it generates and is `pad_id` after it."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    stops = stop_id_tuple(eos_id)
     tokens, lengths = pad_prompts(prompts, pad_id, multiple=16)
     max_len = tokens.shape[1] + max_new_tokens
     cache = model.init_cache(tokens.shape[0], max_len)
     graphdef, state = nnx.split(model)
     out = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.key(seed),
-                        max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
-                        implementation=implementation)
+                        jnp.asarray(stops, jnp.int32), max_new_tokens=max_new_tokens, sampling=sampling,
+                        pad_id=pad_id, implementation=implementation)
     out = np.asarray(out)
-    if eos_id is None:
-        n = np.full((out.shape[0],), max_new_tokens)
-    else:
-        hit = out == eos_id
-        n = np.where(hit.any(1), hit.argmax(1) + 1, max_new_tokens)
-    return GenerateOutput(tokens=out, num_generated=n)
+    return GenerateOutput(tokens=out, num_generated=num_generated(out, stops))
