@@ -4,6 +4,7 @@ Tolerances are the README's (section 8): float32 on CPU."""
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxeff.lpd import schedules
 from jaxeff.lpd.model import block_causal_mask, cross_entropy, training_mask
@@ -33,9 +34,9 @@ def test_training_forward(golden, model, case):
     d = np.load(golden / f"train_{case}.npz")
     sizes, orders = d["group_sizes"], d["orders"]
     np.testing.assert_array_equal(schedules.cumsum(sizes), d["cumsum"])
-    logits, hidden = model(d["tokens"], d["labels"], orders, schedules.step_of(sizes), d["label_dropped"],
-                           return_hidden=True)
-    seq = model.training_sequence(d["tokens"], d["labels"], orders.astype(np.int32), d["label_dropped"])
+    forward = nnx.jit(lambda m, *a: (m(*a, return_hidden=True), m.training_sequence(*a[:3], a[4])))
+    (logits, hidden), seq = forward(model, d["tokens"], d["labels"], orders.astype(np.int32),
+                                    schedules.step_of(sizes), d["label_dropped"])
     np.testing.assert_allclose(_without_last_content(seq, sizes[-1], 1), d["seq_input"], rtol=0, atol=2e-5)
     np.testing.assert_allclose(logits, d["logits"], rtol=1e-5, atol=5e-5)
     if "final_hidden" in d:
@@ -48,9 +49,13 @@ def test_training_forward(golden, model, case):
 def test_block0_output(golden, model):
     d = np.load(golden / "train_A.npz")
     sizes = d["group_sizes"]
-    seq = model.training_sequence(d["tokens"], d["labels"], d["orders"].astype(np.int32), d["label_dropped"])
-    mask = training_mask(schedules.step_of(sizes))[None]
-    out, _ = model.blocks[0](seq, mask)
+
+    @nnx.jit
+    def block0(m, tokens, labels, orders, step_of, dropped):
+        return m.blocks[0](m.training_sequence(tokens, labels, orders, dropped), training_mask(step_of)[None])[0]
+
+    out = block0(model, d["tokens"], d["labels"], d["orders"].astype(np.int32), schedules.step_of(sizes),
+                 d["label_dropped"])
     np.testing.assert_allclose(_without_last_content(out, sizes[-1], 1), d["block0_out"], rtol=0, atol=2e-5)
 
 
@@ -113,3 +118,50 @@ def test_schedules_are_the_official_tables(golden):
             assert list(schedules.group_sizes(res, int(key.split()[0]))) == sizes
         training = json.loads((golden / "tables" / "group_sizes_training" / f"group_sizes_{res}.json").read_text())
         assert [list(schedules.GROUP_SIZES[res][k]) for k in schedules.TRAINING_STEPS[res]] == training
+
+
+@pytest.fixture(scope="module")
+def vq(golden):
+    from jaxeff.lpd.vq import VQConfig, load_vq
+
+    return load_vq(golden / "vq_tiny.safetensors", VQConfig(codebook_size=64, ch=32, ch_mult=(1, 1), z_channels=32))
+
+
+def _nchw(x):
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def test_vq_encode_decode(golden, vq):
+    d = np.load(golden / "vq.npz")
+    image = d["image"].transpose(0, 2, 3, 1)
+    (idx, zq, h), enc = nnx.jit(lambda m, x: (m.encode(x), m.encoder(x)))(vq, image)
+    np.testing.assert_allclose(_nchw(enc), d["encoder_out"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(_nchw(h), d["pre_quant"], rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(idx, d["indices"])
+    np.testing.assert_allclose(_nchw(zq), d["quant"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(_nchw(zq), d["codebook_entry"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(vq.quantize.codebook(), d["codebook_normalized"], rtol=0, atol=2e-5)
+    from_quant, from_indices = nnx.jit(lambda m, z, i: (m.decode(z), m.decode_code(i)))(vq, zq, d["indices"])
+    np.testing.assert_allclose(_nchw(from_quant), d["decoded_from_quant"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(_nchw(from_indices), d["decoded_from_indices"], rtol=0, atol=2e-5)
+
+
+def test_vq_decodes_generated_tokens(golden, vq):
+    from jaxeff.lpd.vq import to_uint8
+
+    d = np.load(golden / "infer_A.npz")
+    image = vq.decode_code(d["tokens"].reshape(2, 8, 8))
+    np.testing.assert_allclose(_nchw(image), d["vq_decoded"], rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(to_uint8(image), d["image_uint8"])
+
+
+def test_vq_resnet_block_with_nin_shortcut(golden):
+    from flax import nnx
+
+    from jaxeff.lpd.vq import ResnetBlock
+    from jaxeff.lpd.weights import load_into
+
+    d = np.load(golden / "vq_resblock_nin.npz")
+    block = nnx.eval_shape(lambda: ResnetBlock(32, 64, rngs=nnx.Rngs(0)))
+    block = load_into(block, read_state_dict(golden / "vq_resblock_nin.safetensors"))
+    np.testing.assert_allclose(_nchw(block(d["x"].transpose(0, 2, 3, 1))), d["y"], rtol=0, atol=1e-5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
@@ -95,7 +96,20 @@ def load_into(module, tensors: dict, *, source: str = "checkpoint", dtype=jnp.fl
     if problems:
         raise CheckpointMismatchError(f"{source} does not fit the model: " + "; ".join(problems))
     nnx.replace_by_pure_dict(params, traverse_util.unflatten_dict(new))
-    return nnx.merge(graphdef, params, rest)
+    return nnx.merge(graphdef, params, _concrete(rest))
+
+
+def _concrete(state, seed: int = 0):
+    """Non-parameter state left abstract by `nnx.eval_shape` (dropout RNG keys and counters) made concrete:
+    distinct keys from `seed`, zero counters."""
+    leaves, treedef = jax.tree.flatten(state)
+    out = []
+    for i, x in enumerate(leaves):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            is_key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+            x = jax.random.fold_in(jax.random.key(seed), i) if is_key else jnp.zeros(x.shape, x.dtype)
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
 
 
 def state_dict(module) -> dict[str, np.ndarray]:
