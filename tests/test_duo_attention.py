@@ -156,6 +156,20 @@ def test_dual_cache_equals_dense_when_window_covers_context(model):
     np.testing.assert_array_equal(out.tokens, ref)
 
 
+def test_dual_cache_generation_stops_at_any_of_several_stop_ids(model):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 64, n).tolist() for n in (37, 20, 50)]
+    free = dense_generate(model, prompts, 6).tokens
+    stops = [int(free[0, 2]), int(free[1, 1])]  # row 0 stops at its third token at the latest, row 1 at its second
+    ref = dense_generate(model, prompts, 6, eos_id=stops, pad_id=63)
+    assert ref.num_generated[0] <= 3 and ref.num_generated[1] <= 2
+    mask = np.array([[True, False], [False, True]])
+    out = da.generate(model, prompts, 6, retrieval_heads=mask, sink=4, recent=60, chunk_size=16, eos_id=stops,
+                      pad_id=63)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.num_generated, ref.num_generated)
+
+
 def test_dual_cache_chunked_prefill_is_lambda_sparse_from_first_chunk(model):
     """Chunked prefill through the dual cache equals one-shot hybrid (Λ) attention, and stores the formula's bytes."""
     mask = np.array([[True, False], [False, False]])

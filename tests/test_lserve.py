@@ -101,3 +101,13 @@ def test_streaming_ring_prefill_and_decode_equal_lambda_attention(setup):
         logits, cache = step(state, tokens[:, p:p + 1], jnp.full((2, 1), p), cache)
         outs.append(logits)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(ref), atol=2e-5)
+
+
+def test_engine_stops_at_any_of_several_stop_ids(setup):
+    model, prompts, free = setup
+    stops = (int(free[0, 2]), int(free[1, 1]))  # row 0 stops at its third token at the latest, row 1 at its second
+    ref = dense_generate(model, prompts, NEW, eos_id=stops, pad_id=63)
+    assert ref.num_generated[0] <= 3 and ref.num_generated[1] <= 2
+    out = Engine(model, small(dynamic_sparsity=False)).generate(prompts, NEW, eos_id=list(stops), pad_id=63)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.num_generated, ref.num_generated)
