@@ -165,3 +165,19 @@ def test_tiny_nvila_lite_tiles_and_generation(tmp_path):
     ids = m.generate_ids(p, max_new_tokens=3)
     assert (ids < m.config.llm.vocab_size).all()
     jax.block_until_ready(p.embeds)
+
+
+def test_nvila_compress_experiment_tiny(tmp_path):
+    from experiments.nvila_compress import image_token_counts
+    from jaxeff.experiment import run_experiment
+
+    assert image_token_counts(1920, 1080)["S2 LLM tokens"] == 3072 + 1  # the golden table: 3x4 grid
+    assert image_token_counts(1080, 1920)["Lite tiles"] == 9
+    run = run_experiment("nvila_compress", "smoke", {"llm_scale": "tiny", "timing": "false", "frames": "8"},
+                         runs_root=tmp_path)
+    res = json.loads((run.dir / "results.json").read_text())["prefill"]
+    visual = {k: v[1] for k, v in res.items()}
+    assert visual["image, 9 tiles, none"] == 9 * 1024 + 1 and visual["image, 9 tiles, 3x3 (NVILA-Lite)"] == 9 * 121 + 1
+    assert visual["video, 8 frames, pool 8"] == 257
+    flops = {k: v[2] for k, v in res.items()}
+    assert flops["image, 9 tiles, none"] > 4 * flops["image, 9 tiles, 2x2 (NVILA)"] > 0

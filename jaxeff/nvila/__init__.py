@@ -1,1 +1,7 @@
-"""NVILA (NVlabs/VILA) in JAX: Dynamic-S2 / dynamic tiling, scale merge, projectors, and the VLM."""
+"""NVILA (NVlabs/VILA) in JAX: Dynamic-S2 / dynamic tiling, scale merge, projectors, and the VLM on the shared
+SigLIP ViT and Qwen2 decoder. `jaxeff.nvila.from_pretrained(dir)` loads the released layout."""
+
+from jaxeff.nvila.model import NVILA, NVILAConfig, NVILAModel, from_pretrained
+from jaxeff.nvila.projector import PROJECTOR_TYPES, Projector, load_projector
+
+__all__ = ["NVILA", "NVILAConfig", "NVILAModel", "from_pretrained", "Projector", "PROJECTOR_TYPES", "load_projector"]
