@@ -42,10 +42,11 @@ def _per_sample_scores(theta, prompts, acts):
 def test_opob_minimises_weighted_second_moment(tabular):
     theta, theta_mu, target = tabular
     prompts, acts, rewards, logp_mu = _sample(jax.random.PRNGKey(1), *tabular)
-    w = jnp.exp(jnp.sum(_token_logp(theta, prompts, acts) - logp_mu, -1))
+    log_w = jnp.sum(_token_logp(theta, prompts, acts) - logp_mu, -1)
+    w = jnp.exp(log_w)
     s = _per_sample_scores(theta, prompts, acts)
     s2 = jnp.sum(s.reshape(s.shape[0], -1) ** 2, -1)
-    b = vcpo.opob_baseline(rewards, w, s2, prompts)
+    b = vcpo.opob_baseline(rewards, log_w, s2, prompts, weighting="readme")
     grid = jnp.linspace(-0.5, 1.5, 401)
     for g in range(P):
         sel = prompts == g
@@ -54,14 +55,62 @@ def test_opob_minimises_weighted_second_moment(tabular):
         at_opob = objective(b[sel][:1])[0]
         assert at_opob <= at_grid.min() + 1e-6
         assert abs(float(b[sel][0]) - float(grid[jnp.argmin(at_grid)])) <= float(grid[1] - grid[0])
-    # Scale-free (tiny ||s||^2 is not swamped by an epsilon); a group with all-zero weights gets its reward mean.
-    np.testing.assert_allclose(vcpo.opob_baseline(rewards, w, s2 * 1e-20, prompts), b, rtol=1e-5)
-    zero = vcpo.opob_baseline(rewards, w, jnp.where(prompts == 0, 0.0, s2), prompts)
-    assert float(zero[0]) == pytest.approx(float(rewards[:G].mean()), rel=1e-6)
     # The released code's weighting differs from the README's only through min(w, c)^2.
     np.testing.assert_allclose(
-        vcpo.opob_weights(w, s2, weighting="code", clip_c=1.0), jnp.minimum(w, 1.0) ** 2 * w**2 * s2, rtol=1e-6
-    )
+        vcpo.opob_log_weights(log_w, s2, weighting="code", clip_c=1.0),
+        np.log(np.minimum(w, 1.0) ** 2 * w**2 * s2), rtol=1e-5, atol=1e-5)
+
+
+def _official_opob(rewards, big_w, groups):
+    """b*_g = sum W R / (sum W + 1e-8) in float64, as the official code forms it in Python floats."""
+    rewards, big_w, groups = (np.asarray(x, np.float64) for x in (rewards, big_w, groups))
+    out = np.zeros_like(rewards)
+    for g in np.unique(groups):
+        sel = groups == g
+        out[sel] = np.sum(big_w[sel] * rewards[sel]) / (np.sum(big_w[sel]) + 1e-8)
+    return out
+
+
+def test_opob_official_eps_fallback_and_group_normalized_option():
+    rewards = jnp.array([1.0, 0.0, 0.5, 1.0, 0.25, 0.75])
+    groups = jnp.array([0, 0, 0, 1, 1, 1])
+    log_w = jnp.array([0.3, -0.2, 0.1, 2.0, -1.0, 0.0])
+    for scale in (1.0, 1e-7, 1e-9, 1e-12):  # W comparable to, and far below, the absolute eps
+        s2 = jnp.array([2.0, 1.0, 3.0, 0.5, 4.0, 1.0]) * scale
+        big_w = np.exp(2 * np.asarray(log_w, np.float64)) * np.asarray(s2, np.float64)
+        got = vcpo.opob_baseline(rewards, log_w, s2, groups, weighting="readme")
+        np.testing.assert_allclose(got, _official_opob(rewards, big_w, groups), rtol=1e-5, atol=1e-12)
+        # Group-normalised option: scale-free, the eps-free weighted mean at every scale.
+        norm = vcpo.opob_baseline(rewards, log_w, s2, groups, weighting="readme", form="group_normalized")
+        np.testing.assert_allclose(norm, _official_opob(rewards, big_w / big_w.max(), groups), rtol=1e-5)
+    # Tiny W: the official b* collapses toward 0.
+    assert np.abs(np.asarray(vcpo.opob_baseline(rewards, log_w, jnp.full(6, 1e-16), groups))).max() < 1e-2
+    # W = e^120 overflows float32 but the official float64 value is the plain weighted mean: no inf, no NaN.
+    huge = vcpo.opob_baseline(rewards, jnp.array([60.0, 59.0, 0.0, 0.0, 0.0, 0.0]), jnp.ones(6), groups,
+                              weighting="readme")
+    expect = (1.0 * 1 + 0.0 * np.exp(-2)) / (1 + np.exp(-2))
+    assert float(huge[0]) == pytest.approx(expect, rel=1e-5)
+    # All-zero W in group 0: official fallback 0; group-normalised fallback: the reward mean.
+    s2 = jnp.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(vcpo.opob_baseline(rewards, log_w, s2, groups)[:3], 0.0)
+    np.testing.assert_allclose(vcpo.opob_baseline(rewards, log_w, s2, groups, form="group_normalized")[:3], 0.5)
+    with pytest.raises(ValueError, match="form"):
+        vcpo.opob_baseline(rewards, log_w, s2, groups, form="paper")
+    with pytest.raises(ValueError, match="lengths"):
+        vcpo.opob_baseline(rewards, log_w, s2, groups, normalize_by_length=True)
+
+
+def test_opob_token_sum_vs_token_mean_norm_differ_by_length_squared():
+    rewards = jnp.array([1.0, 0.0, 0.5, 0.25])
+    groups = jnp.array([0, 0, 0, 0])
+    log_w = jnp.array([0.2, -0.1, 0.0, 0.4])
+    s2_sum = jnp.array([4.0, 9.0, 1.0, 16.0])  # ||grad sum_t log pi||^2
+    lengths = jnp.array([2, 6, 1, 8])
+    token_sum = vcpo.opob_baseline(rewards, log_w, s2_sum, groups, lengths=lengths)  # official default
+    token_mean = vcpo.opob_baseline(rewards, log_w, s2_sum, groups, lengths=lengths, normalize_by_length=True)
+    by_hand = vcpo.opob_baseline(rewards, log_w, s2_sum / lengths.astype(jnp.float32) ** 2, groups)
+    np.testing.assert_allclose(token_mean, by_hand, rtol=1e-5)
+    assert abs(float(token_sum[0] - token_mean[0])) > 0.05  # variable lengths: the norm choice matters
 
 
 def _estimator(key, theta, theta_mu, target, baseline):
@@ -73,7 +122,8 @@ def _estimator(key, theta, theta_mu, target, baseline):
     elif baseline == "group_mean":
         b = vcpo.group_stats(rewards, prompts, P)[0]
     else:
-        b = vcpo.opob_baseline(rewards, w, jnp.sum(s.reshape(s.shape[0], -1) ** 2, -1), prompts, num_groups=P)
+        b = vcpo.opob_baseline(rewards, jnp.log(w), jnp.sum(s.reshape(s.shape[0], -1) ** 2, -1), prompts,
+                               num_groups=P, weighting="readme")
     return jnp.einsum("i,i...->...", w * (rewards - b), s) / rewards.shape[0]
 
 
@@ -86,15 +136,38 @@ def test_opob_has_lowest_monte_carlo_gradient_variance(tabular):
     assert tr_var["opob"] < tr_var["group_mean"] < tr_var["none"], tr_var
 
 
-def test_ess_ratio_extremes_and_masking():
-    assert float(vcpo.ess_ratio(jnp.full((8,), 0.3))) == pytest.approx(1.0, rel=1e-6)
-    one_hot = jnp.array([0.0] + [-1e4] * 7)
-    assert float(vcpo.ess_ratio(one_hot)) == pytest.approx(1 / 8, rel=1e-6)
-    # Huge log-weights do not overflow; masked entries are ignored.
+def _official_ess(log_w):
+    """compute_ess_info: float32 exp, then Python-float sums with the absolute 1e-8."""
+    w = np.exp(np.asarray(log_w, np.float32)).astype(np.float64)
+    return w.sum() ** 2 / (len(w) * ((w**2).sum() + 1e-8))
+
+
+def test_ess_ratio_official_linear_space_and_log_space_diagnostic():
+    for space in ("linear", "log"):
+        assert float(vcpo.ess_ratio(jnp.full((8,), 0.3), space=space)) == pytest.approx(1.0, rel=1e-6)
+        one_hot = jnp.array([0.0] + [-1e4] * 7)
+        assert float(vcpo.ess_ratio(one_hot, space=space)) == pytest.approx(1 / 8, rel=1e-6)
+    rng = np.random.default_rng(0)
+    for log_w in (rng.normal(0, 2, 64), rng.normal(30, 5, 64), np.array([60.0, 59.0, 0.0]),
+                  np.full(512, np.log(1e-6)), np.array([-5.0, -20.0, -21.0])):
+        got = float(vcpo.ess_ratio(jnp.asarray(log_w, jnp.float32)))
+        assert got == pytest.approx(_official_ess(log_w), rel=1e-4), log_w[:3]
+    # Official underflow regime: all w = 1e-6, B = 512 -> the eps pulls the ratio to ~0.05 (log space: 1).
+    tiny = jnp.full((512,), np.log(1e-6), jnp.float32)
+    assert float(vcpo.ess_ratio(tiny)) == pytest.approx(512e-12 / (512e-12 + 1e-8), rel=1e-3)
+    assert float(vcpo.ess_ratio(tiny, space="log")) == pytest.approx(1.0, rel=1e-6)
+    # Every w underflowed to 0: the official ratio is 0.
+    assert float(vcpo.ess_ratio(jnp.full((4,), -200.0))) == 0.0
+    # One overflowing weight (log w > 88.7): official inf/inf = NaN, whose lr rule min(1, nan) applies no damping.
+    over = jnp.array([100.0] + [0.0] * 7)
+    assert float(vcpo.ess_ratio(over)) == pytest.approx(1 / 8, rel=1e-6)  # default: the true ratio
+    assert float(vcpo.ess_ratio(over, overflow="official_nan")) == 1.0
+    assert float(vcpo.lr_scale(vcpo.ess_ratio(over, overflow="official_nan"))) == 1.0
+    # Masked entries are ignored.
     log_w = jnp.array([800.0, 800.0, 5.0, 0.0])
     assert float(vcpo.ess_ratio(log_w, mask=jnp.array([1, 1, 0, 0]))) == pytest.approx(1.0, rel=1e-6)
-    w = np.array([1.0, 2.0, 4.0])
-    assert float(vcpo.ess_ratio(jnp.log(jnp.asarray(w)))) == pytest.approx(w.sum() ** 2 / (3 * (w**2).sum()), 1e-6)
+    with pytest.raises(ValueError, match="space"):
+        vcpo.ess_ratio(log_w, space="log2")
 
 
 def test_lr_scale_rules():
@@ -122,9 +195,10 @@ def test_two_sum_gradient_equals_direct(tabular):
 
     g = jax.vmap(jax.grad(per_traj_loss), (None, 0, 0, 0))(theta, prompts, acts, logp_mu)
     s2 = jnp.sum(g.reshape(g.shape[0], -1) ** 2, -1)
-    b = vcpo.opob_baseline(rewards, w, s2, prompts)
+    b = vcpo.opob_baseline(rewards, jnp.log(w), s2, prompts)
     _, std = vcpo.group_stats(rewards, prompts)
-    two_sum = vcpo.two_sum_gradient(g, rewards, b, prompts, num_groups=P, group_scale=1 / (std[::G] + 1e-6))
+    scale = 1 / jnp.where(std[::G] > 1e-8, std[::G], 1.0)
+    two_sum = vcpo.two_sum_gradient(g, rewards, b, prompts, num_groups=P, group_scale=scale)
     adv = vcpo.opob_advantages(rewards, b, prompts)
     direct = jax.grad(lambda th: vcpo.LOSSES["vcpo"](_token_logp(th, prompts, acts), logp_mu, mask, adv)[0])(theta)
     np.testing.assert_allclose(two_sum, direct, rtol=1e-4, atol=1e-6)
@@ -160,13 +234,21 @@ def _hand_loss(name):
         return tok_loss(lambda lp, mu, a: -min(r(lp, mu), 2.0) * a * lp)
     if name in ("seq_tis", "vcpo"):
         return sum(-min(seq_w(i), 8.0) * ADV[i] * mean_lp(i) for i in range(2)) / 2
-    if name == "token_mis":
+    geo = [math.exp(sum(lp - mu for lp, mu in toks[i]) / len(toks[i])) for i in range(2)]
+    seq_keep = {"seq_mis": [0.5 <= seq_w(i) <= 2.0 for i in range(2)],
+                "geo_mis": [1 / 1.001 <= geo[i] <= 1.001 for i in range(2)]}
+    if name == "token_mis":  # verl: rejected tokens leave the token mean (here every token is kept)
+        kept = [[(lp, mu) for lp, mu in toks[i] if 0.5 <= r(lp, mu) <= 5.0] for i in range(2)]
+        per_seq = [sum(-ADV[i] * lp for lp, _ in kept[i]) / len(kept[i]) for i in range(2) if kept[i]]
+        return sum(per_seq) / max(len(per_seq), 1)
+    if name == "token_mis_is":
         return tok_loss(lambda lp, mu, a: -(r(lp, mu) if 0.5 <= r(lp, mu) <= 5.0 else 0.0) * a * lp)
-    if name == "seq_mis":
-        return sum(-(seq_w(i) if 0.5 <= seq_w(i) <= 2.0 else 0.0) * ADV[i] * mean_lp(i) for i in range(2)) / 2
-    if name == "geo_mis":
-        geo = [math.exp(sum(lp - mu for lp, mu in toks[i]) / len(toks[i])) for i in range(2)]
-        return sum(-(seq_w(i) if 0.999 <= geo[i] <= 1.001 else 0.0) * ADV[i] * mean_lp(i) for i in range(2)) / 2
+    if name in ("seq_mis", "geo_mis"):  # verl: rejected sequences leave the sequence mean
+        kept = [i for i in range(2) if seq_keep[name][i]]
+        return sum(-ADV[i] * mean_lp(i) for i in kept) / max(len(kept), 1)
+    if name in ("seq_mis_is", "geo_mis_is"):
+        keep = seq_keep[name[:-3]]
+        return sum(-(seq_w(i) if keep[i] else 0.0) * ADV[i] * mean_lp(i) for i in range(2)) / 2
     if name == "m2po":
         # (log r)^2 = 0.25, 0.0225, 0.09: dropping the largest leaves mean 0.056 > 0.04; dropping two leaves 0.0225.
         kept = {(0, 1)}
@@ -199,20 +281,22 @@ def test_bad_input_raises_and_jit_stays_finite():
     with pytest.raises(ValueError, match="no token"):
         vcpo.LOSSES["ppo_clip"](logp, logp, jnp.zeros((2, 3)), jnp.ones(2))
     with pytest.raises(ValueError, match="empty group"):
-        vcpo.opob_baseline(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.array([0, 0, 2]))
+        vcpo.opob_baseline(jnp.ones(3), jnp.zeros(3), jnp.ones(3), jnp.array([0, 0, 2]))
     with pytest.raises(ValueError, match="shape"):
-        vcpo.opob_baseline(jnp.ones(3), jnp.ones(2), jnp.ones(3), jnp.array([0, 0, 1]))
+        vcpo.opob_baseline(jnp.ones(3), jnp.zeros(2), jnp.ones(3), jnp.array([0, 0, 1]))
     with pytest.raises(ValueError, match="no sequence"):
         vcpo.ess_ratio(jnp.zeros(3), mask=jnp.zeros(3))
     with pytest.raises(ValueError, match="weighting"):
-        vcpo.opob_weights(jnp.ones(2), jnp.ones(2), weighting="paper")
+        vcpo.opob_log_weights(jnp.zeros(2), jnp.ones(2), weighting="paper")
+    with pytest.raises(ValueError, match="bounds"):
+        vcpo.LOSSES["seq_mis"](logp, logp, jnp.ones((2, 3)), jnp.ones(2), low=3.0, high=2.0)
     # Under jit the values can't be checked; the same degenerate inputs give finite numbers.
     for name, fn in vcpo.LOSSES.items():
         loss, metrics = jax.jit(fn)(logp, logp, jnp.zeros((2, 3)), jnp.ones(2))
         assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in metrics.values()), name
     assert float(jax.jit(vcpo.ess_ratio)(jnp.zeros(3), jnp.zeros(3))) == 0.0
     opob = jax.jit(vcpo.opob_baseline, static_argnames="num_groups")
-    zero_weights = opob(jnp.ones(2), jnp.zeros(2), jnp.zeros(2), jnp.array([0, 1]), num_groups=2)
+    zero_weights = opob(jnp.ones(2), jnp.full(2, -jnp.inf), jnp.zeros(2), jnp.array([0, 1]), num_groups=2)
     assert np.isfinite(np.asarray(zero_weights)).all()
 
 
@@ -227,3 +311,20 @@ def test_diagnostics_and_m2po_mask():
     k3 = [math.exp(x) - 1 - x for x in (0.5, -0.15, -0.3)]
     assert float(d["kl_mu_pi_k3"]) == pytest.approx(sum(k3) / 3, rel=1e-5)
     assert float(d["kl_mu_pi_k3"]) > 0
+
+
+def test_mis_baselines_are_pure_rejection_masks_by_default():
+    """verl rollout_rs: kept samples are not multiplied by their weight; the IS-weighted variants are."""
+    logp = jnp.array([[-1.0, -2.0, -0.5]])
+    logp_mu = logp - jnp.array([[0.3, 0.2, 0.0]])  # r = e^0.3, e^0.2, 1: all kept; w = e^0.5
+    mask, adv = jnp.ones((1, 3)), jnp.array([2.0])
+    plain = float(vcpo.LOSSES["reinforce"](logp, logp_mu, mask, adv)[0])
+    for name in ("token_mis", "seq_mis"):
+        assert float(vcpo.LOSSES[name](logp, logp_mu, mask, adv)[0]) == pytest.approx(plain, rel=1e-6)
+    weighted = float(vcpo.LOSSES["seq_mis_is"](logp, logp_mu, mask, adv)[0])
+    assert weighted == pytest.approx(math.exp(0.5) * plain, rel=1e-5)
+    # verl's lower bound defaults to 1 / upper: w = e^0.5 = 1.65 is rejected by high = 1.5;
+    # w = e^-2.5 by the default low = 1 / 1.2, kept with low = 0.01.
+    assert float(vcpo.LOSSES["seq_mis"](logp, logp_mu, mask, adv, high=1.5)[0]) == 0.0
+    assert float(vcpo.LOSSES["seq_mis"](logp, logp_mu + 1.0, mask, adv, high=1.2)[0]) == 0.0
+    assert float(vcpo.LOSSES["seq_mis"](logp, logp_mu + 1.0, mask, adv, low=0.01, high=1.2)[0]) != 0.0

@@ -6,9 +6,11 @@ from the snapshot `lag` optimizer steps old with their behaviour log-probs recor
 with trainer/rollout mismatch noise on the behaviour logits), one optimizer step per rollout batch. `lag` is a
 traced scalar, so `jax.vmap` runs every (lag, seed) cell of a grid in one program; `run_grid` does that.
 
-The policy is the shared Llama decoder trained from scratch: prompt = `num_digits` digits then SEP, response =
-the digits reversed; reward = fraction of positions correct; `group_size` samples per prompt. Sampling recomputes
-the full (short) sequence per token, which is simpler than a KV cache and cheap at these lengths.
+The policy is the shared Llama decoder trained from scratch: prompt = L digits (L uniform in [min_digits,
+num_digits], padded with PAD to num_digits) then SEP, response = the L digits reversed, so responses have variable
+length (the mask covers the first L response positions); reward = fraction of the L positions correct;
+`group_size` samples per prompt. Sampling recomputes the full (short) sequence per token, which is simpler than a
+KV cache and cheap at these lengths.
 
 Run on CPU only.
 """
@@ -55,8 +57,10 @@ METHODS = {
     "ppo_clip": Method("ppo_clip"),
     "token_tis": Method("token_tis"),
     "seq_tis": Method("seq_tis"),
-    "mis": Method("token_mis"),  # IcePop token-level masked IS
+    "mis": Method("token_mis"),  # verl rollout_rs=token (IcePop bounds), pure rejection mask
     "seq_mis": Method("seq_mis"),
+    "geo_mis": Method("geo_mis"),
+    "mis_is": Method("token_mis_is"),  # IS-weighted variant, not verl semantics
     "m2po": Method("m2po"),
     "gspo": Method("gspo"),
     "cispo": Method("cispo"),
@@ -71,7 +75,8 @@ METHODS = {
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
     num_digits: int = 4
-    base: int = 10  # digits 0..base-1; token `base` is SEP
+    min_digits: int | None = None  # None: fixed length num_digits
+    base: int = 10  # digits 0..base-1; token `base` is SEP, `base + 1` is PAD
     hidden_size: int = 32
     num_layers: int = 2
     num_heads: int = 4
@@ -90,8 +95,11 @@ class SimConfig:
     mismatch_noise: float = 0.0  # std of Gaussian noise on the behaviour logits (trainer/rollout mismatch)
     rho_on: float = 1.0
     opob_weighting: str = "code"
+    opob_form: str = "official"
+    opob_normalize_by_length: bool = False  # official option: token-mean score norm (W / L^2)
     tis_c: float = 8.0
     ess_use_clipped: bool = False  # the official default scales the lr by the ESS of the unclipped weights
+    ess_space: str = "linear"  # the official linear-space ESS drives the lr; "log" is the scale-free one
 
     def validate(self):
         positive = ("num_digits", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
@@ -109,17 +117,27 @@ class SimConfig:
             raise ValueError("max_lag and mismatch_noise must be >= 0, lr and rho_on > 0")
         if self.opob_weighting not in L.OPOB_WEIGHTINGS:
             raise ValueError(f"opob_weighting must be one of {L.OPOB_WEIGHTINGS}")
+        if self.opob_form not in L.OPOB_FORMS:
+            raise ValueError(f"opob_form must be one of {L.OPOB_FORMS}")
+        if self.ess_space not in L.ESS_SPACES:
+            raise ValueError(f"ess_space must be one of {L.ESS_SPACES}")
+        if self.min_digits is not None and not 1 <= self.min_digits <= self.num_digits:
+            raise ValueError(f"min_digits must lie in [1, num_digits={self.num_digits}], got {self.min_digits}")
 
     @property
     def sep(self) -> int:
         return self.base
 
     @property
+    def pad(self) -> int:
+        return self.base + 1
+
+    @property
     def batch(self) -> int:
         return self.prompts_per_step * self.group_size
 
     def llama(self) -> LlamaConfig:
-        return LlamaConfig(vocab_size=self.base + 1, hidden_size=self.hidden_size,
+        return LlamaConfig(vocab_size=self.base + 2, hidden_size=self.hidden_size,
                            intermediate_size=self.intermediate_size,
                            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
                            num_key_value_heads=self.num_kv_heads, rope_theta=self.rope_theta,
@@ -166,13 +184,32 @@ class Policy:
         (tokens, _), logp_mu = jax.lax.scan(step, (tokens, key), jnp.arange(n))
         return tokens, logp_mu.T
 
+    def lengths(self, tokens):
+        """Prompt (= target response) length L [B]: the digits before the first PAD."""
+        return jnp.sum(tokens[:, : self.cfg.num_digits] != self.cfg.pad, -1)
+
+    def response_mask(self, tokens):
+        """1 on the first L response positions [B, n] (float32)."""
+        return (jnp.arange(self.cfg.num_digits)[None] < self.lengths(tokens)[:, None]).astype(jnp.float32)
+
     def rewards(self, tokens):
+        """Fraction of the L response positions equal to the reversed digits [B]."""
         n = self.cfg.num_digits
-        return jnp.mean((tokens[:, n + 1 :] == tokens[:, :n][:, ::-1]).astype(jnp.float32), -1)
+        length = self.lengths(tokens)
+        # Reversed prompt digits: target[t] = prompt[L - 1 - t] for t < L.
+        idx = jnp.clip(length[:, None] - 1 - jnp.arange(n)[None], 0, n - 1)
+        target = jnp.take_along_axis(tokens[:, :n], idx, 1)
+        return L.token_mean((tokens[:, n + 1 :] == target).astype(jnp.float32), self.response_mask(tokens))
 
 
 def sample_prompts(cfg: SimConfig, key, num_prompts):
-    return jax.random.randint(key, (num_prompts, cfg.num_digits), 0, cfg.base, dtype=jnp.int32)
+    """Prompts [P, n]: L digits, L uniform in [min_digits, num_digits], then PAD."""
+    k_dig, k_len = jax.random.split(key)
+    digits = jax.random.randint(k_dig, (num_prompts, cfg.num_digits), 0, cfg.base, dtype=jnp.int32)
+    if cfg.min_digits is None:
+        return digits
+    length = jax.random.randint(k_len, (num_prompts, 1), cfg.min_digits, cfg.num_digits + 1)
+    return jnp.where(jnp.arange(cfg.num_digits)[None] < length, digits, cfg.pad)
 
 
 def loss_kwargs(cfg: SimConfig, loss_name: str) -> dict:
@@ -180,22 +217,41 @@ def loss_kwargs(cfg: SimConfig, loss_name: str) -> dict:
     return {"c": cfg.tis_c} if loss_name in ("seq_tis", "vcpo") else {}
 
 
-def per_sample_grads(policy: Policy, loss_name: str, params, tokens, logp_mu):
-    """g_i = grad of sample i's loss with advantage 1, divided by B (so sum_i A_i g_i is the batch gradient),
-    one vmapped backward pass; also returns the per-token log-probs and entropies."""
-    b = tokens.shape[0]
-    kw = loss_kwargs(policy.cfg, loss_name)
+def per_sample_scores(policy: Policy, params, tokens, mask):
+    """s_i = grad_theta sum_t log pi(y_t) over the response tokens (the token-sum score), one vmapped backward
+    pass: pytree with leading [B] axes; also the per-token log-probs [B, n] and entropies [B, n]."""
 
-    def one(p, tok, lmu):
+    def one(p, tok, m):
         logp, ent = policy.token_logp(p, tok[None])
-        loss, _ = L.LOSSES[loss_name](logp, lmu[None], jnp.ones_like(logp), jnp.ones((1,)), **kw)
-        return loss / b, (logp[0], ent[0])
+        return jnp.sum(jnp.where(m[None] > 0, logp, 0.0)), (logp[0], ent[0])
 
-    return jax.vmap(jax.grad(one, has_aux=True), (None, 0, 0))(params, tokens, logp_mu)
+    return jax.vmap(jax.grad(one, has_aux=True), (None, 0, 0))(params, tokens, mask)
+
+
+def per_sample_grads(policy: Policy, loss_name: str, params, tokens, logp_mu, mask):
+    """g_i = gradient of sample i's seq-TIS / REINFORCE loss with advantage 1, as a term of the batch loss
+    (-min(w_i, c) (1/L_i) s_i / B), and ||s_i||^2 of the token-sum score (the official OPOB norm).
+    Returns (g pytree [B, ...], ||s||^2 [B], log w [B], logp [B, n], entropy [B, n])."""
+    scores, (logp, entropy) = per_sample_scores(policy, params, tokens, mask)
+    log_w = jnp.sum(L.masked_log_ratio(logp, logp_mu, mask), -1)
+    if loss_name == "reinforce":
+        weight = jnp.ones_like(log_w)
+    else:
+        weight = jnp.exp(jnp.minimum(log_w, jnp.log(loss_kwargs(policy.cfg, loss_name)["c"])))
+    coef = -weight / (jnp.maximum(jnp.sum(mask, -1), 1.0) * tokens.shape[0])
+    grads = jax.tree.map(lambda s: coef.reshape(-1, *[1] * (s.ndim - 1)) * s, scores)
+    return grads, _sq_norms(scores), log_w, logp, entropy
 
 
 def _sq_norms(tree):
     return sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, -1) for x in jax.tree.leaves(tree))
+
+
+def opob(cfg: SimConfig, rewards, log_w, s2, mask, group_ids):
+    """The OPOB baseline [B] with the config's weighting, form and length normalisation."""
+    return L.opob_baseline(rewards, log_w, s2, group_ids, num_groups=cfg.prompts_per_step,
+                           weighting=cfg.opob_weighting, clip_c=cfg.tis_c, form=cfg.opob_form,
+                           lengths=jnp.sum(mask, -1), normalize_by_length=cfg.opob_normalize_by_length)
 
 
 def make_train(cfg: SimConfig, method: Method):
@@ -206,24 +262,19 @@ def make_train(cfg: SimConfig, method: Method):
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(cfg.lr, weight_decay=cfg.weight_decay))
     n_prompts, g = cfg.prompts_per_step, cfg.group_size
     group_ids = jnp.repeat(jnp.arange(n_prompts), g)
-    mask = jnp.ones((cfg.batch, cfg.num_digits))
     slots = cfg.max_lag + 1
     eval_prompts = sample_prompts(cfg, jax.random.PRNGKey(2**31 - 1), cfg.eval_prompts)  # same held-out set everywhere
 
     loss_kw = loss_kwargs(cfg, method.loss)
 
-    def gradient(params, tokens, logp_mu, rewards):
+    def gradient(params, tokens, logp_mu, rewards, mask):
         group_mean, group_std = L.group_stats(rewards, group_ids, n_prompts)
         if method.advantage == "opob":
-            grads, (logp, entropy) = per_sample_grads(policy, method.loss, params, tokens, logp_mu)
-            w = jnp.exp(jnp.sum(logp - logp_mu, -1))
-            # ||s_i||^2 of the token-mean score: g_i = -min(w_i, c) s_i / B (scale cancels in b*).
-            trunc = jnp.minimum(w, cfg.tis_c) if method.loss != "reinforce" else jnp.ones_like(w)
-            s2 = _sq_norms(grads) / jnp.maximum(trunc**2, 1e-30)
-            b = L.opob_baseline(rewards, w, s2, group_ids, num_groups=n_prompts, weighting=cfg.opob_weighting,
-                                clip_c=cfg.tis_c)
+            grads, s2, log_w, logp, entropy = per_sample_grads(policy, method.loss, params, tokens, logp_mu, mask)
+            b = opob(cfg, rewards, log_w, s2, mask, group_ids)
             adv = L.opob_advantages(rewards, b, group_ids, num_groups=n_prompts)
-            scale = 1.0 / (group_std[::g] + 1e-6)
+            std = group_std[::g]
+            scale = 1.0 / jnp.where(std > 1e-8, std, 1.0)  # official: no division for a zero-variance group
             grad = L.two_sum_gradient(grads, rewards, b, group_ids, num_groups=n_prompts, group_scale=scale)
         else:
             if method.advantage == "opo":
@@ -250,11 +301,12 @@ def make_train(cfg: SimConfig, method: Method):
         behaviour = jax.tree.map(lambda s: s[(t - lag) % slots], snaps)
         prompts = jnp.repeat(sample_prompts(cfg, k_prompt, n_prompts), g, axis=0)
         tokens, logp_mu = policy.rollout(behaviour, prompts, k_roll, noise=cfg.mismatch_noise)
-        rewards = policy.rewards(tokens)
-        grad, logp, metrics = gradient(params, tokens, logp_mu, rewards)
+        rewards, mask = policy.rewards(tokens), policy.response_mask(tokens)
+        grad, logp, metrics = gradient(params, tokens, logp_mu, rewards, mask)
         diag = L.is_diagnostics(logp, logp_mu, mask, c=cfg.tis_c)
-        scale = L.lr_scale(diag["ess_ratio_clipped" if cfg.ess_use_clipped else "ess_ratio"], cfg.rho_on,
-                           method.lr_rule)
+        ess_key = "ess_ratio_clipped" if cfg.ess_use_clipped else ("ess_ratio" if cfg.ess_space == "linear"
+                                                                     else "ess_ratio_log")
+        scale = L.lr_scale(diag[ess_key], cfg.rho_on, method.lr_rule)
         updates, opt_state = tx.update(grad, opt_state, params)
         # Scaling the update (not the gradient) scales Adam's step and AdamW's weight decay alike.
         params = optax.apply_updates(params, jax.tree.map(lambda u: scale * u, updates))
@@ -305,12 +357,10 @@ def gradient_variance(cfg: SimConfig, params, behaviour, key, num_batches: int):
         k_prompt, k_roll = jax.random.split(k)
         prompts = jnp.repeat(sample_prompts(cfg, k_prompt, n_prompts), g, axis=0)
         tokens, logp_mu = policy.rollout(behaviour, prompts, k_roll, noise=cfg.mismatch_noise)
-        rewards = policy.rewards(tokens)
-        grads, (logp, _) = per_sample_grads(policy, "vcpo", params, tokens, logp_mu)
-        w = jnp.exp(jnp.sum(logp - logp_mu, -1))
-        s2 = _sq_norms(grads) / jnp.maximum(jnp.minimum(w, cfg.tis_c) ** 2, 1e-30)
+        rewards, mask = policy.rewards(tokens), policy.response_mask(tokens)
+        grads, s2, log_w, _, _ = per_sample_grads(policy, "vcpo", params, tokens, logp_mu, mask)
         baselines = [jnp.zeros_like(rewards), L.group_stats(rewards, group_ids, n_prompts)[0]]
-        baselines += [L.opob_baseline(rewards, w, s2, group_ids, num_groups=n_prompts, weighting=wt, clip_c=cfg.tis_c)
+        baselines += [opob(dataclasses.replace(cfg, opob_weighting=wt), rewards, log_w, s2, mask, group_ids)
                       for wt in ("readme", "code")]
         flat = jnp.concatenate([x.reshape(x.shape[0], -1) for x in jax.tree.leaves(grads)], 1)
         return jnp.stack([jnp.einsum("i,ip->p", rewards - b, flat) for b in baselines])
