@@ -165,3 +165,27 @@ def test_vq_resnet_block_with_nin_shortcut(golden):
     block = nnx.eval_shape(lambda: ResnetBlock(32, 64, rngs=nnx.Rngs(0)))
     block = load_into(block, read_state_dict(golden / "vq_resblock_nin.safetensors"))
     np.testing.assert_allclose(_nchw(block(d["x"].transpose(0, 2, 3, 1))), d["y"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["g8_r1", "g8_r2", "g8_tau10", "g16_20steps_r2", "g16_20steps_r3",
+                                  "g16_32steps_r2", "g32_48steps_r4"])
+def test_locality_order_replays_official_trace(golden, name):
+    from jaxeff.lpd.orders import TraceRandomness, locality_aware_order
+
+    d = np.load(golden / "orders" / f"order_{name}.npz")
+    rnd = TraceRandomness(d)
+    order = locality_aware_order(int(d["grid_size"]), d["group_sizes"], float(d["proximity_threshold"]),
+                                 float(d["repulsion_threshold"]), rnd)
+    np.testing.assert_array_equal(order, d["order"])
+    assert rnd.unused_draws() == 0
+    if name.startswith("g16_20") or name.startswith("g16_32") or name.startswith("g32"):
+        steps, res = len(d["group_sizes"]), 16 * int(d["grid_size"])
+        assert tuple(d["group_sizes"]) == schedules.group_sizes(res, steps)
+
+
+def test_farthest_point_sampling_unit(golden):
+    from jaxeff.lpd.orders import farthest_point_sampling
+
+    d = np.load(golden / "orders" / "order_fps_unit.npz")
+    picked = farthest_point_sampling(d["existing"], d["pool"], int(d["num_to_select"]), int(d["grid_size"]))
+    np.testing.assert_array_equal(picked, d["picked"])

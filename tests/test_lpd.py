@@ -1,0 +1,121 @@
+"""LPD properties that need no reference data: orders, masks, KV-cached decoding vs the uncached forward."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxeff.lpd import LPD, LPDConfig, generate, preset, schedules
+from jaxeff.lpd.model import group_ids, training_mask
+from jaxeff.lpd.orders import NumpyRandomness, batched_orders, locality_aware_order, random_orders
+
+CFG = LPDConfig(dim=32, depth=2, num_heads=2, vocab_size=24, num_classes=5, grid_size=4, proj_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LPD(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("sizes,cfg", [((1, 2, 3, 4, 6), 3.0), ((1,) * 16, 1.0), ((1, 15), 2.5)])
+def test_kv_cached_decoding_equals_uncached_forward(model, sizes, cfg):
+    orders = np.asarray(random_orders(jax.random.key(1), 3, 16))
+    labels = np.array([0, 3, 4])
+    out = generate(model, sizes, orders, labels, cfg=cfg, greedy=True, return_logits=True)
+    forward = nnx.jit(lambda m, *a: m(*a))
+    step_of = schedules.step_of(sizes)
+    cond = forward(model, out["tokens"], labels, orders, step_of)
+    np.testing.assert_allclose(out["cond_logits"], cond, rtol=1e-5, atol=2e-5)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(out["tokens"]), orders, 1), out["tokens_gen_order"])
+    if cfg != 1.0:
+        uncond = nnx.jit(lambda m, *a: m(a[0], None, *a[1:]))(model, out["tokens"], orders, step_of)
+        np.testing.assert_allclose(out["uncond_logits"], uncond, rtol=1e-5, atol=2e-5)
+        scale = 1 + (cfg - 1) * np.arange(16, dtype=np.float32) / 16
+        guided = uncond + scale[None, :, None] * (cond - uncond)
+        np.testing.assert_allclose(out["guided_logits"], guided, rtol=1e-5, atol=5e-5)
+        np.testing.assert_array_equal(out["tokens_gen_order"], np.argmax(out["guided_logits"], -1))
+
+
+def test_sampling_is_keyed_and_in_range(model):
+    orders = batched_orders("raster", 4, 4)
+    a = generate(model, (1, 5, 10), orders, [0, 1, 2, 3], cfg=2.0, temperature=1.0, key=jax.random.key(0))
+    b = generate(model, (1, 5, 10), orders, [0, 1, 2, 3], cfg=2.0, temperature=1.0, key=jax.random.key(0))
+    c = generate(model, (1, 5, 10), orders, [0, 1, 2, 3], cfg=2.0, temperature=1.0, key=jax.random.key(1))
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    assert (np.asarray(a["tokens"]) != np.asarray(c["tokens"])).any()
+    assert 0 <= int(np.min(a["tokens"])) and int(np.max(a["tokens"])) < CFG.vocab_size
+    with pytest.raises(ValueError, match="PRNG key"):
+        generate(model, (1, 15), orders, None)
+    with pytest.raises(ValueError, match="sum to 16"):
+        generate(model, (1, 14), orders, None, greedy=True)
+
+
+def test_training_mask_rule():
+    sizes = (1, 3, 2, 4, 6)
+    step_of = schedules.step_of(sizes)
+    ids = np.asarray(group_ids(step_of))
+    mask = np.asarray(training_mask(step_of))
+    n = 16
+    content, queries = np.arange(1, n + 1), np.arange(n + 1, 2 * n + 1)
+    for q in queries:
+        seen = mask[q]
+        assert not seen[queries[step_of != step_of[q - n - 1]]].any()  # no other step's queries
+        assert seen[queries[step_of == step_of[q - n - 1]]].all()  # mutual visibility
+        np.testing.assert_array_equal(seen[content], step_of < step_of[q - n - 1])  # earlier content only
+        assert seen[0]
+    for k in content:
+        assert not mask[k, queries].any()
+        np.testing.assert_array_equal(mask[k, content], step_of <= step_of[k - 1])
+    no_mv = np.asarray(training_mask(step_of, mutual_visibility=False))
+    np.testing.assert_array_equal(no_mv[np.ix_(queries, queries)], np.eye(n, dtype=bool))
+    np.testing.assert_array_equal(no_mv[:, : n + 1], mask[:, : n + 1])
+    assert ids[0] == 0 and set(ids[queries] % 2) == {1}
+
+
+@pytest.mark.parametrize("grid,res,steps,rho", [(16, 256, 20, 2), (16, 256, 32, 2), (8, None, None, 1)])
+def test_locality_order_properties(grid, res, steps, rho):
+    sizes = schedules.group_sizes(res, steps) if res else (1, 3, 5, 7, 9, 11, 13, 15)
+    rnd = NumpyRandomness(0)
+    for _ in range(3):
+        order, counts = locality_aware_order(grid, sizes, 1.0, rho, rnd, return_proximity_counts=True)
+        assert sorted(order.tolist()) == list(range(grid * grid))
+        cs = schedules.cumsum(sizes) - 1
+        for s in range(1, len(sizes)):
+            step = order[cs[s + 1]: cs[s + 2]]
+            assert len(step) == sizes[s]
+            earlier = set(order[: cs[s + 1]].tolist())
+            prox = [divmod(int(c), grid) for c in step[: counts[s]]]
+            for i, (r, c) in enumerate(prox):
+                # a proximity pick touches an earlier step's cell and repels this step's other proximity picks
+                assert any((r + dr) * grid + c + dc in earlier for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                           if 0 <= r + dr < grid and 0 <= c + dc < grid)
+                assert all(max(abs(r - r2), abs(c - c2)) > rho for r2, c2 in prox[i + 1:])
+        assert counts[1:].sum() > 0
+
+
+def test_orders_are_permutations():
+    for kind in ("raster", "random", "locality"):
+        o = batched_orders(kind, 3, 8, (1, 3, 5, 7, 9, 11, 13, 15), seed=2)
+        assert o.shape == (3, 64)
+        assert all(sorted(row.tolist()) == list(range(64)) for row in o)
+    r = batched_orders("random", 3, 8)
+    assert len({tuple(row) for row in r.tolist()}) == 3
+
+
+def test_presets_match_the_released_sizes():
+    def params(cfg):
+        m = nnx.eval_shape(lambda: LPD(cfg, rngs=nnx.Rngs(0)))
+        return sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+
+    counts = {}
+    for name in ("lpd_l_256", "lpd_xl_256", "lpd_xxl_256"):
+        cfg = preset(name)
+        one, two = (params(dataclasses.replace(cfg, depth=d)) for d in (1, 2))  # blocks are identical
+        counts[name] = (one + (cfg.depth - 1) * (two - one)) / 1e6
+    assert round(counts["lpd_l_256"]) == 337 and round(counts["lpd_xl_256"]) == 752
+    assert round(counts["lpd_xxl_256"] / 100) == 14
+    assert preset("lpd_xl_512").num_tokens == 1024
+    with pytest.raises(ValueError, match="unknown LPD preset"):
+        preset("lpd_s_256")
