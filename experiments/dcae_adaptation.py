@@ -1,11 +1,19 @@
 """Decoupled high-resolution adaptation (DC-AE paper, Sec. 3.3) as a three-phase trainer with optax masks.
 
-Phase 1: every layer, low-resolution crops, reconstruction loss (L1 + MSE, + LPIPS when `lpips_weights` names a
-local file). Phase 2: only the latent-side layers (last encoder stage + encoder output conv, decoder input conv +
-first decoder stage: the EfficientViT stages that see the latent-size token count) at high resolution. Phase 3:
-only the decoder head (last decoder stage, output norm and conv) at low resolution with a hinge GAN loss against a
-PatchGAN discriminator. The official training code is not public; which layers count as "middle" / "head" is our
-reading (efficientvit #168). Reports whole held-out images at low and high resolution after each phase. Ran on CPU.
+Phase 1: every layer, low-resolution crops, reconstruction loss. Phase 2: only the latent-side layers (last encoder
+stage + encoder output conv, decoder input conv + first decoder stage: the EfficientViT stages that see the
+latent-size token count) at high resolution. Phase 3: only the decoder head (last decoder stage, output norm and
+conv) at low resolution with a hinge GAN loss against a PatchGAN discriminator.
+
+The reconstruction loss defaults to the maintainers' description, L1 + perceptual (efficientvit #143), as
+L1 + 0.25 LPIPS-VGG16 (the weight is a third-party reading), which needs a local LPIPS-VGG weights file
+(`lpips_weights=`, see jaxeff/dcae/perceptual.py); `loss=l1` or `l1+mse` run without one (the smoke preset uses
+`l1`, as no LPIPS weights can be had offline). The decoder's ResBlock stages use BatchNorm + ReLU as the released
+in/mix models (`decoder_norm=batch_norm`; `rms_norm` gives the sana pattern); BatchNorm layers of the trained
+layers run in training mode, those of frozen layers keep their running statistics. The official training code is
+not public; which layers count as "middle" / "head", the GAN and all weights are our reading (efficientvit #168).
+Reports the official PSNR / SSIM (+ LPIPS-AlexNet with `metric_lpips_weights=`) of whole held-out images at low and
+high resolution after each phase. Ran on CPU.
 """
 
 from __future__ import annotations
@@ -21,8 +29,18 @@ from flax import nnx
 
 from jaxeff.dcae import DCAEConfig
 from jaxeff.dcae.data import TEST_IMAGES, TRAIN_IMAGES, CropSampler, load_image, resize_to, to_signed
-from jaxeff.dcae.perceptual import load_lpips_weights, lpips
-from jaxeff.dcae.training import evaluate, init_model, make_recon, make_step, recon_loss
+from jaxeff.dcae.metrics import reconstruction_metrics
+from jaxeff.dcae.perceptual import load_lpips_weights
+from jaxeff.dcae.training import (
+    LPIPS_LOSS_WEIGHT,
+    init_model,
+    l1_loss,
+    l1_lpips_loss,
+    l1_mse_loss,
+    make_recon,
+    make_step,
+    set_norm_modes,
+)
 from jaxeff.experiment import Run, register
 
 
@@ -42,15 +60,26 @@ class Config:
     lr3: float = 1e-4
     gan_weight: float = 0.1
     disc_width: int = 32
-    lpips_weights: str | None = None  # local safetensors file (see jaxeff/dcae/perceptual.py); off when None
-    lpips_weight: float = 0.25
+    decoder_norm: str = "batch_norm"  # of the decoder's ResBlock stages: batch_norm (in/mix) | rms_norm (sana)
+    loss: str = "l1+lpips"  # reconstruction loss: l1+lpips (maintainers' description) | l1 | l1+mse
+    lpips_weights: str | None = None  # local LPIPS-VGG16 safetensors file for the loss (jaxeff/dcae/perceptual.py)
+    lpips_weight: float = LPIPS_LOSS_WEIGHT
+    metric_lpips_weights: str | None = None  # local LPIPS-AlexNet file: adds the evaluator's LPIPS column
     test_low: tuple[int, int] = (64, 96)  # whole test images resized to these (H, W)
     test_high: tuple[int, int] = (256, 384)
 
     def validate(self):
         autoencoder_config(self)
-        if self.lpips_weights is not None and not Path(self.lpips_weights).exists():
-            raise FileNotFoundError(f"lpips_weights={self.lpips_weights} does not exist")
+        if self.loss not in _LOSSES:
+            raise ValueError(f"loss={self.loss!r}; known: {sorted(_LOSSES)}")
+        if self.loss == "l1+lpips" and self.lpips_weights is None:
+            raise ValueError("loss=l1+lpips (the default) needs lpips_weights=<local LPIPS-VGG16 safetensors file> "
+                             "(how to make one: jaxeff/dcae/perceptual.py); or choose loss=l1 / loss=l1+mse")
+        if self.loss != "l1+lpips" and self.lpips_weights is not None:
+            raise ValueError(f"lpips_weights is given but loss={self.loss!r} does not use it")
+        for name in ("lpips_weights", "metric_lpips_weights"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).exists():
+                raise FileNotFoundError(f"{name}={getattr(self, name)} does not exist")
         for name in ("low_res", "high_res", "test_low", "test_high"):
             sizes = getattr(self, name)
             if any(s % 8 for s in (sizes if isinstance(sizes, tuple) else (sizes,))):
@@ -59,9 +88,16 @@ class Config:
             raise ValueError("high_res must exceed low_res")
 
 
+_LOSSES = {"l1+lpips": l1_lpips_loss, "l1": l1_loss, "l1+mse": l1_mse_loss}
+
+
 def autoencoder_config(cfg: Config) -> DCAEConfig:
-    """f8c16 DC-AE with ResBlock stages at high resolution and EfficientViT stages near the latent."""
+    """f8c16 DC-AE with ResBlock stages at high resolution and EfficientViT stages near the latent; the decoder's
+    ResBlock stages use BatchNorm + ReLU (in/mix) or RMSNorm + SiLU (sana)."""
+    if cfg.decoder_norm not in ("batch_norm", "rms_norm"):
+        raise ValueError(f"decoder_norm={cfg.decoder_norm!r}: batch_norm | rms_norm")
     w = cfg.base_width
+    act = "relu" if cfg.decoder_norm == "batch_norm" else "silu"
     return DCAEConfig(
         latent_channels=16,
         attention_head_dim=16,
@@ -73,8 +109,8 @@ def autoencoder_config(cfg: Config) -> DCAEConfig:
         decoder_layers_per_block=(1, 1, 1, 1),
         encoder_qkv_multiscales=((),) * 4,
         decoder_qkv_multiscales=((),) * 4,
-        decoder_norm_types=("rms_norm",) * 4,
-        decoder_act_fns=("silu",) * 4,
+        decoder_norm_types=(cfg.decoder_norm,) * 2 + ("rms_norm",) * 2,
+        decoder_act_fns=(act,) * 2 + ("silu",) * 2,
     )
 
 
@@ -117,17 +153,20 @@ class PatchDiscriminator(nnx.Module):
         return self.out(x)
 
 
-def make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg: Config, perceptual):
-    """Jitted generator (masked to the decoder head) and discriminator updates on one batch."""
+def make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg: Config, loss_fn, loss_args: tuple):
+    """Jitted generator (masked to the decoder head, whose BatchNorm layers train) and discriminator updates on one
+    batch: `step(g_params, stats, d_params, g_opt, d_opt, images) -> (..., metrics)`."""
 
-    def step(g_params, d_params, g_opt, d_opt, x):
+    def step(g_params, stats, d_params, g_opt, d_opt, x, loss_args):
         def g_loss(gp):
-            y = nnx.merge(graphdef, gp)(x)
+            model = nnx.merge(graphdef, gp, stats, copy=True)
+            set_norm_modes(model, PHASE_LAYERS[3])
+            y = model(x)
             adv = -jnp.mean(nnx.merge(d_graphdef, d_params)(y))
-            rec = perceptual(y, x)
-            return rec + cfg.gan_weight * adv, (y, rec, adv)
+            rec = loss_fn(y, x, *loss_args)
+            return rec + cfg.gan_weight * adv, (y, rec, adv, nnx.state(model, nnx.BatchStat))
 
-        (_, (y, rec, adv)), grads = jax.value_and_grad(g_loss, has_aux=True)(g_params)
+        (_, (y, rec, adv, stats)), grads = jax.value_and_grad(g_loss, has_aux=True)(g_params)
         updates, g_opt = g_tx.update(grads, g_opt, g_params)
         g_params = optax.apply_updates(g_params, updates)
 
@@ -137,31 +176,32 @@ def make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg: Config, perceptual):
 
         dl, dgrads = jax.value_and_grad(d_loss)(d_params)
         updates, d_opt = d_tx.update(dgrads, d_opt, d_params)
-        return g_params, optax.apply_updates(d_params, updates), g_opt, d_opt, {"rec": rec, "g_adv": adv, "d": dl}
+        return (g_params, stats, optax.apply_updates(d_params, updates), g_opt, d_opt,
+                {"rec": rec, "g_adv": adv, "d": dl})
 
-    return jax.jit(step, donate_argnums=(0, 1, 2, 3))
+    jitted = jax.jit(step, donate_argnums=(0, 1, 2, 3, 4))
+    return lambda *args: jitted(*args, loss_args)
 
 
 @register("dcae_adaptation", Config, presets={
     "smoke": {"base_width": 16, "low_res": 32, "high_res": 128, "steps1": 300, "steps2": 100, "steps3": 100,
-              "disc_width": 16, "test_high": (192, 288)},
+              "disc_width": 16, "test_high": (192, 288), "loss": "l1"},
     "full": {},
 })
 def run(cfg: Config, run: Run) -> None:
     """Three-phase decoupled high-resolution adaptation; PSNR/SSIM at low and high resolution after each phase."""
-    if cfg.lpips_weights:
-        weights = load_lpips_weights(cfg.lpips_weights)
-        perceptual_note = f"perceptual loss ON: {cfg.lpips_weight} x LPIPS-VGG16 from {cfg.lpips_weights}"
-
-        def loss(y, x):
-            return recon_loss(y, x) + cfg.lpips_weight * jnp.mean(lpips(weights, y, x))
+    loss_fn = _LOSSES[cfg.loss]
+    if cfg.loss == "l1+lpips":
+        loss_args = (load_lpips_weights(cfg.lpips_weights, net="vgg"), cfg.lpips_weight)
+        loss_note = f"loss L1 + {cfg.lpips_weight} x LPIPS-VGG16 ({cfg.lpips_weights})"
     else:
-        perceptual_note = "perceptual loss OFF (no lpips_weights=<local safetensors file> given): L1 + MSE only"
-        loss = recon_loss
-    print(perceptual_note)
+        loss_args = ()
+        loss_note = f"loss {cfg.loss.upper()} (not the maintainers' L1 + perceptual: no LPIPS weights used)"
+    metric_lpips = None if cfg.metric_lpips_weights is None else load_lpips_weights(cfg.metric_lpips_weights, "alex")
+    print(loss_note)
 
     acfg = autoencoder_config(cfg)
-    graphdef, params = init_model(acfg, 0)
+    graphdef, params, _ = init_model(acfg, 0)
     images = [load_image(n) for n in TRAIN_IMAGES]
     tests = {res: np.stack([to_signed(resize_to(load_image(n), size)) for n in TEST_IMAGES])
              for res, size in (("low", cfg.test_low), ("high", cfg.test_high))}
@@ -170,50 +210,53 @@ def run(cfg: Config, run: Run) -> None:
     for phase, res, batch, steps, lr in ((1, cfg.low_res, cfg.batch_low, cfg.steps1, cfg.lr1),
                                          (2, cfg.high_res, cfg.batch_high, cfg.steps2, cfg.lr2)):
         tx = masked(optax.adamw(optax.cosine_decay_schedule(lr, steps, 0.05)), phase_labels(params, phase))
-        phases.append((phase, res, batch, steps, tx, make_step(graphdef, tx, loss)))
+        phases.append((phase, res, batch, steps, tx,
+                       make_step(graphdef, tx, loss_fn, loss_args, train_norms=PHASE_LAYERS[phase])))
     d_graphdef = nnx.graphdef(PatchDiscriminator(cfg.disc_width, rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))))
     g_tx = masked(optax.adam(cfg.lr3, b1=0.5, b2=0.9), phase_labels(params, 3))
     d_tx = optax.adam(cfg.lr3, b1=0.5, b2=0.9)
-    gan_step = make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg, loss)
+    gan_step = make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg, loss_fn, loss_args)
     rows = []
 
-    def report(params, label: str, phase: int, seed: int):
+    def report(params, stats, label: str, phase: int, seed: int):
         row = {"after": label, "seed": seed, "trainable params": _count(params, phase)}
         for res, test in tests.items():
-            row[f"PSNR {res}"], row[f"SSIM {res}"] = evaluate(np.asarray(recon(params, jnp.asarray(test))), test)
+            m = reconstruction_metrics(np.asarray(recon(params, stats, jnp.asarray(test))), test, metric_lpips)
+            row.update({f"{k} {res}": v for k, v in m.items()})
         row["PSNR gap (low - high)"] = row["PSNR low"] - row["PSNR high"]
         rows.append(row)
         run.log(phase, **{k.replace(" ", "_"): v for k, v in row.items() if k != "after"})
 
     for seed in range(cfg.seeds):
-        _, params = init_model(acfg, seed)
+        _, params, stats = init_model(acfg, seed)
         for phase, res, batch, steps, tx, step in phases:
             opt_state = tx.init(params)
             sampler = CropSampler(images, res, seed=100 * phase + seed)
             for i in run.progress(range(steps), desc=f"seed {seed} phase {phase} @ {res}px"):
-                params, opt_state, l = step(params, opt_state, jnp.asarray(sampler.sample(batch)))
+                params, stats, opt_state, l = step(params, stats, opt_state, jnp.asarray(sampler.sample(batch)))
                 if i % 50 == 0 or i == steps - 1:
                     run.log(i, phase=phase, seed=seed, loss=float(l))
-            report(params, f"phase {phase} ({res}px, {'all layers' if phase == 1 else 'latent-side layers'})",
+            report(params, stats, f"phase {phase} ({res}px, {'all layers' if phase == 1 else 'latent-side layers'})",
                    phase, seed)
         d_params = nnx.state(PatchDiscriminator(cfg.disc_width, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))))
         g_opt, d_opt = g_tx.init(params), d_tx.init(d_params)
         sampler = CropSampler(images, cfg.low_res, seed=300 + seed)
         for i in run.progress(range(cfg.steps3), desc=f"seed {seed} phase 3 @ {cfg.low_res}px (GAN)"):
             batch = jnp.asarray(sampler.sample(cfg.batch_low))
-            params, d_params, g_opt, d_opt, m = gan_step(params, d_params, g_opt, d_opt, batch)
+            params, stats, d_params, g_opt, d_opt, m = gan_step(params, stats, d_params, g_opt, d_opt, batch)
             if i % 50 == 0 or i == cfg.steps3 - 1:
                 run.log(i, phase=3, seed=seed, **{k: float(v) for k, v in m.items()})
-        report(params, f"phase 3 ({cfg.low_res}px, decoder head + GAN)", 3, seed)
+        report(params, stats, f"phase 3 ({cfg.low_res}px, decoder head + GAN)", 3, seed)
 
     run.results(
         rows,
         title=f"Decoupled high-resolution adaptation: low {cfg.low_res}px / high {cfg.high_res}px training, "
               f"{cfg.seeds} seed(s)",
-        note=(f"{perceptual_note}. Test: whole {', '.join(TEST_IMAGES)} resized to {cfg.test_low} (low) and "
-              f"{cfg.test_high} (high); the two resolutions differ in content scale, so read the gap's change "
-              "across phases, not its sign. Phase 2 trains "
-              f"{', '.join(PHASE_LAYERS[2])}; phase 3 trains {', '.join(PHASE_LAYERS[3])}."),
+        note=(f"{loss_note}; decoder ResBlock stages {cfg.decoder_norm}. Test: whole {', '.join(TEST_IMAGES)} "
+              f"resized to {cfg.test_low} (low) and {cfg.test_high} (high); PSNR / SSIM"
+              f"{' / LPIPS-AlexNet' if metric_lpips else ''} as the official evaluator computes them. The two "
+              "resolutions differ in content scale, so read the gap's change across phases, not its sign. Phase 2 "
+              f"trains {', '.join(PHASE_LAYERS[2])}; phase 3 trains {', '.join(PHASE_LAYERS[3])}."),
     )
 
 

@@ -1,10 +1,11 @@
-"""Reconstruct sample images with a released DC-AE checkpoint and report PSNR / SSIM.
+"""Reconstruct sample images with a released DC-AE checkpoint and report PSNR / SSIM (+ LPIPS-AlexNet with
+`lpips_weights=<local file>`, see jaxeff/dcae/perceptual.py), computed as the official evaluator does.
 
 `make exp name=dcae_f32c32 ckpt=/path/to/dc-ae-f32c32-in-1.0-diffusers` (a diffusers directory) or
 `ckpt=/path/to/dc-ae-f32c32-in-1.0` (an original-format directory with model.safetensors; `model=` names the
 variant when the directory name does not). Siblings: dcae_f64c128, dcae_f128c512, dcae_f32c32_sana.
-Reference (efficientvit README, ImageNet-512 val, f64c128-in): PSNR 26.15, SSIM 0.711; our images are the few
-scikit-image / scikit-learn samples, so numbers are indicative only.
+Reference (efficientvit README, ImageNet-512 val, f64c128-in): PSNR 26.15, SSIM 0.711, LPIPS 0.080; our images are
+the few scikit-image / scikit-learn samples, so numbers are indicative only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.dcae import DCAE, WHERE_TO_GET, get_config, jit_method
-from jaxeff.dcae.data import ALL_IMAGES, center_crop, load_image, psnr, ssim, to_signed, to_uint8
+from jaxeff.dcae.data import ALL_IMAGES, center_crop, load_image, to_signed, to_uint8
+from jaxeff.dcae.metrics import reconstruction_metrics
+from jaxeff.dcae.perceptual import load_lpips_weights
 from jaxeff.experiment import Run, register
 
 _DEFAULTS = {"dcae_f32c32": "dc-ae-f32c32-in-1.0", "dcae_f64c128": "dc-ae-f64c128-in-1.0",
@@ -35,6 +38,7 @@ class Config:
     resolution: int = 512
     images: tuple[str, ...] = ALL_IMAGES
     batch: int = 1
+    lpips_weights: str | None = None  # local LPIPS-AlexNet safetensors file: adds the evaluator's LPIPS column
 
     def validate(self):
         family = get_config(self.model)  # raises on an unknown name
@@ -48,13 +52,15 @@ class Config:
             raise FileNotFoundError(f"ckpt={self.ckpt} does not exist. {WHERE_TO_GET}")
         if self.resolution % family.spatial_compression:
             raise ValueError(f"resolution {self.resolution} must be a multiple of {family.spatial_compression}")
+        if self.lpips_weights is not None and not Path(self.lpips_weights).exists():
+            raise FileNotFoundError(f"lpips_weights={self.lpips_weights} does not exist")
         unknown = set(self.images) - set(ALL_IMAGES)
         if unknown:
             raise ValueError(f"unknown images {sorted(unknown)}; known: {ALL_IMAGES}")
 
 
 def reconstruct(cfg: Config, run: Run) -> None:
-    """Encode/decode sample images with a released DC-AE checkpoint; PSNR/SSIM table and comparison figure."""
+    """Encode/decode sample images with a released DC-AE checkpoint; PSNR/SSIM(/LPIPS) table and comparison figure."""
     import matplotlib.pyplot as plt
 
     family = get_config(cfg.model)
@@ -75,18 +81,19 @@ def reconstruct(cfg: Config, run: Run) -> None:
         latent_std.append(float(jnp.std(z)))
         recons += list(np.asarray(decode(z)))
     seconds = time.time() - start
+    lpips = None if cfg.lpips_weights is None else load_lpips_weights(cfg.lpips_weights, net="alex")
     for name, orig, rec in zip(cfg.images, originals, recons):
-        rows.append({"image": name, "PSNR": psnr(rec, to_signed(orig)), "SSIM": ssim(rec, to_signed(orig))})
-        run.log(len(rows), image=name, psnr=rows[-1]["PSNR"], ssim=rows[-1]["SSIM"])
-    rows.append({"image": "mean", "PSNR": float(np.mean([r["PSNR"] for r in rows])),
-                 "SSIM": float(np.mean([r["SSIM"] for r in rows]))})
+        rows.append({"image": name, **reconstruction_metrics(rec[None], to_signed(orig)[None], lpips)})
+        run.log(len(rows), image=name, **{k.lower(): v for k, v in rows[-1].items() if k != "image"})
+    rows.append({"image": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}})
     latent = (cfg.resolution // mc.spatial_compression,) * 2 + (mc.latent_channels,)
     run.results(
         rows,
         title=f"{cfg.model} reconstruction at {cfg.resolution}x{cfg.resolution}",
         note=(f"checkpoint {cfg.ckpt}; latent {latent}; latent std {np.mean(latent_std):.3f} (x scaling_factor "
               f"{mc.scaling_factor} = {np.mean(latent_std) * mc.scaling_factor:.3f}); {seconds:.1f}s for "
-              f"{len(originals)} images incl. compilation."),
+              f"{len(originals)} images incl. compilation. Metrics as the official evaluator computes them "
+              "(uint8; SSIM with torchmetrics' 11x11 Gaussian window; LPIPS-AlexNet)."),
     )
     fig, axes = plt.subplots(2, len(originals), figsize=(2.2 * len(originals), 4.6), squeeze=False)
     for j, (name, orig, rec) in enumerate(zip(cfg.images, originals, recons)):

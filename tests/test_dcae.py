@@ -103,6 +103,39 @@ def test_dcae_parity_with_diffusers(pair):
     np.testing.assert_allclose(zs, np.asarray(z) * cfg.scaling_factor, rtol=1e-5, atol=1e-6)
 
 
+def test_dcae_batchnorm_training_mode_matches_torch(tmp_path):
+    """bn2d decoder stages in training mode as torch.nn.BatchNorm2d.train(): batch statistics, running averages
+    updated with momentum 0.1 and the unbiased variance; eval mode then uses the updated running statistics."""
+    cfg = dataclasses.replace(CFG_EVIT, decoder_layers_per_block=(1, 2, 2, 1))  # three bn2d ResBlocks
+    tm = torch_model(cfg, seed=2)
+    tm.save_pretrained(tmp_path)
+    jm = DCAE.from_pretrained(tmp_path)
+    images = np.random.default_rng(1).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    xt = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref_train = tm.train()(xt).sample.permute(0, 2, 3, 1).numpy()
+        ref_eval = tm.eval()(xt).sample.permute(0, 2, 3, 1).numpy()
+    buffers = {k: v.numpy() for k, v in tm.named_buffers() if k.endswith(("running_mean", "running_var"))}
+
+    graphdef, state = nnx.split(jm)
+
+    @jax.jit
+    def train_forward(state, x):
+        model = nnx.merge(graphdef, state)
+        model.train()
+        return model(x), nnx.state(model, nnx.BatchStat)
+
+    y, stats = train_forward(state, jnp.asarray(images))
+    assert rel_err(y, ref_train) < 1e-4
+    assert rel_err(ref_train, ref_eval) > 1e-2  # the two modes really differ here
+    flat = {".".join(map(str, path)): np.asarray(v[...]) for path, v in nnx.to_flat_state(stats)}
+    assert set(flat) == set(buffers) and len(buffers) == 2 * 3
+    for key, ref in buffers.items():
+        np.testing.assert_allclose(flat[key], ref, rtol=1e-4, atol=1e-5, err_msg=key)
+    nnx.update(jm, stats)
+    assert rel_err(jit_method(jm, "__call__")(jnp.asarray(images)), ref_eval) < 1e-4
+
+
 def _original_key(key: str, cfg: DCAEConfig) -> str:
     """diffusers key -> efficientvit key (inverse of the conversion; checked against diffusers' converter below)."""
     side, rest = key.split(".", 1)

@@ -1,4 +1,5 @@
-"""DC-AE experiments: checkpoint handling of the pretrained runs, optax phase masks, UViT cost, LPIPS-style loss."""
+"""DC-AE experiments: checkpoint handling of the pretrained runs, optax phase masks and BatchNorm modes of the
+adaptation trainer, UViT cost."""
 
 import json
 
@@ -9,10 +10,9 @@ import optax
 import pytest
 
 from jaxeff.dcae import DCAE, DCAEConfig, torch_state
-from jaxeff.dcae.perceptual import _STAGES, load_lpips_weights, lpips
-from jaxeff.dcae.training import init_model, make_step
+from jaxeff.dcae.training import init_model, make_recon, make_step
 from jaxeff.experiment import ExperimentError, run_experiment
-from jaxeff.io.safetensors import save_checkpoint_dir, save_file
+from jaxeff.io.safetensors import save_checkpoint_dir
 
 
 def test_dcae_pretrained_needs_checkpoint(tmp_path):
@@ -48,19 +48,44 @@ def test_dcae_pretrained_runs_on_a_small_f32c32_checkpoint(tmp_path):
 def test_dcae_adaptation_masks_freeze_other_layers():
     from experiments.dcae_adaptation import PHASE_LAYERS, Config, _dotted, autoencoder_config, masked, phase_labels
 
-    graphdef, params = init_model(autoencoder_config(Config(base_width=8)), seed=0)
+    acfg = autoencoder_config(Config(base_width=8))
+    assert acfg.decoder_norm_types[:2] == ("batch_norm",) * 2  # the in/mix pattern by default
+    graphdef, params, stats = init_model(acfg, seed=0)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+    recon = make_recon(graphdef)
     for phase in (2, 3):
         labels = phase_labels(params, phase)
         tx = masked(optax.adam(1e-2), labels)
-        before = jax.tree.map(np.asarray, params)
-        params, _, _ = make_step(graphdef, tx)(params, tx.init(params), x)
+        before, stats_before = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, stats)
+        y_before = np.asarray(recon(params, stats, x))
+        step = make_step(graphdef, tx, train_norms=PHASE_LAYERS[phase])
+        params, stats, _, _ = step(params, stats, tx.init(params), x)
         changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before, params))
         flat = jax.tree_util.tree_flatten_with_path(labels)[0]
         trained = {_dotted(path) for path, lab in flat if lab == "train"}
         assert all(any(t.startswith(p) for t in trained) for p in PHASE_LAYERS[phase])
         assert all(t.startswith(PHASE_LAYERS[phase]) for t in trained)
         assert all(c == (lab == "train") for (_, lab), c in zip(flat, changed))
+        # BatchNorm running statistics move only in the trained layers (phase 3: the decoder head's bn2d stage)
+        moved = {_dotted(p) for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(stats_before)[0],
+                                                  jax.tree.leaves(stats)) if np.any(a != np.asarray(b))}
+        if phase == 2:
+            assert not moved
+        else:
+            assert moved and all(m.startswith(PHASE_LAYERS[3]) for m in moved)
+        assert not np.allclose(np.asarray(recon(params, stats, x)), y_before)
+
+
+def test_dcae_adaptation_runs_on_a_bn2d_decoder(tmp_path):
+    overrides = {"base_width": "8", "low_res": "16", "high_res": "32", "steps1": "2", "steps2": "1", "steps3": "1",
+                 "batch_low": "4", "batch_high": "2", "disc_width": "8", "test_low": "16,24", "test_high": "32,48",
+                 "loss": "l1"}
+    run = run_experiment("dcae_adaptation", "smoke", overrides, runs_root=tmp_path)
+    text = (run.dir / "results.md").read_text()
+    assert "decoder ResBlock stages batch_norm" in text and "phase 3" in text and "SSIM high" in text
+    with pytest.raises(ExperimentError, match="needs lpips_weights"):
+        run_experiment("dcae_adaptation", "full", {}, runs_root=tmp_path / "none")
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
 
 
 def test_dcae_uvit_token_and_flop_ratios():
@@ -72,27 +97,3 @@ def test_dcae_uvit_token_and_flop_ratios():
     assert (r8["tokens"], r64["tokens"]) == (64, 4)
     assert r8["fwd_GFLOPs"] / r64["fwd_GFLOPs"] > 4  # 16x fewer tokens; patch-embed and output convs do not shrink
     assert r8["train_GFLOPs"] > 2 * r8["fwd_GFLOPs"]
-
-
-def test_dcae_lpips_from_local_file(tmp_path):
-    rng = np.random.default_rng(0)
-    tensors, cin = {}, 3
-    widths = (64, 128, 256, 512, 512)
-    for k, stage in enumerate(_STAGES):
-        for i in stage:
-            tensors[f"features.{i}.weight"] = (rng.standard_normal((widths[k], cin, 3, 3)) / np.sqrt(9 * cin)).astype(
-                np.float32)
-            tensors[f"features.{i}.bias"] = np.zeros(widths[k], np.float32)
-            cin = widths[k]
-        tensors[f"lin{k}.model.1.weight"] = rng.uniform(0, 1, (1, widths[k], 1, 1)).astype(np.float32)
-    save_file(tensors, tmp_path / "lpips.safetensors")
-    w = load_lpips_weights(tmp_path / "lpips.safetensors")
-    x = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
-    d = jax.jit(lambda a, b: lpips(w, a, b))
-    assert np.allclose(d(x, x), 0.0)
-    far, near = d(x, -x), d(x, x + 0.05)
-    assert np.all(far > near) and np.all(near > 0)
-    del tensors["lin4.model.1.weight"]
-    save_file(tensors, tmp_path / "bad.safetensors")
-    with pytest.raises(ValueError, match="lin4.model.1.weight"):
-        load_lpips_weights(tmp_path / "bad.safetensors")

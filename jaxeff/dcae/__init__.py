@@ -5,8 +5,12 @@
     z = jit_method(model, "encode", scaled=True)(images)            # [B, H, W, 3] in [-1, 1] -> [B, H/32, W/32, 32]
     x = jit_method(model, "decode", scaled=True)(z)
 
-Released architectures: `CONFIGS` / `get_config(name)`; random weights for training: `DCAE.random(config, seed)`.
-Parity with diffusers' `AutoencoderDC` (float32, relative error < 1e-4) is tested on CPU; nothing else was run.
+Released architectures: `CONFIGS` / `get_config(name)`; random weights for training: `DCAE.random(config, seed)`;
+`model.train()` puts the bn2d layers of the in/mix decoders in training mode (`training.make_step` carries their
+statistics). Reconstruction metrics as the official evaluator computes them (PSNR / SSIM on uint8, LPIPS-AlexNet
+from a local weights file): `jaxeff.dcae.metrics`. Parity with diffusers' `AutoencoderDC` (float32, eval and
+BatchNorm training mode, relative error < 1e-4) and with torchmetrics' SSIM / LPIPS is tested on CPU; nothing else
+was run.
 """
 
 from jaxeff.dcae.config import CONFIGS, DCAEConfig, get_config

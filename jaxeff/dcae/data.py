@@ -1,8 +1,11 @@
-"""Offline images for the DC-AE experiments (scikit-image / scikit-learn samples) and reconstruction metrics."""
+"""Offline images for the DC-AE experiments (scikit-image / scikit-learn samples); metrics are in `metrics`."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+
+from jaxeff.dcae.metrics import quantize_uint8
 
 # RGB sample images that ship inside the scikit-image and scikit-learn wheels (no download).
 SKIMAGE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
@@ -31,7 +34,8 @@ def to_signed(img: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """[-1, 1] -> uint8 numpy array, quantized as the official evaluator does (`metrics.quantize_uint8`)."""
+    return np.asarray(quantize_uint8(jnp.asarray(x)))
 
 
 def resize_to(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -78,17 +82,3 @@ class CropSampler:
             crop = im[top : top + self.size, left : left + self.size]
             out[i] = crop[:, ::-1] if self.rng.random() < 0.5 else crop
         return out
-
-
-def psnr(x: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR in dB of images in [-1, 1] after quantizing both to uint8 (the usual 8-bit evaluation)."""
-    a, b = to_uint8(x).astype(np.float64), to_uint8(ref).astype(np.float64)
-    mse = np.mean((a - b) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-def ssim(x: np.ndarray, ref: np.ndarray) -> float:
-    """Mean SSIM (scikit-image, Gaussian-free 7x7 window) of one [H, W, 3] image pair in [-1, 1], on uint8."""
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(to_uint8(x), to_uint8(ref), channel_axis=-1, data_range=255))

@@ -170,18 +170,40 @@ class RMSNorm2d(nnx.Module):
 
 
 class BatchNorm2d(nnx.Module):
-    """BatchNorm with frozen running statistics (the released decoders' `bn2d`; inference only)."""
+    """torch.nn.BatchNorm2d (the decoders' `bn2d`; eps 1e-5, momentum 0.1, the defaults the official `build_norm`
+    and diffusers use) over the channels of [B, H, W, C].
 
-    def __init__(self, channels: int, eps: float = 1e-5, *, dtype=jnp.float32):
+    Eval mode (`use_running_average=True`, the default, `model.eval()`): normalizes with the running statistics.
+    Training mode (`model.train()`): normalizes with the batch mean and biased variance over (B, H, W) in float32 and
+    updates the running statistics in place, `running = (1 - momentum) * running + momentum * batch`, with the
+    unbiased batch variance, as torch does; inside jit the caller carries the new `nnx.BatchStat` state out (see
+    `training.make_step`). Under a data-parallel jit the batch statistics cover the global batch (torch's
+    SyncBatchNorm), not each device's share. torch's `num_batches_tracked` is unused at a fixed momentum."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, *, dtype=jnp.float32):
         self.weight = nnx.Param(jnp.ones((channels,), dtype))
         self.bias = nnx.Param(jnp.zeros((channels,), dtype))
         self.running_mean = nnx.BatchStat(jnp.zeros((channels,), dtype))
         self.running_var = nnx.BatchStat(jnp.ones((channels,), dtype))
-        self.eps = eps
+        self.eps, self.momentum = eps, momentum
+        self.use_running_average = True
 
     def __call__(self, x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
-        scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
-        y = (x - self.running_mean[...]) * scale + self.bias[...]
+        if self.use_running_average:
+            mean, var = self.running_mean[...], self.running_var[...]
+        else:
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            n = x.shape[0] * x.shape[1] * x.shape[2]
+            if n < 2:
+                raise ValueError(f"BatchNorm2d in training mode needs more than one value per channel, got {x.shape}")
+            m = self.momentum
+            self.running_mean[...] = ((1 - m) * self.running_mean[...] + m * mean).astype(self.running_mean.dtype)
+            self.running_var[...] = ((1 - m) * self.running_var[...] + m * var * (n / (n - 1))).astype(
+                self.running_var.dtype)
+        scale = self.weight[...] * jax.lax.rsqrt(var + self.eps)
+        y = ((x - mean) * scale + self.bias[...]).astype(x.dtype)
         return y if residual is None else residual + y
 
 
