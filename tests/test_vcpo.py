@@ -328,3 +328,107 @@ def test_mis_baselines_are_pure_rejection_masks_by_default():
     assert float(vcpo.LOSSES["seq_mis"](logp, logp_mu, mask, adv, high=1.5)[0]) == 0.0
     assert float(vcpo.LOSSES["seq_mis"](logp, logp_mu + 1.0, mask, adv, high=1.2)[0]) == 0.0
     assert float(vcpo.LOSSES["seq_mis"](logp, logp_mu + 1.0, mask, adv, low=0.01, high=1.2)[0]) != 0.0
+
+
+# ------------------------------------------------------------------------------------------- numerical edges
+# The cases of issue 16: one token with a log-ratio of about 100 (exp overflows float32).
+EDGE_LOGP = [[-1.0, -1e-4]]
+EDGE_MU = [[-1.0, -100.0001]]
+
+
+@pytest.mark.parametrize("log_ratio", [50.0, 100.0])
+def test_huge_log_ratio_token_or_sequence_is_dropped_not_nan(log_ratio):
+    logp = jnp.array(EDGE_LOGP)
+    logp_mu = jnp.array([[-1.0, -1e-4 - log_ratio]])
+    mask, adv = jnp.ones((1, 2)), jnp.ones(1)
+    expect = {
+        "token_mis": 1.0,  # verl: the rejected token leaves the token mean, -A log pi of token 1 = 1
+        "token_mis_is": 0.5,  # weighted variant: token 1 (r = 1) over the original 2 tokens
+        "m2po": -0.5,  # (log r)^2 = 0, 2500+: the second token is dropped, -r A = -1 over 2 tokens
+        "seq_mis": 0.0, "geo_mis": 0.0, "seq_mis_is": 0.0, "geo_mis_is": 0.0,  # the sequence is rejected
+        "ppo_clip": -1.1,  # -(1 + 1.2) / 2: the second token is clipped at 1 + eps
+    }
+    for name, value in expect.items():
+        loss, grad = jax.jit(jax.value_and_grad(lambda lp, n=name: vcpo.LOSSES[n](lp, logp_mu, mask, adv)[0]))(logp)
+        assert float(loss) == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        assert np.isfinite(np.asarray(grad)).all(), name
+
+
+def test_masked_huge_log_ratio_token_never_contributes():
+    logp, logp_mu = jnp.array(EDGE_LOGP), jnp.array(EDGE_MU)
+    mask, adv = jnp.array([[1.0, 0.0]]), jnp.ones(1)
+    expect = {"token_mis": 1.0, "token_mis_is": 1.0, "m2po": -1.0, "areal": -1.0, "ppo_clip": -1.0}
+    for name, value in expect.items():
+        loss, grad = jax.value_and_grad(lambda lp, n=name: vcpo.LOSSES[n](lp, logp_mu, mask, adv)[0])(logp)
+        assert float(loss) == pytest.approx(value, rel=1e-5), name
+        assert float(grad[0, 1]) == 0.0, name
+    grad = jax.grad(lambda lp: vcpo.LOSSES["ppo_clip"](lp, logp_mu, mask, adv)[0])(logp)
+    np.testing.assert_allclose(grad, [[-1.0, 0.0]], rtol=1e-6)
+    # Zero advantage: 0 * inf was NaN in ppo_clip; the loss is 0 with a zero gradient.
+    loss, grad = jax.value_and_grad(lambda lp: vcpo.LOSSES["ppo_clip"](lp, logp_mu, jnp.ones((1, 2)),
+                                                                       jnp.zeros(1))[0])(logp)
+    assert float(loss) == 0.0 and np.all(np.asarray(grad) == 0.0)
+
+
+def _extreme_batches():
+    """(name, logp, logp_mu, mask, adv) with B = 4, T = 3: huge / tiny log-ratios, an all-masked row, zero and
+    huge advantages, a masked token hiding an extreme log-ratio."""
+    base = np.array([[-1.0, -2.0, -0.5], [-0.3, -4.0, -1.0], [-2.0, -0.1, -0.7], [-0.2, -0.9, -3.0]], np.float32)
+    full, adv = np.ones((4, 3), np.float32), np.array([1.0, -2.0, 0.5, -0.5], np.float32)
+    ragged = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]], np.float32)  # row 2 all masked
+    out = []
+    for delta in (1e4, 300.0, 100.0, 45.0, -45.0, -100.0, -1e4):
+        d = np.full((4, 3), delta, np.float32)
+        mixed = d * np.array([[1, 0, -1]], np.float32)
+        out += [(f"all {delta}", base, base - d, full, adv), (f"mixed {delta}", base, base - mixed, full, adv),
+                (f"ragged {delta}", base, base - d, ragged, adv), (f"zero adv {delta}", base, base - d, full, 0 * adv)]
+    out += [("on-policy", base, base, full, adv), ("huge adv", base, base - 0.5, full, adv * 1e3),
+            ("tiny logp", base * 1e3, base * 1e3 + 60.0, ragged, adv)]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(vcpo.LOSSES))
+def test_every_loss_finite_values_and_gradients_at_extremes(name):
+    def f(lp, mu, m, a):
+        loss, metrics = vcpo.LOSSES[name](lp, mu, m, a)
+        return loss, metrics
+
+    value_and_grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 3), has_aux=True))
+    for case, lp, mu, m, a in _extreme_batches():
+        (loss, metrics), grads = value_and_grad(jnp.asarray(lp), jnp.asarray(mu), jnp.asarray(m), jnp.asarray(a))
+        assert np.isfinite(float(loss)), (name, case)
+        assert all(np.isfinite(float(v)) for v in metrics.values()), (name, case, metrics)
+        for g in grads:
+            assert np.isfinite(np.asarray(g)).all(), (name, case)
+        # Masked tokens never contribute: no gradient reaches them ...
+        assert np.all(np.asarray(grads[0])[m == 0] == 0.0), (name, case)
+        # ... and changing them (to other extremes) changes nothing.
+        lp2, mu2 = np.where(m > 0, lp, 7.0), np.where(m > 0, mu, -500.0)
+        (loss2, _), grads2 = value_and_grad(jnp.asarray(lp2), jnp.asarray(mu2), jnp.asarray(m), jnp.asarray(a))
+        assert float(loss2) == pytest.approx(float(loss), rel=1e-6, abs=1e-7), (name, case)
+        np.testing.assert_allclose(np.asarray(grads2[0])[m > 0], np.asarray(grads[0])[m > 0], rtol=1e-5, atol=1e-7)
+
+
+def test_advantages_baselines_and_diagnostics_finite_at_extremes():
+    groups = jnp.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    rewards = jnp.array([1.0, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 0.0])  # groups 0 and 2 have zero variance
+    np.testing.assert_allclose(np.asarray(vcpo.grpo_advantages(rewards, groups))[[0, 6]], 0.0)
+    for log_w in (jnp.zeros(9), jnp.full(9, 1e4), jnp.full(9, -1e4), jnp.array([1e4, -1e4, 0.0] * 3),
+                  jnp.array([100.0, 45.0, -45.0, -100.0, 0.0, 3.0, -1e30, 1e30, 0.0])):
+        for s2 in (jnp.ones(9), jnp.zeros(9), jnp.full(9, 1e-30), jnp.full(9, 1e30)):
+            for form in vcpo.OPOB_FORMS:
+                for weighting in vcpo.OPOB_WEIGHTINGS:
+                    b = vcpo.opob_baseline(rewards, log_w, s2, groups, form=form, weighting=weighting,
+                                           lengths=jnp.arange(1, 10), normalize_by_length=True)
+                    adv = vcpo.opob_advantages(rewards, b, groups)
+                    assert np.isfinite(np.asarray(b)).all() and np.isfinite(np.asarray(adv)).all()
+                    assert (np.asarray(b) >= -1e-6).all() and (np.asarray(b) <= 1 + 1e-6).all()
+        for space in vcpo.ESS_SPACES:
+            for overflow in vcpo.ESS_OVERFLOW:
+                rho = float(vcpo.ess_ratio(log_w, space=space, overflow=overflow))
+                assert np.isfinite(rho) and 0.0 <= rho <= 1.0 + 1e-6
+                assert np.isfinite(float(vcpo.lr_scale(rho)))
+    assert np.isfinite(np.asarray(vcpo.opo_advantages(rewards, jnp.zeros(9), groups))).all()
+    for case, lp, mu, m, _ in _extreme_batches():
+        d = vcpo.is_diagnostics(jnp.asarray(lp), jnp.asarray(mu), jnp.asarray(m))
+        assert all(np.isfinite(float(v)) for v in d.values()), (case, d)
