@@ -181,3 +181,38 @@ def test_nvila_compress_experiment_tiny(tmp_path):
     assert visual["video, 8 frames, pool 8"] == 257
     flops = {k: v[2] for k, v in res.items()}
     assert flops["image, 9 tiles, none"] > 4 * flops["image, 9 tiles, 2x2 (NVILA)"] > 0
+
+
+def test_fp8_linear_close_to_bf16_with_finite_gradients():
+    from jaxeff.nvila.fp8 import E4M3, enable_fp8, fp8_matmul, quantize
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 40, 96)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((96, 72)) / 10, jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((3, 40, 72)), jnp.float32)
+    rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+    ref = lambda x, w: jnp.sum((x @ w).astype(jnp.float32) * g)
+    fp8 = lambda x, w: jnp.sum(fp8_matmul(x, w).astype(jnp.float32) * g)
+    assert fp8_matmul(x, w).dtype == jnp.bfloat16
+    assert 1e-4 < rel(fp8_matmul(x, w), x @ w) < 0.06  # quantised (not a plain bf16 matmul), yet close
+    (dx, dw), (rx, rw) = jax.grad(fp8, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in (dx, dw))
+    assert rel(dx, rx) < 0.1 and rel(dw, rw) < 0.1
+    q, s = quantize(jnp.zeros((4,)), E4M3)  # all-zero tensor: scale 1, no NaN
+    assert float(s) == 1.0 and not bool(jnp.isnan(q.astype(jnp.float32)).any())
+
+    from jaxeff.models.llama import Llama
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, model_type="qwen2", attention_bias=True)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.arange(8)[None]
+    forward = nnx.jit(lambda m: m(tokens))
+    before = forward(model)
+    swapped = enable_fp8(model, min_features=32)  # k/v (32 -> 16) stay in high precision, as officially
+    assert sorted(swapped) == sorted(f"layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.o_proj",
+                                                               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    assert rel(forward(model), before) < 0.1
+    grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(tokens) ** 2)))(model)
+    assert all(bool(jnp.isfinite(v).all()) for v in jax.tree.leaves(grads))
