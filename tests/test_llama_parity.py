@@ -170,6 +170,7 @@ def test_qwen2_window_applies_from_max_window_layers():
     assert LlamaConfig.from_hf(base | {"max_window_layers": 1}).layer_windows == (None, 8)
     assert LlamaConfig.from_hf(base | {"max_window_layers": 2}).layer_windows == (None, None)
     assert LlamaConfig.from_hf(base | {"use_sliding_window": False}).layer_windows == (None, None)
+    assert LlamaConfig.from_hf(base).layer_windows == (None, None)  # Qwen2Config's max_window_layers is 28
     # layer_types (newer configs) wins over max_window_layers
     types = {"layer_types": ["sliding_attention", "full_attention"], "max_window_layers": 2}
     assert LlamaConfig.from_hf(base | types).layer_windows == (8, None)

@@ -27,6 +27,14 @@ from jaxeff.nn import ContiguousKVCache, RMSNorm, RopeScaling, SwiGLU, apply_rop
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 _ACTIVATIONS = ("silu", "swish")  # transformers' ACT2FN names of the one activation SwiGLU computes
+# transformers' defaults (LlamaConfig / MistralConfig / Qwen2Config) for keys a config.json may leave out
+_HF_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
+    "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096,
+                "bos_token_id": 1, "eos_token_id": 2},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "sliding_window": 4096,
+              "max_window_layers": 28},
+}
 
 
 def stop_id_tuple(ids: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -127,21 +135,22 @@ class LlamaConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"config.json model_type {model_type!r} not supported; supported: {MODEL_TYPES}")
+        d = _HF_DEFAULTS[model_type] | d
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         partial = d.get("partial_rotary_factor")
         if partial is not None and partial != 1.0:
             raise ValueError(f"partial_rotary_factor={partial} is not supported (rotary on the whole head only)")
-        max_pos = d.get("max_position_embeddings", 4096)
+        max_pos = d["max_position_embeddings"]
         if "original_max_position_embeddings" in d:  # a top-level value wins, as in transformers
             rope = {**rope, "original_max_position_embeddings": d["original_max_position_embeddings"]}
         window, layer_types = None, None
         if model_type == "mistral":
-            window = d.get("sliding_window", 4096)  # MistralConfig's default; layer_types is ignored there
+            window = d["sliding_window"]  # every layer: MistralModel ignores layer_types
         elif model_type == "qwen2" and d.get("use_sliding_window", False):
-            window = d.get("sliding_window", 4096)
+            window = d["sliding_window"]
             n = d["num_hidden_layers"]
             layer_types = d.get("layer_types") or [
-                "sliding_attention" if window is not None and i >= d.get("max_window_layers", 28)
+                "sliding_attention" if window is not None and i >= d["max_window_layers"]
                 else "full_attention" for i in range(n)
             ]
         if window is None:
