@@ -7,7 +7,13 @@ is our `kernel` [in, out].
 Attention is pluggable at two points, which is how the system packages reuse this decoder unchanged:
 - `cache=`: any pytree with `attend(layer, q, k, v, q_positions, ...) -> (out, cache)` (contiguous, dual, paged);
 - `attention_fn=`: `f(layer, q, k, v, *, q_positions, kv_positions) -> out` for cache-free forwards
-  (sequence parallelism, DuoAttention gate training).
+  (sequence parallelism, DuoAttention gate training); it gets no sliding window, so models with windowed layers
+  refuse it.
+
+`LlamaConfig.from_hf` honours every field of the three transformers configs that changes the forward pass (per-layer
+sliding windows, biases, head_dim, rope types default / linear / llama3 / yarn, tied embeddings, eps) and refuses by
+name what it cannot compute (dynamic / longrope rope, partial rotary, other activations); `to_hf` writes them back.
+Training-only fields (attention_dropout) are not used. Generation stops at any of several stop ids.
 """
 
 from __future__ import annotations
