@@ -177,8 +177,10 @@ class BatchNorm2d(nnx.Module):
     Training mode (`model.train()`): normalizes with the batch mean and biased variance over (B, H, W) in float32 and
     updates the running statistics in place, `running = (1 - momentum) * running + momentum * batch`, with the
     unbiased batch variance, as torch does; inside jit the caller carries the new `nnx.BatchStat` state out (see
-    `training.make_step`). Under a data-parallel jit the batch statistics cover the global batch (torch's
-    SyncBatchNorm), not each device's share. torch's `num_batches_tracked` is unused at a fixed momentum."""
+    `training.make_step`). The batch mean is a plain `jnp.mean` over the batch: under jit with a batch-sharded
+    input that is the global batch (as torch's SyncBatchNorm; not run on several devices here), inside shard_map
+    each shard's. torch's `num_batches_tracked` is unused at a fixed momentum. Parity with torch in both modes is
+    tested on CPU (tests/test_dcae.py)."""
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, *, dtype=jnp.float32):
         self.weight = nnx.Param(jnp.ones((channels,), dtype))
