@@ -126,7 +126,8 @@ def test_tiny_nvila_dynamic_s2_framing_and_generation(tiny_nvila):
     logits = m.model.llm(None, inputs_embeds=p.embeds)  # greedy first token = argmax of the full forward
     assert ids[0] == int(jnp.argmax(logits[0, -1]))
     assert m.generate(_image(640, 480), "What is it?", max_new_tokens=4) == m.tokenizer.decode(
-        ids, skip_special_tokens=True)
+        ids, skip_special_tokens=True).strip()
+    assert m.chat_text("hi") == M.CHAT_TEMPLATE.format(content="hi")  # no saved template: VILA's qwen2 one
 
 
 def test_tiny_nvila_media_tokens_and_errors(tiny_nvila):
@@ -159,7 +160,7 @@ def test_tiny_nvila_lite_tiles_and_generation(tmp_path):
     p = m.build_prompt("Describe.", [_image(112, 56)])  # 1x2 grid + thumbnail = 3 tiles
     assert p.kinds.count("image") == 3 * 4 and p.kinds.count("end") == 3  # 4x4 -> pad 6x6 -> 2x2 per tile
     newline = m.end_ids[0]
-    text_ids = m.tokenizer(M.CHAT_TEMPLATE.format(content="<image>\n" * 3 + "Describe."),
+    text_ids = m.tokenizer(m.chat_text("<image>\n" * 3 + "Describe."),
                            add_special_tokens=False).input_ids
     assert sum(i == newline for i in text_ids) >= 3  # the rewritten prompt's literal "\n" per tile
     ids = m.generate_ids(p, max_new_tokens=3)

@@ -13,8 +13,8 @@ Official behaviour (NVlabs/VILA at b760c34, file:line in ../shared/reference/nvi
   official code runs).
 - Media tokens (`<image>`, `<vila/video>`, `<vila/sentinel>`) are added to the tokenizer beyond the checkpoint's
   embedding rows; their ids are never looked up (media positions are replaced by visual features).
-- Chat: the training template `--chat_template qwen2` (system prompt without a final period), user content
-  = media tokens followed by the text.
+- Chat: the tokenizer's saved chat template, else the training template `--chat_template qwen2` (system prompt
+  without a final period); user content = media tokens followed by the text (`generate_content`).
 """
 
 from __future__ import annotations
@@ -211,6 +211,14 @@ class NVILA:
         return list(pooled[0])
 
     # ---- prompt
+    def chat_text(self, content: str) -> str:
+        """One user turn + the assistant header: the template saved with the tokenizer (`llm/tokenizer_config.json`,
+        what the released configs' `chat_template: null` selects), else VILA's qwen2 training template."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return CHAT_TEMPLATE.format(content=content)
+
     def build_prompt(self, prompt: str, images=(), video=None) -> Prompt:
         """Chat-templated prompt with media -> LLM input embeddings. Media tokens go before the text; each image /
         tile / frame group's tokens are followed by the "\\n" embedding."""
@@ -227,7 +235,7 @@ class NVILA:
                 content = (IMAGE_TOKEN + "\n") * len(groups)  # Lite: "<image>\n" per tile (llava_arch.py:863-867)
             else:
                 content = IMAGE_TOKEN * len(images)
-        ids = self.tokenizer(CHAT_TEMPLATE.format(content=content + prompt), add_special_tokens=False).input_ids
+        ids = self.tokenizer(self.chat_text(content + prompt), add_special_tokens=False).input_ids
         vocab = self.config.llm.vocab_size
         media = {self.media_ids[IMAGE_TOKEN], self.media_ids[VIDEO_TOKEN]}
         bad = sorted({i for i in ids if i >= vocab and i not in media})
@@ -286,7 +294,7 @@ class NVILA:
         if isinstance(images, np.ndarray) and images.ndim == 3 or not isinstance(images, (list, tuple, np.ndarray)):
             images = [images]
         ids = self.generate_ids(self.build_prompt(prompt, images, video), max_new_tokens, sampling, seed)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------
