@@ -8,6 +8,7 @@ operand, all-gather its operand g-1 times, collective-permute its operand once, 
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 
@@ -40,7 +41,14 @@ def _group_size(line: str) -> int:
     if m:
         return len(m.group(1).split(","))
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)  # iota form [num_groups, group_size]
-    return int(m.group(2)) if m else 1
+    if m:
+        return int(m.group(2))
+    # Mesh form (XLA with jax >= 0.12): replica_groups=mesh['ring'=2,'ulysses'=4] {'ulysses'}
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:
+        sizes = {name: int(n) for name, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+        return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", m.group(2)))
+    return 1
 
 
 def hlo_collective_bytes(hlo_text: str) -> dict[str, dict[str, float]]:

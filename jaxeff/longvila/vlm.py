@@ -229,8 +229,11 @@ def make_mmsp_loss(graphdef, mesh: Mesh, sp: MMSPConfig = MMSPConfig()):
         pad = -total % n
         pixels = jnp.pad(pixels, ((0, pad),) + ((0, 0),) * 3)
         pixels = lax.with_sharding_constraint(pixels, NamedSharding(mesh, frame_spec))
-        tokens = jax.shard_map(encode_local, mesh=mesh, in_specs=(P(), frame_spec), out_specs=frame_spec)(
-            state, pixels)[:total]
+        # check_vma=False: stage 1 has no collectives, so the varying-axes check guards nothing here, and on
+        # jax >= 0.12 it rejects the ViT's exact GELU (its erfc lowers to a `polynomial` whose constant
+        # coefficients are not marked varying: "Primitive polynomial requires varying manual axes to match").
+        tokens = jax.shard_map(encode_local, mesh=mesh, in_specs=(P(), frame_spec), out_specs=frame_spec,
+                               check_vma=False)(state, pixels)[:total]
         # Stage 2: pack, pad to the layout multiple, zigzag-permute, re-shard token-balanced.
         seq_len = padded_length(sequence_length(model.config, f, batch.text.shape[1]), ring, uly, sp.zigzag)
         embeds, targets, positions = build_sequence(model, tokens.reshape(b, f, *tokens.shape[1:]), batch, seq_len)

@@ -134,3 +134,13 @@ def test_vision_connector_pieces():
     assert vit(pixels, select_layer=0).shape == (3, 4, 16)
     with pytest.raises(ValueError, match="pixels must be"):
         vit(jnp.zeros((1, 4, 4, 3)))
+
+
+def test_hlo_group_size_forms():
+    # The three replica-group spellings of compiled HLO (explicit, iota, and the mesh form of jax >= 0.12).
+    from jaxeff.longvila.comm import _group_size
+
+    assert _group_size("all-to-all(...), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={1}") == 4
+    assert _group_size("all-gather(...), replica_groups=[4,2]<=[8], dimensions={1}") == 2
+    assert _group_size("all-to-all(...), replica_groups=mesh['ring'=2,'ulysses'=4] {'ulysses'}, channel_id=1") == 4
+    assert _group_size("all-reduce(...), replica_groups=mesh['ring'=2,'ulysses'=4] {'ring','ulysses'}") == 8
