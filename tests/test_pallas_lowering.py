@@ -2,7 +2,11 @@
 
 `jax.export` runs the Pallas lowering for a named platform without the device, so block-shape, scalar-prefetch
 and Triton-dialect errors show up here; the final Mosaic / Triton compilation still needs the hardware.
+Newer jax (0.12) asks for the target GPU when lowering Triton: we name an abstract H100 (`_gpu_target`).
 """
+
+import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +31,26 @@ def fake_tpu_info(monkeypatch):
                         lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
 
 
+@contextlib.contextmanager
+def _gpu_target():
+    """An abstract NVIDIA H100 as the lowering target where jax reads it (jax without `AbstractDevice` lowers
+    Triton without asking for a device)."""
+    device_cls = getattr(jax.sharding, "AbstractDevice", None)
+    if device_cls is None:
+        yield
+        return
+    fields = {f.name for f in dataclasses.fields(device_cls)}
+    kw = dict(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    device = device_cls(**{k: v for k, v in kw.items() if k in fields})
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        yield
+
+
 def _lower(fn, platform, *shapes):
-    exported = export.export(jax.jit(fn), platforms=[PLATFORMS[platform]], disabled_checks=[TRITON_CALL])(*shapes)
-    return exported.mlir_module()
+    with _gpu_target() if platform == "gpu" else contextlib.nullcontext():
+        exported = export.export(jax.jit(fn), platforms=[PLATFORMS[platform]],
+                                 disabled_checks=[TRITON_CALL])(*shapes)
+        return exported.mlir_module()
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
