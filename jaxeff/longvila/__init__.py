@@ -4,6 +4,10 @@
 - `layout`: the zigzag partition valid for any Ulysses degree, padding multiples, causal work per device.
 - `vlm`: the tiny video VLM and its MM-SP loss (stage-1 frame sharding, stage-2 token re-shard).
 - `comm`: collective bytes from compiled HLO and the analytic formula. `niah`: synthetic video NIAH data.
+
+Exact by design where the official code is not: the 2D attention is exact for every (ring, Ulysses), unlike the
+official hybrid zigzag layout with ring > 1 and Ulysses > 1, and the loss equals the unsharded loss, unlike the
+official shard-local label shift. See README.md in this package.
 """
 
 from jaxeff.longvila.attention import (
