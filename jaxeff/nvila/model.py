@@ -133,6 +133,15 @@ def _encode_jit(graphdef, state, pixels, *, block_size, repeat):
     return F.encode_dynamic_s2(feats, block_size, model.mm_projector, cfg.s2_scales)
 
 
+def encode_tiles(model: NVILAModel, pixels, block_size: tuple[int, int] | None = None) -> jnp.ndarray:
+    """SigLIP pixels [n, s, s, 3] -> visual tokens: Dynamic-S2 [rows*cols*p*p, D] for one image's tiles with its
+    `block_size`, else [n, p*p, D] for n single-tile images / frames (features repeated up to the projector's
+    width)."""
+    graphdef, state = nnx.split(model)
+    repeat = model.config.channel_repeat if block_size is None else 1
+    return _encode_jit(graphdef, state, jnp.asarray(pixels), block_size=block_size, repeat=repeat)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "stop_ids"))
 def _generate_jit(graphdef, state, embeds, length, cache, rng, *, max_new_tokens, sampling, stop_ids):
     """Prefill `embeds` [1, S, D] (real length `length`, right-padded), then a `lax.scan` decode loop."""
@@ -183,11 +192,7 @@ class NVILA:
 
     # ---- vision
     def encode_tiles(self, pixels, block_size: tuple[int, int] | None = None) -> jnp.ndarray:
-        """SigLIP pixels [n, s, s, 3] -> visual tokens: Dynamic-S2 [rows*cols*p*p, D] for one image's tiles with
-        its `block_size`, else [n, p*p, D] for n single-tile images / frames."""
-        graphdef, state = nnx.split(self.model)
-        repeat = self.config.channel_repeat if block_size is None else 1
-        return _encode_jit(graphdef, state, jnp.asarray(pixels), block_size=block_size, repeat=repeat)
+        return encode_tiles(self.model, pixels, block_size)
 
     def image_groups(self, images) -> list[jnp.ndarray]:
         """Images -> one [tokens, D] array per `<image>` of the prompt (Lite: one per tile)."""
