@@ -1,9 +1,12 @@
 """VCPO vs off-policy baselines under simulated asynchronous RL (lag k) on digit reversal with a small Llama.
 
-Per method, every (k, seed) cell runs in one compiled, vmapped program (`jaxeff.vcpo.sim.run_grid`). Outputs:
-reward vs step per k, ESS and grad norm vs step (log axes) with collapse marked, final greedy accuracy vs k with
-seed bands, a results table, and the Monte-Carlo variance of the gradient estimator at frozen parameters for no
-baseline / group mean / OPOB. Run on CPU only.
+Per method, every (k, seed) cell runs in one compiled, vmapped program (`jaxeff.vcpo.sim.run_grid`). Responses
+have variable length (L uniform in [min_digits, num_digits]). Outputs: reward vs step per k, ESS and grad norm vs
+step (log axes) with collapse marked, final greedy accuracy vs k with seed bands, a results table, whether an
+ESS / grad-norm alarm fires before each collapse, the Monte-Carlo variance of the gradient estimator at frozen
+parameters for no baseline / group mean / OPOB, and a throughput model turning steps into wall-clock time
+(synchronous: generation waits for the longest response, then training; asynchronous: continuous batching
+overlapped with training). Run on CPU only.
 """
 
 from __future__ import annotations
@@ -20,14 +23,43 @@ from jaxeff.vcpo import sim
 GRID_METHODS = ("naive", "ppo_clip", "seq_tis", "mis", "m2po", "vcpo", "vcpo_no_ess", "vcpo_no_opob")
 
 
+def throughput_model(rng: np.random.Generator, *, batch: int, len_mean: float, len_sigma: float, max_len: int,
+                     train_cost: float, trials: int = 2000) -> dict:
+    """Modelled time per optimizer step on a fixed amount of hardware, in decode steps of a full batch on all of it.
+    Response lengths are log-normal with mean `len_mean` and log-std `len_sigma`, capped at `max_len`; training
+    costs `train_cost` x E[L]. Synchronous (colocated): the batch waits for its longest response, E[max_i L_i],
+    then trains. Asynchronous (k >= 1, as verl's fully_async: disjoint rollout and trainer pools): continuous
+    batching keeps the rollout slots busy, so a batch's tokens cost E[L] of full-hardware time, and with the pools
+    sized so that neither waits the step takes E[L] + training. Asynchrony thus saves the straggler time only."""
+    mu = np.log(len_mean) - len_sigma**2 / 2
+    lengths = np.minimum(np.ceil(rng.lognormal(mu, len_sigma, (trials, batch))), max_len)
+    mean_len, max_len_batch = lengths.mean(), lengths.max(1).mean()
+    train = train_cost * mean_len
+    sync, async_ = max_len_batch + train, mean_len + train
+    return {"E[L]": float(mean_len), "E[max L]": float(max_len_batch), "sync_step": float(sync),
+            "async_step": float(async_), "speedup_per_step": float(sync / async_)}
+
+
+def alarm_step(ess: np.ndarray, grad_norm: np.ndarray, ess_alarm: float, gn_alarm: float, window: int) -> int | None:
+    """First step where the moving-average ESS ratio is below `ess_alarm` and the moving-average grad norm exceeds
+    `gn_alarm` x its median over the first `window` steps, else None."""
+    window = min(window, len(ess))
+    kernel = np.ones(window) / window
+    ess_s = np.convolve(ess, kernel, mode="valid")
+    gn_s = np.convolve(grad_norm, kernel, mode="valid")
+    hit = np.nonzero((ess_s < ess_alarm) & (gn_s > gn_alarm * np.median(grad_norm[:window])))[0]
+    return int(hit[0] + window - 1) if hit.size else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    lags: tuple[int, ...] = (0, 4, 8, 16)
+    lags: tuple[int, ...] = (0, 8, 32)
     methods: tuple[str, ...] = GRID_METHODS
     seeds: int = 3
     steps: int = 600
     eval_every: int = 50
     num_digits: int = 4
+    min_digits: int = 1  # response length L uniform in [min_digits, num_digits]; = num_digits for fixed length
     base: int = 10
     hidden_size: int = 32
     intermediate_size: int = 64
@@ -42,10 +74,21 @@ class Config:
     mismatch_noise: float = 0.0
     rho_on: float = 1.0
     opob_weighting: str = "code"
+    opob_form: str = "official"
+    opob_normalize_by_length: bool = False
+    ess_space: str = "linear"
     variance_batches: int = 1000
     variance_lag: int = 8
     collapse_drop: float = 0.2  # collapse: smoothed train reward falls this far below its running maximum
     smooth: int = 20
+    ess_alarm: float = 0.05  # alarm: smoothed ESS ratio below this and smoothed grad norm above gn_alarm x early
+    gn_alarm: float = 3.0
+    target_frac: float = 0.9  # wall-clock: steps until the smoothed reward reaches this fraction of sync's final
+    tp_batch: int = 256  # throughput model (see `throughput_model`): an LLM-like setting
+    tp_len_mean: float = 1000.0
+    tp_len_sigma: float = 0.8
+    tp_max_len: int = 8192
+    tp_train_cost: float = 1.0
 
     def sim_config(self) -> sim.SimConfig:
         return sim.SimConfig(
@@ -54,7 +97,9 @@ class Config:
             rope_theta=self.rope_theta,
             prompts_per_step=self.prompts_per_step, group_size=self.group_size, steps=self.steps,
             eval_every=self.eval_every, lr=self.lr, weight_decay=self.weight_decay, max_lag=max(self.lags),
-            mismatch_noise=self.mismatch_noise, rho_on=self.rho_on, opob_weighting=self.opob_weighting)
+            mismatch_noise=self.mismatch_noise, rho_on=self.rho_on, opob_weighting=self.opob_weighting,
+            min_digits=self.min_digits, opob_form=self.opob_form,
+            opob_normalize_by_length=self.opob_normalize_by_length, ess_space=self.ess_space)
 
     def validate(self):
         unknown = [m for m in self.methods if m not in sim.METHODS]
@@ -64,6 +109,8 @@ class Config:
             raise ValueError(f"lags must be a non-empty tuple of ints >= 0, got {self.lags}")
         if self.seeds < 1 or self.variance_batches < 2 or self.smooth < 1:
             raise ValueError("seeds >= 1, variance_batches >= 2 and smooth >= 1 required")
+        if not 0 < self.target_frac <= 1 or self.tp_batch < 1 or self.tp_len_mean < 1 or self.tp_max_len < 1:
+            raise ValueError("target_frac in (0, 1], tp_batch, tp_len_mean and tp_max_len >= 1 required")
         self.sim_config().validate()
 
 
@@ -73,6 +120,71 @@ def collapse_step(reward: np.ndarray, drop: float, window: int) -> int | None:
     smooth = np.convolve(reward, np.ones(window) / window, mode="valid")
     below = np.nonzero(smooth < np.maximum.accumulate(smooth) - drop)[0]
     return int(below[0] + window - 1) if below.size else None
+
+
+def _smoothed(x: np.ndarray, window: int) -> np.ndarray:
+    window = min(window, x.shape[-1])
+    return np.apply_along_axis(lambda r: np.convolve(r, np.ones(window) / window, mode="valid"), -1, x)
+
+
+def _alarm_table(cfg: Config, run: Run, curves: dict, collapses: dict) -> None:
+    """Per method and k: collapses, whether the ESS / grad-norm alarm fired before each, its lead, false alarms."""
+    rows = []
+    for m in cfg.methods:
+        for j, lag in enumerate(cfg.lags):
+            leads, false_alarms, missed = [], 0, 0
+            for s in range(cfg.seeds):
+                a = alarm_step(curves[m]["ess_ratio"][j, s], curves[m]["grad_norm"][j, s], cfg.ess_alarm,
+                               cfg.gn_alarm, cfg.smooth)
+                c = collapses[m][j][s]
+                if c is None:
+                    false_alarms += a is not None
+                elif a is None or a > c:
+                    missed += 1
+                else:
+                    leads.append(c - a)
+            n_collapsed = sum(c is not None for c in collapses[m][j])
+            rows.append({"method": m, "k": lag, "collapsed": f"{n_collapsed}/{cfg.seeds}",
+                         "alarm_before_collapse": len(leads), "missed": missed,
+                         "median_lead_steps": float(np.median(leads)) if leads else None,
+                         "alarm_without_collapse": false_alarms})
+    run.results(rows, title="Does ESS + grad norm predict collapse?",
+                note=(f"Alarm: {cfg.smooth}-step moving-average ESS ratio < {cfg.ess_alarm} and moving-average grad "
+                      f"norm > {cfg.gn_alarm} x its median over the first {cfg.smooth} steps. Lead = collapse step - "
+                      "alarm step."))
+
+
+def _wallclock_table(cfg: Config, run: Run, curves: dict) -> dict:
+    """Steps to reach `target_frac` of the synchronous final reward, turned into modelled time."""
+    tp = throughput_model(np.random.default_rng(0), batch=cfg.tp_batch, len_mean=cfg.tp_len_mean,
+                          len_sigma=cfg.tp_len_sigma, max_len=cfg.tp_max_len, train_cost=cfg.tp_train_cost)
+    out = {"throughput": tp}
+    if 0 not in cfg.lags:
+        return out
+    j0, ref = cfg.lags.index(0), ("naive" if "naive" in cfg.methods else cfg.methods[0])
+    sync = _smoothed(curves[ref]["reward"][j0].mean(0), cfg.smooth)
+    target = cfg.target_frac * sync[-1]
+    sync_steps = int(np.argmax(sync >= target)) + min(cfg.smooth, cfg.steps)
+    sync_time = sync_steps * tp["sync_step"]
+    rows = []
+    for m in cfg.methods:
+        for j, lag in enumerate(cfg.lags):
+            curve = _smoothed(curves[m]["reward"][j].mean(0), cfg.smooth)
+            reached = np.nonzero(curve >= target)[0]
+            steps = int(reached[0]) + min(cfg.smooth, cfg.steps) if reached.size else None
+            time = None if steps is None else steps * (tp["sync_step"] if lag == 0 else tp["async_step"])
+            rows.append({"method": m, "k": lag, "steps_to_target": steps,
+                         "time_vs_sync": None if time is None else time / sync_time,
+                         "final_reward_vs_sync": float(curve[-1] / sync[-1])})
+    out["rows"] = rows
+    run.results(rows, title=f"Modelled wall-clock to {cfg.target_frac:.0%} of the synchronous ({ref}, k=0) final "
+                            "train reward (seed mean)",
+                note=(f"Throughput model: B={cfg.tp_batch}, log-normal lengths mean {cfg.tp_len_mean:g}, log-std "
+                      f"{cfg.tp_len_sigma}, cap {cfg.tp_max_len}, training {cfg.tp_train_cost} x E[L]: "
+                      f"E[max L] / E[L] = {tp['E[max L]'] / tp['E[L]']:.2f}, per-step speed-up of asynchrony "
+                      f"{tp['speedup_per_step']:.2f}x. time_vs_sync < 1: faster than synchronous; None: never "
+                      "reached."))
+    return out
 
 
 def _plots(cfg: Config, run: Run, curves: dict, acc: dict, collapses: dict):
@@ -147,8 +259,8 @@ def _plots(cfg: Config, run: Run, curves: dict, acc: dict, collapses: dict):
 
 
 @register("vcpo_async", Config, presets={
-    "smoke": {"lags": (8,), "methods": ("seq_tis", "vcpo"), "seeds": 1, "steps": 100, "eval_every": 25,
-              "prompts_per_step": 8, "variance_batches": 100},
+    "smoke": {"lags": (0, 32), "methods": ("naive", "vcpo"), "seeds": 1, "steps": 100, "eval_every": 25,
+              "prompts_per_step": 8, "variance_batches": 100, "variance_lag": 32},
     "full": {},
 })
 def run(cfg: Config, run: Run) -> None:
@@ -194,11 +306,18 @@ def run(cfg: Config, run: Run) -> None:
         word = "ties" if abs(gap) <= spread else ("wins" if gap > 0 else "loses")
         verdicts.append(f"k={lag}: VCPO {word} ({final['vcpo'].mean():.3f} vs best baseline {best} "
                         f"{final[best].mean():.3f}; tie band {spread:.3f})")
+        if 0 in cfg.lags and "naive" in cfg.methods:
+            sync = acc["naive"][cfg.lags.index(0), :, -1]
+            verdicts.append(f"k={lag}: VCPO {final['vcpo'].mean():.3f} vs synchronous (naive, k=0) "
+                            f"{sync.mean():.3f}: gap {final['vcpo'].mean() - sync.mean():+.3f}")
     run.results(rows, title="Final greedy accuracy (mean over seeds), stability diagnostics",
                 note=("Collapse = moving-average train reward drops "
                       f"{cfg.collapse_drop} below its running max. wall_s_method: compile + all k x seeds, "
                       "this CPU.\n\n"
                       + "\n".join(f"- {v}" for v in verdicts)))
+
+    _alarm_table(cfg, run, curves, collapses)
+    wallclock = _wallclock_table(cfg, run, curves)
 
     m_ref = "vcpo" if "vcpo" in cfg.methods else cfg.methods[0]
     j = int(np.argmin([abs(lag - cfg.variance_lag) for lag in cfg.lags]))
@@ -209,5 +328,5 @@ def run(cfg: Config, run: Run) -> None:
                       f"seed 0, final step; {cfg.variance_batches} batches)",
                 note="OPOB lowest" if min(tr_var, key=tr_var.get).startswith("opob") else "OPOB NOT lowest here")
     run.save_json("summary.json", {"rows": rows, "grad_variance": tr_var, "collapse_steps": collapses,
-                                   "verdicts": verdicts})
+                                   "verdicts": verdicts, "wallclock": wallclock})
     _plots(cfg, run, curves, acc, collapses)
