@@ -62,9 +62,10 @@ class Attention(nnx.Module):
         self.proj = _linear(cfg.dim, cfg.dim, rngs, dtype, param_dtype)
         self.proj_drop = nnx.Dropout(cfg.proj_dropout, rngs=rngs)
 
-    def __call__(self, x, mask, cache=None, start=None, implementation=None):
+    def __call__(self, x, mask, cache=None, start=None, implementation=None, rngs=None):
         """x [B, S, D]; mask [B or 1, S, T]. Without `cache` T = S. With `cache` = (k, v) [B, T, H, hd], this
-        call's k/v are written at slots start ... start + S - 1 first; returns (out, new cache or None)."""
+        call's k/v are written at slots start ... start + S - 1 first; returns (out, new cache or None).
+        `rngs`: dropout randomness for this call (training); without it the module's own stream is used."""
         b, s, d = x.shape
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, s, 3, self.num_heads, d // self.num_heads), 2, 0)
         if cache is not None:
@@ -72,7 +73,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
             cache = (k, v)
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation).reshape(b, s, d)
-        return self.proj_drop(self.proj(out)), cache
+        return self.proj_drop(self.proj(out), rngs=rngs), cache
 
 
 class Mlp(nnx.Module):
@@ -83,8 +84,9 @@ class Mlp(nnx.Module):
         self.fc2 = _linear(cfg.mlp_hidden, cfg.dim, rngs, dtype, param_dtype)
         self.drop = nnx.Dropout(cfg.proj_dropout, rngs=rngs)
 
-    def __call__(self, x):
-        return self.drop(self.fc2(self.drop(jax.nn.gelu(self.fc1(x), approximate=False))))
+    def __call__(self, x, rngs=None):
+        h = self.drop(jax.nn.gelu(self.fc1(x), approximate=False), rngs=rngs)
+        return self.drop(self.fc2(h), rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -96,10 +98,10 @@ class Block(nnx.Module):
         self.norm2 = _layer_norm(cfg.dim, cfg, rngs, dtype, param_dtype)
         self.mlp = Mlp(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, mask, cache=None, start=None, implementation=None):
-        h, cache = self.attn(self.norm1(x), mask, cache, start, implementation)
+    def __call__(self, x, mask, cache=None, start=None, implementation=None, rngs=None):
+        h, cache = self.attn(self.norm1(x), mask, cache, start, implementation, rngs)
         x = x + h
-        return x + self.mlp(self.norm2(x)), cache
+        return x + self.mlp(self.norm2(x), rngs), cache
 
 
 def group_ids(step_of: jnp.ndarray) -> jnp.ndarray:
@@ -183,9 +185,9 @@ class LPD(nnx.Module):
         idx = jnp.concatenate([jnp.zeros_like(orders[:, :1]), orders + 1], axis=1)
         return jnp.take(self.pos_embed[...][0].astype(self.dtype), idx, axis=0)
 
-    def run_blocks(self, x, mask, implementation=None):
+    def run_blocks(self, x, mask, implementation=None, rngs=None):
         for block in self.blocks:
-            x, _ = block(x, mask, implementation=implementation)
+            x, _ = block(x, mask, implementation=implementation, rngs=rngs)
         return x
 
     # -- training forward --------------------------------------------------------------------------------------
@@ -198,18 +200,20 @@ class LPD(nnx.Module):
         return jnp.concatenate([self.content(vec, pos), self.query(pos[:, 1:])], axis=1)
 
     def __call__(self, tokens, labels, orders, step_of, dropped=None, *, mutual_visibility: bool = True,
-                 return_hidden: bool = False, implementation=None):
+                 return_hidden: bool = False, implementation=None, rngs: nnx.Rngs | None = None):
         """Teacher-forced logits [B, N, V] in generation order (logits[b, k] predicts tokens[b, orders[b, k]]).
 
         `step_of` [N] or [B, N]: the schedule as the step of each generation index (`schedules.step_of`);
-        `dropped` [B] bool: label replaced by `fake_latent` (see `drop_labels` for the training draw)."""
+        `dropped` [B] bool: label replaced by `fake_latent` (see `drop_labels` for the training draw); `rngs`:
+        dropout randomness when the model is in training mode (`model.train()`)."""
         orders = jnp.asarray(orders, jnp.int32)
         n = self.config.num_tokens
         if orders.shape[-1] != n or jnp.shape(step_of)[-1] != n:
             raise ValueError(f"orders {orders.shape} and step_of {jnp.shape(step_of)} must have N = {n} columns")
         mask = training_mask(jnp.asarray(step_of, jnp.int32), mutual_visibility)
         mask = mask[None] if mask.ndim == 2 else mask
-        x = self.norm(self.run_blocks(self.training_sequence(tokens, labels, orders, dropped), mask, implementation))
+        x = self.training_sequence(tokens, labels, orders, dropped)
+        x = self.norm(self.run_blocks(x, mask, implementation, rngs))
         hidden = x[:, n + 1:]
         logits = self.head(hidden)
         return (logits, hidden) if return_hidden else logits
