@@ -1,4 +1,6 @@
-"""HART building blocks: resampling parity with torch, tokenizer identities, diffusion sampler, transformer cache."""
+"""HART building blocks: resampling parity with torch, tokenizer identities, diffusion sampler, transformer cache,
+multi-iteration MAR, condition dropout."""
+
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ from jaxeff.hart.transformer import (
     filter_logits,
     generate_fhat,
     generate_fhat_jit,
+    maskgit_schedule,
     sample_keep_mask,
     scale_coords,
 )
@@ -163,3 +166,48 @@ def test_teacher_forcing_reproduces_generation_logits(model, tok):
     np.testing.assert_allclose(tok.quantize.idx_to_fhat(idx), f_hat, atol=1e-5)
     lg_train, _ = model.forward_train(ctx, pos, tok.quantize.teacher_forcing_input(idx))
     np.testing.assert_allclose(lg_train, jnp.concatenate(logits, 1), atol=2e-4, rtol=2e-4)
+
+
+def test_maskgit_schedule():
+    """Tokens per MAR iteration: the cosine rule of the reference, at least one token left for the last step."""
+    assert maskgit_schedule(16, 1) == [16]
+    assert maskgit_schedule(16, 4) == [2, 3, 5, 6]  # floor(16 cos(k pi/8)) = 14, 11, 6 stay masked
+    assert maskgit_schedule(4, 8) == [1, 1, 1, 0, 0, 0, 0, 1]
+    with pytest.raises(ValueError, match="num_maskgit_iters"):
+        SampleOptions(num_maskgit_iters=0)
+
+
+def test_multi_iteration_mar(model, tok):
+    """4 MAR iterations with a given order: the first iteration's guided logits equal the training forward that
+    keeps only its tokens (cond and uncond halves run separately); later iterations see the earlier ones through
+    the KV cache, which equals recomputing with a mask that is block-causal over iterations, and differs from one
+    iteration (whole last scale at once). Greedy tokens follow the guided logits."""
+    ctx = jax.random.normal(jax.random.key(0), (2, 3, 12))
+    pos = jnp.array([[0, 1, 2], [0, 1, 1]])
+    order = np.stack([np.random.default_rng(s).permutation(16) for s in (0, 1)])
+    opts = SampleOptions(cfg=2.0, top_k=1, top_k_late=1, more_smooth=False, use_diffusion=False, num_maskgit_iters=4)
+    gen = jax.jit(lambda st, cache: generate_fhat(nnx.merge(*st), tok.quantize, ctx, pos, jax.random.key(2), opts,
+                                                  use_cache=cache, return_tokens=True, mar_order=order),
+                  static_argnums=1)
+    f_hat, idx, logits = gen(nnx.split(model), True)
+    f_hat_nc, idx_nc, logits_nc = gen(nnx.split(model), False)
+    np.testing.assert_allclose(logits[-1], logits_nc[-1], atol=1e-3)
+    np.testing.assert_array_equal(jnp.concatenate(idx, 1), jnp.concatenate(idx_nc, 1))
+    np.testing.assert_array_equal(idx[-1], jnp.argmax(logits[-1], -1))
+    np.testing.assert_allclose(tok.quantize.idx_to_fhat(idx), f_hat, atol=1e-5)
+
+    teacher = tok.quantize.teacher_forcing_input(idx)
+    t = float(cfg_ramp(2.0, 4)[-1])
+
+    def guided(keep):
+        lc, _ = model.forward_train(ctx, pos, teacher, jnp.asarray(keep))
+        lu, _ = model.forward_train(jnp.zeros_like(ctx), jnp.zeros_like(pos), teacher, jnp.asarray(keep))
+        return np.asarray((1 + t) * lc[:, -16:] - t * lu[:, -16:])
+
+    rows, first = np.arange(2)[:, None], order[:, -maskgit_schedule(16, 4)[0]:]
+    keep = np.zeros((2, 16), bool)
+    keep[rows, first] = True
+    whole = guided(np.ones((2, 16), bool))
+    tol = 1e-4 * np.abs(whole).max()  # float32 rounding through two random layers and the CFG combination
+    np.testing.assert_allclose(np.asarray(logits[-1])[rows, first], guided(keep)[rows, first], atol=tol)
+    assert np.abs(np.asarray(logits[-1]) - whole).max() > 100 * tol

@@ -9,7 +9,8 @@
 - Attention: block-causal over levels in training (text tokens see all text tokens, padding included, as in the
   reference); at inference a KV cache across scales, each scale attending to everything before it and itself.
 - Last scale: MAR-style token subsampling in training (at least half the tokens dropped, >= 32 kept when there are
-  more than 32); one iteration at inference; its hidden states condition the residual diffusion head.
+  more than 32); `num_maskgit_iters` iterations at inference (default 1, as the reference); its hidden states
+  condition the residual diffusion head.
 Run on CPU only.
 """
 
@@ -306,6 +307,11 @@ class SampleOptions:
     more_smooth: bool = True  # Gumbel-softmax smoothing of the code vectors (the released sample.py default)
     temperature: float = 1.0  # diffusion head temperature
     use_diffusion: bool = True  # False: discrete-only last scale (the reference's final_stage != 0)
+    num_maskgit_iters: int = 1  # MAR iterations of the last scale (the reference's default: all tokens at once)
+
+    def __post_init__(self):
+        if self.num_maskgit_iters < 1:
+            raise ValueError(f"num_maskgit_iters must be >= 1, got {self.num_maskgit_iters}")
 
 
 def cfg_ramp(cfg: float, num_scales: int) -> np.ndarray:
@@ -314,6 +320,18 @@ def cfg_ramp(cfg: float, num_scales: int) -> np.ndarray:
     r = np.arange(num_scales, dtype=np.float64) / (num_scales - 1)
     r[-1] = r[-2]
     return cfg * r
+
+
+def maskgit_schedule(n: int, iters: int) -> list[int]:
+    """Tokens predicted by each MAR iteration of the last scale (n tokens, `iters` iterations), as in the
+    reference's `autoregressive_infer_cfg`: after step k, floor(n * cos(pi/2 * (k+1)/iters)) tokens stay masked,
+    clamped to [1, still masked - 1]; the last step predicts all that remain. A step may predict 0 tokens."""
+    counts, masked = [], n
+    for step in range(iters - 1):
+        keep_masked = max(1, min(masked - 1, math.floor(n * math.cos(math.pi / 2 * (step + 1) / iters))))
+        counts.append(masked - keep_masked)
+        masked = keep_masked
+    return counts + [masked]
 
 
 def filter_logits(logits, top_k: int, top_p: float):
@@ -341,13 +359,20 @@ def _code_vectors(logits, idx, codebook, ratio: float, more_smooth: bool, key):
 
 
 def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts: SampleOptions,
-                  use_cache: bool = True, return_tokens: bool = False):
+                  use_cache: bool = True, return_tokens: bool = False, mar_order=None):
     """Sample the final latent f_hat [B, h, w, Cvae] for a batch of encoded prompts.
 
     context [B, T, Dctx], ctx_pos [B, T]. CFG always runs on a doubled batch (uncond: zero context, zero
     positions), like `autoregressive_infer_cfg`. `use_cache=False` recomputes the whole prefix at every scale with
     the block-causal mask (the reference check for the KV cache). `return_tokens` also returns the sampled indices
-    and the guided logits of every scale."""
+    and the guided logits of every scale (the last scale in raster order).
+
+    The last scale runs `opts.num_maskgit_iters` MAR iterations (`maskgit_schedule`): each predicts its tokens
+    from the last scale's input at those positions, attending to the earlier scales and, through the KV cache, the
+    tokens of earlier iterations (their inputs, not their predictions, and their states computed before later
+    iterations existed: block-causal over iterations, as in the reference). `mar_order` [B, pn_last^2] int: the
+    order in which positions are unmasked (the last ones first); default a random permutation per sample (the
+    reference draws it with numpy)."""
     cfg = model.cfg
     pns = cfg.patch_nums
     n_s = len(pns)
@@ -360,47 +385,77 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
     offset = pos2[:, -1]
     x = e_ctx + model.lvl_embed(jnp.zeros((cfg.context_token,), jnp.int32))[None]
     f_hat = jnp.zeros((b, pns[-1], pns[-1], cfg.cvae), jnp.float32)
-    past = None
-    inputs, coss, sins = [], [], []
-    tokens, all_logits = [], []
-    for si, pn in enumerate(pns):
-        cos, sin = (rope_1d(pos2, cfg.head_dim, cfg.rope_theta) if si == 0 else image_rope(cfg, [si], offset))
+    past, prefix = None, []  # KV cache, or every (x, cos, sin) run so far when recomputing
+
+    def run(x, cos, sin):
+        nonlocal past
         if use_cache:
-            h, past_new = model.run_blocks(x, cond, cos, sin, None, past)
-            past = past_new
-        else:
-            inputs.append(x), coss.append(cos), sins.append(sin)
-            levels = np.concatenate([np.full(t.shape[1], i) for i, t in enumerate(inputs)])
-            mask = jnp.asarray(levels[:, None] >= levels[None, :])[None]
-            h, _ = model.run_blocks(jnp.concatenate(inputs, 1), cond, jnp.concatenate(coss, 1),
-                                    jnp.concatenate(sins, 1), mask)
-            h = h[:, -x.shape[1]:]
-        if si == 0:
-            h = h[:, -1:]
-        lg = model.logits(h, cond)
+            h, past = model.run_blocks(x, cond, cos, sin, None, past)
+            return h
+        prefix.append((x, cos, sin))
+        levels = np.concatenate([np.full(p[0].shape[1], i) for i, p in enumerate(prefix)])
+        xs, coss, sins = (jnp.concatenate(a, 1) for a in zip(*prefix))
+        h, _ = model.run_blocks(xs, cond, coss, sins, jnp.asarray(levels[:, None] >= levels[None, :])[None])
+        return h[:, -x.shape[1]:]
+
+    def pick(h, si, key):
+        """Guided logits [B, n, V], sampled indices [B, n], code vectors [B, n, Cvae] and the diffusion key."""
         t = float(ramp[si])
-        lg = (1 + t) * lg[:b] - t * lg[b:]
-        all_logits.append(lg)
-        lg = filter_logits(lg, opts.top_k if si < 7 else opts.top_k_late, opts.top_p)
-        key, k_s, k_g, k_d = jax.random.split(key, 4)
-        idx = jax.random.categorical(k_s, lg, axis=-1)  # [B, pn*pn]
-        tokens.append(idx)
         ratio = si / (n_s - 1) if si < n_s - 1 else (n_s - 2) / (n_s - 1)
-        vec = _code_vectors(lg, idx, codebook, ratio, opts.more_smooth, k_g)
-        if si == n_s - 1:
-            if opts.use_diffusion:
-                z = model.diffusion_condition(h, jnp.concatenate([codebook[idx]] * 2, 0))
-                z = z.reshape(2 * b * pn * pn, -1)
-                sched = diff.Schedule.make(1000, cfg.num_sampling_steps)
-                n = b * pn * pn
-                res = diff.sample(model.diffloss, sched, z[:n], k_d, z_uncond=None if t == 1.0 else z[n:], cfg=t,
-                                  temperature=opts.temperature, scale=cfg.vae_scale)
-                vec = vec + res.reshape(b, pn * pn, -1)
-            f_hat, _ = quantizer.next_autoregressive_input(si, f_hat, vec.reshape(b, pn, pn, -1))
-            break
+        lg = model.logits(h, cond)
+        lg = (1 + t) * lg[:b] - t * lg[b:]
+        filtered = filter_logits(lg, opts.top_k if si < 7 else opts.top_k_late, opts.top_p)
+        k_s, k_g, k_d = jax.random.split(key, 3)
+        idx = jax.random.categorical(k_s, filtered, axis=-1)
+        return lg, idx, _code_vectors(filtered, idx, codebook, ratio, opts.more_smooth, k_g), k_d
+
+    tokens, all_logits = [], []
+    for si, pn in enumerate(pns[:-1]):
+        h = run(x, *(rope_1d(pos2, cfg.head_dim, cfg.rope_theta) if si == 0 else image_rope(cfg, [si], offset)))
+        key, k = jax.random.split(key)
+        lg, idx, vec, _ = pick(h[:, -1:] if si == 0 else h, si, k)
+        tokens.append(idx), all_logits.append(lg)
         f_hat, nxt = quantizer.next_autoregressive_input(si, f_hat, vec.reshape(b, pn, pn, -1))
         nxt = model.word_embed(nxt.reshape(b, -1, cfg.cvae)) + model.lvl_embed(jnp.full((1,), si + 1))[None]
         x = jnp.concatenate([nxt, nxt], 0)
+
+    # last scale: MAR iterations over subsets of its positions
+    si, n = n_s - 1, pns[-1] ** 2
+    t = float(ramp[si])
+    if mar_order is not None:
+        order = jnp.asarray(mar_order, jnp.int32)
+    elif opts.num_maskgit_iters > 1:
+        key, k_o = jax.random.split(key)
+        order = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(k_o, b))
+    else:
+        order = jnp.broadcast_to(jnp.arange(n), (b, n))
+    coords = jnp.asarray(scale_coords(pns, si))
+    sched = diff.Schedule.make(1000, cfg.num_sampling_steps)
+    out_vec = jnp.zeros((b, n, cfg.cvae), jnp.float32)
+    out_idx, out_lg = jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n, cfg.vocab_size), jnp.float32)
+    masked = n
+    for count in maskgit_schedule(n, opts.num_maskgit_iters):
+        if count == 0:
+            continue
+        sel = jnp.sort(order[:, masked - count: masked], -1)  # raster order within a step, like nonzero()
+        masked -= count
+        sel2 = jnp.concatenate([sel, sel], 0)
+        pos = coords[sel2] + offset.astype(jnp.float32)[:, None, None]
+        h = run(jnp.take_along_axis(x, sel2[..., None], 1), *rope_2d(pos, cfg.head_dim, cfg.rope_theta))
+        key, k = jax.random.split(key)
+        lg, idx, vec, k_d = pick(h, si, k)
+        if opts.use_diffusion:
+            z = model.diffusion_condition(h, jnp.concatenate([codebook[idx]] * 2, 0)).reshape(2 * b * count, -1)
+            m = b * count
+            # cfg exactly 1 takes the reference's unguided branch of DiffLoss.sample
+            res = diff.sample(model.diffloss, sched, z[:m], k_d, z_uncond=None if t == 1.0 else z[m:], cfg=t,
+                              temperature=opts.temperature, scale=cfg.vae_scale)
+            vec = vec + res.reshape(b, count, -1)
+        rows = jnp.arange(b)[:, None]
+        out_vec, out_idx, out_lg = (o.at[rows, sel].set(v) for o, v in ((out_vec, vec), (out_idx, idx),
+                                                                         (out_lg, lg)))
+    tokens.append(out_idx), all_logits.append(out_lg)
+    f_hat, _ = quantizer.next_autoregressive_input(si, f_hat, out_vec.reshape(b, pns[-1], pns[-1], -1))
     return (f_hat, tokens, all_logits) if return_tokens else f_hat
 
 
