@@ -125,6 +125,11 @@ def test_tiny_nvila_dynamic_s2_framing_and_generation(tiny_nvila):
     assert p.kinds.count("image") == 12 * 4 and p.kinds.count("end") == 1  # 3x4 grid, 2x2 tokens per tile
     first_image = p.kinds.index("image")
     assert p.kinds[first_image + 48] == "end"
+    ids = m.tokenizer(m.chat_text("<image>What is it?"), add_special_tokens=False).input_ids
+    text_ids = [i for i in ids if i != m.media_ids[M.IMAGE_TOKEN]]
+    assert ids.index(m.media_ids[M.IMAGE_TOKEN]) == first_image  # the image sits where its token was
+    np.testing.assert_array_equal(np.asarray(p.embeds[0][np.array(p.kinds) == "text"]),
+                                  np.asarray(m.model.llm.embed_tokens(jnp.asarray(text_ids))))
     # two images: one tile each, 4 tokens + "\n" each
     p2 = m.build_prompt("Compare.", [_image(300, 200), _image(200, 300, seed=1)])
     assert p2.kinds.count("image") == 8 and p2.kinds.count("end") == 2

@@ -255,15 +255,15 @@ class NVILA:
         # media ids are clamped to row 0 for the lookup and then replaced: nothing is read outside the table
         text = llm.embed_tokens(jnp.asarray(np.where(np.asarray(ids) < vocab, ids, 0), jnp.int32))
         end = llm.embed_tokens(jnp.asarray(self.end_ids, jnp.int32))
-        pieces, kinds, item = [], [], iter(items)
-        for pos, i in enumerate(ids):
-            if i not in media:
-                pieces.append(text[pos:pos + 1])
-                kinds.append("text")
-                continue
-            for group in next(item):
+        pieces, kinds, start = [], [], 0
+        media_pos = [pos for pos, i in enumerate(ids) if i in media]
+        for pos, groups in zip(media_pos + [len(ids)], items + [[]]):
+            pieces.append(text[start:pos])
+            kinds += ["text"] * (pos - start)
+            for group in groups:
                 pieces += [group.astype(text.dtype), end]
                 kinds += [kind] * group.shape[0] + ["end"] * end.shape[0]
+            start = pos + 1
         return Prompt(embeds=jnp.concatenate(pieces)[None], kinds=kinds)
 
     # ---- generation
