@@ -155,3 +155,23 @@ def test_training_step_learns_and_decays_like_the_official_recipe():
         updates, opt_state = tx.update(zeros, opt_state, params)
     assert float(updates["pos_embed"].max()) < 0 and float(updates["fake_latent"].max()) < 0
     assert float(abs(updates["bias"]).max()) == 0
+
+
+def test_hf_sources_resolve_without_network(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from jaxeff.lpd.weights import resolve
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: ["README.md", "lpd_l_256.pth"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name: calls.append((repo, name)) or str(tmp_path / name))
+    assert resolve("hf:mit-han-lab/lpd_l_256") == tmp_path / "lpd_l_256.pth"
+    assert resolve("hf:FoundationVision/LlamaGen/vq_ds16_c2i.pt") == tmp_path / "vq_ds16_c2i.pt"
+    assert calls == [("mit-han-lab/lpd_l_256", "lpd_l_256.pth"), ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt")]
+    assert resolve(tmp_path / "x.pth") == tmp_path / "x.pth"
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: ["a.pth", "b.pth"])
+    with pytest.raises(ValueError, match="name one"):
+        resolve("hf:mit-han-lab/lpd_l_256")
+    with pytest.raises(ValueError, match="expected hf:"):
+        resolve("hf:nothing")

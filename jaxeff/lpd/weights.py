@@ -49,12 +49,39 @@ def _to_torch(arr: np.ndarray, leaf: str) -> np.ndarray:
     return arr
 
 
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def resolve(source: str | Path) -> Path:
+    """A local path, or `hf:<owner>/<repo>[/<file>]` downloaded with huggingface_hub (needs a network), e.g.
+    `hf:mit-han-lab/lpd_l_256` (the repo's one .pth / .safetensors file) or
+    `hf:FoundationVision/LlamaGen/vq_ds16_c2i.pt`."""
+    if not str(source).startswith("hf:"):
+        return Path(source)
+    parts = str(source)[3:].split("/", 2)
+    if len(parts) < 2 or not all(parts[:2]):
+        raise ValueError(f"{source!r}: expected hf:<owner>/<repo>[/<file>]")
+    import huggingface_hub
+
+    repo = "/".join(parts[:2])
+    if len(parts) == 3:
+        filename = parts[2]
+    else:
+        files = [f for f in huggingface_hub.list_repo_files(repo) if f.endswith(_WEIGHT_SUFFIXES)]
+        if len(files) != 1:
+            raise ValueError(f"{source!r}: the repo holds {len(files)} weight files {files}; "
+                             f"name one as hf:{repo}/<file>")
+        filename = files[0]
+    return Path(huggingface_hub.hf_hub_download(repo, filename))
+
+
 def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str, np.ndarray]:
-    """Official tensors of a `.safetensors` file or a torch pickle (`{"model": sd}` or a bare state dict).
+    """Official tensors of a `.safetensors` file or a torch pickle (`{"model": sd}` or a bare state dict); `path`
+    may be `hf:...` (see `resolve`).
 
     Pickles load with `weights_only=True` unless you pass False for a file you trust (real training checkpoints
     carry an argparse `args` object that the safe loader refuses)."""
-    path = Path(path)
+    path = resolve(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
