@@ -175,3 +175,12 @@ def test_hf_sources_resolve_without_network(monkeypatch, tmp_path):
         resolve("hf:mit-han-lab/lpd_l_256")
     with pytest.raises(ValueError, match="expected hf:"):
         resolve("hf:nothing")
+
+
+def test_dot_product_backend_matches_the_reference(model):
+    orders = np.asarray(random_orders(jax.random.key(2), 2, 16))
+    step_of = schedules.step_of((1, 5, 10))
+    forward = nnx.jit(lambda m, o, impl: m(np.zeros((2, 16), np.int32), np.array([1, 2]), o, step_of,
+                                            implementation=impl), static_argnums=2)
+    np.testing.assert_allclose(forward(model, orders, "dot_product"), forward(model, orders, "xla"),
+                               rtol=1e-5, atol=1e-5)
