@@ -1,6 +1,7 @@
 """HART building blocks: resampling parity with torch, tokenizer identities, diffusion sampler, transformer cache,
 multi-iteration MAR, condition dropout."""
 
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from flax import nnx
 from jaxeff.hart import diffusion as diff
 from jaxeff.hart.resample import resize
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
+from jaxeff.hart.train import ClassConditionedHART, drop_condition, hart_loss
 from jaxeff.hart.transformer import (
     HARTConfig,
     HARTTransformer,
@@ -211,3 +213,26 @@ def test_multi_iteration_mar(model, tok):
     tol = 1e-4 * np.abs(whole).max()  # float32 rounding through two random layers and the CFG combination
     np.testing.assert_allclose(np.asarray(logits[-1])[rows, first], guided(keep)[rows, first], atol=tol)
     assert np.abs(np.asarray(logits[-1]) - whole).max() > 100 * tol
+
+
+def test_condition_dropout_rules(model, tok):
+    """The reference drops the text where randn(B) < rate: Phi(0.1) = 54% of samples (and half at rate 0);
+    "uniform" drops `rate` of them. hart_loss applies the chosen rule and reports the share it dropped."""
+    n = 40000
+    phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    for rule, rate, want in (("official", 0.1, phi(0.1)), ("official", 0.0, 0.5), ("uniform", 0.1, 0.1)):
+        share = float(jnp.mean(drop_condition(jax.random.key(0), n, rate, rule)))
+        assert abs(share - want) < 0.01, (rule, rate, share)
+    with pytest.raises(ValueError, match="'official' or 'uniform'"):
+        drop_condition(jax.random.key(0), 4, 0.1, "rand")
+
+    b = 32
+    img = jax.random.uniform(jax.random.key(9), (1, 16, 16, 3), minval=-1, maxval=1)
+    idx, resid, _ = tok.quantize.encode_hybrid(tok.encode(img))
+    batch = {"idx": jnp.tile(jnp.concatenate(idx, 1), (b, 1)),
+             "teacher": jnp.tile(tok.quantize.teacher_forcing_input(idx), (b, 1, 1)),
+             "resid": jnp.tile(resid.reshape(1, 16, 8), (b, 1, 1)), "labels": jnp.arange(b) % 3,
+             "codebook": tok.quantize.codebook, "key": jax.random.key(5)}
+    cc = ClassConditionedHART(model, 3, rngs=nnx.Rngs(0))
+    shares = {rule: float(hart_loss(cc, batch, cond_drop=rule)[1]["cond_drop"]) for rule in ("official", "uniform")}
+    assert shares["official"] > 0.3 and shares["uniform"] < 0.25, shares

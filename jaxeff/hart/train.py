@@ -6,7 +6,8 @@
 - `hart_loss`: cross-entropy over all scales (dropped last-scale tokens excluded) + residual diffusion loss. As in
   the reference training forward, the diffusion target is the true residual minus the code vectors of tokens
   *sampled from the model's own logits* (top-k, top-p 0.96), repeated `diffusion_batch_mul` times. The weighting of
-  the two losses is not in the public code (hart issue #15); they are summed here.
+  the two losses is not in the public code (hart issue #15); they are summed here. Condition dropout follows the
+  reference's rule by default (`drop_condition`); the fraction dropped is reported as the `cond_drop` metric.
 """
 
 from __future__ import annotations
@@ -42,17 +43,32 @@ class ClassConditionedHART(nnx.Module):
         return self.table[...][labels], jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (labels.shape[0], t))
 
 
-def hart_loss(model: ClassConditionedHART, batch, top_k: int = 600, top_p: float = 0.96, diff_target: str = "sampled"):
+def drop_condition(key, batch: int, rate: float, rule: str = "official"):
+    """[batch] bool, True where a sample's text condition is zeroed in training (positions are kept).
+
+    rule "official": `randn(B) < rate`, the reference training forward's draw (hart_transformer_t2i.py:606-609), which
+    drops Phi(rate) of the samples (about 54% at rate 0.1; probably a typo for `rand`, and whether the released
+    weights were trained this way is unknown); "uniform": `rand(B) < rate`, the intended `rate` share."""
+    if rule == "official":
+        return jax.random.normal(key, (batch,)) < rate
+    if rule == "uniform":
+        return jax.random.uniform(key, (batch,)) < rate
+    raise ValueError(f"condition-dropout rule must be 'official' or 'uniform', got {rule!r}")
+
+
+def hart_loss(model: ClassConditionedHART, batch, top_k: int = 600, top_p: float = 0.96, diff_target: str = "sampled",
+              cond_drop: str = "official"):
     """batch: idx [B, L] (all scales), teacher [B, L-1, Cvae], resid [B, n_last, Cvae] (residual before the last
     discrete scale), labels [B], codebook [V, Cvae], key. `diff_target`: "sampled" (the reference: residual w.r.t.
-    codes sampled from the model's logits) or "gt" (w.r.t. the ground-truth codes)."""
+    codes sampled from the model's logits) or "gt" (w.r.t. the ground-truth codes). `cond_drop`: the
+    `drop_condition` rule applied with the config's `cond_drop_rate`."""
     if diff_target not in ("sampled", "gt"):
         raise ValueError(f"diff_target must be 'sampled' or 'gt', got {diff_target!r}")
     tr = model.transformer
     cfg = tr.cfg
     k_drop, k_keep, k_samp, k_diff = jax.random.split(batch["key"], 4)
     ctx, pos = model.context(batch["labels"])
-    drop = jax.random.uniform(k_drop, (ctx.shape[0],)) < cfg.cond_drop_rate
+    drop = drop_condition(k_drop, ctx.shape[0], cfg.cond_drop_rate, cond_drop)
     ctx = jnp.where(drop[:, None, None], 0.0, ctx)
     n_last = cfg.patch_nums[-1] ** 2
     keep = sample_keep_mask(k_keep, ctx.shape[0], n_last, cfg.mar_min_keep)
@@ -70,7 +86,7 @@ def hart_loss(model: ClassConditionedHART, batch, top_k: int = 600, top_p: float
                    jnp.tile(z.reshape(-1, cfg.embed_dim), (m, 1)), k_diff, jnp.tile(keep.reshape(-1), m),
                    scale=cfg.vae_scale)
     acc = jnp.sum((jnp.argmax(logits, -1) == batch["idx"]) * w) / jnp.sum(w)
-    return ce + dl, {"ce": ce, "diff": dl, "acc": acc}
+    return ce + dl, {"ce": ce, "diff": dl, "acc": acc, "cond_drop": jnp.mean(drop.astype(jnp.float32))}
 
 
 _TRAIN_SCHED = diff.Schedule.make(1000)
