@@ -1,5 +1,6 @@
 """VCPO losses, ESS scaling, OPOB and the two-sum gradient on a tabular softmax policy (CPU)."""
 
+import functools
 import math
 
 import jax
@@ -413,22 +414,26 @@ def test_advantages_baselines_and_diagnostics_finite_at_extremes():
     groups = jnp.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
     rewards = jnp.array([1.0, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 0.0])  # groups 0 and 2 have zero variance
     np.testing.assert_allclose(np.asarray(vcpo.grpo_advantages(rewards, groups))[[0, 6]], 0.0)
+    baselines = [jax.jit(lambda lw, s2, f=form, w=weighting, n=norm: vcpo.opob_advantages(
+        rewards, vcpo.opob_baseline(rewards, lw, s2, groups, num_groups=3, form=f, weighting=w,
+                                    lengths=jnp.arange(1, 10), normalize_by_length=n), groups, num_groups=3))
+        for form in vcpo.OPOB_FORMS for weighting in vcpo.OPOB_WEIGHTINGS for norm in (False, True)]
+    ess = [jax.jit(functools.partial(vcpo.ess_ratio, space=space, overflow=overflow))
+           for space in vcpo.ESS_SPACES for overflow in vcpo.ESS_OVERFLOW]
     for log_w in (jnp.zeros(9), jnp.full(9, 1e4), jnp.full(9, -1e4), jnp.array([1e4, -1e4, 0.0] * 3),
                   jnp.array([100.0, 45.0, -45.0, -100.0, 0.0, 3.0, -1e30, 1e30, 0.0])):
         for s2 in (jnp.ones(9), jnp.zeros(9), jnp.full(9, 1e-30), jnp.full(9, 1e30)):
-            for form in vcpo.OPOB_FORMS:
-                for weighting in vcpo.OPOB_WEIGHTINGS:
-                    b = vcpo.opob_baseline(rewards, log_w, s2, groups, form=form, weighting=weighting,
-                                           lengths=jnp.arange(1, 10), normalize_by_length=True)
-                    adv = vcpo.opob_advantages(rewards, b, groups)
-                    assert np.isfinite(np.asarray(b)).all() and np.isfinite(np.asarray(adv)).all()
-                    assert (np.asarray(b) >= -1e-6).all() and (np.asarray(b) <= 1 + 1e-6).all()
-        for space in vcpo.ESS_SPACES:
-            for overflow in vcpo.ESS_OVERFLOW:
-                rho = float(vcpo.ess_ratio(log_w, space=space, overflow=overflow))
-                assert np.isfinite(rho) and 0.0 <= rho <= 1.0 + 1e-6
-                assert np.isfinite(float(vcpo.lr_scale(rho)))
+            for adv_fn in baselines:
+                adv = np.asarray(adv_fn(log_w, s2))
+                # b* is a (shrunk) weighted mean of rewards in [0, 1], so |R - b*| <= 1; only group 1 is divided
+                # by its std.
+                assert np.isfinite(adv).all() and np.abs(adv).max() <= 1 / np.std([0.0, 0.5, 1.0]) + 1e-4
+        for ess_fn in ess:
+            rho = float(ess_fn(log_w))
+            assert np.isfinite(rho) and 0.0 <= rho <= 1.0 + 1e-6
+            assert np.isfinite(float(vcpo.lr_scale(rho)))
     assert np.isfinite(np.asarray(vcpo.opo_advantages(rewards, jnp.zeros(9), groups))).all()
+    diagnostics = jax.jit(vcpo.is_diagnostics)
     for case, lp, mu, m, _ in _extreme_batches():
-        d = vcpo.is_diagnostics(jnp.asarray(lp), jnp.asarray(mu), jnp.asarray(m))
+        d = diagnostics(jnp.asarray(lp), jnp.asarray(mu), jnp.asarray(m))
         assert all(np.isfinite(float(v)) for v in d.values()), (case, d)
