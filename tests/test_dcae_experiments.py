@@ -12,7 +12,7 @@ import pytest
 from jaxeff.dcae import DCAE, DCAEConfig, torch_state
 from jaxeff.dcae.training import init_model, make_recon, make_step
 from jaxeff.experiment import ExperimentError, run_experiment
-from jaxeff.io.safetensors import save_checkpoint_dir
+from jaxeff.io.safetensors import save_checkpoint_dir, save_file
 
 
 def test_dcae_pretrained_needs_checkpoint(tmp_path):
@@ -77,12 +77,18 @@ def test_dcae_adaptation_masks_freeze_other_layers():
 
 
 def test_dcae_adaptation_runs_on_a_bn2d_decoder(tmp_path):
+    """All three phases with the default loss (L1 + 0.25 LPIPS-VGG16, random VGG weights here) on the in/mix-style
+    decoder with bn2d stages."""
+    from test_dcae_metrics import random_lpips_vgg_tensors
+
+    save_file(random_lpips_vgg_tensors(np.random.default_rng(0)), tmp_path / "vgg.safetensors")
     overrides = {"base_width": "8", "low_res": "16", "high_res": "32", "steps1": "2", "steps2": "1", "steps3": "1",
                  "batch_low": "4", "batch_high": "2", "disc_width": "8", "test_low": "16,24", "test_high": "32,48",
-                 "loss": "l1"}
-    run = run_experiment("dcae_adaptation", "smoke", overrides, runs_root=tmp_path)
+                 "lpips_weights": str(tmp_path / "vgg.safetensors")}
+    run = run_experiment("dcae_adaptation", "full", overrides, runs_root=tmp_path / "runs")
     text = (run.dir / "results.md").read_text()
-    assert "decoder ResBlock stages batch_norm" in text and "phase 3" in text and "SSIM high" in text
+    assert "loss L1 + 0.25 x LPIPS-VGG16" in text and "decoder ResBlock stages batch_norm" in text
+    assert "phase 3" in text and "SSIM high" in text
     with pytest.raises(ExperimentError, match="needs lpips_weights"):
         run_experiment("dcae_adaptation", "full", {}, runs_root=tmp_path / "none")
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())

@@ -140,9 +140,8 @@ def test_dcae_lpips_matches_torchmetrics(net, tmp_path, monkeypatch):
         np.testing.assert_allclose(full["LPIPS"], ref.mean(), rtol=2e-4)
 
 
-def test_dcae_lpips_weights_file_checks(tmp_path):
-    """Without torch: a random LPIPS-VGG file in the torchvision `features.<i>` layout loads and behaves."""
-    rng = np.random.default_rng(4)
+def random_lpips_vgg_tensors(rng) -> dict[str, np.ndarray]:
+    """A random LPIPS-VGG16 state in the torchvision `features.<i>` layout (for tests that need a loadable file)."""
     tensors, cin = {}, 3
     indices = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
     for k, stage in enumerate(indices):
@@ -153,6 +152,13 @@ def test_dcae_lpips_weights_file_checks(tmp_path):
             tensors[f"features.{i}.bias"] = np.zeros(c, np.float32)
             cin = c
         tensors[f"lin{k}.model.1.weight"] = rng.uniform(0, 1, (1, CHANNELS["vgg"][k], 1, 1)).astype(np.float32)
+    return tensors
+
+
+def test_dcae_lpips_weights_file_checks(tmp_path):
+    """Without torch: a random LPIPS-VGG file in the torchvision `features.<i>` layout loads and behaves."""
+    rng = np.random.default_rng(4)
+    tensors = random_lpips_vgg_tensors(rng)
     save_file(tensors, tmp_path / "vgg.safetensors")
     w = load_lpips_weights(tmp_path / "vgg.safetensors", net="vgg")
     x = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
