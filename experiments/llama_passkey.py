@@ -5,6 +5,11 @@ a 128 -> 256 -> 512 length curriculum, evaluated at 256, 512 and 1024). The trai
 Face format to `export_dir` (default `checkpoints/llama_passkey_<preset>`), where the DuoAttention and LServe
 experiments load it.
 `resume=true` continues the newest interrupted run from its Orbax checkpoint and ends with the same parameters.
+
+Data parallel over `Run.mesh` (every device of every process): `batch_size` is the global batch, each process
+builds only its rows of it, and the result is the single-process one (up to float summation order). Meshes this
+experiment was run on: 1 CPU device; 4 CPU devices in one process; 2 processes x 2 CPU devices on one machine
+(tests/test_multihost.py, with a kill and resume).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.data import PasskeyTask, answer_exact_match, index_batches
+from jaxeff.distributed import process_rows, shard_batch
 from jaxeff.experiment import Run, register
 from jaxeff.io import save_pretrained
 from jaxeff.models.llama import Llama, LlamaConfig
@@ -102,7 +108,8 @@ def evaluate_passkey(model: Llama, context: int, examples: int, *, seed: int = 1
         for start in range(0, examples, batch_size):
             idx = np.arange(start, min(start + batch_size, examples))
             batch = task.batch(seed, idx, depth=depth)
-            preds = np.asarray(_greedy_predictions(graphdef, state, jnp.asarray(batch["tokens"])))
+            # numpy in: replicated like `state` when that is a global array on several processes' devices
+            preds = np.asarray(_greedy_predictions(graphdef, state, batch["tokens"]))
             hits.append(answer_exact_match(preds, batch["tokens"], batch["loss_mask"]))
         results["all" if depth is None else f"{depth:.2f}"] = float(np.concatenate(hits).mean())
     return results
@@ -120,22 +127,22 @@ def run(cfg: Config, run: Run) -> None:
     model = Llama(cfg.model_config(tok.vocab_size), rngs=nnx.Rngs(cfg.seed))
     tx = make_optimizer(OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                                     weight_decay=0.01))
-    graphdef, state = init_train_state(model, tx)
+    graphdef, state = init_train_state(model, tx, mesh=run.mesh)
     step_fn = make_train_step(graphdef, passkey_loss(cfg.lm_loss_weight), tx)
     data = index_batches(lambda idx: _task_for_step(cfg, int(idx[0]) // cfg.batch_size).batch(cfg.seed, idx),
-                         cfg.batch_size, cfg.steps, seed=cfg.seed)
+                         cfg.batch_size, cfg.steps, seed=cfg.seed, rows=process_rows(run.mesh, cfg.batch_size))
     data_iter = iter(data.to_iter_dataset())
     ckpt = Checkpointer(run.checkpoint_dir, interval=cfg.checkpoint_every)
     if run.resumed and ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(state)
         data_iter.set_state(data_state)
-        print(f"resumed {run.dir} at step {int(state.step)}")
+        run.print(f"resumed {run.dir} at step {int(state.step)}")
 
     start = int(state.step)
     t0 = time.time()
     bar = run.progress(range(start, cfg.steps), total=cfg.steps, initial=start, desc="train")
     for step in bar:
-        batch = jax.tree.map(jnp.asarray, next(data_iter))
+        batch = shard_batch(next(data_iter), run.mesh)
         state, metrics = step_fn(state, batch)
         done = step + 1
         if done % 10 == 0 or done == cfg.steps:
@@ -154,9 +161,10 @@ def run(cfg: Config, run: Run) -> None:
 
     model = nnx.merge(graphdef, state.params, state.frozen)
     export = Path(cfg.export_dir or f"checkpoints/llama_passkey_{run.preset}")
-    save_pretrained(model, export)
-    save_pretrained(model, run.dir / "model")
-    (export / "passkey_task.json").write_text(json.dumps({"context": cfg.context, "run": str(run.dir)}))
+    if run.is_main:
+        save_pretrained(model, export)
+        save_pretrained(model, run.dir / "model")
+        (export / "passkey_task.json").write_text(json.dumps({"context": cfg.context, "run": str(run.dir)}))
 
     rows, curves = [], {}
     for context in cfg.eval_contexts:
@@ -170,7 +178,8 @@ def run(cfg: Config, run: Run) -> None:
                      f"{train_seconds:.0f} s on {jax.devices()[0].device_kind}; {cfg.eval_examples} examples "
                      f"per depth. Model exported to `{export}`.")
     run.save_json("eval.json", rows)
-    _plot(run, curves)
+    if run.is_main:
+        _plot(run, curves)
 
 
 def _plot(run: Run, curves: dict[int, list[float]]) -> None:

@@ -1,16 +1,31 @@
-"""Multi-host setup and device meshes.
+"""Multi-host setup, device meshes, global arrays and failure propagation.
 
 JAX is multi-controller: every host runs the same program. `maybe_initialize()` calls
 `jax.distributed.initialize()` only when a cluster environment is detected (Cloud TPU pods set
 `TPU_WORKER_HOSTNAMES` / `MEGASCALE_*`, Slurm sets `SLURM_JOB_ID` with several tasks, Open MPI sets
 `OMPI_COMM_WORLD_SIZE`, or the user sets `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`).
+
+Data parallelism over all processes' devices: `replicate` puts a pytree (parameters, optimiser state) on a mesh as
+global fully replicated `jax.Array`s, `process_rows` says which rows of a global batch this process feeds and
+`shard_batch` assembles the per-process rows into a global batch sharded over the mesh's data axis. A failure
+on one process stops all (`fail_all`), see docs/multihost.md.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
+import time
+import traceback
+
+import numpy as np
 
 _initialized = False
+_FAILED_DIR = "jaxeff_failed/"  # key-value directory in the coordination service where a failing process reports
+_POLL_SECONDS = 0.5
+_watch_stop = threading.Event()
 
 
 def cluster_detected(env: dict[str, str] | None = None) -> bool:
@@ -26,7 +41,10 @@ def cluster_detected(env: dict[str, str] | None = None) -> bool:
 
 
 def maybe_initialize() -> bool:
-    """Initialise the JAX distributed runtime when running multi-process; returns whether it did."""
+    """Initialise the JAX distributed runtime when running multi-process; returns whether it did.
+
+    Also starts a watcher thread that stops this process as soon as another one reports a failure (`fail_all`),
+    so an error on any process ends the job in about a second instead of hanging in a collective."""
     global _initialized
     if _initialized or not cluster_detected():
         return _initialized
@@ -39,9 +57,116 @@ def maybe_initialize() -> bool:
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
     _initialized = True
+    threading.Thread(target=_watch_failures, name="jaxeff-failure-watch", daemon=True).start()
+    atexit.register(_watch_stop.set)  # runs before jax's own shutdown hook (registered earlier), see _watch_failures
     return True
+
+
+def slurm_local_device_ids(env: dict[str, str] | None = None) -> list[int] | None:
+    """All the node's GPUs for a Slurm job with one task per node, else None (JAX's default).
+
+    JAX's Slurm detection gives each process the one GPU numbered `SLURM_LOCALID`, right for one process per GPU
+    but it would leave 7 of 8 GPUs idle with one process per node."""
+    env = dict(os.environ if env is None else env)
+    if "SLURM_JOB_ID" not in env or "SLURM_GPUS_ON_NODE" not in env:
+        return None
+    tasks, nodes = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS")), env.get("SLURM_STEP_NUM_NODES",
+                                                                                      env.get("SLURM_NNODES"))
+    if tasks is None or nodes is None or int(tasks) != int(nodes):
+        return None
+    return list(range(int(env["SLURM_GPUS_ON_NODE"])))
+
+
+def is_initialized() -> bool:
+    """Whether `maybe_initialize` started the distributed runtime (a multi-process run)."""
+    return _initialized
+
+
+def is_main() -> bool:
+    """Process 0: the one that writes run directories, logs and progress bars."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the coordination-service client has no public handle
+
+    return jax_distributed.global_state.client
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skips jax's atexit shutdown barrier, which would wait for the stopped processes
+
+
+def _watch_failures() -> None:
+    import jax
+
+    me, errors = jax.process_index(), 0
+    while not _watch_stop.wait(_POLL_SECONDS):
+        try:
+            reports = _client().key_value_dir_get(_FAILED_DIR)
+            errors = 0
+        except Exception as e:  # the coordinator (process 0) is gone
+            errors += 1
+            if errors < 3 or _watch_stop.is_set():
+                continue
+            print(f"jaxeff: process {me}: lost the coordination service ({type(e).__name__}); process 0 has "
+                  "stopped, see its log", file=sys.stderr)
+            _exit_now(1)
+        others = [(k, v) for k, v in reports if not k.endswith(f"/{me}")]
+        if others and not _watch_stop.is_set():
+            for _, message in others:
+                print(f"jaxeff: process {me} stops because {message}", file=sys.stderr)
+            _exit_now(1)
+
+
+def fail_all(exc: BaseException, code: int = 1) -> None:
+    """Report `exc` to every process, print it, and exit this process now (multi-process runs only).
+
+    The other processes' watchers exit within about a second; process 0 hosts the coordination service, so it
+    waits a few polls before exiting to let them read the message."""
+    import jax
+
+    _watch_stop.set()
+    me = jax.process_index()
+    traceback.print_exception(exc)
+    message = f"process {me} of {jax.process_count()} failed: {type(exc).__name__}: {exc}"
+    print(f"jaxeff: {message}; stopping all processes", file=sys.stderr)
+    try:
+        # a peer that failed first (and so broke this process's collective) has reported its error: name it
+        for key, other in _client().key_value_dir_get(_FAILED_DIR):
+            if not key.endswith(f"/{me}"):
+                print(f"jaxeff: process {me} stops because {other}", file=sys.stderr)
+        _client().key_value_set(f"{_FAILED_DIR}{me}", message)
+    except Exception:  # the service went with process 0; exiting still frees the others (heartbeat timeout)
+        print(f"jaxeff: process {me}: lost the coordination service; process 0 has stopped, see its log",
+              file=sys.stderr)
+    if me == 0:
+        time.sleep(4 * _POLL_SECONDS)
+    _exit_now(code)
+
+
+def broadcast_str(text: str, max_bytes: int = 4096) -> str:
+    """Process 0's `text` on every process (e.g. a run directory named after process 0's clock)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return text
+    raw = text.encode()
+    if len(raw) > max_bytes:
+        raise ValueError(f"broadcast_str: {len(raw)} bytes > max_bytes={max_bytes}")
+    buf = np.zeros(max_bytes + 4, np.uint8)
+    buf[:4] = np.frombuffer(np.uint32(len(raw)).tobytes(), np.uint8)
+    buf[4:4 + len(raw)] = np.frombuffer(raw, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    n = int(np.frombuffer(out[:4].tobytes(), np.uint32)[0])
+    return out[4:4 + n].tobytes().decode()
 
 
 def make_mesh(shape: tuple[int, ...] | None = None, axis_names: tuple[str, ...] = ("data",), devices=None):
@@ -53,3 +178,46 @@ def make_mesh(shape: tuple[int, ...] | None = None, axis_names: tuple[str, ...] 
     if shape is None:
         shape = (len(devices),) + (1,) * (len(axis_names) - 1)
     return jax.make_mesh(shape, axis_names, axis_types=(AxisType.Auto,) * len(axis_names), devices=devices)
+
+
+def replicate(tree, mesh):
+    """`tree` as global `jax.Array`s fully replicated on `mesh` (every process must pass the same values).
+
+    Goes through host memory: meant for parameters and optimiser state built by each process from the same seed."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
+        return jax.device_put(np.asarray(jax.device_get(x)), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def process_rows(mesh, global_batch: int, axis: str = "data") -> tuple[int, int]:
+    """The rows [start, stop) of a global batch, sharded over `axis`, that live on this process's devices."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    size = mesh.shape[axis]
+    if global_batch % size:
+        raise ValueError(f"global batch {global_batch} is not divisible by the {size} devices of mesh axis {axis!r}")
+    slices = NamedSharding(mesh, PartitionSpec(axis)).addressable_devices_indices_map((global_batch,)).values()
+    rows = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in slices})
+    for (_, stop), (start, _) in zip(rows, rows[1:], strict=False):
+        if stop != start:
+            raise ValueError(f"this process's devices hold non-contiguous rows {rows} of the batch; use a mesh "
+                             "whose data axis keeps each process's devices together (jaxeff.distributed.make_mesh)")
+    return rows[0][0], rows[-1][1]
+
+
+def shard_batch(local_batch, mesh, axis: str = "data"):
+    """Global batch arrays sharded over `axis` from this process's rows (`process_rows`) of every leaf."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec(axis))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

@@ -17,6 +17,12 @@ function::
 override against the dataclass *before* creating `runs/<name>/<UTC time>/`, so bad input never leaves a
 half-written directory. A run that raises renames its directory to `<time>.failed` unless it holds checkpoints
 that `resume=true` can continue.
+
+Multi-process (`jax.distributed`, see docs/multihost.md): every process runs the same experiment; process 0 picks
+(or, with `resume=true`, finds) the run directory and broadcasts its name, and only process 0 creates it and writes
+`config.json`, `metrics.jsonl`, `results.md`, plots and progress bars (`Run.is_main`). `Run.mesh` is a
+data-parallel mesh over every process's devices. From the command line, an exception on any process stops all
+processes with a message naming the failing one. `runs_root` must be a filesystem every host sees (checkpoints).
 """
 
 from __future__ import annotations
@@ -228,12 +234,36 @@ class Run:
         self.resumed = resumed
         self._results: list[str] = []
         self._start = time.time()
+        self._mesh = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is the process that writes the run directory (process 0; always true on one process)."""
+        from jaxeff import distributed
+
+        return distributed.is_main()
+
+    @property
+    def mesh(self):
+        """Data-parallel mesh (axis `data`) over all processes' devices (`jaxeff.distributed.make_mesh`)."""
+        if self._mesh is None:
+            from jaxeff import distributed
+
+            self._mesh = distributed.make_mesh()
+        return self._mesh
+
+    def print(self, *args, **kw) -> None:
+        """`print` on process 0 only."""
+        if self.is_main:
+            print(*args, **kw)
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.dir / "checkpoints"
 
     def log(self, step: int, **metrics: Any) -> None:
+        if not self.is_main:
+            return
         record = {"step": int(step), "time": round(time.time() - self._start, 3)}
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         with open(self.dir / "metrics.jsonl", "a") as f:
@@ -246,8 +276,9 @@ class Run:
         if note:
             block += f"\n{note}\n"
         self._results.append(block)
-        self._write_results()
-        print(block)
+        if self.is_main:
+            self._write_results()
+            print(block)
 
     def _write_results(self) -> None:
         header = f"# {self.name} ({self.preset})\n\nRun directory: `{self.dir}`\n\n"
@@ -255,7 +286,8 @@ class Run:
 
     def savefig(self, fig, filename: str) -> Path:
         path = self.dir / filename
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        if self.is_main:
+            fig.savefig(path, dpi=110, bbox_inches="tight")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -263,12 +295,14 @@ class Run:
 
     def save_json(self, filename: str, obj: Any) -> Path:
         path = self.dir / filename
-        path.write_text(json.dumps(_jsonable(obj), indent=2))
+        if self.is_main:
+            path.write_text(json.dumps(_jsonable(obj), indent=2))
         return path
 
     def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None, **kw):
         from tqdm.auto import tqdm
 
+        kw.setdefault("disable", not self.is_main)
         return tqdm(iterable, total=total, desc=desc or self.name, dynamic_ncols=True, **kw)
 
 
@@ -314,30 +348,38 @@ def run_experiment(
     preset = preset or default_preset()
     cfg = make_config(exp, preset, overrides or {})
     root = Path(runs_root) / name
-    directory = _latest_resumable(root) if resume else None
-    resumed = directory is not None
-    if resume and not resumed:
-        print(f"resume=true: no unfinished run with checkpoints under {root}; starting a new run", file=sys.stderr)
-    if resumed:
-        changed = _config_differences(directory, cfg)
-        if changed:
-            print(f"warning: resuming {directory} with a changed config: {'; '.join(changed)}", file=sys.stderr)
-    if directory is None:
-        directory = root / _utc_stamp()
-        suffix = 1
-        while directory.exists():
-            directory = root / f"{_utc_stamp()}-{suffix}"
-            suffix += 1
-        directory.mkdir(parents=True)
+    main_process = distributed.is_main()
+    chosen = ""
+    if main_process:  # process 0 decides; the others learn the directory by broadcast
+        directory = _latest_resumable(root) if resume else None
+        if resume and directory is None:
+            print(f"resume=true: no unfinished run with checkpoints under {root}; starting a new run",
+                  file=sys.stderr)
+        if directory is not None:
+            changed = _config_differences(directory, cfg)
+            if changed:
+                print(f"warning: resuming {directory} with a changed config: {'; '.join(changed)}", file=sys.stderr)
+            chosen = "resume:" + str(directory)
+        else:
+            directory = root / _utc_stamp()
+            suffix = 1
+            while directory.exists():
+                directory = root / f"{_utc_stamp()}-{suffix}"
+                suffix += 1
+            directory.mkdir(parents=True)
+            chosen = "new:" + str(directory)
+    kind, path = distributed.broadcast_str(chosen).split(":", 1)
+    directory, resumed = Path(path), kind == "resume"
     run = Run(name, preset, cfg, directory, resumed=resumed)
     run.save_json("config.json", {"experiment": name, "preset": preset, "config": cfg})
     try:
         exp.fn(cfg, run)
     except BaseException:
-        if not run.checkpoint_dir.exists() and directory.exists():
+        if main_process and not run.checkpoint_dir.exists() and directory.exists():
             shutil.move(str(directory), str(directory.with_name(directory.name + ".failed")))
         raise
-    (directory / COMPLETE_MARKER).touch()
+    if main_process:
+        (directory / COMPLETE_MARKER).touch()
     return run
 
 
@@ -369,6 +411,10 @@ def parse_argv(argv: Sequence[str]) -> tuple[str, str | None, bool, dict[str, st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. Multi-process, an exception on any process stops every process (`distributed.fail_all`)
+    rather than leaving the others waiting in a collective."""
+    from jaxeff import distributed
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         name, preset, resume, overrides, runs_root = parse_argv(argv)
@@ -376,5 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"results: {run.dir}")
+    except BaseException as e:
+        if distributed.is_initialized():
+            distributed.fail_all(e, 130 if isinstance(e, KeyboardInterrupt) else 1)
+        raise
+    run.print(f"results: {run.dir}")
     return 0

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxeff import distributed
-from jaxeff.data import CharTokenizer, DigitTask, PasskeyTask, answer_exact_match, english_corpus, index_batches
+from jaxeff.data import CharTokenizer, DigitTask, PasskeyTask, answer_exact_match, english_corpus
 from jaxeff.models.llama import Llama, LlamaConfig, SamplingConfig, sample_token
 from jaxeff.nn import ContiguousKVCache, attention, xla_attention
 from jaxeff.train import OptimConfig, init_train_state, make_optimizer, make_train_step, merge, next_token_loss
@@ -103,14 +103,6 @@ def test_digit_task_answers_are_correct():
     np.testing.assert_array_equal(answers @ np.array([1000, 100, 10, 1]), a + b)
     prompts, answers = DigitTask("reverse", 4).sample(np.random.default_rng(1), 8)
     np.testing.assert_array_equal(answers, prompts[:, 1:5][:, ::-1])
-
-
-def test_pipeline_shards_by_process():
-    make = lambda idx: {"idx": idx}
-    shards = [list(index_batches(make, 2, 10, process_index=p, process_count=3)) for p in range(3)]
-    seen = sorted(int(b["idx"][0]) for shard in shards for b in shard)
-    assert seen == list(range(0, 20, 2))
-    assert len(shards[0]) == 4 and len(shards[1]) == 3
 
 
 def test_train_step_learns_and_respects_frozen_and_post_update():

@@ -18,21 +18,21 @@ def index_batches(
     *,
     seed: int = 0,
     shuffle: bool = False,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> grain.MapDataset:
-    """A grain MapDataset of `num_batches` batches; batch i is `make_batch(example indices of batch i)`.
+    """A grain MapDataset of `num_batches` global batches of `batch_size` examples; element i is this process's
+    share of global batch i: `make_batch(example indices i * batch_size + [start, stop))` for `rows=(start, stop)`
+    (default: the whole batch; under data parallelism `jaxeff.distributed.process_rows(mesh, batch_size)`).
 
-    Each process reads the batches i with i % process_count == process_index (grain slicing), so a data-parallel
-    job sees disjoint data; the iterator state (`get_state`/`set_state`) is checkpointable."""
+    Every process walks the same global batches in the same order and reads only its own rows, so the global
+    batch that `jaxeff.distributed.shard_batch` assembles is the single-process one whatever the process count,
+    and the iterator state (`get_state`/`set_state`, the global step) is the same on every process."""
     import grain
 
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
+    start, stop = (0, batch_size) if rows is None else rows
+    if not 0 <= start < stop <= batch_size:
+        raise ValueError(f"rows {rows} do not lie in a batch of {batch_size}")
     ds = grain.MapDataset.range(num_batches)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds[process_index::process_count]
-    return ds.map(lambda i: make_batch(np.arange(i * batch_size, (i + 1) * batch_size)))
+    return ds.map(lambda i: make_batch(np.arange(i * batch_size + start, i * batch_size + stop)))

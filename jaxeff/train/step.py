@@ -56,13 +56,20 @@ class TrainState:
     frozen: Any  # everything else (nnx.State): frozen weights, buffers
 
 
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, trainable=nnx.Param):
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, trainable=nnx.Param, *, mesh=None):
     """Split `model` into (graphdef, TrainState); `trainable` is an NNX filter choosing what the optimizer updates.
 
-    The train step donates the state's buffers, which `model` shares: after the first step use
-    `merge(graphdef, state)`, not `model`."""
+    With `mesh` (e.g. `Run.mesh`), the whole state becomes global `jax.Array`s replicated over the mesh's devices
+    on every process (data parallelism: feed batches from `jaxeff.distributed.shard_batch`); every process must
+    build `model` from the same seed. The train step donates the state's buffers, which `model` shares: after the
+    first step use `merge(graphdef, state)`, not `model`."""
     graphdef, params, frozen = nnx.split(model, trainable, ...)
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen)
+    if mesh is not None:
+        from jaxeff.distributed import replicate
+
+        state = replicate(state, mesh)
+    return graphdef, state
 
 
 def merge(graphdef, state: TrainState) -> nnx.Module:

@@ -1,0 +1,182 @@
+"""Multi-process runs on 127.0.0.1: two JAX processes with 2 CPU devices each, launched as subprocesses.
+
+llama_passkey trained data-parallel on 2 processes x 2 devices, killed (simulated preemption) and resumed, ends
+with the parameters and loss of the same run on one process with 4 devices (same global batch); one run
+directory, written by process 0 only. A failure on one process stops the other instead of hanging.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxeff.data import index_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"context": "128", "batch_size": "4", "hidden_size": "32", "intermediate_size": "64", "num_layers": "1",
+        "num_heads": "2", "num_kv_heads": "1", "steps": "6", "eval_every": "100", "eval_examples": "4",
+        "eval_contexts": "128", "checkpoint_every": "2", "curriculum": "", "lr": "1e-2", "warmup_steps": "2"}
+TIMEOUT = 240  # per launch; a hang fails the test instead of blocking CI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmd: list[str], logs: Path, *, processes: int, devices: int, kill=None) -> list[tuple[int, str]]:
+    """Run `cmd` as `processes` JAX processes with `devices` CPU devices each; returns [(returncode, output)].
+
+    `kill(procs)` (optional) runs while they are up."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONUNBUFFERED="1")
+    port = _free_port()
+    procs, files = [], []
+    for p in range(processes):
+        if processes > 1:
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                       JAX_PROCESS_ID=str(p))
+        f = open(logs.with_name(f"{logs.name}.{p}.log"), "w+")
+        files.append(f)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=dict(env), stdout=f, stderr=subprocess.STDOUT))
+    try:
+        if kill is not None:
+            kill(procs)
+        deadline = time.time() + TIMEOUT
+        for proc in procs:
+            proc.wait(timeout=max(deadline - time.time(), 1))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out = []
+    for proc, f in zip(procs, files, strict=True):
+        f.seek(0)
+        out.append((proc.returncode, f.read()))
+        f.close()
+    return out
+
+
+def _passkey(tmp: Path, runs: str, extra: dict, **kw):
+    args = [f"{k}={v}" for k, v in (TINY | extra).items()]  # resume=true passes through as an argument too
+    cmd = [sys.executable, "-m", "jaxeff.run", "name=llama_passkey", "preset=smoke", f"runs_root={tmp / runs}",
+           f"export_dir={tmp / runs / 'export'}", *args]
+    return _launch(cmd, tmp / runs, **kw)
+
+
+def _run_dirs(tmp: Path, runs: str) -> list[Path]:
+    return sorted(p for p in (tmp / runs / "llama_passkey").iterdir() if p.is_dir())
+
+
+def _params(run_dir: Path) -> dict[str, np.ndarray]:
+    from jaxeff.io.safetensors import load_file
+
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"metrics written more than once: {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
+    (rc, log), = _passkey(tmp_path, "single", {}, processes=1, devices=4)
+    assert rc == 0, log[-3000:]
+    cut = _passkey(tmp_path, "multi", {"interrupt_at_step": "3"}, processes=2, devices=2)
+    for p, (rc, log) in enumerate(cut):
+        assert rc != 0 and "interrupt_at_step=3" in log, (p, log[-3000:])
+    resumed = _passkey(tmp_path, "multi", {"resume": "true"}, processes=2, devices=2)
+    for p, (rc, log) in enumerate(resumed):
+        assert rc == 0, (p, log[-3000:])
+    assert "results:" in resumed[0][1] and "results:" not in resumed[1][1]  # reports from process 0 only
+    assert "train:" not in resumed[1][1]  # no progress bar on process 1
+
+    (single,), multi = _run_dirs(tmp_path, "single"), _run_dirs(tmp_path, "multi")
+    assert len(multi) == 1, multi  # one directory for both processes and both launches
+    multi = multi[0]
+    assert (multi / ".complete").exists() and (multi / "checkpoints").is_dir()
+    a, b = _params(single), _params(multi)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    la, lb = _losses(single), _losses(multi)
+    assert max(lb) == 6 and lb.keys() == la.keys()
+    np.testing.assert_allclose(lb[6], la[6], rtol=1e-5)
+
+
+FAILING = textwrap.dedent("""
+    import os, signal, sys, time
+    from jaxeff import distributed
+    distributed.maybe_initialize()
+    import jax
+    from jax.experimental import multihost_utils
+    mode = sys.argv[1]
+    try:
+        multihost_utils.sync_global_devices("started")
+        if jax.process_index() == (1 if mode == "raise" else 0):
+            if mode == "raise":
+                raise RuntimeError("boom on purpose")
+            os.kill(os.getpid(), signal.SIGKILL)
+        for i in range(600):  # the survivor waits in collectives for a peer that never comes
+            multihost_utils.sync_global_devices(f"step{i}")
+            time.sleep(0.1)
+    except BaseException as e:
+        distributed.fail_all(e)
+""")
+
+
+@pytest.mark.parametrize("mode, survivor, messages", [
+    # process 0 learns it from the coordination service, by its watcher or after gloo saw the peer go
+    ("raise", 0, ["process 0 stops because process 1 of 2 failed: RuntimeError: boom on purpose"]),
+    # the coordination service dies with process 0: jaxeff's message or JAX's own abort, whichever comes first
+    ("sigkill", 1, ["process 0 has stopped", "JAX distributed service detected fatal errors"]),
+])
+def test_failure_on_one_process_stops_the_other(tmp_path, mode, survivor, messages):
+    t0 = time.time()
+    out = _launch([sys.executable, "-c", FAILING, mode], tmp_path / "fail", processes=2, devices=1)
+    assert time.time() - t0 < 60  # not the 100 s heartbeat timeout plus the 300 s shutdown barrier
+    rc, log = out[survivor]
+    assert rc != 0 and any(m in log for m in messages), log[-3000:]
+
+
+def test_pipeline_rows_make_the_global_batch():
+    make = lambda idx: {"idx": idx}
+    whole = list(index_batches(make, 6, 4))
+    halves = [list(index_batches(make, 6, 4, rows=r)) for r in ((0, 3), (3, 6))]
+    for i, batch in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([h[i]["idx"] for h in halves]), batch["idx"])
+        np.testing.assert_array_equal(batch["idx"], np.arange(6 * i, 6 * i + 6))
+    with pytest.raises(ValueError, match="rows"):
+        index_batches(make, 6, 4, rows=(4, 8))
+
+
+def test_cluster_detection_and_slurm_devices():
+    from jaxeff.distributed import cluster_detected, slurm_local_device_ids
+
+    assert not cluster_detected({})
+    assert cluster_detected({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"}
+    assert cluster_detected(slurm) and not cluster_detected(slurm | {"SLURM_NTASKS": "1"})
+    assert slurm_local_device_ids(slurm) is None  # one process per GPU: JAX's own choice (GPU SLURM_LOCALID)
+    assert slurm_local_device_ids(slurm | {"SLURM_NTASKS": "2"}) == list(range(8))  # one process per node
+    assert slurm_local_device_ids({"SLURM_NTASKS": "2", "SLURM_NNODES": "2"}) is None
+
+
+def test_process_rows_single_process():
+    import jax
+
+    from jaxeff.distributed import make_mesh, process_rows
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    assert process_rows(mesh, 8) == (0, 8)
