@@ -132,7 +132,7 @@ def test_training_step_learns_and_decays_like_the_official_recipe():
         assert len(sizes) == k and sum(sizes) == 16 and sizes[0] == (1 if k > 1 else 16)
     assert training_schedules(256)[5] == schedules.group_sizes(256, 20)
 
-    model = LPD(dataclasses.replace(CFG, proj_dropout=0.1), rngs=nnx.Rngs(0))
+    model = LPD(dataclasses.replace(CFG, depth=1, proj_dropout=0.1), rngs=nnx.Rngs(0))
     model.train()
     ocfg = LPDOptimConfig(blr=3e-3 * 256 / 8, batch_size=8, warmup_steps=1, total_steps=8, cosine_steps=2)
     tx = make_optimizer(ocfg)
