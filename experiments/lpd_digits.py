@@ -39,7 +39,7 @@ class Config:
     heads: int = 4
     steps: int = 3000
     batch: int = 64
-    blr: float = 1e-3  # the toy needs a larger base lr than ImageNet's 1e-4
+    blr: float = 4e-3  # lr = blr * batch / 256 = 1e-3 at batch 64; the toy needs more than ImageNet's blr 1e-4
     warmup: int = 100
     train_steps_choices: tuple[int, ...] = (64, 32, 16, 12, 8)
     eval_steps: tuple[int, ...] = (64, 32, 16, 12, 8, 4)

@@ -184,3 +184,21 @@ def test_dot_product_backend_matches_the_reference(model):
                                             implementation=impl), static_argnums=2)
     np.testing.assert_allclose(forward(model, orders, "dot_product"), forward(model, orders, "xla"),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_uses_the_official_names(model):
+    from jaxeff.lpd.vq import VQConfig, VQModel
+    from jaxeff.lpd.weights import load_into, state_dict
+
+    sd = state_dict(model)
+    assert sd["blocks.1.attn.qkv.weight"].shape == (3 * CFG.dim, CFG.dim)  # torch [out, in]
+    assert sd["head.weight"].shape == (CFG.vocab_size, CFG.dim) and "head.bias" not in sd
+    back = load_into(nnx.eval_shape(lambda: LPD(CFG, rngs=nnx.Rngs(1))), sd)
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    vq = VQModel(VQConfig(codebook_size=16, ch=32, ch_mult=(1, 2), z_channels=32), rngs=nnx.Rngs(0))
+    vsd = state_dict(vq)
+    assert vsd["encoder.conv_blocks.1.res.0.nin_shortcut.weight"].shape == (64, 32, 1, 1)
+    assert "decoder.conv_blocks.0.upsample.conv.weight" in vsd  # block 0 is the lowest resolution
+    assert "decoder.conv_blocks.1.upsample.conv.weight" not in vsd
+    assert "encoder.conv_blocks.1.attn.1.proj_out.bias" in vsd and "decoder.mid.1.q.weight" in vsd
