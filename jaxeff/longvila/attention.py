@@ -46,33 +46,38 @@ def kv_repeat_factor(num_heads: int, num_kv_heads: int, ulysses: int) -> int:
     return ulysses // math.gcd(num_kv_heads, ulysses)
 
 
-def _as_batch_positions(positions, batch: int, seq: int) -> jax.Array:
+def _as_batch_positions(positions, batch: int, seq: int, name: str = "positions") -> jax.Array:
     if positions is None:
         positions = jnp.arange(seq, dtype=jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
-    if positions.ndim == 1:
+    if positions.shape == (seq,):
         positions = jnp.broadcast_to(positions[None], (batch, seq))
     if positions.shape != (batch, seq):
-        raise ValueError(f"positions must be [S] or [B, S] = {(batch, seq)}, got {positions.shape}")
+        raise ValueError(f"{name} must be [S] or [B, S] = {(batch, seq)}, got {positions.shape}")
     return positions
 
 
-def _visible(q_pos, kv_pos, causal: bool):
-    """[B, Lq, Lk] mask; negative K/V positions are empty slots (the `jaxeff.nn.attention` convention)."""
+def _visible(q_meta, kv_meta, causal: bool):
+    """[B, Lq, Lk] mask from token metadata (positions,) or (positions, segment ids), each [B, L]. Negative K/V
+    positions are empty slots (the `jaxeff.nn.attention` convention); with segment ids, only equal ids meet."""
+    q_pos, kv_pos = q_meta[0], kv_meta[0]
     visible = kv_pos[:, None, :] >= 0
     if causal:
         visible &= kv_pos[:, None, :] <= q_pos[:, :, None]
+    if len(q_meta) > 1:
+        visible &= q_meta[1][:, :, None] == kv_meta[1][:, None, :]
     return visible
 
 
-def _fold_block(state, q, k, v, q_pos, kv_pos, causal: bool, scale: float):
+def _fold_block(state, q, k, v, q_meta, kv_meta, causal: bool, scale: float):
     """Fold one K/V block into the online-softmax state of one query block.
 
-    q [B, Lq, Hkv, G, D]; k, v [B, Lk, Hkv, D]; state = (o [B, Lq, Hkv, G, D], m, l [B, Hkv, G, Lq]) in f32.
+    q [B, Lq, Hkv, G, D]; k, v [B, Lk, Hkv, D]; q_meta / kv_meta: tuples of [B, L] int (positions[, segment ids]);
+    state = (o [B, Lq, Hkv, G, D], m, l [B, Hkv, G, Lq]) in f32.
     """
     o, m, denom = state
     s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
-    visible = _visible(q_pos, kv_pos, causal)[:, None, None]  # [B, 1, 1, Lq, Lk]
+    visible = _visible(q_meta, kv_meta, causal)[:, None, None]  # [B, 1, 1, Lq, Lk]
     s = jnp.where(visible, s, _NEG)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
@@ -89,18 +94,24 @@ def _fold_block(state, q, k, v, q_pos, kv_pos, causal: bool, scale: float):
 _fold_block_remat = jax.checkpoint(_fold_block, static_argnums=(6, 7))
 
 
-def _fold_blocks_skipping(states, q_subs, k, v, q_pos_subs, kv_pos, causal, scale, num_sub):
+def _split_meta(meta, num_sub):
+    """(positions[, segment ids]) [B, L] each -> num_sub tuples of [B, L / num_sub] pieces."""
+    return list(zip(*(jnp.split(x, num_sub, axis=1) for x in meta)))
+
+
+def _fold_blocks_skipping(states, q_subs, k, v, q_meta_subs, kv_meta, causal, scale, num_sub):
     """Fold K/V into each query sub-block, skipping (sub-block, sub-block) pairs that are entirely masked."""
     k_subs = jnp.split(k, num_sub, axis=1)
     v_subs = jnp.split(v, num_sub, axis=1)
-    kp_subs = jnp.split(kv_pos, num_sub, axis=1)
+    kp_subs = _split_meta(kv_meta, num_sub)
     new_states = []
-    for state, qs, qp in zip(states, q_subs, q_pos_subs):
+    for state, qs, qp in zip(states, q_subs, q_meta_subs):
         for ks, vs, kp in zip(k_subs, v_subs, kp_subs):
             if causal:
-                # Conservative test (min over the block): a sub-block is skipped only if no key can be visible.
+                # Conservative test (positions only, min over the block): a sub-block is skipped only if no key
+                # can be visible.
                 state = lax.cond(
-                    jnp.max(qp) >= jnp.min(kp),
+                    jnp.max(qp[0]) >= jnp.min(kp[0]),
                     lambda st, qs=qs, ks=ks, vs=vs, qp=qp, kp=kp: _fold_block_remat(st, qs, ks, vs, qp, kp, True,
                                                                                     scale),
                     lambda st: st,
@@ -113,10 +124,13 @@ def _fold_blocks_skipping(states, q_subs, k, v, q_pos_subs, kv_pos, causal, scal
 
 
 def ring_attention_local(q, k, v, q_pos, kv_pos, *, ring_axis: str | None, ring_size: int, causal: bool = True,
-                         scale: float | None = None, num_sub_blocks: int = 2):
+                         scale: float | None = None, num_sub_blocks: int = 2, q_segment_ids=None,
+                         kv_segment_ids=None):
     """Ring attention on per-device blocks (call inside `shard_map`).
 
-    q [B, L, H, D]; k, v [B, L, Hkv, D] (H a multiple of Hkv); q_pos, kv_pos [B, L] global positions.
+    q [B, L, H, D]; k, v [B, L, Hkv, D] (H a multiple of Hkv); q_pos, kv_pos [B, L] global positions;
+    optional q_segment_ids / kv_segment_ids [B, L] int (packed sequences: a query sees only keys of its segment;
+    give both or neither).
     K/V visit every ring rank once (`ring_size - 1` ppermute hops). Returns [B, L, H, D] in q.dtype; a query that
     sees no key (e.g. at an empty slot, position < 0) gets zeros, and K/V at empty slots are zeroed before use.
     """
@@ -125,10 +139,14 @@ def ring_attention_local(q, k, v, q_pos, kv_pos, *, ring_axis: str | None, ring_
     g = h // hkv
     scale = d**-0.5 if scale is None else scale
     num_sub = num_sub_blocks if lq % num_sub_blocks == 0 else 1
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
     k, v = zero_empty_slots(k, kv_pos), zero_empty_slots(v, kv_pos)
+    q_meta = (q_pos,) if q_segment_ids is None else (q_pos, q_segment_ids)
+    kv_meta = (kv_pos,) if kv_segment_ids is None else (kv_pos, kv_segment_ids)
     qg = q.reshape(b, lq, hkv, g, d)
     q_subs = jnp.split(qg, num_sub, axis=1)
-    q_pos_subs = jnp.split(q_pos, num_sub, axis=1)
+    q_meta_subs = _split_meta(q_meta, num_sub)
     # Initial state built from q so it carries q's varying-manual-axes type (scan carries must keep their type).
     zeros_o = jnp.zeros_like(q_subs[0], dtype=jnp.float32)
     zeros_ml = jnp.moveaxis(zeros_o[..., 0], 1, -1)
@@ -139,24 +157,25 @@ def ring_attention_local(q, k, v, q_pos, kv_pos, *, ring_axis: str | None, ring_
         perm = [(i, (i + 1) % ring_size) for i in range(ring_size)]
 
         def step(carry, _):
-            states, k, v, kv_pos = carry
-            states = fold(states, q_subs, k, v, q_pos_subs, kv_pos)
-            k, v, kv_pos = (lax.ppermute(x, ring_axis, perm) for x in (k, v, kv_pos))
-            return (states, k, v, kv_pos), None
+            states, k, v, kv_meta = carry
+            states = fold(states, q_subs, k, v, q_meta_subs, kv_meta)
+            k, v, kv_meta = jax.tree.map(lambda x: lax.ppermute(x, ring_axis, perm), (k, v, kv_meta))
+            return (states, k, v, kv_meta), None
 
-        (states, k, v, kv_pos), _ = lax.scan(step, (states, k, v, kv_pos), None, length=ring_size - 1)
-    states = fold(states, q_subs, k, v, q_pos_subs, kv_pos)
+        (states, k, v, kv_meta), _ = lax.scan(step, (states, k, v, kv_meta), None, length=ring_size - 1)
+    states = fold(states, q_subs, k, v, q_meta_subs, kv_meta)
     # A fully masked row has o = 0 and den = 0: divide by 1 there (0/0 would be NaN and spread to later layers).
     outs = [o / jnp.moveaxis(jnp.where(den > 0, den, 1.0), -1, 1)[..., None] for o, _, den in states]
     return jnp.concatenate(outs, axis=1).reshape(b, lq, h, d).astype(q.dtype)
 
 
 def sp_attention_local(q, k, v, q_pos, kv_pos, *, ring_axis: str, ulysses_axis: str, ring_size: int,
-                       ulysses_size: int, causal: bool = True, scale: float | None = None, num_sub_blocks: int = 2):
+                       ulysses_size: int, causal: bool = True, scale: float | None = None, num_sub_blocks: int = 2,
+                       q_segment_ids=None, kv_segment_ids=None):
     """2D (Ulysses x ring) attention on per-device sequence shards; call inside `shard_map`.
 
     q [B, L, H, D], k/v [B, L, Hkv, D], q_pos/kv_pos [B, L] global positions of the local tokens (the K/V positions
-    are normally the same array as the query positions).
+    are normally the same array as the query positions); optional segment ids [B, L] as in `ring_attention_local`.
     """
     h, hkv = q.shape[2], k.shape[2]
     rep = kv_repeat_factor(h, hkv, ulysses_size)
@@ -168,22 +187,26 @@ def sp_attention_local(q, k, v, q_pos, kv_pos, *, ring_axis: str, ulysses_axis: 
             return lax.all_to_all(x, ulysses_axis, split_axis=2, concat_axis=1, tiled=True)
 
         q, k, v = gather_seq(q), gather_seq(k), gather_seq(v)
-        q_pos = lax.all_gather(q_pos, ulysses_axis, axis=1, tiled=True)
-        kv_pos = lax.all_gather(kv_pos, ulysses_axis, axis=1, tiled=True)
+        gather = lambda x: None if x is None else lax.all_gather(x, ulysses_axis, axis=1, tiled=True)
+        q_pos, kv_pos, q_segment_ids, kv_segment_ids = map(gather, (q_pos, kv_pos, q_segment_ids, kv_segment_ids))
     out = ring_attention_local(q, k, v, q_pos, kv_pos, ring_axis=ring_axis, ring_size=ring_size, causal=causal,
-                               scale=scale, num_sub_blocks=num_sub_blocks)
+                               scale=scale, num_sub_blocks=num_sub_blocks, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids)
     if ulysses_size > 1:
         out = lax.all_to_all(out, ulysses_axis, split_axis=1, concat_axis=2, tiled=True)
     return out
 
 
 def sequence_parallel_attention(q, k, v, *, mesh: Mesh, ring_axis: str, ulysses_axis: str, causal: bool = True,
-                                positions=None, scale: float | None = None, num_sub_blocks: int = 2):
+                                positions=None, segment_ids=None, scale: float | None = None,
+                                num_sub_blocks: int = 2):
     """Exact attention on global [B, S, H, D] arrays whose S axis is sharded over (ring_axis, ulysses_axis).
 
     `positions` ([S] or [B, S], default arange(S)) are the global positions of the tokens in the given order
     (negative = empty slot, never attended to); causal masking uses them, so a zigzag-permuted sequence
     (`layout.zigzag_permutation`) with its positions gives the same result as the unpermuted sequence, permuted.
+    `segment_ids` ([S] or [B, S] int, optional): packed sequences; a token attends only to tokens with the same id
+    (positions normally restart at 0 in each segment).
     k/v may have fewer heads (GQA). S must be divisible by the number of devices in the two axes; H by the
     Ulysses degree.
     """
@@ -202,7 +225,12 @@ def sequence_parallel_attention(q, k, v, *, mesh: Mesh, ring_axis: str, ulysses_
     seq = P(None, (ring_axis, ulysses_axis))
     fn = functools.partial(sp_attention_local, ring_axis=ring_axis, ulysses_axis=ulysses_axis, ring_size=ring_size,
                            ulysses_size=ulysses_size, causal=causal, scale=scale, num_sub_blocks=num_sub_blocks)
-    mapped = jax.shard_map(lambda q, k, v, p: fn(q, k, v, p, p), mesh=mesh, in_specs=(seq, seq, seq, seq),
-                           out_specs=seq)
-    return mapped(q, k, v, pos)
+    meta = (pos,) if segment_ids is None else (pos, _as_batch_positions(segment_ids, b, s, "segment_ids"))
+
+    def local(q, k, v, p, *seg):
+        seg = seg[0] if seg else None
+        return fn(q, k, v, p, p, q_segment_ids=seg, kv_segment_ids=seg)
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * (3 + len(meta)), out_specs=seq)
+    return mapped(q, k, v, *meta)
 

@@ -1,4 +1,4 @@
-"""Fully masked rows in sequence-parallel attention (issue 21, fault 3) on 8 CPU devices.
+"""Fully masked rows (issue 21, fault 3) and packed segments in sequence-parallel attention on 8 CPU devices.
 
 Positions -1 are empty slots: their rows must come back as finite zeros, and their (possibly garbage) K/V must
 never reach real rows, on every (ring, Ulysses) factorisation and through a 2-layer decoder.
@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxeff.distributed import make_mesh
-from jaxeff.longvila import sequence_parallel_attention, sp_attention_local
+from jaxeff.longvila import sequence_parallel_attention, sp_attention_local, zigzag_permutation
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.nn import attention
 
@@ -73,3 +73,37 @@ def test_decoder_with_sp_attention_and_empty_slots_has_finite_logits():
     # The real rows equal the model run on the real tokens alone.
     alone = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, implementation="xla"))(state, tokens[:, :13])
     np.testing.assert_allclose(logits[:, :13], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("ring,uly", [(4, 2), (2, 4)])
+def test_sp_attention_packed_segments(ring, uly):
+    # Three packed sequences (11, 13, 8 tokens), positions restarting at 0, zigzag order, with gradients: each
+    # equals its sequence attended alone.
+    lengths = [11, 13, 8]
+    seg = np.repeat(np.arange(3), lengths).astype(np.int32)
+    pos = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
+    perm = zigzag_permutation(32, ring, uly)
+    ks = jax.random.split(jax.random.key(3), 4)
+    q, w = (jax.random.normal(key, (1, 32, 8, 8)) for key in ks[:2])
+    k, v = (jax.random.normal(key, (1, 32, 2, 8)) for key in ks[2:])
+    mesh = make_mesh((ring, uly), ("ring", "ulysses"))
+
+    def sp_loss(q, k, v):
+        out = sequence_parallel_attention(q[:, perm], k[:, perm], v[:, perm], mesh=mesh, ring_axis="ring",
+                                          ulysses_axis="ulysses", positions=pos[perm], segment_ids=seg[perm])
+        return jnp.sum(out * w[:, perm]), out
+
+    def ref_loss(q, k, v):
+        bounds = np.cumsum([0] + lengths)
+        out = jnp.concatenate([attention(q[:, a:b], k[:, a:b], v[:, a:b], implementation="xla")
+                               for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
+        return jnp.sum(out * w), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(sp_loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, ref), ref_grads = jax.value_and_grad(ref_loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(out, ref[:, perm], atol=2e-6)
+    for g, gr in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, gr, atol=2e-5)
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        sequence_parallel_attention(q, k, v, mesh=mesh, ring_axis="ring", ulysses_axis="ulysses",
+                                    segment_ids=seg[:8])
