@@ -170,14 +170,21 @@ def broadcast_str(text: str, max_bytes: int = 4096) -> str:
 
 
 def make_mesh(shape: tuple[int, ...] | None = None, axis_names: tuple[str, ...] = ("data",), devices=None):
-    """A mesh over all (global) devices with Auto axes; data parallel over every device by default."""
+    """A mesh over all (global) devices with Auto axes; data parallel over every device by default.
+
+    The default (`shape=None`) orders devices by process, so each process's devices hold one contiguous block of
+    rows of a batch sharded over the first axis (`process_rows`); an explicit shape uses `jax.make_mesh`'s
+    topology-aware order."""
     import jax
-    from jax.sharding import AxisType
+    from jax.sharding import AxisType, Mesh
 
     devices = list(jax.devices() if devices is None else devices)
+    axis_types = (AxisType.Auto,) * len(axis_names)
     if shape is None:
         shape = (len(devices),) + (1,) * (len(axis_names) - 1)
-    return jax.make_mesh(shape, axis_names, axis_types=(AxisType.Auto,) * len(axis_names), devices=devices)
+        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        return Mesh(np.array(ordered, dtype=object).reshape(shape), axis_names, axis_types=axis_types)
+    return jax.make_mesh(shape, axis_names, axis_types=axis_types, devices=devices)
 
 
 def replicate(tree, mesh):
