@@ -146,6 +146,7 @@ def test_training_step_learns_and_decays_like_the_official_recipe():
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] - 0.5, losses
+    assert step._cache_size() == 1  # both schedules (16 and 4 steps) ran in one compiled program
 
     # weight decay: every parameter with ndim >= 2 (pos_embed, mask_token, fake_latent, kernels), no bias / norm
     params = {"pos_embed": jnp.ones((1, 3, 4)), "fake_latent": jnp.ones((1, 4)), "bias": jnp.ones(4)}
@@ -187,8 +188,10 @@ def test_dot_product_backend_matches_the_reference(model):
 
 
 def test_state_dict_round_trip_uses_the_official_names(model):
+    from flax import traverse_util
+
     from jaxeff.lpd.vq import VQConfig, VQModel
-    from jaxeff.lpd.weights import load_into, state_dict
+    from jaxeff.lpd.weights import load_into, official_key, state_dict
 
     sd = state_dict(model)
     assert sd["blocks.1.attn.qkv.weight"].shape == (3 * CFG.dim, CFG.dim)  # torch [out, in]
@@ -196,9 +199,12 @@ def test_state_dict_round_trip_uses_the_official_names(model):
     back = load_into(nnx.eval_shape(lambda: LPD(CFG, rngs=nnx.Rngs(1))), sd)
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param))):
         np.testing.assert_array_equal(a, b)
-    vq = VQModel(VQConfig(codebook_size=16, ch=32, ch_mult=(1, 2), z_channels=32), rngs=nnx.Rngs(0))
-    vsd = state_dict(vq)
-    assert vsd["encoder.conv_blocks.1.res.0.nin_shortcut.weight"].shape == (64, 32, 1, 1)
-    assert "decoder.conv_blocks.0.upsample.conv.weight" in vsd  # block 0 is the lowest resolution
-    assert "decoder.conv_blocks.1.upsample.conv.weight" not in vsd
-    assert "encoder.conv_blocks.1.attn.1.proj_out.bias" in vsd and "decoder.mid.1.q.weight" in vsd
+    vq = nnx.eval_shape(lambda: VQModel(VQConfig(codebook_size=16, ch=32, ch_mult=(1, 2), z_channels=32),
+                                        rngs=nnx.Rngs(0)))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(vq, nnx.Param)))
+    names = {official_key(p): v.shape for p, v in flat.items()}
+    assert names["encoder.conv_blocks.1.res.0.nin_shortcut.weight"] == (1, 1, 32, 64)  # ours: [kh, kw, in, out]
+    assert "decoder.conv_blocks.0.upsample.conv.weight" in names  # block 0 is the lowest resolution
+    assert "decoder.conv_blocks.1.upsample.conv.weight" not in names
+    assert "encoder.conv_blocks.1.attn.1.proj_out.bias" in names and "decoder.mid.1.q.weight" in names
+    assert "quantize.embedding.weight" in names and "post_quant_conv.weight" in names
