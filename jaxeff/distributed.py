@@ -152,7 +152,8 @@ def fail_all(exc: BaseException, code: int = 1) -> None:
 
 
 def broadcast_str(text: str, max_bytes: int = 4096) -> str:
-    """Process 0's `text` on every process (e.g. a run directory named after process 0's clock)."""
+    """Process 0's `text` on every process (e.g. a run directory named after process 0's clock); a collective:
+    every process calls it with the same `max_bytes`."""
     import jax
     from jax.experimental import multihost_utils
 

@@ -92,3 +92,16 @@ def test_registry_lists_every_experiment_file_and_imports_cleanly():
     for exp in registry.values():  # every preset's values fit its config class
         for values in exp.presets.values():
             exp.config_cls(**values)
+
+
+def test_only_process_0_writes(tmp_path, monkeypatch):
+    from jaxeff import distributed
+
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    run = experiment.Run("x", "smoke", {}, tmp_path / "run")
+    run.log(1, loss=0.5)
+    run.results([{"a": 1}])
+    run.save_json("config.json", {"a": 1})
+    run.print("not printed")
+    assert not (tmp_path / "run").exists()
+    assert run.progress(range(3)).disable

@@ -124,7 +124,12 @@ FAILING = textwrap.dedent("""
     mode = sys.argv[1]
     try:
         multihost_utils.sync_global_devices("started")
-        if jax.process_index() == (1 if mode == "raise" else 0):
+        if mode == "datastate":  # a checkpoint keeps one data state: differing ones are refused
+            from jaxeff.distributed import make_mesh, replicate
+            from jaxeff.train import Checkpointer
+            state = replicate({"w": jax.numpy.ones(4)}, make_mesh())
+            Checkpointer(sys.argv[2]).save(1, state, {"next_index": jax.process_index()}, force=True)
+        elif jax.process_index() == (1 if mode == "raise" else 0):
             if mode == "raise":
                 raise RuntimeError("boom on purpose")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -141,10 +146,12 @@ FAILING = textwrap.dedent("""
     ("raise", 0, ["process 0 stops because process 1 of 2 failed: RuntimeError: boom on purpose"]),
     # the coordination service dies with process 0: jaxeff's message or JAX's own abort, whichever comes first
     ("sigkill", 1, ["process 0 has stopped", "JAX distributed service detected fatal errors"]),
+    ("datastate", 0, ["process 0 stops because process 1 of 2 failed: ValueError: process 1's data state"]),
 ])
 def test_failure_on_one_process_stops_the_other(tmp_path, mode, survivor, messages):
     t0 = time.time()
-    out = _launch([sys.executable, "-c", FAILING, mode], tmp_path / "fail", processes=2, devices=1)
+    out = _launch([sys.executable, "-c", FAILING, mode, str(tmp_path / "ckpt")], tmp_path / "fail", processes=2,
+                  devices=1)
     assert time.time() - t0 < 60  # not the 100 s heartbeat timeout plus the 300 s shutdown barrier
     rc, log = out[survivor]
     assert rc != 0 and any(m in log for m in messages), log[-3000:]

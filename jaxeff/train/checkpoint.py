@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,12 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves `TrainState` + a JSON-able data state every `interval` steps; restores the latest."""
+    """Saves `TrainState` + a JSON-able data state every `interval` steps; restores the latest.
+
+    Multi-process: every process calls `save` / `restore` with the same global `jax.Array`s (Orbax writes each
+    array once, coordinated over `jax.distributed`) into one `directory` on a filesystem all hosts see. The data
+    state is written once, from process 0, so it must be the same on every process (it is for
+    `jaxeff.data.index_batches`, whose state is the global step); `save` checks that and raises otherwise."""
 
     def __init__(self, directory: str | Path, *, interval: int = 100, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
@@ -21,7 +27,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
+        data_state = data_state or {}
+        if jax.process_count() > 1 and (force or self.manager.should_save(step)):
+            _check_same_on_every_process(data_state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
         return self.manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -39,3 +48,13 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _check_same_on_every_process(data_state: dict) -> None:
+    from jaxeff.distributed import broadcast_str
+
+    mine = json.dumps(data_state, sort_keys=True)
+    main = broadcast_str(mine, max_bytes=1 << 16)  # the same buffer size on every process
+    if main != mine:
+        raise ValueError(f"process {jax.process_index()}'s data state {mine} differs from process 0's {main}: a "
+                         "checkpoint keeps one data state, so resuming would feed this process other batches")
