@@ -16,7 +16,7 @@ from jaxeff.models.llama import LlamaConfig
 from jaxeff.models.vit import ViT
 from jaxeff.nvila import features as F
 from jaxeff.nvila import model as M
-from jaxeff.nvila.projector import Projector, projector_state_dict
+from jaxeff.nvila.projector import make_projector, projector_state_dict
 
 
 def _siglip_torch(image_size, hidden=32, layers=3, seed=0):
@@ -93,7 +93,7 @@ def write_tiny_nvila(root, lite: bool, video_pool: int = 1):
     _siglip_torch(56, hidden=16, layers=2).save_pretrained(root / "vision_tower")
     kind = "mlp_downsample_3x3_fix" if lite else "mlp_downsample"
     mm_hidden = 16 if lite else 48
-    proj = Projector(kind, mm_hidden, 32, rngs=nnx.Rngs(2))
+    proj = make_projector(kind, mm_hidden, 32, grid=4, rngs=nnx.Rngs(2))
     (root / "mm_projector").mkdir()
     save_file(projector_state_dict(proj), root / "mm_projector" / "model.safetensors")
     (root / "mm_projector" / "config.json").write_text(json.dumps({"mm_projector_type": kind,
@@ -150,6 +150,45 @@ def test_tiny_nvila_media_tokens_and_errors(tiny_nvila):
         m.build_prompt("<image> but no image")
     with pytest.raises(ValueError, match="images or a video"):
         m.build_prompt("x", [_image(64, 64)], video=np.zeros((2, 64, 64, 3), np.uint8))
+
+
+def test_tiny_nvila_stop_ids_keep_every_config_eos(tiny_nvila):
+    import dataclasses
+    from types import SimpleNamespace
+
+    m = tiny_nvila
+    im_end = m.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    llm = dataclasses.replace(m.config.llm, eos_token_id=(5, 7, 10**6))  # a list in config.json; 10**6 > vocab
+    view = SimpleNamespace(tokenizer=m.tokenizer, config=dataclasses.replace(m.config, llm=llm))
+    assert M.NVILA.stop_ids(view) == (im_end, 5, 7)
+
+
+def test_shared_generate_from_embeddings_equals_token_prompts():
+    """The path NVILA decodes with: `llama.generate(inputs_embeds=...)` gives the token path's output for the same
+    prompts (rows of different lengths via prompt_lens, several stop ids)."""
+    from jaxeff.models.llama import Llama, SamplingConfig, generate
+
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, model_type="qwen2", attention_bias=True,
+                      initializer_range=0.3)
+    llm = Llama(cfg, rngs=nnx.Rngs(3))
+    prompts = [[3, 9, 4, 1, 7, 2, 8], [5, 6, 30]]
+    for sampling in (SamplingConfig(), SamplingConfig(temperature=0.8, top_k=5)):
+        ref = generate(llm, prompts, 9, eos_id=(11, 12), sampling=sampling, seed=4)
+        padded = np.zeros((2, 7), np.int32)
+        padded[1, :3] = prompts[1]
+        padded[0] = prompts[0]
+        embeds = llm.embed_tokens(jnp.asarray(padded))
+        out = generate(llm, None, 9, inputs_embeds=embeds, prompt_lens=[7, 3], eos_id=(11, 12), sampling=sampling,
+                       seed=4)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_array_equal(out.num_generated, ref.num_generated)
+    with pytest.raises(ValueError, match="exactly one of prompts"):
+        generate(llm, prompts, 2, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="prompt_lens must give"):
+        generate(llm, None, 2, inputs_embeds=embeds, prompt_lens=[8, 3])
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[B, S >= 1, 32\]"):
+        generate(llm, None, 2, inputs_embeds=embeds[..., :16])
 
 
 def test_tiny_nvila_video_temporal_pooling(tiny_nvila):

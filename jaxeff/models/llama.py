@@ -13,7 +13,8 @@ Attention is pluggable at two points, which is how the system packages reuse thi
 `LlamaConfig.from_hf` honours every field of the three transformers configs that changes the forward pass (per-layer
 sliding windows, biases, head_dim, rope types default / linear / llama3 / yarn, tied embeddings, eps) and refuses by
 name what it cannot compute (dynamic / longrope rope, partial rotary, other activations); `to_hf` writes them back.
-Training-only fields (attention_dropout) are not used. Generation stops at any of several stop ids.
+Training-only fields (attention_dropout) are not used. `generate` takes token ids or input embeddings (a VLM's
+prompt) and stops at any of several stop ids.
 """
 
 from __future__ import annotations
@@ -391,12 +392,14 @@ class GenerateOutput:
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "pad_id", "implementation"))
-def _generate_jit(graphdef, state, tokens, prompt_lens, cache, rng, stop_ids, *, max_new_tokens, sampling, pad_id,
-                  implementation):
+def _generate_jit(graphdef, state, tokens, inputs_embeds, prompt_lens, cache, rng, stop_ids, *, max_new_tokens,
+                  sampling, pad_id, implementation):
+    """Prefill `tokens` [B, S] or `inputs_embeds` [B, S, D] (the other None; rows right-padded, real lengths
+    `prompt_lens`), then a `lax.scan` decode loop."""
     model = nnx.merge(graphdef, state)
-    b, s = tokens.shape
+    b, s = (tokens if inputs_embeds is None else inputs_embeds).shape[:2]
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    logits, cache = model(tokens, positions, cache=cache, implementation=implementation)
+    logits, cache = model(tokens, positions, cache=cache, inputs_embeds=inputs_embeds, implementation=implementation)
     last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
     rng, sub = jax.random.split(rng)
     first = sample_token(last, sub, sampling)
@@ -426,11 +429,25 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
     return tokens, lengths
 
 
+def _pad_embeds(inputs_embeds, prompt_lens, hidden: int, multiple: int) -> tuple[jnp.ndarray, np.ndarray]:
+    """inputs_embeds [B, S, hidden] (+ real lengths [B], default S) -> (zero right-padded to a multiple, lengths)."""
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden or not inputs_embeds.shape[1]:
+        raise ValueError(f"inputs_embeds must be [B, S >= 1, {hidden}], got {inputs_embeds.shape}")
+    b, s = inputs_embeds.shape[:2]
+    lengths = np.full(b, s, np.int32) if prompt_lens is None else np.asarray(prompt_lens, np.int32).reshape(-1)
+    if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > s:
+        raise ValueError(f"prompt_lens must give a length in [1, {s}] for each of the {b} rows, got {prompt_lens}")
+    padded = -(-s // multiple) * multiple
+    return jnp.pad(jnp.asarray(inputs_embeds), ((0, 0), (0, padded - s), (0, 0))), lengths
+
+
 def generate(
     model: Llama,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | None,
     max_new_tokens: int,
     *,
+    inputs_embeds: jnp.ndarray | None = None,
+    prompt_lens: Sequence[int] | None = None,
     sampling: SamplingConfig = SamplingConfig(),
     eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
@@ -440,16 +457,26 @@ def generate(
     """Generate for a batch of prompts of different lengths: one prefill, then a compiled `lax.scan` decode loop
     over a contiguous KV cache (prefill and decode are a single jitted program).
 
+    The prompt is either `prompts` (lists of token ids) or, with `prompts=None`, `inputs_embeds` [B, S, hidden]
+    (e.g. a VLM's text and visual embeddings; rows right-padded, real lengths `prompt_lens`, default S).
     eos_id: None (never stop), one stop id or several (e.g. `model.config.eos_token_id` of a Llama-3 Instruct
     config); a row stops after the first of them it generates and is `pad_id` after it."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    if (prompts is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of prompts (token ids) or inputs_embeds")
+    if prompt_lens is not None and inputs_embeds is None:
+        raise ValueError("prompt_lens goes with inputs_embeds (token prompts carry their own lengths)")
     stops = stop_id_tuple(eos_id)
-    tokens, lengths = pad_prompts(prompts, pad_id, multiple=16)
-    max_len = tokens.shape[1] + max_new_tokens
-    cache = model.init_cache(tokens.shape[0], max_len)
+    if prompts is not None:
+        tokens, lengths = pad_prompts(prompts, pad_id, multiple=16)
+        tokens, shape = jnp.asarray(tokens), tokens.shape
+    else:
+        inputs_embeds, lengths = _pad_embeds(inputs_embeds, prompt_lens, model.config.hidden_size, multiple=16)
+        tokens, shape = None, inputs_embeds.shape[:2]
+    cache = model.init_cache(shape[0], shape[1] + max_new_tokens)
     graphdef, state = nnx.split(model)
-    out = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache, jax.random.key(seed),
+    out = _generate_jit(graphdef, state, tokens, inputs_embeds, jnp.asarray(lengths), cache, jax.random.key(seed),
                         jnp.asarray(stops, jnp.int32), max_new_tokens=max_new_tokens, sampling=sampling,
                         pad_id=pad_id, implementation=implementation)
     out = np.asarray(out)

@@ -156,16 +156,30 @@ def space_to_channel(x, grid: int, merge: int):
 
 
 class DownsampleProjector(nnx.Module):
-    """merge x merge space-to-channel -> LayerNorm -> Linear -> GELU -> Linear (VILA's `mlp_downsample` for 2x2)."""
+    """VILA's space-to-channel projectors (NVlabs/VILA `llava/model/multimodal_projector/base_projector.py:145-174`
+    at b760c34): merge x merge space-to-channel -> LayerNorm -> Linear -> GELU [-> LayerNorm -> Linear -> GELU]
+    -> Linear. Without `mid_dim` (the bracket left out) it is `mlp_downsample` (2x2); with merge 3 and
+    `mid_dim` = 3 x vision_dim it is `mlp_downsample_3x3_fix` (NVILA-Lite). torch's defaults there: LayerNorm eps
+    1e-5, exact (erf) GELU.
+
+    x [N, grid*grid, vision_dim] -> [N, ceil(grid/merge)^2, llm_dim]. Module names `norm`, `fc1`, [`mid_norm`,
+    `mid_fc`], `fc2` in call order; `jaxeff.nvila.projector` maps them to the official `layers.N` keys.
+    """
 
     def __init__(self, vision_dim: int, llm_dim: int, grid: int, merge: int = 2, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02):
+                 mid_dim: int | None = None, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
+                 epsilon: float = 1e-5):
         self.grid, self.merge = grid, merge
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         init = nnx.initializers.normal(init_std)
         cin = merge * merge * vision_dim
-        self.norm = nnx.LayerNorm(cin, **kw)
-        self.fc1 = nnx.Linear(cin, llm_dim, kernel_init=init, **kw)
+        self.norm = nnx.LayerNorm(cin, epsilon=epsilon, **kw)
+        self.fc1 = nnx.Linear(cin, mid_dim or llm_dim, kernel_init=init, **kw)
+        if mid_dim:
+            self.mid_norm = nnx.LayerNorm(mid_dim, epsilon=epsilon, **kw)
+            self.mid_fc = nnx.Linear(mid_dim, llm_dim, kernel_init=init, **kw)
+        else:
+            self.mid_norm = self.mid_fc = None
         self.fc2 = nnx.Linear(llm_dim, llm_dim, kernel_init=init, **kw)
 
     @property
@@ -174,7 +188,10 @@ class DownsampleProjector(nnx.Module):
 
     def __call__(self, x):
         x = space_to_channel(x, self.grid, self.merge)
-        return self.fc2(jax.nn.gelu(self.fc1(self.norm(x)), approximate=False))
+        x = jax.nn.gelu(self.fc1(self.norm(x)), approximate=False)
+        if self.mid_fc is not None:
+            x = jax.nn.gelu(self.mid_fc(self.mid_norm(x)), approximate=False)
+        return self.fc2(x)
 
 
 def temporal_pool(x, frame_mask, pool: int):

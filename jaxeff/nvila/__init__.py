@@ -2,6 +2,7 @@
 SigLIP ViT and Qwen2 decoder. `jaxeff.nvila.from_pretrained(dir)` loads the released layout."""
 
 from jaxeff.nvila.model import NVILA, NVILAConfig, NVILAModel, from_pretrained
-from jaxeff.nvila.projector import PROJECTOR_TYPES, Projector, load_projector
+from jaxeff.nvila.projector import PROJECTOR_TYPES, load_projector, make_projector
 
-__all__ = ["NVILA", "NVILAConfig", "NVILAModel", "from_pretrained", "Projector", "PROJECTOR_TYPES", "load_projector"]
+__all__ = ["NVILA", "NVILAConfig", "NVILAModel", "from_pretrained", "make_projector", "PROJECTOR_TYPES",
+           "load_projector"]

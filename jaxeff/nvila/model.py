@@ -27,16 +27,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from jaxeff.io import load_checkpoint_dir
 from jaxeff.io.hf import load_config as load_llm_config
 from jaxeff.io.hf import load_state_dict_into
-from jaxeff.models.llama import Llama, LlamaConfig, SamplingConfig, sample_token
+from jaxeff.models.llama import Llama, LlamaConfig, SamplingConfig, stop_id_tuple
+from jaxeff.models.llama import generate as llm_generate
 from jaxeff.models.vit import ViT, ViTConfig, temporal_pool
 from jaxeff.nvila import features as F
 from jaxeff.nvila import tiling
-from jaxeff.nvila.projector import Projector, load_projector_state
+from jaxeff.nvila.projector import load_projector_state, make_projector
+from jaxeff.nvila.weights import load_mapped
 
 IMAGE_TOKEN, VIDEO_TOKEN, SENTINEL_TOKEN = "<image>", "<vila/video>", "<vila/sentinel>"
 MEDIA_TOKENS = (SENTINEL_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN)  # the order VILA adds them (ids 151648, 151649, 151650)
@@ -118,7 +120,8 @@ class NVILAModel(nnx.Module):
         self.config = cfg
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.vision_tower = ViT(cfg.vision, **kw)
-        self.mm_projector = Projector(cfg.projector_type, cfg.mm_hidden_size, cfg.llm.hidden_size, **kw)
+        self.mm_projector = make_projector(cfg.projector_type, cfg.mm_hidden_size, cfg.llm.hidden_size,
+                                           cfg.vision.grid_size, **kw)
         self.llm = Llama(cfg.llm, **kw)
 
 
@@ -140,29 +143,6 @@ def encode_tiles(model: NVILAModel, pixels, block_size: tuple[int, int] | None =
     graphdef, state = nnx.split(model)
     repeat = model.config.channel_repeat if block_size is None else 1
     return _encode_jit(graphdef, state, jnp.asarray(pixels), block_size=block_size, repeat=repeat)
-
-
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "stop_ids"))
-def _generate_jit(graphdef, state, embeds, length, cache, rng, *, max_new_tokens, sampling, stop_ids):
-    """Prefill `embeds` [1, S, D] (real length `length`, right-padded), then a `lax.scan` decode loop."""
-    llm = nnx.merge(graphdef, state)
-    s = embeds.shape[1]
-    positions = jnp.arange(s, dtype=jnp.int32)[None]
-    logits, cache = llm(None, positions, cache=cache, inputs_embeds=embeds)
-    stop = jnp.asarray(stop_ids, jnp.int32)
-    rng, sub = jax.random.split(rng)
-    first = sample_token(logits[:, length - 1], sub, sampling)
-
-    def step(carry, _):
-        cache, token, pos, done, rng = carry
-        logits, cache = llm(token[:, None], pos[:, None], cache=cache)
-        rng, sub = jax.random.split(rng)
-        nxt = jnp.where(done, stop[0], sample_token(logits[:, 0], sub, sampling))
-        return (cache, nxt, pos + 1, done | jnp.isin(nxt, stop), rng), nxt
-
-    init = (cache, first, jnp.full((1,), length, jnp.int32), jnp.isin(first, stop), rng)
-    _, rest = jax.lax.scan(step, init, None, length=max_new_tokens - 1)
-    return jnp.concatenate([first[:, None], rest.T], axis=1)[0]
 
 
 @dataclasses.dataclass
@@ -268,29 +248,23 @@ class NVILA:
 
     # ---- generation
     def stop_ids(self) -> tuple[int, ...]:
-        ids = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id,
-               self.config.llm.eos_token_id]
+        """`<|im_end|>`, the tokenizer's eos and every id of the LLM config's `eos_token_id` (one id or a list)
+        that lies inside the vocabulary."""
+        ids = (self.tokenizer.convert_tokens_to_ids("<|im_end|>"), *stop_id_tuple(self.tokenizer.eos_token_id),
+               *stop_id_tuple(self.config.llm.eos_token_id))
         vocab = self.config.llm.vocab_size
         return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and 0 <= i < vocab))
 
     def generate_ids(self, prompt: Prompt, max_new_tokens: int = 64, sampling: SamplingConfig = GREEDY,
                      seed: int = 0) -> np.ndarray:
-        """Token ids generated after `prompt` (stops at `<|im_end|>` / eos, which is included)."""
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+        """Token ids generated after `prompt` (stops at `<|im_end|>` / eos, which is included): the shared
+        decoder's `generate` from the prompt embeddings."""
         stop = self.stop_ids()
         if not stop:
             raise ValueError("the tokenizer has no <|im_end|> or eos token inside the vocabulary")
-        length = prompt.embeds.shape[1]
-        padded = -(-length // 64) * 64
-        embeds = jnp.pad(prompt.embeds, ((0, 0), (0, padded - length), (0, 0)))
-        llm = self.model.llm
-        cache = llm.init_cache(1, padded + max_new_tokens)
-        graphdef, state = nnx.split(llm)
-        out = np.asarray(_generate_jit(graphdef, state, embeds, length, cache, jax.random.key(seed),
-                                       max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop))
-        hit = np.isin(out, stop)
-        return out[: int(hit.argmax()) + 1] if hit.any() else out
+        out = llm_generate(self.model.llm, None, max_new_tokens, inputs_embeds=prompt.embeds, sampling=sampling,
+                       eos_id=stop, seed=seed)
+        return out.tokens[0, : out.num_generated[0]]
 
     def generate(self, images=(), prompt: str = "", *, video=None, max_new_tokens: int = 64,
                  sampling: SamplingConfig = GREEDY, seed: int = 0) -> str:
@@ -318,12 +292,12 @@ def siglip_config(d: dict) -> ViTConfig:
                      layer_norm_eps=d.get("layer_norm_eps", 1e-6))
 
 
-def _siglip_key(path: tuple) -> tuple[str, str | None]:
-    """Our ViT parameter path -> (HF SiglipVisionModel key without `vision_model.`, transform)."""
+def _siglip_key(path: tuple):
+    """Our ViT parameter path -> (HF SiglipVisionModel key without `vision_model.`, checkpoint -> our layout)."""
     *mods, leaf = (str(p) for p in path)
     transform = None
     if leaf == "kernel":
-        transform = "conv" if mods[-1] == "patch_embedding" else "linear"
+        transform = (lambda w: w.transpose(2, 3, 1, 0)) if mods[-1] == "patch_embedding" else np.transpose
     name = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
     return ".".join(mods + [name]), transform
 
@@ -332,27 +306,7 @@ def load_siglip_state(vit: ViT, tensors: dict[str, np.ndarray], source: str = "v
     """Fill `vit` in place from a HF `SiglipVisionModel` state dict (keys with or without the `vision_model.`
     prefix; the pooling head, unused by NVILA, is ignored); raises naming missing, unexpected or mis-shaped keys."""
     tensors = {k.removeprefix("vision_model."): v for k, v in tensors.items()}
-    state = nnx.state(vit, nnx.Param)
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    new, problems, used = {}, [], set()
-    for path, current in flat.items():
-        key, transform = _siglip_key(path)
-        if key not in tensors:
-            problems.append(f"missing {key}")
-            continue
-        arr = np.asarray(tensors[key])
-        arr = arr.transpose(2, 3, 1, 0) if transform == "conv" else arr.T if transform == "linear" else arr
-        if arr.shape != tuple(current.shape):
-            problems.append(f"{key}: checkpoint {arr.shape} vs model {tuple(current.shape)}")
-            continue
-        new[path] = jnp.asarray(arr, current.dtype)
-        used.add(key)
-    problems += [f"unexpected {k}" for k in sorted(set(tensors) - used) if not k.startswith("head.")]
-    if problems:
-        raise ValueError(f"{source} does not fit the SigLIP tower: " + "; ".join(problems))
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new))
-    nnx.update(vit, state)
-    return vit
+    return load_mapped(vit, tensors, _siglip_key, source=source, what="the SigLIP tower", ignore=("head.",))
 
 
 def _read_json(path: Path) -> dict:

@@ -1,115 +1,85 @@
-"""NVILA's vision->language projectors (NVlabs/VILA `llava/model/multimodal_projector/base_projector.py:145-174`
-at b760c34), with the official `layers.N` parameter names: index N is the position in the official
-`nn.Sequential`, so `layers.1.weight` is our `layers["1"].scale`, and parameter-free steps (space-to-channel,
-GELU) leave gaps in the numbering.
+"""NVILA's vision->language projectors with the official checkpoint keys (NVlabs/VILA
+`llava/model/multimodal_projector/base_projector.py:145-174` at b760c34). The computation is the shared
+`jaxeff.models.vit.DownsampleProjector`; here are the official types and the `layers.N` names (N = position in the
+official `nn.Sequential`; parameter-free steps, space-to-channel and GELU, leave gaps in the numbering).
 
-- `mlp_downsample` (= `mlp_downsample_2x2_fix`): 2x2 space-to-channel -> LayerNorm -> Linear -> GELU -> Linear.
-- `mlp_downsample_3x3_fix`: zero-pad to a multiple of 3, 3x3 space-to-channel -> LayerNorm -> Linear(-> 3*C)
-  -> GELU -> LayerNorm -> Linear -> GELU -> Linear (32x32 -> 11x11 = 121 tokens per tile).
-LayerNorms use torch's default eps 1e-5; GELU is the exact erf form.
+- `mlp_downsample` (= `mlp_downsample_2x2_fix`): 2x2 space-to-channel -> LayerNorm (`layers.1`) -> Linear
+  (`layers.2`) -> GELU -> Linear (`layers.4`).
+- `mlp_downsample_3x3_fix`: zero-pad to a multiple of 3, 3x3 space-to-channel -> LayerNorm (`layers.1`) -> Linear
+  to 3*C (`layers.2`) -> GELU -> LayerNorm (`layers.4`) -> Linear (`layers.5`) -> GELU -> Linear (`layers.7`);
+  32x32 -> 11x11 = 121 tokens per tile.
 """
 
 from __future__ import annotations
 
-import jax
+import json
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxeff.models.vit import space_to_channel
-from jaxeff.nvila.features import tile_grid
+from jaxeff.models.vit import DownsampleProjector
+from jaxeff.nvila.weights import load_mapped
 
-# type -> (space-to-channel factor, [(index, kind)]); `mm` is mm_hidden_size, `d` the LLM width.
-_SPECS = {
-    "mlp_downsample": (2, [(1, "ln", "4mm"), (2, "linear", "4mm", "d"), (3, "gelu"), (4, "linear", "d", "d")]),
-    "mlp_downsample_3x3_fix": (3, [(1, "ln", "9mm"), (2, "linear", "9mm", "3mm"), (3, "gelu"), (4, "ln", "3mm"),
-                                   (5, "linear", "3mm", "d"), (6, "gelu"), (7, "linear", "d", "d")]),
-}
-_SPECS["mlp_downsample_2x2_fix"] = _SPECS["mlp_downsample"]
-PROJECTOR_TYPES = tuple(_SPECS)
+# type -> (space-to-channel factor, middle width as a multiple of mm_hidden_size (None = no middle block))
+_TYPES = {"mlp_downsample": (2, None), "mlp_downsample_2x2_fix": (2, None), "mlp_downsample_3x3_fix": (3, 3)}
+PROJECTOR_TYPES = tuple(_TYPES)
+_SIGLIP_GRID = 32  # a 448 tile in 14-pixel patches
 
 
-class Projector(nnx.Module):
-    """`projector(x [N, g*g, mm_hidden])` -> [N, ceil(g/k)^2, llm_hidden] (k = 2 or 3)."""
-
-    def __init__(self, kind: str, mm_hidden_size: int, llm_hidden_size: int, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
-        if kind not in _SPECS:
-            raise ValueError(f"mm_projector_type {kind!r} not supported; supported: {PROJECTOR_TYPES}")
-        self.kind = kind
-        self.merge, spec = _SPECS[kind]
-        widths = {"4mm": 4 * mm_hidden_size, "9mm": 9 * mm_hidden_size, "3mm": 3 * mm_hidden_size,
-                  "d": llm_hidden_size}
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        layers = {}
-        for index, op, *dims in spec:
-            if op == "ln":
-                layers[str(index)] = nnx.LayerNorm(widths[dims[0]], epsilon=1e-5, **kw)
-            elif op == "linear":
-                layers[str(index)] = nnx.Linear(widths[dims[0]], widths[dims[1]], **kw)
-        self.layers = nnx.Dict(layers)
-        self.order = tuple((str(i), op) for i, op, *_ in spec)
-
-    def tokens_out(self, tokens_in: int) -> int:
-        return (-(-tile_grid(tokens_in) // self.merge)) ** 2
-
-    def __call__(self, x):
-        x = space_to_channel(x, tile_grid(x.shape[1]), self.merge)
-        for name, op in self.order:
-            x = jax.nn.gelu(x, approximate=False) if op == "gelu" else self.layers[name](x)
-        return x
+def make_projector(kind: str, mm_hidden_size: int, llm_hidden_size: int, grid: int = _SIGLIP_GRID, *,
+                   rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32) -> DownsampleProjector:
+    """The projector of an official `mm_projector_type` for [N, grid*grid, mm_hidden_size] tower features."""
+    if kind not in _TYPES:
+        raise ValueError(f"mm_projector_type {kind!r} not supported; supported: {PROJECTOR_TYPES}")
+    merge, mid = _TYPES[kind]
+    return DownsampleProjector(mm_hidden_size, llm_hidden_size, grid, merge, mid_dim=mid and mid * mm_hidden_size,
+                               rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
-def _torch_key(path: tuple) -> tuple[str, bool]:
-    """('layers', '2', 'kernel') -> ('layers.2.weight', transposed)."""
-    *mods, leaf = (str(p) for p in path)
-    name = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
-    return ".".join(mods + [name]), leaf == "kernel"
+def _official_index(projector: DownsampleProjector) -> dict[str, str]:
+    if projector.mid_fc is None:
+        return {"norm": "1", "fc1": "2", "fc2": "4"}
+    return {"norm": "1", "fc1": "2", "mid_norm": "4", "mid_fc": "5", "fc2": "7"}
 
 
-def load_projector_state(projector: Projector, tensors: dict[str, np.ndarray], source: str = "mm_projector"):
+def _torch_key(index: dict[str, str], path: tuple) -> tuple[str, bool]:
+    """(index, ('fc1', 'kernel')) -> ('layers.2.weight', transposed)."""
+    module, leaf = (str(p) for p in path)
+    return f"layers.{index[module]}.{'bias' if leaf == 'bias' else 'weight'}", leaf == "kernel"
+
+
+def load_projector_state(projector: DownsampleProjector, tensors: dict[str, np.ndarray],
+                         source: str = "mm_projector") -> DownsampleProjector:
     """Fill `projector` in place from an official `mm_projector/model.safetensors` state dict; raises naming any
     missing, unexpected or mis-shaped key."""
-    state = nnx.state(projector, nnx.Param)
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    new, problems, used = {}, [], set()
-    for path, current in flat.items():
-        key, transpose = _torch_key(path)
-        if key not in tensors:
-            problems.append(f"missing {key}")
-            continue
-        arr = np.asarray(tensors[key])
-        arr = arr.T if transpose else arr
-        if arr.shape != tuple(current.shape):
-            problems.append(f"{key}: checkpoint {arr.shape} vs model {tuple(current.shape)}")
-            continue
-        new[path] = jnp.asarray(arr, current.dtype)
-        used.add(key)
-    problems += [f"unexpected {k}" for k in sorted(set(tensors) - used)]
-    if problems:
-        raise ValueError(f"{source} does not fit a {projector.kind} projector: " + "; ".join(problems))
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new))
-    nnx.update(projector, state)
-    return projector
+    index = _official_index(projector)
+
+    def key_of(path):
+        key, transpose = _torch_key(index, path)
+        return key, (np.transpose if transpose else None)
+
+    what = f"a {projector.merge}x{projector.merge} projector" + (" with a middle block" if len(index) > 3 else "")
+    return load_mapped(projector, tensors, key_of, source=source, what=what)
 
 
-def projector_state_dict(projector: Projector) -> dict[str, np.ndarray]:
+def projector_state_dict(projector: DownsampleProjector) -> dict[str, np.ndarray]:
     """The official (torch-named, [out, in] weights) state dict of `projector`."""
+    index = _official_index(projector)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(projector, nnx.Param)))
     out = {}
     for path, value in flat.items():
-        key, transpose = _torch_key(path)
+        key, transpose = _torch_key(index, path)
         arr = np.asarray(value)
         out[key] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
 
 
-def load_projector(directory, dtype=jnp.float32) -> Projector:
-    """An official `mm_projector/` folder (config.json + model.safetensors) -> `Projector`; the widths are read
-    from the checkpoint (`layers.1` is the LayerNorm over k*k*mm_hidden channels, the last Linear gives D)."""
-    import json
-    from pathlib import Path
-
+def load_projector(directory, grid: int = _SIGLIP_GRID, dtype=jnp.float32) -> DownsampleProjector:
+    """An official `mm_projector/` folder (config.json + model.safetensors) -> its projector for grid x grid
+    tiles; the widths are read from the checkpoint (`layers.1` is the LayerNorm over
+    k*k*mm_hidden channels, the last Linear gives D)."""
     from jaxeff.io import load_checkpoint_dir
 
     directory = Path(directory)
@@ -117,13 +87,15 @@ def load_projector(directory, dtype=jnp.float32) -> Projector:
     if not cfg_path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (expected an mm_projector folder)")
     kind = json.loads(cfg_path.read_text()).get("mm_projector_type")
-    if kind not in _SPECS:
+    if kind not in _TYPES:
         raise ValueError(f"{cfg_path}: mm_projector_type {kind!r} not supported; supported: {PROJECTOR_TYPES}")
     tensors = load_checkpoint_dir(directory)
-    merge, spec = _SPECS[kind]
-    last = max(i for i, op, *_ in spec if op == "linear")
+    merge, mid = _TYPES[kind]
+    last = "layers.7.weight" if mid else "layers.4.weight"
+    if "layers.1.weight" not in tensors or last not in tensors:
+        raise ValueError(f"{directory}: no layers.1.weight / {last} for a {kind} projector; keys: {sorted(tensors)}")
     mm_hidden = tensors["layers.1.weight"].shape[0] // (merge * merge)
-    llm_hidden = tensors[f"layers.{last}.weight"].shape[0]
-    projector = nnx.eval_shape(lambda: Projector(kind, mm_hidden, llm_hidden, rngs=nnx.Rngs(0), dtype=dtype,
-                                                 param_dtype=dtype))
+    llm_hidden = tensors[last].shape[0]
+    projector = nnx.eval_shape(lambda: make_projector(kind, mm_hidden, llm_hidden, grid, rngs=nnx.Rngs(0),
+                                                      dtype=dtype, param_dtype=dtype))
     return load_projector_state(projector, tensors, source=str(directory))
