@@ -127,11 +127,17 @@ def vq(golden):
     return load_vq(golden / "vq_tiny.safetensors", VQConfig(codebook_size=64, ch=32, ch_mult=(1, 1), z_channels=32))
 
 
+@pytest.fixture(scope="module")
+def vq_decode():
+    """One compiled program for both decode paths (B = 2, 8x8 latents), shared by the tests below."""
+    return nnx.jit(lambda m, z, i: (m.decode(z), m.decode_code(i)))
+
+
 def _nchw(x):
     return np.asarray(x).transpose(0, 3, 1, 2)
 
 
-def test_vq_encode_decode(golden, vq):
+def test_vq_encode_decode(golden, vq, vq_decode):
     d = np.load(golden / "vq.npz")
     image = d["image"].transpose(0, 2, 3, 1)
     (idx, zq, h), enc = nnx.jit(lambda m, x: (m.encode(x), m.encoder(x)))(vq, image)
@@ -141,16 +147,16 @@ def test_vq_encode_decode(golden, vq):
     np.testing.assert_allclose(_nchw(zq), d["quant"], rtol=0, atol=2e-5)
     np.testing.assert_allclose(_nchw(zq), d["codebook_entry"], rtol=0, atol=2e-5)
     np.testing.assert_allclose(vq.quantize.codebook(), d["codebook_normalized"], rtol=0, atol=2e-5)
-    from_quant, from_indices = nnx.jit(lambda m, z, i: (m.decode(z), m.decode_code(i)))(vq, zq, d["indices"])
+    from_quant, from_indices = vq_decode(vq, zq, d["indices"])
     np.testing.assert_allclose(_nchw(from_quant), d["decoded_from_quant"], rtol=0, atol=2e-5)
     np.testing.assert_allclose(_nchw(from_indices), d["decoded_from_indices"], rtol=0, atol=2e-5)
 
 
-def test_vq_decodes_generated_tokens(golden, vq):
+def test_vq_decodes_generated_tokens(golden, vq, vq_decode):
     from jaxeff.lpd.vq import to_uint8
 
     d = np.load(golden / "infer_A.npz")
-    image = vq.decode_code(d["tokens"].reshape(2, 8, 8))
+    _, image = vq_decode(vq, np.zeros((2, 8, 8, 8), np.float32), d["tokens"].reshape(2, 8, 8))
     np.testing.assert_allclose(_nchw(image), d["vq_decoded"], rtol=0, atol=2e-5)
     np.testing.assert_array_equal(to_uint8(image), d["image_uint8"])
 
