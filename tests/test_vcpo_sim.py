@@ -54,3 +54,18 @@ def test_bad_config_is_rejected_before_the_run_directory(tmp_path):
         sim.Method("ppo_clip", "opob")
     with pytest.raises(ValueError, match="lags"):
         sim.run_grid(sim.SimConfig(max_lag=2), sim.METHODS["naive"], [3], [0])
+
+
+def test_throughput_model_and_collapse_alarm():
+    from experiments.vcpo_async import alarm_step, throughput_model
+
+    rng = np.random.default_rng(0)
+    fixed = throughput_model(rng, batch=8, len_mean=100.0, len_sigma=0.0, max_len=1000, train_cost=1.0)
+    assert fixed["speedup_per_step"] == pytest.approx(1.0)  # equal lengths: no straggler time to save
+    heavy = throughput_model(rng, batch=64, len_mean=100.0, len_sigma=1.0, max_len=1000, train_cost=1.0)
+    assert heavy["E[max L]"] > 3 * heavy["E[L]"]
+    assert heavy["speedup_per_step"] == pytest.approx((heavy["E[max L]"] + heavy["E[L]"]) / (2 * heavy["E[L]"]))
+    ess = np.r_[np.ones(50), np.full(50, 0.01)]
+    grad_norm = np.r_[np.ones(60), np.full(40, 10.0)]
+    assert alarm_step(ess, grad_norm, 0.05, 3.0, 10) == 62  # both smoothed conditions hold from step 62 on
+    assert alarm_step(ess, np.ones(100), 0.05, 3.0, 10) is None
