@@ -163,6 +163,25 @@ def test_tiny_nvila_stop_ids_keep_every_config_eos(tiny_nvila):
     assert M.NVILA.stop_ids(view) == (im_end, 5, 7)
 
 
+def test_save_pretrained_round_trip_and_offline_hub_error(tiny_nvila, tmp_path, monkeypatch):
+    m = tiny_nvila
+    back = M.from_pretrained(M.save_pretrained(m, tmp_path / "copy"), dtype=jnp.float32)
+    assert back.config == m.config and back.media_ids == m.media_ids
+    image = _image(200, 120, seed=3)
+    a, b = m.build_prompt("Colour?", [image]), back.build_prompt("Colour?", [image])
+    assert a.kinds == b.kinds
+    np.testing.assert_array_equal(np.asarray(a.embeds), np.asarray(b.embeds))
+    np.testing.assert_array_equal(m.generate_ids(a, 3), back.generate_ids(b, 3))
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="could not get 'Efficient-Large-Model/NVILA-Lite-2B' from the Hugging Face"):
+        M.from_pretrained("hf:Efficient-Large-Model/NVILA-Lite-2B")
+
+
 def test_shared_generate_from_embeddings_equals_token_prompts():
     """The path NVILA decodes with: `llama.generate(inputs_embeds=...)` gives the token path's output for the same
     prompts (rows of different lengths via prompt_lens, several stop ids)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from jaxeff.io import load_checkpoint_dir
 from jaxeff.io.hf import load_config as load_llm_config
@@ -316,15 +316,78 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def download(repo_id: str) -> str:
+    """The local snapshot folder of a Hugging Face Hub repository (downloaded once, then cached); raises OSError
+    saying what to do when the Hub cannot be reached (offline, `HF_HUB_OFFLINE=1`) or the repository is missing."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id)
+    except Exception as e:  # offline, unknown or gated repository: the cause is chained and named below
+        raise OSError(f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
+                      f"network, download it elsewhere (`hf download {repo_id} --local-dir DIR`) and pass "
+                      f"from_pretrained(DIR).") from e
+
+
+def siglip_state_dict(vit: ViT) -> dict[str, np.ndarray]:
+    """HF `SiglipVisionModel` state dict (`vision_model.` keys, torch layouts) of `vit`: the inverse of
+    `load_siglip_state`."""
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(vit, nnx.Param)))
+    out = {}
+    for path, value in flat.items():
+        key, transform = _siglip_key(path)
+        arr = np.asarray(value)
+        if transform is not None:  # the inverse of each load transform
+            arr = arr.transpose(3, 2, 0, 1) if arr.ndim == 4 else arr.T
+        out["vision_model." + key] = np.ascontiguousarray(arr)
+    return out
+
+
+def released_config(cfg: NVILAConfig) -> tuple[dict, dict]:
+    """(top-level config.json, vision_tower/config.json) dicts of the released layout for `cfg`."""
+    v = cfg.vision
+    vision = {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+              "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": v.num_channels,
+              "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+              "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+              "layer_norm_eps": v.layer_norm_eps, "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False}
+    top = {"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "mm_hidden_size": cfg.mm_hidden_size,
+           "hidden_size": cfg.llm.hidden_size, "mm_vision_select_layer": cfg.select_layer,
+           "mm_vision_select_feature": "cls_patch", "image_aspect_ratio": cfg.image_aspect_ratio,
+           "dynamic_s2": cfg.image_aspect_ratio == "dynamic_s2", "s2_scales": ",".join(map(str, cfg.s2_scales)),
+           "min_tiles": cfg.min_tiles, "max_tiles": cfg.max_tiles}
+    if cfg.video_pool > 1:
+        top["video_encoder"] = {"_target_": "llava.model.encoders.TSPVideoEncoder",
+                                "pool_sizes": [[cfg.video_pool, 1, 1]]}
+    return top, vision
+
+
+def save_pretrained(nvila: NVILA, directory: str | Path) -> Path:
+    """Write `nvila` in the released layout that `from_pretrained` reads (config.json; llm/ as HF Qwen2 + the
+    tokenizer; vision_tower/ as HF SiglipVisionModel; mm_projector/ with the official `layers.N` keys)."""
+    from jaxeff.io import save_file
+    from jaxeff.io.hf import save_pretrained as save_llm
+    from jaxeff.nvila.projector import projector_state_dict
+
+    root, model = Path(directory), nvila.model
+    top, vision = released_config(model.config)
+    save_llm(model.llm, root / "llm")
+    nvila.tokenizer.save_pretrained(root / "llm")
+    for sub, tensors, cfg in (("vision_tower", siglip_state_dict(model.vision_tower), vision),
+                              ("mm_projector", projector_state_dict(model.mm_projector),
+                               {"mm_projector_type": model.config.projector_type, "model_type": "v2l_projector"})):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, root / sub / "model.safetensors")
+        (root / sub / "config.json").write_text(json.dumps(cfg, indent=2))
+    (root / "config.json").write_text(json.dumps(top, indent=2))
+    return root
+
+
 def from_pretrained(directory: str | Path, dtype=jnp.bfloat16) -> NVILA:
     """Load a released NVILA / NVILA-Lite folder (config.json, llm/, vision_tower/, mm_projector/, safetensors)
     or `"hf:<repo id>"` (downloaded with huggingface_hub) with parameters in `dtype` (the release is bf16)."""
     directory = str(directory)
-    if directory.startswith("hf:"):
-        from huggingface_hub import snapshot_download
-
-        directory = snapshot_download(directory[3:])
-    root = Path(directory)
+    root = Path(download(directory[3:]) if directory.startswith("hf:") else directory)
     top = _read_json(root / "config.json")
     vision = siglip_config(_read_json(root / "vision_tower" / "config.json"))
     projector_type = _read_json(root / "mm_projector" / "config.json").get("mm_projector_type")
