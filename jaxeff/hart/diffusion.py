@@ -155,35 +155,42 @@ class Schedule:
         return jnp.asarray(getattr(self, name), jnp.float32)[t][:, None]
 
     def p_mean_logvar(self, out, x, t):
-        """(posterior mean from the clipped x0 prediction, learned-range log variance)."""
+        """(posterior mean from the clipped x0 prediction, learned-range log variance, clipped x0 prediction)."""
         eps, v = jnp.split(out, 2, axis=-1)
         frac = (v + 1) / 2
         log_var = frac * self.c("log_betas", t) + (1 - frac) * self.c("post_log_var", t)
         x0 = jnp.clip(self.c("sqrt_recip_ac", t) * x - self.c("sqrt_recipm1_ac", t) * eps, -1.0, 1.0)
-        return self.c("coef1", t) * x0 + self.c("coef2", t) * x, log_var
+        return self.c("coef1", t) * x0 + self.c("coef2", t) * x, log_var, x0
+
+
+def guided_output(net: SimpleMLPAdaLN, x, t, z, z_uncond=None, cfg=0.0):
+    """Network output [N, 2*Cvae] for x [N, Cvae] at original timesteps t [N]; with `z_uncond` HART's
+    `forward_with_cfg`: epsilon (1 + cfg) * cond - cfg * uncond (not MAR's uncond + cfg * (cond - uncond)), the
+    conditional half's variance value."""
+    if z_uncond is None:
+        return net(x, t, z)
+    n, cv = x.shape[0], net.in_channels
+    out = net(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0), jnp.concatenate([z, z_uncond], 0))
+    cond, unc = out[:n], out[n:]
+    return jnp.concatenate([(1 + cfg) * cond[:, :cv] - cfg * unc[:, :cv], cond[:, cv:]], -1)
 
 
 def sample(net: SimpleMLPAdaLN, sched: Schedule, z, key, *, z_uncond=None, cfg=0.0, temperature: float = 1.0,
-           scale: float = VAE_SCALE):
+           scale: float = VAE_SCALE, noise=None):
     """Ancestral sampling of residual tokens [N, Cvae] (already multiplied back by `scale`).
 
-    With `z_uncond`, epsilon is (1 + cfg) * cond - cfg * uncond and the variance is the conditional one."""
+    With `z_uncond`, the network output is `guided_output`'s. `noise`: the initial x_T [N, Cvae] (default drawn
+    from `key`; the later steps' noise always comes from `key`)."""
     n, cv = z.shape[0], net.in_channels
     key, k0 = jax.random.split(key)
-    x = jax.random.normal(k0, (n, cv), jnp.float32)
-    zz = z if z_uncond is None else jnp.concatenate([z, z_uncond], 0)
+    x = jax.random.normal(k0, (n, cv), jnp.float32) if noise is None else jnp.asarray(noise, jnp.float32)
     for i in reversed(range(sched.num_steps)):
         t = jnp.full((n,), i, jnp.int32)
-        t_net = jnp.full((zz.shape[0],), int(sched.timestep_map[i]), jnp.int32)
-        xx = x if z_uncond is None else jnp.concatenate([x, x], 0)
-        out = net(xx, t_net, zz)
-        if z_uncond is not None:
-            cond, unc = out[:n], out[n:]
-            out = jnp.concatenate([(1 + cfg) * cond[:, :cv] - cfg * unc[:, :cv], cond[:, cv:]], -1)
-        mean, log_var = sched.p_mean_logvar(out, x, t)
+        out = guided_output(net, x, jnp.full((n,), int(sched.timestep_map[i]), jnp.int32), z, z_uncond, cfg)
+        mean, log_var, _ = sched.p_mean_logvar(out, x, t)
         key, kn = jax.random.split(key)
-        noise = jax.random.normal(kn, x.shape, jnp.float32)
-        x = mean + (0.0 if i == 0 else 1.0) * jnp.exp(0.5 * log_var) * noise * temperature
+        step_noise = jax.random.normal(kn, x.shape, jnp.float32)
+        x = mean + (0.0 if i == 0 else 1.0) * jnp.exp(0.5 * log_var) * step_noise * temperature
     return x * scale
 
 
@@ -211,11 +218,20 @@ def _discretized_nll(x, mean, log_scale):
 def loss(net: SimpleMLPAdaLN, sched: Schedule, target, z, key, weight=None, scale: float = VAE_SCALE):
     """iDDPM training loss (epsilon MSE + variational bound for the learned variance), mean over tokens.
 
-    target: [N, Cvae] residual tokens (unscaled); z: [N, z_channels]; weight: optional [N] mask."""
-    x0 = target / scale
+    target: [N, Cvae] residual tokens (unscaled); z: [N, z_channels]; weight: optional [N] mask. Timesteps and
+    noise are drawn from `key`; `loss_terms` gives the per-token terms for given ones."""
     kt, kn = jax.random.split(key)
-    t = jax.random.randint(kt, (x0.shape[0],), 0, sched.num_steps)
-    noise = jax.random.normal(kn, x0.shape, x0.dtype)
+    t = jax.random.randint(kt, (target.shape[0],), 0, sched.num_steps)
+    mse, vb = loss_terms(net, sched, target / scale, z, t, jax.random.normal(kn, target.shape, target.dtype))
+    per_token = mse + vb
+    if weight is None:
+        return jnp.mean(per_token)
+    return jnp.sum(per_token * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def loss_terms(net: SimpleMLPAdaLN, sched: Schedule, x0, z, t, noise):
+    """Per-token (epsilon MSE [N], variational bound in bits [N]) of the official `training_losses` for x0
+    [N, Cvae] (already divided by the VAE scale), z [N, z_channels], timesteps t [N] of `sched`, noise [N, Cvae]."""
     xt = sched.c("sqrt_ac", t) * x0 + sched.c("sqrt_1m_ac", t) * noise
     out = net(xt, jnp.asarray(sched.timestep_map)[t], z)
     eps, v = jnp.split(out, 2, axis=-1)
@@ -229,10 +245,7 @@ def loss(net: SimpleMLPAdaLN, sched: Schedule, target, z, key, weight=None, scal
     mean = sched.c("coef1", t) * x0_pred + sched.c("coef2", t) * xt
     kl = jnp.mean(_normal_kl(true_mean, sched.c("post_log_var", t), mean, log_var), -1) / math.log(2.0)
     nll = jnp.mean(_discretized_nll(x0, mean, 0.5 * log_var), -1) / math.log(2.0)
-    per_token = mse + jnp.where(t == 0, nll, kl)
-    if weight is None:
-        return jnp.mean(per_token)
-    return jnp.sum(per_token * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    return mse, jnp.where(t == 0, nll, kl)
 
 
 def param_count(width: int, depth: int, in_channels: int, z_channels: int) -> int:

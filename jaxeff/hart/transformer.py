@@ -277,6 +277,14 @@ class HARTTransformer(nnx.Module):
         keep [B, pn_last^2] bool (MAR subsampling of the last scale; None keeps all).
         Returns (logits [B, L, V] predicting every scale's tokens, last-scale hidden [B, pn_last^2, C])."""
         cfg = self.cfg
+        x, cond, cos, sin, mask = self.training_inputs(context, ctx_pos, teacher, keep)
+        h, _ = self.run_blocks(x, cond, cos, sin, mask)
+        return self.logits(h[:, cfg.context_token - 1:], cond), h[:, -cfg.patch_nums[-1] ** 2:]
+
+    def training_inputs(self, context, ctx_pos, teacher, keep=None):
+        """What the blocks see in `forward_train`: (x [B, T+L-1, C], pooled condition [B, C], cos/sin
+        [B, T+L-1, head_dim], mask [B or 1, T+L-1, T+L-1] bool, True = attend)."""
+        cfg = self.cfg
         t_ctx = cfg.context_token
         e_ctx, cond = self.embed_context(context)
         x = jnp.concatenate([e_ctx, self.word_embed(teacher)], 1)
@@ -291,8 +299,7 @@ class HARTTransformer(nnx.Module):
             n_last = cfg.patch_nums[-1] ** 2
             key_keep = jnp.concatenate([jnp.ones((keep.shape[0], x.shape[1] - n_last), bool), keep], 1)
             mask = mask & key_keep[:, None, :]
-        h, _ = self.run_blocks(x, cond, cos, sin, mask)
-        return self.logits(h[:, t_ctx - 1:], cond), h[:, -cfg.patch_nums[-1] ** 2:]
+        return x, cond, cos, sin, mask
 
 
 # ----------------------------------------------------------------------------------------------- sampling
