@@ -208,3 +208,25 @@ def test_state_dict_round_trip_uses_the_official_names(model):
     assert "decoder.conv_blocks.1.upsample.conv.weight" not in names
     assert "encoder.conv_blocks.1.attn.1.proj_out.bias" in names and "decoder.mid.1.q.weight" in names
     assert "quantize.embedding.weight" in names and "post_quant_conv.weight" in names
+
+
+def test_generate_images_is_orders_then_decoding_then_the_vq():
+    from jaxeff.lpd import generate_images
+    from jaxeff.lpd.vq import VQConfig, VQModel, to_uint8
+
+    lpd = LPD(dataclasses.replace(CFG, vocab_size=16, grid_size=16), rngs=nnx.Rngs(0))
+    vq = VQModel(VQConfig(codebook_size=16, ch=32, ch_mult=(1,) * 5, z_channels=32, num_res_blocks=0),
+                 rngs=nnx.Rngs(1))  # factor 16: 16x16 tokens -> 256px, the official 256px tables
+    out = generate_images(lpd, vq, [1, 4], steps=8, cfg=3.0, seed=3)
+    sizes = schedules.group_sizes(256, 8)
+    orders = batched_orders("locality", 2, 16, sizes, seed=3, proximity_threshold=1.0, repulsion_threshold=2.0)
+    np.testing.assert_array_equal(out["orders"], orders)
+    ref = generate(lpd, sizes, orders, [1, 4], cfg=3.0, key=jax.random.key(3))["tokens"]
+    np.testing.assert_array_equal(out["tokens"], ref)
+    assert out["images"].shape == (2, 256, 256, 3) and out["images"].dtype == np.uint8
+    eager = np.asarray(to_uint8(vq.decode_code(ref.reshape(2, 16, 16))), np.int16)
+    assert np.abs(np.asarray(out["images"], np.int16) - eager).max() <= 1  # jit vs eager float rounding
+    again = generate_images(lpd, vq, [1, 4], steps=8, cfg=3.0, orders=out["orders"], key=jax.random.key(3))
+    np.testing.assert_array_equal(again["images"], out["images"])
+    with pytest.raises(ValueError, match="no official 256px schedule with 7 steps"):
+        generate_images(lpd, vq, [1, 4], steps=7)

@@ -25,6 +25,8 @@ from flax import nnx
 
 from jaxeff.lpd import schedules
 from jaxeff.lpd.model import LPD
+from jaxeff.lpd.orders import batched_orders
+from jaxeff.lpd.vq import VQModel, to_uint8
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -144,3 +146,32 @@ def generate(model: LPD, group_sizes, orders, labels=None, *, cfg: float = 1.0, 
         jax.random.key(0) if key is None else key, jnp.float32(cfg), jnp.float32(temperature),
         has_labels=labels is not None, sizes=sizes, guided=float(cfg) != 1.0, cfg_schedule=cfg_schedule,
         greedy=greedy, return_logits=return_logits, implementation=implementation)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _vq_images_jit(graphdef, state, tokens):
+    return to_uint8(nnx.merge(graphdef, state).decode_code(tokens))
+
+
+def generate_images(model: LPD, vq: VQModel, labels, *, steps: int = 20, cfg: float = 1.0, key=None, orders=None,
+                    seed: int = 0, temperature: float = 1.0, proximity_threshold: float = 1.0,
+                    repulsion_threshold: float = 2.0) -> dict:
+    """Class-conditional images end to end, as the official evaluation: the official group-size table for the
+    image size (`vq.config.factor * grid_size` px, 256 or 512) at `steps` steps, locality-aware orders (tau, rho;
+    built on the host from `seed`), `generate` (temperature, linear CFG ramp), then the VQ decode (jit-compiled)
+    to uint8.
+
+    labels [B] int. `orders` [B, N]: pass the returned orders back to skip building them (officially they are
+    precomputed offline; time the device part that way). `key` defaults to `jax.random.key(seed)`.
+    Returns {"images": uint8 [B, H, W, 3], "tokens": int32 [B, N] raster, "orders": int32 [B, N] numpy}."""
+    labels = np.asarray(labels)
+    grid = model.config.grid_size
+    sizes = schedules.group_sizes(vq.config.factor * grid, steps)
+    if orders is None:
+        orders = batched_orders("locality", len(labels), grid, sizes, seed=seed,
+                                proximity_threshold=proximity_threshold, repulsion_threshold=repulsion_threshold)
+    out = generate(model, sizes, orders, labels, cfg=cfg, temperature=temperature,
+                   key=jax.random.key(seed) if key is None else key)
+    graphdef, state = nnx.split(vq)
+    images = _vq_images_jit(graphdef, state, out["tokens"].reshape(len(labels), grid, grid))
+    return {"images": images, "tokens": out["tokens"], "orders": np.asarray(orders)}
