@@ -26,6 +26,7 @@ _initialized = False
 _FAILED_DIR = "jaxeff_failed/"  # key-value directory in the coordination service where a failing process reports
 _POLL_SECONDS = 0.5
 _watch_stop = threading.Event()
+_at_failure: list = []  # callbacks run before a failing or stopped process exits (e.g. mark a run directory failed)
 
 
 def cluster_detected(env: dict[str, str] | None = None) -> bool:
@@ -97,7 +98,17 @@ def _client():
     return jax_distributed.global_state.client
 
 
+def at_failure(callback) -> None:
+    """Run `callback()` if this process is stopped by `fail_all` or by another process's failure."""
+    _at_failure.append(callback)
+
+
 def _exit_now(code: int) -> None:
+    for callback in _at_failure:
+        try:
+            callback()
+        except Exception as e:  # exiting matters more than tidying up
+            print(f"jaxeff: cleanup {callback} failed: {e}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skips jax's atexit shutdown barrier, which would wait for the stopped processes

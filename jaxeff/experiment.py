@@ -372,14 +372,23 @@ def run_experiment(
     directory, resumed = Path(path), kind == "resume"
     run = Run(name, preset, cfg, directory, resumed=resumed)
     run.save_json("config.json", {"experiment": name, "preset": preset, "config": cfg})
+    done = False
+
+    def mark_failed():
+        if main_process and not done and not run.checkpoint_dir.exists() and directory.exists():
+            shutil.move(str(directory), str(directory.with_name(directory.name + ".failed")))
+
+    if distributed.is_initialized():  # also when another process's failure stops this one
+        distributed.at_failure(mark_failed)
     try:
         exp.fn(cfg, run)
     except BaseException:
-        if main_process and not run.checkpoint_dir.exists() and directory.exists():
-            shutil.move(str(directory), str(directory.with_name(directory.name + ".failed")))
+        mark_failed()
+        done = True
         raise
     if main_process:
         (directory / COMPLETE_MARKER).touch()
+    done = True
     return run
 
 

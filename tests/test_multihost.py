@@ -116,28 +116,32 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
 
 
 FAILING = textwrap.dedent("""
-    import os, signal, sys, time
-    from jaxeff import distributed
-    distributed.maybe_initialize()
+    import dataclasses, os, signal, sys, time
     import jax
     from jax.experimental import multihost_utils
-    mode = sys.argv[1]
-    try:
+    from jaxeff import experiment
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        mode: str = "raise"
+
+    @experiment.register("failing", Config, presets={"smoke": {}, "full": {}})
+    def run(cfg, run):
         multihost_utils.sync_global_devices("started")
-        if mode == "datastate":  # a checkpoint keeps one data state: differing ones are refused
-            from jaxeff.distributed import make_mesh, replicate
+        if cfg.mode == "datastate":  # a checkpoint keeps one data state: differing ones are refused
+            from jaxeff.distributed import replicate
             from jaxeff.train import Checkpointer
-            state = replicate({"w": jax.numpy.ones(4)}, make_mesh())
-            Checkpointer(sys.argv[2]).save(1, state, {"next_index": jax.process_index()}, force=True)
-        elif jax.process_index() == (1 if mode == "raise" else 0):
-            if mode == "raise":
+            state = replicate({"w": jax.numpy.ones(4)}, run.mesh)
+            Checkpointer(run.dir.parent / "ckpt").save(1, state, {"next_index": jax.process_index()}, force=True)
+        elif jax.process_index() == (1 if cfg.mode == "raise" else 0):
+            if cfg.mode == "raise":
                 raise RuntimeError("boom on purpose")
             os.kill(os.getpid(), signal.SIGKILL)
         for i in range(600):  # the survivor waits in collectives for a peer that never comes
             multihost_utils.sync_global_devices(f"step{i}")
             time.sleep(0.1)
-    except BaseException as e:
-        distributed.fail_all(e)
+
+    sys.exit(experiment.main(sys.argv[1:]))
 """)
 
 
@@ -150,11 +154,13 @@ FAILING = textwrap.dedent("""
 ])
 def test_failure_on_one_process_stops_the_other(tmp_path, mode, survivor, messages):
     t0 = time.time()
-    out = _launch([sys.executable, "-c", FAILING, mode, str(tmp_path / "ckpt")], tmp_path / "fail", processes=2,
-                  devices=1)
+    out = _launch([sys.executable, "-c", FAILING, "name=failing", "preset=smoke", f"mode={mode}",
+                   f"runs_root={tmp_path}"], tmp_path / "fail", processes=2, devices=1)
     assert time.time() - t0 < 60  # not the 100 s heartbeat timeout plus the 300 s shutdown barrier
     rc, log = out[survivor]
     assert rc != 0 and any(m in log for m in messages), log[-3000:]
+    runs = [p.name for p in (tmp_path / "failing").iterdir() if p.name != "ckpt"]
+    assert len(runs) == 1 and runs[0].endswith(".failed") == (mode != "sigkill"), runs  # one dir, marked failed
 
 
 def test_pipeline_rows_make_the_global_batch():
