@@ -163,7 +163,7 @@ def test_loader_values_and_errors(ckpt, tmp_path):
                                   llm["diffloss.net.res_blocks.1.adaLN_modulation.1.weight"].T)
     np.testing.assert_array_equal(tok.quantize.quant_resi[2].conv.kernel[...],
                                   tok_t["vae.quantize.quant_resi.qresi_ls.2.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(tok.decoder.up[1].resample.conv.bias[...],
+    np.testing.assert_array_equal(tok.decoder.conv_blocks[-2].upsample.conv.bias[...],
                                   tok_t["vae.decoder.up.1.upsample.conv.bias"])
     torch = pytest.importorskip("torch")
     img = np.random.default_rng(2).normal(size=(1, 16, 16, 3)).astype(np.float32)

@@ -164,8 +164,8 @@ def test_vq_decodes_generated_tokens(golden, vq, vq_decode):
 def test_vq_resnet_block_with_nin_shortcut(golden):
     from flax import nnx
 
-    from jaxeff.lpd.vq import ResnetBlock
     from jaxeff.lpd.weights import load_into
+    from jaxeff.nn.vqgan import ResnetBlock
 
     d = np.load(golden / "vq_resblock_nin.npz")
     block = nnx.eval_shape(lambda: ResnetBlock(32, 64, rngs=nnx.Rngs(0)))

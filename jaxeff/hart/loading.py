@@ -39,18 +39,32 @@ _TRANSFORMER_RULES = [
     (r"\.mlp\.fc2\.", ".mlp.2."),
     (r"\.ada\.", ".adaLN_modulation.1."),
 ]
-_TOKENIZER_RULES = [
-    (r"^encoder\.down\.(\d+)\.resample\.", r"encoder.down.\1.downsample."),
-    (r"^decoder\.up\.(\d+)\.resample\.", r"decoder.up.\1.upsample."),
+_TOKENIZER_RULES = [  # after the decoder's level index is reversed (`_vae_level`)
+    (r"^encoder\.conv_blocks\.", "encoder.down."),
+    (r"^decoder\.conv_blocks\.", "decoder.up."),
+    (r"^(encoder\.down|decoder\.up)\.(\d+)\.res\.", r"\1.\2.block."),
+    (r"\.mid\.0\.", ".mid.block_1."),
+    (r"\.mid\.1\.(norm|qkv|proj_out)\.", r".mid.attn_1.\1."),
+    (r"\.mid\.[12]\.", ".mid.block_2."),  # mid.1 is the second resnet block when there is no mid attention
     (r"^quantize\.quant_resi\.(\d+)\.conv\.", r"quantize.quant_resi.qresi_ls.\1."),
     (r"^", "vae."),
 ]
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
-def official_key(path: tuple, kind: str) -> str:
-    """Our parameter path -> the key in the official state dict (`kind`: "transformer" or "tokenizer")."""
+def _vae_level(mods: list[str], levels: int) -> list[str]:
+    """Our decoder stores levels lowest resolution first (LlamaGen); VAR's `decoder.up` list is the other way."""
+    if mods[:2] == ["decoder", "conv_blocks"]:
+        return mods[:2] + [str(levels - 1 - int(mods[2]))] + mods[3:]
+    return mods
+
+
+def official_key(path: tuple, kind: str, levels: int = 0) -> str:
+    """Our parameter path -> the key in the official state dict (`kind`: "transformer" or "tokenizer"; `levels`:
+    the tokenizer's number of resolution levels, len(ch_mult))."""
     *mods, leaf = (str(p) for p in path)
+    if kind == "tokenizer":
+        mods = _vae_level(mods, levels)
     name = ".".join(mods + [_LEAF.get(leaf, leaf)])
     for pat, rep in _TRANSFORMER_RULES if kind == "transformer" else _TOKENIZER_RULES:
         name = re.sub(pat, rep, name)
@@ -70,8 +84,9 @@ def load_into(module, tensors: dict, kind: str, source: str, dtype=jnp.float32):
     graphdef, state = nnx.split(module)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     used, missing, mismatched, new = set(), [], [], {}
+    levels = len(module.cfg.ch_mult) if kind == "tokenizer" else 0
     for path, cur in flat.items():
-        key = official_key(path, kind)
+        key = official_key(path, kind, levels)
         if key not in tensors:
             missing.append(key)
             continue

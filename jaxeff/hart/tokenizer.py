@@ -1,7 +1,9 @@
 """HART hybrid tokenizer: VAR's multi-scale residual VQ-VAE plus the continuous residual.
 
 Layout follows the CompVis vq-f16 autoencoder used by VAR/HART (NHWC here): encoder -> quant_conv -> multi-scale
-residual quantizer with partially shared Phi convs -> post_quant_conv -> decoder. The hybrid part is the residual
+residual quantizer with partially shared Phi convs -> post_quant_conv -> decoder. Encoder and decoder are the shared
+VQGAN trunk (`jaxeff.nn.vqgan`, fused qkv attention); `jaxeff.hart.loading` renames its LlamaGen-style module paths
+to VAR's keys (`down.N.block.M`, `mid.block_1`, decoder `up` reversed). The hybrid part is the residual
 `f - sum(discrete scales)` at the last scale, which the decoder can take on top of the discrete sum.
 
 Semantics mirror mit-han-lab/hart `HARTHybridQuantizer`:
@@ -23,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.hart.resample import resize
+from jaxeff.nn.vqgan import Decoder, Encoder, conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,144 +69,16 @@ class TokenizerConfig:
         return int(np.argmin(np.abs(ticks - si / (len(self.patch_nums) - 1))))
 
 
-def _conv(cin, cout, k, rngs, stride=1, padding=None):
-    return nnx.Conv(cin, cout, kernel_size=(k, k), strides=(stride, stride),
-                    padding=((k // 2, k // 2), (k // 2, k // 2)) if padding is None else padding, rngs=rngs)
-
-
-class ResnetBlock(nnx.Module):
-    def __init__(self, cin: int, cout: int, groups: int, rngs: nnx.Rngs):
-        self.norm1 = nnx.GroupNorm(cin, num_groups=groups, epsilon=1e-6, rngs=rngs)
-        self.conv1 = _conv(cin, cout, 3, rngs)
-        self.norm2 = nnx.GroupNorm(cout, num_groups=groups, epsilon=1e-6, rngs=rngs)
-        self.conv2 = _conv(cout, cout, 3, rngs)
-        self.nin_shortcut = _conv(cin, cout, 1, rngs) if cin != cout else None
-
-    def __call__(self, x):
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class AttnBlock(nnx.Module):
-    """Single-head spatial self-attention with a fused 1x1 qkv conv (VAR layout)."""
-
-    def __init__(self, c: int, groups: int, rngs: nnx.Rngs):
-        self.norm = nnx.GroupNorm(c, num_groups=groups, epsilon=1e-6, rngs=rngs)
-        self.qkv = _conv(c, 3 * c, 1, rngs)
-        self.proj_out = _conv(c, c, 1, rngs)
-
-    def __call__(self, x):
-        b, h, w, c = x.shape
-        q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b, h * w, 3 * c), 3, axis=-1)
-        attn = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
-        return x + self.proj_out(jnp.einsum("bij,bjc->bic", attn, v).reshape(b, h, w, c))
-
-
-class Downsample(nnx.Module):
-    def __init__(self, c: int, rngs: nnx.Rngs):
-        self.conv = _conv(c, c, 3, rngs, stride=2, padding="VALID")
-
-    def __call__(self, x):
-        return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))  # asymmetric pad, as in the VQGAN code
-
-
-class Upsample(nnx.Module):
-    def __init__(self, c: int, rngs: nnx.Rngs):
-        self.conv = _conv(c, c, 3, rngs)
-
-    def __call__(self, x):
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
-
-
-class Level(nnx.Module):
-    """One resolution level: res blocks, optional attention after each, optional resampler."""
-
-    def __init__(self, blocks, attns, resample):
-        self.block = nnx.List(blocks)
-        self.attn = nnx.List(attns)
-        self.resample = resample
-
-    def __call__(self, h):
-        for i, blk in enumerate(self.block):
-            h = blk(h)
-            if len(self.attn):
-                h = self.attn[i](h)
-        return h if self.resample is None else self.resample(h)
-
-
-class Mid(nnx.Module):
-    def __init__(self, c: int, cfg: TokenizerConfig, rngs: nnx.Rngs):
-        self.block_1 = ResnetBlock(c, c, cfg.norm_groups, rngs)
-        self.attn_1 = AttnBlock(c, cfg.norm_groups, rngs) if cfg.using_mid_sa else None
-        self.block_2 = ResnetBlock(c, c, cfg.norm_groups, rngs)
-
-    def __call__(self, h):
-        h = self.block_1(h)
-        if self.attn_1 is not None:
-            h = self.attn_1(h)
-        return self.block_2(h)
-
-
-class Encoder(nnx.Module):
-    def __init__(self, cfg: TokenizerConfig, rngs: nnx.Rngs):
-        g, n = cfg.norm_groups, len(cfg.ch_mult)
-        self.conv_in = _conv(3, cfg.ch, 3, rngs)
-        in_mult = (1,) + tuple(cfg.ch_mult)
-        levels = []
-        for i in range(n):
-            cin, cout = cfg.ch * in_mult[i], cfg.ch * cfg.ch_mult[i]
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(cin, cout, g, rngs))
-                cin = cout
-                if i == n - 1 and cfg.using_sa:
-                    attns.append(AttnBlock(cin, g, rngs))
-            levels.append(Level(blocks, attns, Downsample(cin, rngs) if i != n - 1 else None))
-        self.down = nnx.List(levels)
-        self.mid = Mid(cin, cfg, rngs)
-        self.norm_out = nnx.GroupNorm(cin, num_groups=g, epsilon=1e-6, rngs=rngs)
-        self.conv_out = _conv(cin, cfg.z_channels, 3, rngs)
-
-    def __call__(self, x):
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return self.conv_out(jax.nn.silu(self.norm_out(self.mid(h))))
-
-
-class Decoder(nnx.Module):
-    def __init__(self, cfg: TokenizerConfig, rngs: nnx.Rngs):
-        g, n = cfg.norm_groups, len(cfg.ch_mult)
-        cin = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = _conv(cfg.z_channels, cin, 3, rngs)
-        self.mid = Mid(cin, cfg, rngs)
-        levels = [None] * n  # stored low-res last, like the reference's `up` list
-        for i in reversed(range(n)):
-            cout = cfg.ch * cfg.ch_mult[i]
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(cin, cout, g, rngs))
-                cin = cout
-                if i == n - 1 and cfg.using_sa:
-                    attns.append(AttnBlock(cin, g, rngs))
-            levels[i] = Level(blocks, attns, Upsample(cin, rngs) if i != 0 else None)
-        self.up = nnx.List(levels)
-        self.norm_out = nnx.GroupNorm(cin, num_groups=g, epsilon=1e-6, rngs=rngs)
-        self.conv_out = _conv(cin, 3, 3, rngs)
-
-    def __call__(self, z):
-        h = self.mid(self.conv_in(z))
-        for level in reversed(list(self.up)):
-            h = level(h)
-        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+def _trunk(cfg: TokenizerConfig) -> dict:
+    return dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels,
+                groups=cfg.norm_groups, attn=cfg.using_sa, mid_attn=cfg.using_mid_sa, fused_qkv=True)
 
 
 class Phi(nnx.Module):
     """h * (1 - r) + conv3x3(h) * r: the refinement applied after each upsampled scale."""
 
     def __init__(self, c: int, ratio: float, rngs: nnx.Rngs):
-        self.conv = _conv(c, c, 3, rngs)
+        self.conv = conv(c, c, 3, rngs)
         self.ratio = abs(ratio)
 
     def __call__(self, h):
@@ -318,10 +193,10 @@ class HARTTokenizer(nnx.Module):
     def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         k = cfg.quant_conv_ks
-        self.encoder = Encoder(cfg, rngs)
-        self.decoder = Decoder(cfg, rngs)
-        self.quant_conv = _conv(cfg.z_channels, cfg.z_channels, k, rngs)
-        self.post_quant_conv = _conv(cfg.z_channels, cfg.z_channels, k, rngs)
+        self.encoder = Encoder(**_trunk(cfg), rngs=rngs)
+        self.decoder = Decoder(**_trunk(cfg), rngs=rngs)
+        self.quant_conv = conv(cfg.z_channels, cfg.z_channels, k, rngs)
+        self.post_quant_conv = conv(cfg.z_channels, cfg.z_channels, k, rngs)
         self.quantize = HybridQuantizer(cfg, rngs)
 
     def encode(self, img):
