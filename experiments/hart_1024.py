@@ -44,6 +44,7 @@ class Config:
     seed: int = 1
     cfg: float = 4.5
     more_smooth: bool = True
+    num_maskgit_iters: int = 1  # MAR iterations of the last scale (1: the released default, all tokens at once)
     batch: int = 1
     timed_runs: int = 3
     dit_steps: int = 20
@@ -56,8 +57,8 @@ class Config:
         for p in (self.ckpt, self.text_encoder):
             if p is not None and not Path(p).is_dir():
                 raise FileNotFoundError(f"{p} is not a directory")
-        if self.batch < 1 or self.timed_runs < 1 or self.dit_steps < 1:
-            raise ValueError("batch, timed_runs and dit_steps must be >= 1")
+        if self.batch < 1 or self.timed_runs < 1 or self.dit_steps < 1 or self.num_maskgit_iters < 1:
+            raise ValueError("batch, timed_runs, dit_steps and num_maskgit_iters must be >= 1")
 
 
 def _xla_macs(fn, *abstract_args) -> float:
@@ -118,7 +119,7 @@ def _with_weights(cfg: Config, run: Run):
 
     hart = HART.from_pretrained(cfg.ckpt, text_encoder=cfg.text_encoder)
     prompts = list(cfg.prompts or DEFAULT_PROMPTS)
-    opts = SampleOptions(cfg=cfg.cfg, more_smooth=cfg.more_smooth)
+    opts = SampleOptions(cfg=cfg.cfg, more_smooth=cfg.more_smooth, num_maskgit_iters=cfg.num_maskgit_iters)
     out_dir = run.dir / "images"
     out_dir.mkdir()
     from PIL import Image
@@ -148,7 +149,8 @@ def _with_weights(cfg: Config, run: Run):
                   "images / s": total_n / total_t, "first call (compile) s": compile_s,
                   "TMACs / image (analytic)": m["total"] / 1e12, "device": jax.devices()[0].device_kind}],
                 title="hart_1024: generation with the released weights",
-                note=(f"cfg {cfg.cfg}, more_smooth={cfg.more_smooth}, seed {cfg.seed}, {cfg.timed_runs} timed passes "
+                note=(f"cfg {cfg.cfg}, more_smooth={cfg.more_smooth}, num_maskgit_iters={cfg.num_maskgit_iters}, "
+                      f"seed {cfg.seed}, {cfg.timed_runs} timed passes "
                       "after one compile call; text encoding included; PNGs in images/, grid.png."))
 
 

@@ -47,6 +47,7 @@ class Config:
     top_k: int = 0
     more_smooth: bool = False
     diff_target: Literal["sampled", "gt"] = "gt"
+    cond_drop: Literal["official", "uniform"] = "official"  # `jaxeff.hart.train.drop_condition` rule
     per_class: int = 4
     num_eval: int = 200
     seed: int = 0
@@ -138,7 +139,8 @@ def run_tiny(cfg: Config, run: Run, label: str = "hart_tiny") -> dict:
     gd, st = init_train_state(model, tx)
     codebook = tok.quantize.codebook
     top_k = cfg.top_k or cfg.vocab
-    step = make_train_step(gd, lambda m, b: hart_loss(m, b, top_k=top_k, diff_target=cfg.diff_target), tx)
+    loss = lambda m, b: hart_loss(m, b, top_k=top_k, diff_target=cfg.diff_target, cond_drop=cfg.cond_drop)  # noqa: E731
+    step = make_train_step(gd, loss, tx)
 
     def batch(i):
         j = order(i)
@@ -191,7 +193,8 @@ def run_tiny(cfg: Config, run: Run, label: str = "hart_tiny") -> dict:
     final = {k: round(v, 4) for k, v in ar_last.items()}
     run.results([{"phase": "tokenizer (VQ)", "steps": cfg.tok_steps},
                  {"phase": "hybrid decoder", "steps": cfg.hybrid_steps},
-                 {"phase": "transformer + diffusion", "steps": cfg.ar_steps, **final}],
+                 {"phase": "transformer + diffusion", "steps": cfg.ar_steps, "condition dropout": cfg.cond_drop,
+                  **final}],
                 title=f"{label}: training", note=(
                     f"Generated {len(labels)} images (10 classes x {cfg.per_class}, cfg {cfg.cfg}) in {gen_s:.1f}s "
                     f"incl. compilation -> `{label}_samples.png`; total wall time {time.time() - t0:.0f}s (CPU)."))

@@ -67,8 +67,9 @@ def test_pattern_names_download_once_into_the_cache(tmp_path, monkeypatch):
         dest.write_bytes((served / url.rsplit("/", 1)[1]).read_bytes())
 
     monkeypatch.setattr(pattern, "_download", fake_download)
-    assert set(pattern.RELEASED_PATTERNS) == set(RELEASED)  # every released model has a name
-    name = pattern.RELEASED_PATTERNS["Meta-Llama-3.1-8B-Instruct"]
+    assert da.RELEASED_PATTERNS is pattern.RELEASED_PATTERNS and da.resolve_pattern is pattern.resolve_pattern
+    assert set(da.RELEASED_PATTERNS) == set(RELEASED)  # every released model has a name
+    name = da.RELEASED_PATTERNS["Meta-Llama-3.1-8B-Instruct"]
     for _ in range(2):  # the second load reads the cache
         loaded, sink, recent = da.load_pattern(name, cache_dir=tmp_path / "cache")
     np.testing.assert_allclose(loaded, alpha.astype(np.float32))

@@ -55,3 +55,15 @@ def test_hart_1024_rejects_bad_input(tmp_path):
         run_experiment("hart_1024", "smoke", {"ckpt": str(tmp_path / "nope"), "text_encoder": str(tmp_path)},
                        runs_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_hart_experiment_sampling_and_training_overrides():
+    from jaxeff.experiment import ExperimentError, get, make_config
+
+    assert make_config(get("hart_1024"), "smoke", {"num_maskgit_iters": "4"}).num_maskgit_iters == 4
+    with pytest.raises(ExperimentError, match="num_maskgit_iters"):
+        make_config(get("hart_1024"), "smoke", {"num_maskgit_iters": "0"})
+    assert make_config(get("hart_tiny"), "smoke", {}).cond_drop == "official"
+    assert make_config(get("hart_tiny"), "smoke", {"cond_drop": "uniform"}).cond_drop == "uniform"
+    with pytest.raises(ExperimentError, match="cond_drop"):
+        make_config(get("hart_tiny"), "smoke", {"cond_drop": "rand"})

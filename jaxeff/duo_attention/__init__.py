@@ -1,7 +1,8 @@
 """DuoAttention (mit-han-lab/duo-attention) on the shared Llama/Mistral/Qwen2 decoder.
 
 - `train_gates`: retrieval-head identification with the official two-way forward (decoder frozen, gates only).
-- `load_pattern` / `save_pattern`: the official `full_attention_heads.tsv` + `config.json` format;
+- `load_pattern` / `save_pattern`: the official `full_attention_heads.tsv` + `config.json` format, from a directory
+  or a released pattern by name (`RELEASED_PATTERNS`, `resolve_pattern`);
   `select_retrieval_heads`: the quantile rule; `kv_cache_ratio`: the paper's memory formula.
 - `DualKVCache` and `generate`: full KV for retrieval heads, sink + recent for streaming heads, chunked prefill
   with streaming heads sparse from the first chunk.
@@ -9,9 +10,11 @@
 
 from jaxeff.duo_attention.cache import DualKVCache, DuoGenerateOutput, generate
 from jaxeff.duo_attention.pattern import (
+    RELEASED_PATTERNS,
     check_pattern,
     kv_cache_ratio,
     load_pattern,
+    resolve_pattern,
     save_pattern,
     select_retrieval_heads,
 )
@@ -25,7 +28,7 @@ from jaxeff.duo_attention.training import (
 )
 
 __all__ = [
-    "DualKVCache", "DuoGenerateOutput", "GateTrainConfig", "check_pattern", "gate_loss", "gate_schedule", "generate",
-    "kv_cache_ratio", "load_pattern", "make_gate_step", "save_pattern", "select_retrieval_heads", "train_gates",
-    "two_way_attention_fn",
+    "RELEASED_PATTERNS", "DualKVCache", "DuoGenerateOutput", "GateTrainConfig", "check_pattern", "gate_loss",
+    "gate_schedule", "generate", "kv_cache_ratio", "load_pattern", "make_gate_step", "resolve_pattern", "save_pattern",
+    "select_retrieval_heads", "train_gates", "two_way_attention_fn",
 ]
