@@ -1,1 +1,37 @@
-"""Benchmarks: `make bench name=<file name>` runs `python -m benchmarks.<name>`."""
+"""Benchmarks: `make bench name=<file name>` runs `python -m benchmarks.<name>`.
+
+The helpers here are shared by the scripts (kept in `__init__` so `make bench` does not list them as a benchmark).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+
+def parse_preset(argv: list[str], presets: dict[str, dict], default: str = "reduced") -> dict:
+    """`preset=<name>` (default `default`) plus `key=<int>` overrides of that preset's integer options; anything else
+    exits with the list of valid options."""
+    args = dict(a.split("=", 1) for a in argv)
+    preset = args.pop("preset", default)
+    if preset not in presets:
+        raise SystemExit(f"unknown preset {preset!r}; presets: {sorted(presets)}")
+    opts = dict(presets[preset])
+    settable = sorted(k for k, v in opts.items() if isinstance(v, int))
+    for k, v in args.items():
+        if k not in settable:
+            raise SystemExit(f"unknown option {k!r}; options: {settable + ['preset']}")
+        opts[k] = int(v)
+    return opts
+
+
+def best_time(fn, *args, repeats: int) -> float:
+    """Best wall seconds of `fn(*args)` over `repeats` calls, after one compile + warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return min(times)

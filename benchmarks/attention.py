@@ -17,7 +17,6 @@ budget, repeats, gpu_lengths, gpu_history, parts (comma-separated subset of pref
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 import pallas_kernels as pk
+from benchmarks import best_time
 
 SINK, LOCAL, BLOCK = 64, 256, 128
 PAGE, LOGICAL_PAGE = 64, 16
@@ -46,16 +46,6 @@ def parse(argv):
         ints = [int(x) for x in value.split(",")]
         opts[key] = ints if isinstance(DEFAULTS[key], list) else ints[0]
     return opts
-
-
-def best_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def half_streaming(n):

@@ -13,12 +13,12 @@ Overrides: key=value for width, depth, heads, context, batch, dit_steps, repeats
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks import best_time, parse_preset
 from jaxeff.hart.dit import DiT, DiTConfig, ddim_sample_jit
 from jaxeff.hart.macs import dit_macs, hart_macs
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
@@ -32,31 +32,8 @@ PRESETS = {
 }
 
 
-def parse(argv):
-    args = dict(a.split("=", 1) for a in argv)
-    preset = args.pop("preset", "reduced")
-    if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
-    opts = dict(PRESETS[preset])
-    for k, v in args.items():
-        if k not in opts or k in ("scales",):
-            raise SystemExit(f"unknown option {k!r}; options: {sorted(set(opts) - {'scales'}) + ['preset']}")
-        opts[k] = int(v)
-    return opts
-
-
-def best_time(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def main(argv):
-    o = parse(argv)
+    o = parse_preset(argv, PRESETS)
     pns = o["scales"]
     hcfg = HARTConfig(embed_dim=o["width"], depth=o["depth"], num_heads=o["heads"], context_token=o["context"],
                       context_dim=o["width"], patch_nums=pns, diff_width=o["diff_width"], diff_depth=o["diff_depth"])
@@ -70,8 +47,9 @@ def main(argv):
     hart = nnx.split((HARTTransformer(hcfg, rngs=nnx.Rngs(0)), HARTTokenizer(tcfg, rngs=nnx.Rngs(1)).quantize))
     dit = nnx.split(DiT(dcfg, rngs=nnx.Rngs(2)))
     opts = SampleOptions(cfg=4.5)
-    t_hart = best_time(lambda: generate_fhat_jit(*hart, ctx, pos, jax.random.key(1), opts), o["repeats"]) / b
-    t_dit = best_time(lambda: ddim_sample_jit(*dit, ctx, jax.random.key(1), steps=o["dit_steps"]), o["repeats"]) / b
+    key, reps = jax.random.key(1), o["repeats"]
+    t_hart = best_time(lambda: generate_fhat_jit(*hart, ctx, pos, key, opts), repeats=reps) / b
+    t_dit = best_time(lambda: ddim_sample_jit(*dit, ctx, key, steps=o["dit_steps"]), repeats=reps) / b
     m_h, m_d = hart_macs(hcfg)["total"], dit_macs(dcfg, steps=o["dit_steps"])["total"]
     dev = jax.devices()[0].device_kind
     print(f"HART vs DiT ({pns[-1] * 16}px, width {o['width']}, depth {o['depth']}, {o['dit_steps']} DiT steps, "

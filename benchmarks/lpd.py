@@ -13,12 +13,12 @@ Overrides: key=value for dim, depth, heads, batch, repeats, preset (reduced|full
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import best_time, parse_preset
 from jaxeff.lpd import LPD, LPDConfig, generate, schedules
 from jaxeff.lpd.orders import batched_orders
 
@@ -28,31 +28,8 @@ PRESETS = {
 }
 
 
-def parse(argv):
-    args = dict(a.split("=", 1) for a in argv)
-    preset = args.pop("preset", "reduced")
-    if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
-    opts = dict(PRESETS[preset])
-    for k, v in args.items():
-        if k not in opts:
-            raise SystemExit(f"unknown option {k!r}; options: {sorted(opts) + ['preset']}")
-        opts[k] = int(v)
-    return opts
-
-
-def best_time(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def main(argv):
-    o = parse(argv)
+    o = parse_preset(argv, PRESETS)
     cfg = LPDConfig(dim=o["dim"], depth=o["depth"], num_heads=o["heads"], grid_size=16, proj_dropout=0.0)
     model = LPD(cfg, rngs=nnx.Rngs(0))
     model.eval()
@@ -68,7 +45,7 @@ def main(argv):
     base = None
     for name, (sizes, orders) in runs.items():
         fn = lambda s=sizes, od=orders: generate(model, s, od, labels, cfg=4.8, key=jax.random.key(0))["tokens"]  # noqa: E731
-        sec = best_time(fn, o["repeats"]) / b
+        sec = best_time(fn, repeats=o["repeats"]) / b
         base = base or sec
         print(f"{name:<22}{sec:>12.4f}{1 / sec:>10.1f}{base / sec:>9.2f}x")
 

@@ -12,13 +12,13 @@ llm_layers, text, repeats, width, height, preset.
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import best_time, parse_preset
 from jaxeff.models.llama import LlamaConfig
 from jaxeff.models.vit import ViTConfig
 from jaxeff.nvila import tiling
@@ -36,28 +36,10 @@ MODES = (("NVILA (S2, 2x2)", "dynamic_s2", "mlp_downsample"), ("NVILA-Lite (dyna
 
 
 def parse(argv):
-    args = dict(a.split("=", 1) for a in argv)
-    preset = args.pop("preset", "reduced")
-    if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
-    opts = dict(PRESETS[preset])
-    for k, v in args.items():
-        if k not in opts:
-            raise SystemExit(f"unknown option {k!r}; options: {sorted(opts) + ['preset']}")
-        opts[k] = int(v)
+    opts = parse_preset(argv, PRESETS)
     if opts["vit_width"] % 72 or opts["llm_width"] % 128:
         raise SystemExit("vit_width must be a multiple of 72 and llm_width of 128 (SigLIP / Qwen2 head sizes)")
     return opts
-
-
-def best_time(fn, repeats):
-    out = jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return min(times), out
 
 
 def make_model(o, mode: str, projector: str, dtype) -> NVILAModel:
@@ -84,8 +66,14 @@ def tiles_for(mode: str, image):
 
 def measure(o, mode: str, projector: str, image, dtype):
     model = make_model(o, mode, projector, dtype)
-    t_tile, batches = best_time(lambda: tiles_for(mode, image), o["repeats"])
-    t_enc, feats = best_time(lambda: [encode_tiles(model, p, b) for p, b in batches], o["repeats"])
+    t_tile = best_time(tiles_for, mode, image, repeats=o["repeats"])
+    batches = tiles_for(mode, image)
+
+    def encode():
+        return [encode_tiles(model, p, b) for p, b in batches]
+
+    t_enc = best_time(encode, repeats=o["repeats"])
+    feats = encode()
     groups = feats[0].shape[0] if feats[0].ndim == 3 else 1
     visual = sum(int(np.prod(f.shape[:-1])) for f in feats)
     seq = visual + groups * (2 if mode == "dynamic" else 1) + o["text"]  # Lite: "\n" end token + prompt "\n"
@@ -97,7 +85,7 @@ def measure(o, mode: str, projector: str, image, dtype):
 
     embeds = jax.random.normal(jax.random.key(0), (1, seq, o["llm_width"]), dtype)
     prefill = jax.jit(prefill)
-    t_pre, _ = best_time(lambda: prefill(state, embeds), o["repeats"])
+    t_pre = best_time(prefill, state, embeds, repeats=o["repeats"])
     return sum(len(p) for p, _ in batches), visual, seq, t_tile, t_enc, t_pre
 
 
