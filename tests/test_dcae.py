@@ -223,9 +223,9 @@ def test_dcae_loader_errors(tmp_path):
     with pytest.raises(ValueError) as e:
         DCAE.from_pretrained(tmp_path)
     msg = str(e.value)
-    assert "missing (1)" in msg and "decoder.conv_in.bias" in msg
-    assert "unexpected (1)" in msg and "encoder.extra.weight" in msg
-    assert "encoder.conv_out.weight: checkpoint (8, 16, 3, 3) vs model (8, 32, 3, 3)" in msg
+    assert "missing keys: ['decoder.conv_in.bias']" in msg and "unexpected keys: ['encoder.extra.weight']" in msg
+    assert ("encoder.conv_out.weight: checkpoint (8, 16, 3, 3) = (3, 3, 16, 8) in our layout vs model (3, 3, 32, 8)"
+            in msg)
     # original-format weights without any way to know the architecture
     save_file(to_original(sd, cfg), tmp_path / "orig.safetensors")
     with pytest.raises(ValueError, match="carry no architecture"):

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxeff.io import from_pretrained, save_pretrained  # noqa: E402
-from jaxeff.io.hf import CheckpointMismatchError  # noqa: E402
+from jaxeff.io.state_dict import CheckpointMismatchError  # noqa: E402
 from jaxeff.models.llama import generate  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

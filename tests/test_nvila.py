@@ -47,7 +47,7 @@ def test_siglip_layer_minus_2_matches_transformers():
     pix = jnp.asarray(x.transpose(0, 2, 3, 1))
     np.testing.assert_allclose(np.asarray(vit(pix, select_layer=-2)), out.hidden_states[-2].numpy(), atol=2e-5)
     np.testing.assert_allclose(np.asarray(vit(pix)), out.last_hidden_state.numpy(), atol=2e-5)
-    with pytest.raises(ValueError, match="missing post_layernorm.weight"):
+    with pytest.raises(ValueError, match=r"missing keys: \[.post_layernorm.weight.\]"):
         sd = {k: v.numpy() for k, v in tm.state_dict().items() if not k.endswith("post_layernorm.weight")}
         M.load_siglip_state(vit, sd)
 

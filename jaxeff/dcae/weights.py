@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxeff.dcae.config import CONFIGS, DCAEConfig, get_config
 from jaxeff.io.safetensors import load_checkpoint_dir, load_file
+from jaxeff.io.state_dict import load_mapped
 
 WHERE_TO_GET = (
     "Released DC-AE weights: https://huggingface.co/collections/mit-han-lab/dc-ae-670085b9400ad7197bb1009b "
@@ -145,35 +146,16 @@ def _from_torch_layout(value: np.ndarray) -> np.ndarray:
     return value.T if value.ndim == 2 else value
 
 
-def _flat(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
-    _, state = nnx.split(model)
-    return {".".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(state)}
-
-
 def load_torch_state(model: nnx.Module, tensors: dict[str, np.ndarray], *, dtype=jnp.float32, source: str = "") -> None:
-    """Fill `model` (real or `nnx.eval_shape` abstract) in place from a diffusers-named torch-layout state dict."""
-    flat = _flat(model)
-    given = {k: v for k, v in tensors.items() if not k.endswith(".num_batches_tracked")}
-    missing = sorted(set(flat) - set(given))
-    unexpected = sorted(set(given) - set(flat))
-    mismatched = []
-    for key in sorted(set(flat) & set(given)):
-        want = tuple(_to_torch_layout(np.empty(flat[key][1].shape, np.uint8)).shape)
-        if tuple(given[key].shape) != want:
-            mismatched.append(f"{key}: checkpoint {tuple(given[key].shape)} vs model {want}")
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {source} does not match the DC-AE config:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
-                lines.append(f"  {title} ({len(items)}):\n    {shown}")
-        raise ValueError("\n".join(lines))
-    for key, (_, var) in flat.items():
-        var.set_value(jnp.asarray(_from_torch_layout(np.asarray(given[key])), dtype=dtype))
-    # split may copy variables (tree mode), so write them back explicitly
-    nnx.update(model, nnx.from_flat_state([pv for pv in flat.values()]))
+    """Fill `model` (real or `nnx.eval_shape` abstract) in place from a diffusers-named torch-layout state dict
+    (parameters and BatchNorm running statistics; `num_batches_tracked` counters are ignored)."""
+    load_mapped(model, tensors, lambda p: (".".join(map(str, p)), _from_torch_layout), source=f"checkpoint {source}",
+                what="the DC-AE config", ignore=lambda k: k.endswith(".num_batches_tracked"), dtype=dtype,
+                variables=...)
 
 
 def torch_state(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters in diffusers naming and torch layout (what `load_torch_state` reads)."""
-    return {k: np.ascontiguousarray(_to_torch_layout(np.asarray(v[...]))) for k, (_, v) in _flat(model).items()}
+    _, state = nnx.split(model)
+    return {".".join(map(str, path)): np.ascontiguousarray(_to_torch_layout(np.asarray(v[...])))
+            for path, v in nnx.to_flat_state(state)}

@@ -1,9 +1,10 @@
 """Loading the released HART checkpoints (`hart-0.7b-1024px`: `llm/` + `tokenizer/`) into the NNX modules.
 
 Every parameter of our modules is mapped to one official key by explicit renaming rules (`official_key`); the
-loader reports missing, unexpected and shape-mismatched keys by name. Official buffers that carry no weights
-(`lvl_1L`, `attn_bias_for_masking`, `zero_k_bias`, VQ usage statistics) and the tokenizer's discriminator
-(`disc.*`) are skipped. PyTorch `.bin` files go through `bin_to_numpy` (needs torch, imported lazily).
+shared `jaxeff.io.state_dict.load_mapped` reports missing, unexpected and shape-mismatched keys by name. Official
+buffers that carry no weights (`lvl_1L`, `attn_bias_for_masking`, `zero_k_bias`, VQ usage statistics) and the
+tokenizer's discriminator (`disc.*`) are skipped. PyTorch `.bin` files go through `bin_to_numpy` (needs torch,
+imported lazily).
 """
 
 from __future__ import annotations
@@ -14,16 +15,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.transformer import HARTConfig, HARTTransformer
 from jaxeff.io.safetensors import load_checkpoint_dir, load_file
-
-
-class CheckpointMismatchError(ValueError):
-    pass
-
+from jaxeff.io.state_dict import CheckpointMismatchError, load_mapped, torch_key, torch_layout
 
 _IGNORED = re.compile(
     r"^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias|.*rotary_emb.*\.inv_freq"
@@ -49,7 +46,6 @@ _TOKENIZER_RULES = [  # after the decoder's level index is reversed (`_vae_level
     (r"^quantize\.quant_resi\.(\d+)\.conv\.", r"quantize.quant_resi.qresi_ls.\1."),
     (r"^", "vae."),
 ]
-_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
 def _vae_level(mods: list[str], levels: int) -> list[str]:
@@ -62,47 +58,17 @@ def _vae_level(mods: list[str], levels: int) -> list[str]:
 def official_key(path: tuple, kind: str, levels: int = 0) -> str:
     """Our parameter path -> the key in the official state dict (`kind`: "transformer" or "tokenizer"; `levels`:
     the tokenizer's number of resolution levels, len(ch_mult))."""
-    *mods, leaf = (str(p) for p in path)
-    if kind == "tokenizer":
-        mods = _vae_level(mods, levels)
-    name = ".".join(mods + [_LEAF.get(leaf, leaf)])
+    name = torch_key(tuple(_vae_level([str(p) for p in path], levels)) if kind == "tokenizer" else path)
     for pat, rep in _TRANSFORMER_RULES if kind == "transformer" else _TOKENIZER_RULES:
         name = re.sub(pat, rep, name)
     return name
 
 
-def _to_ours(arr: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf == "kernel" and arr.ndim == 4:  # conv [O, I, kh, kw] -> [kh, kw, I, O]
-        return arr.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and arr.ndim == 2:  # linear [out, in] -> [in, out]
-        return arr.T
-    return arr
-
-
 def load_into(module, tensors: dict, kind: str, source: str, dtype=jnp.float32):
     """Fill `module` (possibly abstract, from nnx.eval_shape) from an official state dict; returns the module."""
-    graphdef, state = nnx.split(module)
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    used, missing, mismatched, new = set(), [], [], {}
     levels = len(module.cfg.ch_mult) if kind == "tokenizer" else 0
-    for path, cur in flat.items():
-        key = official_key(path, kind, levels)
-        if key not in tensors:
-            missing.append(key)
-            continue
-        arr = _to_ours(np.asarray(tensors[key]), str(path[-1]))
-        if arr.shape != tuple(cur.shape):
-            mismatched.append(f"{key}: checkpoint {tuple(np.shape(tensors[key]))} vs model {tuple(cur.shape)}")
-            continue
-        new[path] = jnp.asarray(arr, dtype)
-        used.add(key)
-    unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
-    problems = [f"{name}: {vals}" for name, vals in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if vals]
-    if problems:
-        raise CheckpointMismatchError(f"{source} does not fit the {kind}: " + "; ".join(problems))
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new))
-    return nnx.merge(graphdef, state)
+    return load_mapped(module, tensors, lambda p: (official_key(p, kind, levels), torch_layout(p)), source=source,
+                       what=f"the {kind}", ignore=_IGNORED.match, dtype=dtype)
 
 
 def bin_to_numpy(path: str | Path) -> dict[str, np.ndarray]:

@@ -10,14 +10,11 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jaxeff.io.safetensors import load_checkpoint_dir, save_checkpoint_dir
+from jaxeff.io.state_dict import load_mapped
 from jaxeff.models.llama import Llama, LlamaConfig
 
 # Buffers some exporters write that carry no learned weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointMismatchError(ValueError):
-    pass
 
 
 def hf_key(path: tuple) -> tuple[str, bool]:
@@ -43,38 +40,14 @@ def load_config(directory: str | Path) -> LlamaConfig:
 
 def load_state_dict_into(model: Llama, tensors: dict[str, np.ndarray], *, source: str = "checkpoint") -> Llama:
     """Fill `model`'s parameters from a HF-named state dict; raises naming missing/unexpected/mismatched keys."""
-    graphdef, state = nnx.split(model)
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    used, missing, mismatched = set(), [], []
-    new_flat = {}
-    for path, current in flat.items():
+    def key_of(path):
         key, transpose = hf_key(path)
-        if key not in tensors:
-            missing.append(key)
-            continue
-        arr = np.asarray(tensors[key])
-        arr = arr.T if transpose else arr
-        if arr.shape != tuple(current.shape):
-            mismatched.append(f"{key}: checkpoint {tuple(arr.shape)} vs model {tuple(current.shape)}")
-            continue
-        new_flat[path] = jnp.asarray(arr, dtype=current.dtype)
-        used.add(key)
-    unexpected = sorted(
-        k for k in tensors
-        if k not in used and not k.endswith(_IGNORED_SUFFIXES)
-        and not (k == "lm_head.weight" and model.config.tie_word_embeddings)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches: {mismatched}")
-    if problems:
-        raise CheckpointMismatchError(f"{source} does not fit the model: " + "; ".join(problems))
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new_flat))
-    return nnx.merge(graphdef, state)
+        return key, (np.transpose if transpose else None)
+
+    def ignore(key):
+        return key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and model.config.tie_word_embeddings)
+
+    return load_mapped(model, tensors, key_of, source=source, what="the model", ignore=ignore)
 
 
 def from_pretrained(directory: str | Path, dtype=jnp.float32) -> Llama:

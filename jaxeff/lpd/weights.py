@@ -5,48 +5,24 @@ Formats: safetensors (read without torch), or the official torch pickles: LPD `{
 LlamaGen `vq_ds16_c2i.pt` (`ckpt["model"]` if present, else a bare state dict). Pickles need the optional torch.
 
 Our module paths are the official keys (`blocks.3.attn.qkv`, `encoder.conv_blocks.1.res.0.conv1`, ...) with the
-leaf renamed (kernel/scale/embedding -> weight) and Linear / Conv kernels transposed from torch's layout. The loader
-names every missing, unexpected and shape-mismatched key; `quantize.codebook_used` (a usage counter) is ignored.
+leaf renamed (kernel/scale/embedding -> weight) and Linear / Conv kernels transposed from torch's layout; the shared
+`jaxeff.io.state_dict.load_mapped` names every missing, unexpected and shape-mismatched key.
+`quantize.codebook_used` (a usage counter) is ignored.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
 from jaxeff.io.safetensors import load_file
+from jaxeff.io.state_dict import CheckpointMismatchError, load_mapped, to_torch, torch_key, torch_layout
 
-_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _IGNORED = ("quantize.codebook_used",)
-
-
-class CheckpointMismatchError(ValueError):
-    pass
-
-
-def official_key(path: tuple) -> str:
-    *mods, leaf = (str(p) for p in path)
-    return ".".join(mods + [_LEAF.get(leaf, leaf)])
-
-
-def _to_ours(arr: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf == "kernel" and arr.ndim == 4:  # conv [O, I, kh, kw] -> [kh, kw, I, O]
-        return arr.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and arr.ndim == 2:  # linear [out, in] -> [in, out]
-        return arr.T
-    return arr
-
-
-def _to_torch(arr: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf == "kernel" and arr.ndim == 4:
-        return arr.transpose(3, 2, 0, 1)
-    if leaf == "kernel" and arr.ndim == 2:
-        return arr.T
-    return arr
+official_key = torch_key  # our module paths are the official names
 
 
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -103,46 +79,14 @@ def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str,
 
 def load_into(module, tensors: dict, *, source: str = "checkpoint", dtype=jnp.float32):
     """Fill `module` (possibly abstract, from nnx.eval_shape) from an official state dict; returns the module."""
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)  # rest: dropout rng state
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(params))
-    used, missing, mismatched, new = set(), [], [], {}
-    for path, cur in flat.items():
-        key = official_key(path)
-        if key not in tensors:
-            missing.append(key)
-            continue
-        arr = _to_ours(np.asarray(tensors[key]), str(path[-1]))
-        if arr.shape != tuple(cur.shape):
-            mismatched.append(f"{key}: checkpoint {tuple(np.shape(tensors[key]))} vs model {tuple(cur.shape)}")
-            continue
-        new[path] = jnp.asarray(arr, dtype)
-        used.add(key)
-    unexpected = sorted(k for k in tensors if k not in used and k not in _IGNORED)
-    problems = [f"{name}: {vals}" for name, vals in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if vals]
-    if problems:
-        raise CheckpointMismatchError(f"{source} does not fit the model: " + "; ".join(problems))
-    nnx.replace_by_pure_dict(params, traverse_util.unflatten_dict(new))
-    return nnx.merge(graphdef, params, _concrete(rest))
-
-
-def _concrete(state, seed: int = 0):
-    """Non-parameter state left abstract by `nnx.eval_shape` (dropout RNG keys and counters) made concrete:
-    distinct keys from `seed`, zero counters."""
-    leaves, treedef = jax.tree.flatten(state)
-    out = []
-    for i, x in enumerate(leaves):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            is_key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-            x = jax.random.fold_in(jax.random.key(seed), i) if is_key else jnp.zeros(x.shape, x.dtype)
-        out.append(x)
-    return jax.tree.unflatten(treedef, out)
+    return load_mapped(module, tensors, lambda p: (official_key(p), torch_layout(p)), source=source, what="the model",
+                       ignore=lambda k: k in _IGNORED, dtype=dtype)
 
 
 def state_dict(module) -> dict[str, np.ndarray]:
     """Official-layout numpy state dict of `module`'s parameters (for saving as safetensors)."""
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
-    return {official_key(p): np.ascontiguousarray(_to_torch(np.asarray(v), str(p[-1]))) for p, v in flat.items()}
+    return {official_key(p): np.ascontiguousarray(to_torch(np.asarray(v), str(p[-1]))) for p, v in flat.items()}
 
 
 def lpd_config_from_state_dict(tensors: dict, *, num_heads: int | None = None, **overrides):

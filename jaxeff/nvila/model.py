@@ -32,13 +32,13 @@ from flax import nnx, traverse_util
 from jaxeff.io import load_checkpoint_dir
 from jaxeff.io.hf import load_config as load_llm_config
 from jaxeff.io.hf import load_state_dict_into
+from jaxeff.io.state_dict import load_mapped, to_torch, torch_key, torch_layout
 from jaxeff.models.llama import Llama, LlamaConfig, SamplingConfig, stop_id_tuple
 from jaxeff.models.llama import generate as llm_generate
 from jaxeff.models.vit import ViT, ViTConfig, temporal_pool
 from jaxeff.nvila import features as F
 from jaxeff.nvila import tiling
 from jaxeff.nvila.projector import load_projector_state, make_projector
-from jaxeff.nvila.weights import load_mapped
 
 IMAGE_TOKEN, VIDEO_TOKEN, SENTINEL_TOKEN = "<image>", "<vila/video>", "<vila/sentinel>"
 MEDIA_TOKENS = (SENTINEL_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN)  # the order VILA adds them (ids 151648, 151649, 151650)
@@ -292,21 +292,13 @@ def siglip_config(d: dict) -> ViTConfig:
                      layer_norm_eps=d.get("layer_norm_eps", 1e-6))
 
 
-def _siglip_key(path: tuple):
-    """Our ViT parameter path -> (HF SiglipVisionModel key without `vision_model.`, checkpoint -> our layout)."""
-    *mods, leaf = (str(p) for p in path)
-    transform = None
-    if leaf == "kernel":
-        transform = (lambda w: w.transpose(2, 3, 1, 0)) if mods[-1] == "patch_embedding" else np.transpose
-    name = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
-    return ".".join(mods + [name]), transform
-
-
 def load_siglip_state(vit: ViT, tensors: dict[str, np.ndarray], source: str = "vision_tower") -> ViT:
     """Fill `vit` in place from a HF `SiglipVisionModel` state dict (keys with or without the `vision_model.`
     prefix; the pooling head, unused by NVILA, is ignored); raises naming missing, unexpected or mis-shaped keys."""
     tensors = {k.removeprefix("vision_model."): v for k, v in tensors.items()}
-    return load_mapped(vit, tensors, _siglip_key, source=source, what="the SigLIP tower", ignore=("head.",))
+    # our ViT paths are the HF SiglipVisionModel names (without `vision_model.`)
+    return load_mapped(vit, tensors, lambda p: (torch_key(p), torch_layout(p)), source=source,
+                       what="the SigLIP tower", ignore=lambda k: k.startswith("head."))
 
 
 def _read_json(path: Path) -> dict:
@@ -333,14 +325,8 @@ def siglip_state_dict(vit: ViT) -> dict[str, np.ndarray]:
     """HF `SiglipVisionModel` state dict (`vision_model.` keys, torch layouts) of `vit`: the inverse of
     `load_siglip_state`."""
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(vit, nnx.Param)))
-    out = {}
-    for path, value in flat.items():
-        key, transform = _siglip_key(path)
-        arr = np.asarray(value)
-        if transform is not None:  # the inverse of each load transform
-            arr = arr.transpose(3, 2, 0, 1) if arr.ndim == 4 else arr.T
-        out["vision_model." + key] = np.ascontiguousarray(arr)
-    return out
+    return {"vision_model." + torch_key(p): np.ascontiguousarray(to_torch(np.asarray(v), str(p[-1])))
+            for p, v in flat.items()}
 
 
 def released_config(cfg: NVILAConfig) -> tuple[dict, dict]:

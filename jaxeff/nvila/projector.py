@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from jaxeff.io.state_dict import load_mapped
 from jaxeff.models.vit import DownsampleProjector
-from jaxeff.nvila.weights import load_mapped
 
 # type -> (space-to-channel factor, middle width as a multiple of mm_hidden_size (None = no middle block))
 _TYPES = {"mlp_downsample": (2, None), "mlp_downsample_2x2_fix": (2, None), "mlp_downsample_3x3_fix": (3, 3)}
