@@ -99,6 +99,17 @@ class ConvBlock(nnx.Module):
         return h
 
 
+def _level(cin, cout, n_res, groups, attn, fused_qkv, rngs):
+    """`n_res` resnet blocks cin -> cout, attention after each if `attn`: (res list, attn list)."""
+    res, attns = [], []
+    for _ in range(n_res):
+        res.append(ResnetBlock(cin, cout, groups, rngs=rngs))
+        cin = cout
+        if attn:
+            attns.append(AttnBlock(cout, groups, fused_qkv=fused_qkv, rngs=rngs))
+    return res, attns
+
+
 def _mid(c, groups, attn, fused_qkv, rngs):
     """ResnetBlock, AttnBlock (if `attn`), ResnetBlock."""
     mods = [ResnetBlock(c, c, groups, rngs=rngs)]
@@ -119,18 +130,13 @@ class Encoder(nnx.Module):
         in_mult = (1,) + tuple(ch_mult)
         blocks = []
         for i in range(n):
-            cin, cout = ch * in_mult[i], ch * ch_mult[i]
-            res, attns = [], []
-            for _ in range(num_res_blocks):
-                res.append(ResnetBlock(cin, cout, groups, rngs=rngs))
-                cin = cout
-                if i == n - 1 and attn:
-                    attns.append(AttnBlock(cin, groups, fused_qkv=fused_qkv, rngs=rngs))
-            blocks.append(ConvBlock(res, attns, downsample=Downsample(cin, rngs) if i != n - 1 else None))
+            c = ch * ch_mult[i]
+            res, attns = _level(ch * in_mult[i], c, num_res_blocks, groups, attn and i == n - 1, fused_qkv, rngs)
+            blocks.append(ConvBlock(res, attns, downsample=Downsample(c, rngs) if i != n - 1 else None))
         self.conv_blocks = nnx.List(blocks)
-        self.mid = _mid(cin, groups, mid_attn, fused_qkv, rngs)
-        self.norm_out = group_norm(cin, groups, rngs)
-        self.conv_out = conv(cin, z_channels, 3, rngs)
+        self.mid = _mid(c, groups, mid_attn, fused_qkv, rngs)
+        self.norm_out = group_norm(c, groups, rngs)
+        self.conv_out = conv(c, z_channels, 3, rngs)
 
     def __call__(self, x):
         h = self.conv_in(x)
@@ -149,22 +155,17 @@ class Decoder(nnx.Module):
                  out_channels: int = 3, attn: bool = True, mid_attn: bool = True, fused_qkv: bool = False,
                  rngs: nnx.Rngs):
         n = len(ch_mult)
-        cin = ch * ch_mult[-1]
-        self.conv_in = conv(z_channels, cin, 3, rngs)
-        self.mid = _mid(cin, groups, mid_attn, fused_qkv, rngs)
+        c = ch * ch_mult[-1]
+        self.conv_in = conv(z_channels, c, 3, rngs)
+        self.mid = _mid(c, groups, mid_attn, fused_qkv, rngs)
         blocks = []
         for i in reversed(range(n)):
-            cout = ch * ch_mult[i]
-            res, attns = [], []
-            for _ in range(num_res_blocks + 1):
-                res.append(ResnetBlock(cin, cout, groups, rngs=rngs))
-                cin = cout
-                if i == n - 1 and attn:
-                    attns.append(AttnBlock(cin, groups, fused_qkv=fused_qkv, rngs=rngs))
-            blocks.append(ConvBlock(res, attns, upsample=Upsample(cin, rngs) if i != 0 else None))
+            res, attns = _level(c, ch * ch_mult[i], num_res_blocks + 1, groups, attn and i == n - 1, fused_qkv, rngs)
+            c = ch * ch_mult[i]
+            blocks.append(ConvBlock(res, attns, upsample=Upsample(c, rngs) if i != 0 else None))
         self.conv_blocks = nnx.List(blocks)
-        self.norm_out = group_norm(cin, groups, rngs)
-        self.conv_out = conv(cin, out_channels, 3, rngs)
+        self.norm_out = group_norm(c, groups, rngs)
+        self.conv_out = conv(c, out_channels, 3, rngs)
 
     def __call__(self, z):
         h = self.conv_in(z)
