@@ -56,6 +56,10 @@ def test_pattern_round_trip_and_shape_errors(tmp_path, model):
 
 def test_pattern_names_download_once_into_the_cache(tmp_path, monkeypatch):
     """Released patterns by name, without network: the downloaders are replaced by copies from a local folder."""
+    import shutil
+
+    import huggingface_hub
+
     from jaxeff.duo_attention import pattern
 
     alpha = np.random.default_rng(1).uniform(0, 1, (32, 8))
@@ -80,15 +84,17 @@ def test_pattern_names_download_once_into_the_cache(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_hf(repo_id, filename, revision, cache_dir):
-        calls.append((repo_id, filename, revision))
-        return str(served / filename.rsplit("/", 1)[1])
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, cache_dir=None):
+        calls.append((repo_id, revision, allow_patterns))
+        snapshot = tmp_path / "hf_snapshot"
+        shutil.copytree(served, snapshot / "llama" / "run1", dirs_exist_ok=True)
+        return str(snapshot)
 
-    monkeypatch.setattr(pattern, "_hf_download", fake_hf)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     loaded, _, _ = da.load_pattern("hf:someone/duo-patterns@v1/llama/run1")
     np.testing.assert_allclose(loaded, alpha.astype(np.float32))
-    assert calls == [("someone/duo-patterns", "llama/run1/full_attention_heads.tsv", "v1"),
-                     ("someone/duo-patterns", "llama/run1/config.json", "v1")]
+    assert calls == [("someone/duo-patterns", "v1",
+                      ["llama/run1/full_attention_heads.tsv", "llama/run1/config.json"])]
     assert pattern.parse_pattern_name("github:a/b@dev/x/y") == ("github", "a/b", "dev", "x/y")
     for bad in ("github:mit-han-lab/duo-attention", "hf:repo/only", "s3:a/b/c"):
         with pytest.raises(ValueError, match="is not 'hf:"):
@@ -117,7 +123,7 @@ def test_pattern_names_offline_error(tmp_path, monkeypatch):
     def hf_offline(*args, **kwargs):
         raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hf_offline)
     with pytest.raises(ConnectionError, match="seems offline"):
         da.load_pattern("hf:someone/duo-patterns/llama", cache_dir=tmp_path)
     Config(pattern=name).validate()  # the experiments take names (downloaded in the run, not at validation)

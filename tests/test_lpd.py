@@ -163,18 +163,27 @@ def test_hf_sources_resolve_without_network(monkeypatch, tmp_path):
 
     from jaxeff.lpd.weights import resolve
 
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: ["README.md", "lpd_l_256.pth"])
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo, name: calls.append((repo, name)) or str(tmp_path / name))
-    assert resolve("hf:mit-han-lab/lpd_l_256") == tmp_path / "lpd_l_256.pth"
-    assert resolve("hf:FoundationVision/LlamaGen/vq_ds16_c2i.pt") == tmp_path / "vq_ds16_c2i.pt"
-    assert calls == [("mit-han-lab/lpd_l_256", "lpd_l_256.pth"), ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt")]
+    calls, served = [], {"mit-han-lab/lpd_l_256": ["lpd_l_256.pth"], "FoundationVision/LlamaGen": ["vq_ds16_c2i.pt"]}
+
+    def fake_snapshot(repo, revision=None, allow_patterns=None, cache_dir=None):
+        calls.append((repo, allow_patterns))
+        root = tmp_path / repo
+        for name in served[repo]:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).touch()
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert resolve("hf:mit-han-lab/lpd_l_256") == tmp_path / "mit-han-lab/lpd_l_256/lpd_l_256.pth"
+    assert resolve("hf:FoundationVision/LlamaGen/vq_ds16_c2i.pt") == \
+        tmp_path / "FoundationVision/LlamaGen/vq_ds16_c2i.pt"
+    assert calls == [("mit-han-lab/lpd_l_256", ["*.pth", "*.pt", "*.safetensors"]),
+                     ("FoundationVision/LlamaGen", ["vq_ds16_c2i.pt", "vq_ds16_c2i.pt/*"])]
     assert resolve(tmp_path / "x.pth") == tmp_path / "x.pth"
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: ["a.pth", "b.pth"])
+    served["mit-han-lab/lpd_l_256"] = ["a.pth", "b.pth"]
     with pytest.raises(ValueError, match="name one"):
         resolve("hf:mit-han-lab/lpd_l_256")
-    with pytest.raises(ValueError, match="expected hf:"):
+    with pytest.raises(ValueError, match="is not 'hf:"):
         resolve("hf:nothing")
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxeff.io import hub
+
 TSV_NAME = "full_attention_heads.tsv"
 CONFIG_NAME = "config.json"
 _OFFICIAL = "github:mit-han-lab/duo-attention/attn_patterns"
@@ -65,24 +67,19 @@ def _download(url: str, dest: Path) -> None:
     tmp.replace(dest)
 
 
-def _hf_download(repo_id: str, filename: str, revision: str | None, cache_dir: Path | None) -> str:
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
-
-
 def resolve_pattern(source: str | Path, cache_dir: str | Path | None = None) -> Path:
     """A local pattern directory for `source`: a path is returned as is; an `hf:` / `github:` name (see
     `parse_pattern_name`) is downloaded on first use. GitHub files go to `cache_dir` (default `default_cache_dir()`)
-    under github/<owner>/<repo>/<ref>/<folder>; Hugging Face files go to huggingface_hub's cache (or `cache_dir`).
-    Without a network a name that is not cached raises ConnectionError saying how to use a local copy instead."""
+    under github/<owner>/<repo>/<ref>/<folder>; Hugging Face names go through `jaxeff.io.hub.resolve` (the hub's
+    cache, or `cache_dir`). Without a network a name that is not cached raises ConnectionError saying how to use a
+    local copy instead."""
     if not is_pattern_name(source):
         return Path(source)
     kind, repo, rev, folder = parse_pattern_name(source)
-    offline_hint = (f"could not download the DuoAttention pattern {source!r}: the machine seems offline or the name "
-                    f"is wrong. Download {TSV_NAME} and {CONFIG_NAME} of that folder elsewhere and pass the local "
-                    f"directory instead")
     if kind == "github":
+        offline_hint = (f"could not download the DuoAttention pattern {source!r}: the machine seems offline or the "
+                        f"name is wrong. Download {TSV_NAME} and {CONFIG_NAME} of that folder elsewhere and pass the "
+                        f"local directory instead")
         ref = rev or "main"
         local = Path(cache_dir or default_cache_dir()) / "github" / repo / ref / folder
         local.mkdir(parents=True, exist_ok=True)
@@ -95,17 +92,8 @@ def resolve_pattern(source: str | Path, cache_dir: str | Path | None = None) -> 
                 except OSError as err:  # urllib's URLError/HTTPError, timeouts
                     raise ConnectionError(f"{offline_hint} ({url}: {err})") from err
         return local
-    from huggingface_hub.errors import HfHubHTTPError
-
-    paths = []
-    for name in (TSV_NAME, CONFIG_NAME):
-        try:
-            paths.append(Path(_hf_download(repo, f"{folder}/{name}", rev, cache_dir)))
-        except (OSError, HfHubHTTPError) as err:
-            raise ConnectionError(f"{offline_hint} (hf://{repo}/{folder}/{name}: {err})") from err
-    if paths[0].parent != paths[1].parent:
-        raise RuntimeError(f"huggingface_hub put {TSV_NAME} and {CONFIG_NAME} of {source!r} in different folders")
-    return paths[0].parent
+    return hub.resolve(source, allow_patterns=[f"{folder}/{TSV_NAME}", f"{folder}/{CONFIG_NAME}"],
+                       cache_dir=cache_dir)
 
 
 def load_pattern(source: str | Path, cache_dir: str | Path | None = None) -> tuple[np.ndarray, int, int]:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff.io import hub
 from jaxeff.io.safetensors import load_checkpoint_dir
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.nn import attention
@@ -87,6 +88,7 @@ class TextEncoder:
     def from_pretrained(cls, directory: str | Path, max_length: int = 300, use_system_prompt: bool = True):
         from transformers import AutoTokenizer
 
+        directory = hub.resolve(directory, allow_patterns=hub.HF_MODEL_FILES)
         tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         return cls(load_qwen2(directory), tok, max_length, use_system_prompt)
 

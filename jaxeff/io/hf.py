@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from jaxeff.io import hub
 from jaxeff.io.safetensors import load_checkpoint_dir, save_checkpoint_dir
 from jaxeff.io.state_dict import load_mapped
 from jaxeff.models.llama import Llama, LlamaConfig
@@ -51,8 +52,11 @@ def load_state_dict_into(model: Llama, tensors: dict[str, np.ndarray], *, source
 
 
 def from_pretrained(directory: str | Path, dtype=jnp.float32) -> Llama:
-    """Load a Llama / Mistral / Qwen2 Hugging Face directory as an NNX `Llama` with parameters in `dtype`."""
-    directory = Path(directory)
+    """Load a Llama / Mistral / Qwen2 Hugging Face directory as an NNX `Llama` with parameters in `dtype`.
+
+    `directory` may be `hf:<owner>/<repo>[@<revision>]`: its config, tokenizer and safetensors files are downloaded
+    once with `jaxeff.io.hub.resolve` (errors as documented there)."""
+    directory = hub.resolve(directory, allow_patterns=hub.HF_MODEL_FILES)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     cfg = load_config(directory)

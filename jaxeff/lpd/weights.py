@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from jaxeff.io import hub
 from jaxeff.io.safetensors import load_file
 from jaxeff.io.state_dict import CheckpointMismatchError, load_mapped, to_torch, torch_key, torch_layout
 
@@ -29,26 +30,17 @@ _WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def resolve(source: str | Path) -> Path:
-    """A local path, or `hf:<owner>/<repo>[/<file>]` downloaded with huggingface_hub (needs a network), e.g.
+    """A local path, or `hf:<owner>/<repo>[/<file>]` downloaded by `jaxeff.io.hub.resolve` (needs a network), e.g.
     `hf:mit-han-lab/lpd_l_256` (the repo's one .pth / .safetensors file) or
     `hf:FoundationVision/LlamaGen/vq_ds16_c2i.pt`."""
-    if not str(source).startswith("hf:"):
-        return Path(source)
-    parts = str(source)[3:].split("/", 2)
-    if len(parts) < 2 or not all(parts[:2]):
-        raise ValueError(f"{source!r}: expected hf:<owner>/<repo>[/<file>]")
-    import huggingface_hub
-
-    repo = "/".join(parts[:2])
-    if len(parts) == 3:
-        filename = parts[2]
-    else:
-        files = [f for f in huggingface_hub.list_repo_files(repo) if f.endswith(_WEIGHT_SUFFIXES)]
-        if len(files) != 1:
-            raise ValueError(f"{source!r}: the repo holds {len(files)} weight files {files}; "
-                             f"name one as hf:{repo}/<file>")
-        filename = files[0]
-    return Path(huggingface_hub.hf_hub_download(repo, filename))
+    if not hub.is_hub_name(source) or hub.parse(source)[2]:
+        return hub.resolve(source)
+    root = hub.resolve(source, allow_patterns=[f"*{s}" for s in _WEIGHT_SUFFIXES])
+    files = sorted(p for p in root.rglob("*") if p.name.endswith(_WEIGHT_SUFFIXES))
+    if len(files) != 1:
+        raise ValueError(f"{source!r}: the repo holds {len(files)} weight files {[p.name for p in files]}; "
+                         f"name one as {source}/<file>")
+    return files[0]
 
 
 def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str, np.ndarray]:

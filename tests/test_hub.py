@@ -1,0 +1,66 @@
+"""`hf:` names: one download helper (`jaxeff.io.hub`) behind every loader; no network is used here."""
+
+import json
+import types
+
+import huggingface_hub
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from jaxeff.io import from_pretrained, hub, save_pretrained
+from jaxeff.models.llama import Llama, LlamaConfig
+
+
+def test_parse_names():
+    assert hub.parse("hf:a/b") == ("a/b", None, "")
+    assert hub.parse("hf:a/b@v2/sub/dir") == ("a/b", "v2", "sub/dir")
+    for bad in ("hf:a", "hf:/b", "a/b"):
+        with pytest.raises(ValueError, match="is not 'hf:"):
+            hub.parse(bad)
+    assert not hub.is_hub_name(hub.resolve.__code__.co_filename)  # a plain path stays a path
+
+
+def test_from_pretrained_downloads_only_the_model_files(tmp_path, monkeypatch):
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=(3, 7))
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    save_pretrained(model, tmp_path / "served")
+    calls = []
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, cache_dir=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tmp_path / "served")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    loaded = from_pretrained("hf:someone/tiny-llama@main")
+    assert calls == [("someone/tiny-llama", "main", list(hub.HF_MODEL_FILES))]
+    tokens = jnp.array([[1, 2, 3, 4]])
+    np.testing.assert_allclose(loaded(tokens), model(tokens), rtol=1e-6)
+    assert json.loads((tmp_path / "served" / "config.json").read_text())["eos_token_id"] == [3, 7]
+
+
+_RESPONSE = types.SimpleNamespace(headers={}, status_code=403, url="https://huggingface.co/a/b", request=None)
+
+
+@pytest.mark.parametrize("make_error, kind, message", [
+    (lambda: LocalEntryNotFoundError("no network and nothing cached"), ConnectionError,
+     "seems offline.*hf download a/b"),
+    (lambda: GatedRepoError("gated", response=_RESPONSE), PermissionError, "gated.*HF_TOKEN"),
+    (lambda: RepositoryNotFoundError("404", response=_RESPONSE), FileNotFoundError, "no such repository"),
+], ids=["offline", "gated", "unknown"])
+def test_errors_say_what_to_do(monkeypatch, make_error, kind, message):
+    def failing(*args, **kwargs):
+        raise make_error()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    with pytest.raises(kind, match=message):
+        hub.resolve("hf:a/b/weights.safetensors")
+
+
+def test_a_path_missing_from_the_snapshot_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="has no 'model.pt'"):
+        hub.resolve("hf:a/b/model.pt")
