@@ -1,8 +1,11 @@
 """hart_1024: HART at 1024px.
 
-- With `ckpt=<hart-0.7b-1024px> text_encoder=<Qwen2-VL-1.5B-Instruct>`: generate 1024x1024 PNGs for the prompts
-  (HART's default prompt list otherwise), a grid, and latency / images-per-second / MACs in results.md.
-- Without weights: the full-size 1024px architecture with abstract (unallocated) random weights for the parameter
+- By default `ckpt=hf:mit-han-lab/hart-0.7b-1024px text_encoder=hf:mit-han-lab/Qwen2-VL-1.5B-Instruct` (downloaded
+  once into the Hugging Face cache; local directories work too): generate 1024x1024 PNGs for the prompts (HART's
+  default prompt list otherwise) on whatever device is there, a grid, and latency / images-per-second / MACs in
+  results.md.
+- Offline (the download fails and nothing is cached), or with `ckpt=none text_encoder=none`, it says so and runs
+  without weights: the full-size 1024px architecture with abstract (unallocated) random weights for the parameter
   table and MAC count, next to a DiT-style diffusion baseline of the same width at 1024px (20 steps, CFG); then
   the `hart_tiny` pipeline (trained here), whose images come from the tiny model, not the 1024px one.
 """
@@ -24,6 +27,7 @@ from jaxeff.hart.dit import DiT, DiTConfig
 from jaxeff.hart.macs import dit_macs, hart_macs, param_count
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.transformer import HARTConfig, HARTTransformer, SampleOptions
+from jaxeff.io import hub
 
 # A subset of HART's `default_prompts` (hart/utils/constants.py).
 DEFAULT_PROMPTS = (
@@ -38,8 +42,8 @@ DEFAULT_PROMPTS = (
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    ckpt: str | None = None
-    text_encoder: str | None = None
+    ckpt: str | None = "hf:mit-han-lab/hart-0.7b-1024px"
+    text_encoder: str | None = "hf:mit-han-lab/Qwen2-VL-1.5B-Instruct"
     prompts: tuple[str, ...] = ()
     seed: int = 1
     cfg: float = 4.5
@@ -55,7 +59,9 @@ class Config:
         if (self.ckpt is None) != (self.text_encoder is None):
             raise ValueError("give both ckpt= and text_encoder= (or neither for the no-weights run)")
         for p in (self.ckpt, self.text_encoder):
-            if p is not None and not Path(p).is_dir():
+            if p is not None and hub.is_hub_name(p):
+                hub.parse(p)  # a malformed name fails here; the download happens in the run
+            elif p is not None and not Path(p).is_dir():
                 raise FileNotFoundError(f"{p} is not a directory")
         if self.batch < 1 or self.timed_runs < 1 or self.dit_steps < 1 or self.num_maskgit_iters < 1:
             raise ValueError("batch, timed_runs, dit_steps and num_maskgit_iters must be >= 1")
@@ -114,10 +120,10 @@ def _architecture(cfg: Config, run: Run):
     return hm, dm
 
 
-def _with_weights(cfg: Config, run: Run):
+def _with_weights(cfg: Config, run: Run, ckpt: Path, text_encoder: Path):
     from jaxeff.hart import HART
 
-    hart = HART.from_pretrained(cfg.ckpt, text_encoder=cfg.text_encoder)
+    hart = HART.from_pretrained(ckpt, text_encoder=text_encoder)
     prompts = list(cfg.prompts or DEFAULT_PROMPTS)
     opts = SampleOptions(cfg=cfg.cfg, more_smooth=cfg.more_smooth, num_maskgit_iters=cfg.num_maskgit_iters)
     out_dir = run.dir / "images"
@@ -156,10 +162,17 @@ def _with_weights(cfg: Config, run: Run):
 
 @register("hart_1024", Config, presets={"smoke": {}, "full": {"xla_check": True}})
 def run(cfg: Config, run: Run) -> None:
-    """HART 1024px: released weights if given; else full-size MAC/param table vs DiT, then the tiny pipeline."""
+    """HART 1024px: the released weights (downloaded when needed); without them (offline, or `ckpt=none`) the
+    full-size MAC/param table vs DiT, then the tiny pipeline."""
     if cfg.ckpt is not None:
-        _with_weights(cfg, run)
-        return
+        try:
+            ckpt, text_encoder = hub.resolve(cfg.ckpt), hub.resolve(cfg.text_encoder, allow_patterns=hub.HF_MODEL_FILES)
+        except ConnectionError as e:
+            run.print(f"hart_1024: no released weights ({e}); running the no-weights path instead")
+            run.results([{"note": f"released weights not available: {e}"}], title="hart_1024: offline")
+        else:
+            _with_weights(cfg, run, ckpt, text_encoder)
+            return
     _architecture(cfg, run)
     if cfg.run_tiny:
         tiny_cfg = hart_tiny.Config(**get("hart_tiny").presets[run.preset])

@@ -50,11 +50,34 @@ def test_hart_1024_rejects_bad_input(tmp_path):
     from jaxeff.experiment import ExperimentError, run_experiment
 
     with pytest.raises(ExperimentError, match="both ckpt"):
-        run_experiment("hart_1024", "smoke", {"ckpt": str(tmp_path)}, runs_root=tmp_path / "runs")
+        run_experiment("hart_1024", "smoke", {"ckpt": str(tmp_path), "text_encoder": "none"},
+                       runs_root=tmp_path / "runs")
+    with pytest.raises(ExperimentError, match="is not 'hf:"):
+        run_experiment("hart_1024", "smoke", {"ckpt": "hf:no-repo"}, runs_root=tmp_path / "runs")
     with pytest.raises(ExperimentError, match="not a directory"):
         run_experiment("hart_1024", "smoke", {"ckpt": str(tmp_path / "nope"), "text_encoder": str(tmp_path)},
                        runs_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_hart_1024_downloads_the_released_weights_by_default_and_says_when_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from jaxeff.experiment import run_experiment
+
+    asked = []
+
+    def offline(repo_id, **kwargs):
+        asked.append(repo_id)
+        raise LocalEntryNotFoundError("no network and nothing cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    run = run_experiment("hart_1024", "smoke", {"run_tiny": "false"}, runs_root=tmp_path)
+    assert asked == ["mit-han-lab/hart-0.7b-1024px"]
+    text = (run.dir / "results.md").read_text()
+    assert "released weights not available" in text and "seems offline" in text
+    assert "DiT / HART MAC ratio" in text  # then the no-weights path ran
 
 
 def test_hart_experiment_sampling_and_training_overrides():
