@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.transformer import HARTConfig, HARTTransformer
+from jaxeff.io import hub
 from jaxeff.io.safetensors import load_checkpoint_dir, load_file
 from jaxeff.io.state_dict import CheckpointMismatchError, load_mapped, torch_key, torch_layout
 
@@ -150,25 +151,9 @@ def tokenizer_config(d: dict, patch_nums: tuple[int, ...]) -> TokenizerConfig:
     )
 
 
-def download(source: str | Path) -> Path:
-    """A local directory as is, or `hf:<owner>/<repo>` fetched once into the Hugging Face cache with
-    `huggingface_hub.snapshot_download` (e.g. `hf:mit-han-lab/hart-0.7b-1024px`,
-    `hf:mit-han-lab/Qwen2-VL-1.5B-Instruct`); raises OSError saying what to do when the Hub cannot be reached."""
-    if not str(source).startswith("hf:"):
-        return Path(source)
-    from huggingface_hub import snapshot_download
-
-    repo_id = str(source)[3:]
-    try:
-        return Path(snapshot_download(repo_id))
-    except Exception as e:  # offline, unknown or gated repository: the cause is chained
-        raise OSError(f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
-                      f"network, download it elsewhere (`hf download {repo_id} --local-dir DIR`) and pass DIR.") from e
-
-
 def resolve_dirs(path: str | Path) -> tuple[Path, Path]:
     """(llm dir, tokenizer dir) from either the model root or its `llm/` folder (or `hf:<owner>/<repo>`)."""
-    p = download(path)
+    p = hub.resolve(path)
     if not p.is_dir():
         raise FileNotFoundError(f"HART checkpoint directory {p} does not exist")
     llm = p / "llm" if (p / "llm").is_dir() else p
@@ -195,5 +180,5 @@ def load_hart(path: str | Path, use_ema: bool = True, dtype=jnp.float32):
     return model, tok
 
 
-__all__ = ["CheckpointMismatchError", "download", "load_hart", "load_into", "official_key", "bin_to_numpy",
+__all__ = ["CheckpointMismatchError", "load_hart", "load_into", "official_key", "bin_to_numpy",
            "convert_bin_dir", "load_file"]
