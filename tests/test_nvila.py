@@ -178,7 +178,7 @@ def test_save_pretrained_round_trip_and_offline_hub_error(tiny_nvila, tmp_path, 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(OSError, match="could not get 'Efficient-Large-Model/NVILA-Lite-2B' from the Hugging Face"):
+    with pytest.raises(ConnectionError, match="could not download 'hf:Efficient-Large-Model/NVILA-Lite-2B'"):
         M.from_pretrained("hf:Efficient-Large-Model/NVILA-Lite-2B")
 
 

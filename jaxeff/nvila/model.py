@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxeff.io import load_checkpoint_dir
+from jaxeff.io import hub, load_checkpoint_dir
 from jaxeff.io.hf import load_config as load_llm_config
 from jaxeff.io.hf import load_state_dict_into
 from jaxeff.io.state_dict import load_mapped, to_torch, torch_key, torch_layout
@@ -308,19 +308,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def download(repo_id: str) -> str:
-    """The local snapshot folder of a Hugging Face Hub repository (downloaded once, then cached); raises OSError
-    saying what to do when the Hub cannot be reached (offline, `HF_HUB_OFFLINE=1`) or the repository is missing."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id)
-    except Exception as e:  # offline, unknown or gated repository: the cause is chained and named below
-        raise OSError(f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
-                      f"network, download it elsewhere (`hf download {repo_id} --local-dir DIR`) and pass "
-                      f"from_pretrained(DIR).") from e
-
-
 def siglip_state_dict(vit: ViT) -> dict[str, np.ndarray]:
     """HF `SiglipVisionModel` state dict (`vision_model.` keys, torch layouts) of `vit`: the inverse of
     `load_siglip_state`."""
@@ -371,9 +358,10 @@ def save_pretrained(nvila: NVILA, directory: str | Path) -> Path:
 
 def from_pretrained(directory: str | Path, dtype=jnp.bfloat16) -> NVILA:
     """Load a released NVILA / NVILA-Lite folder (config.json, llm/, vision_tower/, mm_projector/, safetensors)
-    or `"hf:<repo id>"` (downloaded with huggingface_hub) with parameters in `dtype` (the release is bf16)."""
+    or `"hf:<repo id>"` (downloaded by `jaxeff.io.hub.resolve`, errors as documented there) with parameters in
+    `dtype` (the release is bf16)."""
     directory = str(directory)
-    root = Path(download(directory[3:]) if directory.startswith("hf:") else directory)
+    root = hub.resolve(directory)
     top = _read_json(root / "config.json")
     vision = siglip_config(_read_json(root / "vision_tower" / "config.json"))
     projector_type = _read_json(root / "mm_projector" / "config.json").get("mm_projector_type")
