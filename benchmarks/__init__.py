@@ -5,9 +5,9 @@ The helpers here are shared by the scripts (kept in `__init__` so `make bench` d
 
 from __future__ import annotations
 
-import time
+from jaxeff.experiment import best_time
 
-import jax
+__all__ = ["best_time", "parse_preset"]  # best_time: the one timing helper, shared with experiments and notebooks
 
 
 def parse_preset(argv: list[str], presets: dict[str, dict], default: str = "reduced") -> dict:
@@ -24,14 +24,3 @@ def parse_preset(argv: list[str], presets: dict[str, dict], default: str = "redu
             raise SystemExit(f"unknown option {k!r}; options: {settable + ['preset']}")
         opts[k] = int(v)
     return opts
-
-
-def best_time(fn, *args, repeats: int) -> float:
-    """Best wall seconds of `fn(*args)` over `repeats` calls, after one compile + warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return min(times)

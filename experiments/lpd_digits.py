@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxeff.experiment import Run, register
+from jaxeff.experiment import Run, call_times, image_grid, register
 from jaxeff.lpd import LPD, LPDConfig, generate, schedules
 from jaxeff.lpd.model import cross_entropy
 from jaxeff.lpd.orders import batched_orders
@@ -110,27 +110,6 @@ def _orders(kind, batch, sizes, seed):
     return batched_orders(kind, batch, GRID, sizes, seed=seed, proximity_threshold=1.0, repulsion_threshold=1.0)
 
 
-def _median_time(fn, runs):
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def _grid_figure(images, rows, cols, title):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8))
-    for ax, im in zip(np.asarray(axes).ravel(), images):
-        ax.imshow(im.reshape(GRID, GRID), cmap="gray_r", vmin=0, vmax=LEVELS - 1)
-        ax.axis("off")
-    fig.suptitle(title)
-    return fig
-
-
 @register("lpd_digits", Config, presets={
     "smoke": {"steps": 40, "depth": 2, "dim": 32, "batch": 32, "warmup": 10, "eval_steps": (64, 8),
               "sample_steps": (8,), "samples_per_class": 2, "timing_runs": 3, "ablation": False},
@@ -186,7 +165,10 @@ def run(cfg: Config, run: Run) -> None:
         out = generate(model, sizes, orders, labels, cfg=cfg.cfg, key=jax.random.key(cfg.seed + k))
         tokens = np.asarray(out["tokens"])
         srows.append({"steps": k, "class accuracy": float(clf.score(tokens / (LEVELS - 1), labels))})
-        run.savefig(_grid_figure(tokens, 10, cfg.samples_per_class, f"{k} steps"), f"samples_{k}steps.png")
+        fig = image_grid(tokens.reshape(-1, GRID, GRID), 10, cfg.samples_per_class, cell=0.8, cmap="gray_r", vmin=0,
+                         vmax=LEVELS - 1)
+        fig.suptitle(f"{k} steps")
+        run.savefig(fig, f"samples_{k}steps.png")
     run.results(srows, title="Generated samples (locality order, temperature 1)",
                 note=f"Classifier accuracy on real test digits: {real_acc:.3f}.")
 
@@ -195,8 +177,9 @@ def run(cfg: Config, run: Run) -> None:
     for k in sorted({N, *cfg.sample_steps}, reverse=True):
         sizes = cosine_group_sizes(N, k)
         orders = _orders("raster" if k == N else "locality", 1, sizes, cfg.seed)
-        sec = _median_time(lambda s=sizes, o=orders: generate(model, s, o, [3], cfg=cfg.cfg, greedy=True)["tokens"],
-                           cfg.timing_runs)
+        sec = float(np.median(call_times(lambda s=sizes, o=orders: generate(model, s, o, [3], cfg=cfg.cfg,
+                                                                              greedy=True)["tokens"],
+                                         repeats=cfg.timing_runs)))
         base = base or sec
         trows.append({"steps": k, "median s/image": sec, "speed-up vs 64 steps": base / sec})
     run.results(trows, title="Decode time per image, batch 1 (KV cache, one compiled program)",

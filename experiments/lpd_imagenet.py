@@ -10,13 +10,12 @@ noise and its timings mean nothing.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxeff.experiment import Run, register
+from jaxeff.experiment import Run, best_time, register
 from jaxeff.lpd import LPD, LPDConfig, generate, load_lpd, schedules
 from jaxeff.lpd.orders import batched_orders
 from jaxeff.lpd.training import cosine_group_sizes
@@ -57,16 +56,6 @@ def _models(cfg: Config):
     return lpd, load_vq("hf:FoundationVision/LlamaGen/vq_ds16_c2i.pt", weights_only=cfg.weights_only)
 
 
-def _best(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 @register("lpd_imagenet", Config, presets={
     "smoke": {"random_weights": True, "steps": 4, "throughput_batch": 4, "repeats": 1, "classes": (1, 2)},
     "full": {},
@@ -99,13 +88,14 @@ def run(cfg: Config, run: Run) -> None:
     # orders are built before timing: officially they are precomputed offline
     labels1 = np.asarray(cfg.classes[:1])
     orders1 = batched_orders("locality", 1, grid, sizes, seed=cfg.seed, **locality)
-    lat = _best(lambda: decode(vq, generate(lpd, sizes, orders1, labels1, cfg=guidance, key=jax.random.key(0))[
-        "tokens"].reshape(1, grid, grid)), cfg.repeats)
+    lat = best_time(lambda: decode(vq, generate(lpd, sizes, orders1, labels1, cfg=guidance, key=jax.random.key(0))[
+        "tokens"].reshape(1, grid, grid)), repeats=cfg.repeats)
     b = cfg.throughput_batch
     labels_b = np.resize(np.asarray(cfg.classes), b)
     orders_b = batched_orders("locality", b, grid, sizes, seed=cfg.seed + 1, **locality)
-    tput = b / _best(lambda: decode(vq, generate(lpd, sizes, orders_b, labels_b, cfg=guidance,
-                                                 key=jax.random.key(1))["tokens"].reshape(b, grid, grid)), cfg.repeats)
+    tput = b / best_time(lambda: decode(vq, generate(lpd, sizes, orders_b, labels_b, cfg=guidance,
+                                                     key=jax.random.key(1))["tokens"].reshape(b, grid, grid)),
+                         repeats=cfg.repeats)
     paper = PAPER.get(key, (None, None))
     run.results([{"model": cfg.model if not cfg.random_weights else "tiny random (smoke)", "steps": cfg.steps,
                   "cfg": guidance, "latency s (batch 1)": lat, "paper latency s": paper[0],

@@ -223,6 +223,39 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], float_fmt: str = "{:.4g}")
     return "\n".join(lines) + "\n"
 
 
+def call_times(fn: Callable[..., Any], *args: Any, repeats: int) -> list[float]:
+    """Wall seconds of each of `repeats` calls `fn(*args)`, each waiting for its result (`jax.block_until_ready`),
+    after one compile + warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def best_time(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
+    """Best wall seconds of `fn(*args)` over `repeats` calls, after one compile + warm-up call (`call_times`)."""
+    return min(call_times(fn, *args, repeats=repeats))
+
+
+def image_grid(images: Iterable[Any], rows: int, cols: int, *, cell: float = 1.1, **imshow: Any):
+    """A matplotlib figure of `images` (each [H, W] or [H, W, 3], shown as given: clip or scale them first) on a
+    `rows` x `cols` grid of `cell`-inch squares, axes off; `imshow` keywords (cmap, vmin, vmax) go to every image.
+    Save it with `Run.savefig`."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell))
+    for ax, im in zip(np.asarray(axes).ravel(), images):
+        ax.imshow(np.asarray(im), **imshow)
+        ax.axis("off")
+    return fig
+
+
 class Run:
     """Handle given to an experiment: where its files go and how it reports."""
 
