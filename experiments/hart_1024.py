@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import hart_tiny
-from jaxeff.experiment import Run, get, register
+from jaxeff.experiment import Run, image_grid, register
 from jaxeff.hart.dit import DiT, DiTConfig
 from jaxeff.hart.macs import dit_macs, hart_macs, param_count
+from jaxeff.hart.tiny import TINY_PRESETS, TinyConfig, run_tiny
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.transformer import HARTConfig, HARTTransformer, SampleOptions
 from jaxeff.io import hub
@@ -146,7 +146,7 @@ def _with_weights(cfg: Config, run: Run, ckpt: Path, text_encoder: Path):
                 images.extend(imgs)
     for j, im in enumerate(images):
         Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)).save(out_dir / f"{j:04d}.png")
-    grid = hart_tiny._grid([im for im in images], 1, len(images))
+    grid = image_grid(np.clip(images, 0, 1), 1, len(images))
     run.savefig(grid, "grid.png")
     (run.dir / "prompts.txt").write_text("\n".join(prompts))
     total_t, total_n = sum(t for t, _ in times), sum(n for _, n in times)
@@ -175,8 +175,7 @@ def run(cfg: Config, run: Run) -> None:
             return
     _architecture(cfg, run)
     if cfg.run_tiny:
-        tiny_cfg = hart_tiny.Config(**get("hart_tiny").presets[run.preset])
-        res = hart_tiny.run_tiny(tiny_cfg, run, label="hart_tiny")
+        res = run_tiny(TinyConfig(**TINY_PRESETS[run.preset]), run, label="hart_tiny")
         run.results([{"note": "The generated images (hart_tiny_samples.png) come from the TINY model trained here on "
                               "8x8 sklearn digits, not from the 1024px HART; no released weights were given."}],
                     title="hart_1024: images", note=f"tiny-model PSNR: {res['psnr']}")
