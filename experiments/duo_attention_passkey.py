@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +26,15 @@ import numpy as np
 from jaxeff import duo_attention as da
 from jaxeff.data import PasskeyTask
 from jaxeff.data.passkey import QUESTION
-from jaxeff.duo_attention.evaluation import key_matches, load_tokenizer, passkey_prompts
-from jaxeff.duo_attention.pattern import is_pattern_name, parse_pattern_name
-from jaxeff.experiment import Run, register, run_experiment
+from jaxeff.duo_attention.evaluation import (
+    check_model_and_pattern,
+    key_matches,
+    load_tokenizer,
+    passkey_prompts,
+    resolve_model,
+)
+from jaxeff.experiment import Run, register
 from jaxeff.io import from_pretrained
-
-PASSKEY_CHECKPOINTS = ("checkpoints/llama_passkey_full", "checkpoints/llama_passkey_smoke")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,31 +65,6 @@ class Config:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError("dtype must be float32 or bfloat16")
         PasskeyTask(context=self.train_context)
-
-
-def check_model_and_pattern(model: str, pattern: str, require_model: bool) -> None:
-    """Config validation shared with `lserve_needle`: paths must exist before a run directory is made."""
-    if require_model and not (model and pattern):
-        raise ValueError("this preset needs model=/path/to/hf_model and pattern=/path/to/duo_attn_pattern")
-    if model and not (Path(model) / "config.json").is_file():
-        raise FileNotFoundError(f"model={model}: not a Hugging Face model directory (no config.json)")
-    if is_pattern_name(pattern):
-        parse_pattern_name(pattern)  # a malformed name fails here; the download happens in the run
-    elif pattern and not (Path(pattern) / "full_attention_heads.tsv").is_file():
-        raise FileNotFoundError(f"pattern={pattern}: no full_attention_heads.tsv")
-
-
-def resolve_model(cfg_model: str, run: Run) -> tuple[str, str]:
-    """(model directory, note): the given one, an existing llama_passkey export, or a fresh smoke training."""
-    if cfg_model:
-        return cfg_model, f"model `{cfg_model}`"
-    for path in PASSKEY_CHECKPOINTS:
-        if (Path(path) / "config.json").is_file():
-            return path, f"model `{path}`"
-    export = run.dir / "llama_passkey_smoke"
-    base = run_experiment("llama_passkey", "smoke", {"export_dir": str(export)}, runs_root=run.dir.parent.parent)
-    return str(export), (f"no llama_passkey checkpoint existed, so `llama_passkey` (smoke) was trained first "
-                         f"({base.dir}); its accuracy bounds everything below")
 
 
 def answer_mask(tokens: np.ndarray, key_digits: int) -> np.ndarray:

@@ -22,11 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# same model resolution (and smoke fallback) and path checks as the DuoAttention experiment
-from experiments.duo_attention_passkey import check_model_and_pattern, resolve_model
 from jaxeff import duo_attention as da
 from jaxeff.data import PasskeyTask
-from jaxeff.duo_attention.evaluation import key_matches, load_tokenizer, passkey_prompts
+from jaxeff.duo_attention.evaluation import (
+    check_model_and_pattern,
+    key_matches,
+    load_tokenizer,
+    passkey_prompts,
+    resolve_model,
+)
 from jaxeff.experiment import Run, register
 from jaxeff.io import from_pretrained
 from jaxeff.lserve import Engine, LServeConfig

@@ -199,3 +199,25 @@ def test_dual_cache_chunked_prefill_is_lambda_sparse_from_first_chunk(model):
     assert ratio == pytest.approx(da.kv_cache_ratio(mask.mean(), 4, 8, 48))
     # Full attention differs: the streaming heads really are sparse.
     assert float(jnp.abs(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens) - ref).max()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["duo_attention_passkey", "lserve_needle"])
+def test_passkey_experiments_check_model_and_pattern_up_front(name, tmp_path):
+    """Both passkey experiments validate model= / pattern= with `evaluation.check_model_and_pattern` before any run
+    directory exists."""
+    from jaxeff.duo_attention.evaluation import check_model_and_pattern, resolve_model
+    from jaxeff.experiment import ExperimentError, get, make_config
+
+    exp = get(name)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "pattern").mkdir()
+    for overrides, fragment in [({"model": str(tmp_path / "model")}, "no config.json"),
+                                ({"pattern": str(tmp_path / "pattern")}, "no full_attention_heads.tsv"),
+                                ({"pattern": "hf:"}, "is not 'hf:"), ({"require_model": "true"}, "this preset needs")]:
+        with pytest.raises(ExperimentError, match=fragment):
+            make_config(exp, "smoke", overrides)
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "pattern" / "full_attention_heads.tsv").write_text("1\t1\n")
+    check_model_and_pattern(str(tmp_path / "model"), str(tmp_path / "pattern"), require_model=True)
+    assert make_config(exp, "smoke", {"model": str(tmp_path / "model")}).model == str(tmp_path / "model")
+    assert resolve_model(str(tmp_path / "model"), run=None)[0] == str(tmp_path / "model")  # given: no training

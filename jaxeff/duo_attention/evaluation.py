@@ -2,6 +2,8 @@
 
 The examples are `jaxeff.data.PasskeyTask`'s (English haystack, needle at a depth, question at the end); a prompt
 stops right before the key and a prediction is correct when the generated text starts with the key digits.
+`check_model_and_pattern` / `resolve_model`: the model and pattern arguments of the passkey experiments
+(`duo_attention_passkey`, `lserve_needle`), checked up front and resolved to a model directory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import numpy as np
 
 from jaxeff.data import PasskeyTask, english_corpus
 from jaxeff.data.passkey import QUESTION
+from jaxeff.duo_attention.pattern import is_pattern_name, parse_pattern_name
+from jaxeff.experiment import Run, run_experiment
+
+# where `llama_passkey` exports its model (full preset first); `resolve_model` looks here when no model is given
+PASSKEY_CHECKPOINTS = ("checkpoints/llama_passkey_full", "checkpoints/llama_passkey_smoke")
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -60,3 +67,32 @@ def key_matches(generated: np.ndarray, keys: Sequence[str], tokenizer=None) -> n
         tokenizer = PasskeyTask().tokenizer
     texts = [tokenizer.decode([int(t) for t in row]).lstrip() for row in generated]
     return np.array([t.startswith(k) for t, k in zip(texts, keys)])
+
+
+def check_model_and_pattern(model: str, pattern: str, require_model: bool) -> None:
+    """Config validation of the passkey experiments (`duo_attention_passkey`, `lserve_needle`): `model` must be a
+    Hugging Face model directory and `pattern` a pattern directory or a well-formed `hf:`/`github:` name (see
+    `jaxeff.duo_attention.load_pattern`), both checked before a run directory is made; `require_model`: both given."""
+    if require_model and not (model and pattern):
+        raise ValueError("this preset needs model=/path/to/hf_model and pattern=/path/to/duo_attn_pattern")
+    if model and not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"model={model}: not a Hugging Face model directory (no config.json)")
+    if is_pattern_name(pattern):
+        parse_pattern_name(pattern)  # a malformed name fails here; the download happens in the run
+    elif pattern and not (Path(pattern) / "full_attention_heads.tsv").is_file():
+        raise FileNotFoundError(f"pattern={pattern}: no full_attention_heads.tsv")
+
+
+def resolve_model(cfg_model: str, run: Run) -> tuple[str, str]:
+    """(model directory, note for results.md): `cfg_model` when given, else an existing `llama_passkey` export
+    (`PASSKEY_CHECKPOINTS`, relative to the working directory), else a fresh `llama_passkey` smoke training exported
+    into `run`'s directory (logged as its own `llama_passkey` run under the same runs root)."""
+    if cfg_model:
+        return cfg_model, f"model `{cfg_model}`"
+    for path in PASSKEY_CHECKPOINTS:
+        if (Path(path) / "config.json").is_file():
+            return path, f"model `{path}`"
+    export = run.dir / "llama_passkey_smoke"
+    base = run_experiment("llama_passkey", "smoke", {"export_dir": str(export)}, runs_root=run.dir.parent.parent)
+    return str(export), (f"no llama_passkey checkpoint existed, so `llama_passkey` (smoke) was trained first "
+                         f"({base.dir}); its accuracy bounds everything below")
