@@ -105,3 +105,27 @@ def test_only_process_0_writes(tmp_path, monkeypatch):
     run.print("not printed")
     assert not (tmp_path / "run").exists()
     assert run.progress(range(3)).disable
+
+
+def test_no_experiment_imports_another():
+    """An experiment is one file; what two experiments share lives in the jaxeff package."""
+    import ast
+    from pathlib import Path
+
+    import experiments
+
+    for path in sorted(Path(experiments.__path__[0]).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[0] == "experiments"], f"{path.name} imports {names}"
+
+
+def test_timing_and_image_grid_helpers():
+    calls = []
+    times = experiment.call_times(lambda x: calls.append(x) or np.zeros(3), 1, repeats=4)
+    assert len(calls) == 5 and len(times) == 4 and min(times) >= 0  # one warm-up call, then the timed ones
+    assert experiment.best_time(lambda: np.zeros(3), repeats=2) >= 0
+    fig = experiment.image_grid(np.zeros((5, 4, 4)), 2, 3, cell=0.5, cmap="gray")
+    assert len(fig.axes) == 6 and tuple(fig.get_size_inches()) == (1.5, 1.0)
+    assert sum(bool(ax.images) for ax in fig.axes) == 5
