@@ -3,7 +3,8 @@
 
 `make exp name=dcae_f32c32 ckpt=/path/to/dc-ae-f32c32-in-1.0-diffusers` (a diffusers directory) or
 `ckpt=/path/to/dc-ae-f32c32-in-1.0` (an original-format directory with model.safetensors; `model=` names the
-variant when the directory name does not). Siblings: dcae_f64c128, dcae_f128c512, dcae_f32c32_sana.
+variant when the directory name does not), or a Hub name, `ckpt=hf:mit-han-lab/dc-ae-f32c32-in-1.0-diffusers`
+(downloaded once by `jaxeff.io.hub`). Siblings: dcae_f64c128, dcae_f128c512, dcae_f32c32_sana.
 Reference (efficientvit README, ImageNet-512 val, f64c128-in): PSNR 26.15, SSIM 0.711, LPIPS 0.080; our images are
 the few scikit-image / scikit-learn samples, so numbers are indicative only.
 """
@@ -22,6 +23,7 @@ from jaxeff.dcae.data import ALL_IMAGES, center_crop, load_image, to_signed, to_
 from jaxeff.dcae.metrics import reconstruction_metrics
 from jaxeff.dcae.perceptual import load_lpips_weights
 from jaxeff.experiment import Run, register
+from jaxeff.io import hub
 
 _DEFAULTS = {"dcae_f32c32": "dc-ae-f32c32-in-1.0", "dcae_f64c128": "dc-ae-f64c128-in-1.0",
              "dcae_f128c512": "dc-ae-f128c512-in-1.0", "dcae_f32c32_sana": "dc-ae-f32c32-sana-1.1"}
@@ -48,7 +50,9 @@ class Config:
                 f"`make exp name={_experiment_for(self.model)} ckpt=/path/to/{self.model}-diffusers`. "
                 f"{WHERE_TO_GET}"
             )
-        if not Path(self.ckpt).exists():
+        if hub.is_hub_name(self.ckpt):
+            hub.parse(self.ckpt)  # a malformed name fails here; the download happens in the run
+        elif not Path(self.ckpt).exists():
             raise FileNotFoundError(f"ckpt={self.ckpt} does not exist. {WHERE_TO_GET}")
         if self.resolution % family.spatial_compression:
             raise ValueError(f"resolution {self.resolution} must be a multiple of {family.spatial_compression}")
@@ -64,7 +68,9 @@ def reconstruct(cfg: Config, run: Run) -> None:
     import matplotlib.pyplot as plt
 
     family = get_config(cfg.model)
-    model = DCAE.from_pretrained(cfg.ckpt, config=None if Path(cfg.ckpt, "config.json").exists() else cfg.model)
+    # a Hub name carries its own architecture (config.json, else the repo name); a bare local file needs model=
+    own_config = hub.is_hub_name(cfg.ckpt) or Path(cfg.ckpt, "config.json").exists()
+    model = DCAE.from_pretrained(cfg.ckpt, config=None if own_config else cfg.model)
     mc = model.config
     if (mc.spatial_compression, mc.latent_channels) != (family.spatial_compression, family.latent_channels):
         raise ValueError(

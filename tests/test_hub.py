@@ -64,3 +64,27 @@ def test_a_path_missing_from_the_snapshot_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tmp_path))
     with pytest.raises(FileNotFoundError, match="has no 'model.pt'"):
         hub.resolve("hf:a/b/model.pt")
+
+
+def test_dcae_from_a_hub_name(tmp_path, monkeypatch):
+    import dataclasses
+
+    from jaxeff.dcae import DCAE, get_config
+    from jaxeff.dcae.weights import torch_state
+    from jaxeff.io.safetensors import save_file
+
+    cfg = dataclasses.replace(get_config("dc-ae-f32c32-sana-1.1"), attention_head_dim=8,
+                              encoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+                              decoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+                              encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6)
+    model = DCAE.random(cfg, seed=0)
+    save_file(torch_state(model), tmp_path / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_diffusers()))
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: calls.append((repo, kw["allow_patterns"])) or str(tmp_path))
+    loaded = DCAE.from_pretrained("hf:someone/tiny-dc-ae-diffusers")
+    assert calls == [("someone/tiny-dc-ae-diffusers", ["*.json", "*.safetensors"])]
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(np.asarray(nnx.state(loaded, nnx.Param)["encoder"]["conv_in"]["weight"][...]),
+                                  np.asarray(nnx.state(model, nnx.Param)["encoder"]["conv_in"]["weight"][...]))

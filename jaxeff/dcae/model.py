@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxeff.dcae import weights
 from jaxeff.dcae.config import DCAEConfig
+from jaxeff.io import hub
 from pallas_kernels import channel_rms_norm, glu_silu
 
 _ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": jax.nn.relu, "silu": jax.nn.silu, "relu6": jax.nn.relu6}
@@ -487,7 +488,13 @@ class DCAE(nnx.Module):
         an original-format directory or file (`model.safetensors`), or a single diffusers-format file with
         `config=`. Original-format weights carry no architecture: it comes from `config=` (a `DCAEConfig` or a
         released name such as "dc-ae-f32c32-in-1.0"), else the `model_name` in a `config.json` beside the file,
-        else the directory name. Missing, unexpected or mis-shaped tensors raise a ValueError naming them."""
+        else the directory name (for `hf:<owner>/<repo>`, downloaded by `jaxeff.io.hub.resolve`: the repo name).
+        Missing, unexpected or mis-shaped tensors raise a ValueError naming them."""
+        if hub.is_hub_name(path):
+            repo = hub.parse(path)[0].split("/")[1]
+            path = hub.resolve(path, allow_patterns=["*.json", "*.safetensors"])
+            if config is None and not (path / "config.json").exists():
+                config = repo  # the snapshot folder is a commit hash, not the model name
         cfg, tensors = weights.read_checkpoint(path, config)
         model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
         weights.load_torch_state(model, tensors, dtype=dtype, source=str(path))
