@@ -160,7 +160,7 @@ def _with_weights(cfg: Config, run: Run, ckpt: Path, text_encoder: Path):
                       "after one compile call; text encoding included; PNGs in images/, grid.png."))
 
 
-@register("hart_1024", Config, presets={"smoke": {}, "full": {"xla_check": True}})
+@register("hart_1024", Config, presets={"smoke": {"timed_runs": 1}, "full": {"xla_check": True}})
 def run(cfg: Config, run: Run) -> None:
     """HART 1024px: the released weights (downloaded when needed); without them (offline, or `ckpt=none`) the
     full-size MAC/param table vs DiT, then the tiny pipeline."""
