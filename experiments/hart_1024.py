@@ -177,5 +177,5 @@ def run(cfg: Config, run: Run) -> None:
     if cfg.run_tiny:
         res = run_tiny(TinyConfig(**TINY_PRESETS[run.preset]), run, label="hart_tiny")
         run.results([{"note": "The generated images (hart_tiny_samples.png) come from the TINY model trained here on "
-                              "8x8 sklearn digits, not from the 1024px HART; no released weights were given."}],
+                              "8x8 sklearn digits, not from the 1024px HART; no released weights were used."}],
                     title="hart_1024: images", note=f"tiny-model PSNR: {res['psnr']}")
