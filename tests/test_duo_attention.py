@@ -58,9 +58,8 @@ def test_pattern_names_download_once_into_the_cache(tmp_path, monkeypatch):
     """Released patterns by name, without network: the downloaders are replaced by copies from a local folder."""
     import shutil
 
-    import huggingface_hub
-
     from jaxeff.duo_attention import pattern
+    from jaxeff.io import hub
 
     alpha = np.random.default_rng(1).uniform(0, 1, (32, 8))
     served = da.save_pattern(tmp_path / "served", alpha, 128, 256)
@@ -90,7 +89,7 @@ def test_pattern_names_download_once_into_the_cache(tmp_path, monkeypatch):
         shutil.copytree(served, snapshot / "llama" / "run1", dirs_exist_ok=True)
         return str(snapshot)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(hub, "_snapshot", fake_snapshot)
     loaded, _, _ = da.load_pattern("hf:someone/duo-patterns@v1/llama/run1")
     np.testing.assert_allclose(loaded, alpha.astype(np.float32))
     assert calls == [("someone/duo-patterns", "v1",
@@ -105,11 +104,11 @@ def test_pattern_names_offline_error(tmp_path, monkeypatch):
     import urllib.error
     import urllib.request
 
-    import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from experiments.duo_attention_passkey import Config
     from jaxeff.duo_attention import pattern
+    from jaxeff.io import hub
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -123,7 +122,7 @@ def test_pattern_names_offline_error(tmp_path, monkeypatch):
     def hf_offline(*args, **kwargs):
         raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", hf_offline)
+    monkeypatch.setattr(hub, "_snapshot", hf_offline)
     with pytest.raises(ConnectionError, match="seems offline"):
         da.load_pattern("hf:someone/duo-patterns/llama", cache_dir=tmp_path)
     Config(pattern=name).validate()  # the experiments take names (downloaded in the run, not at validation)

@@ -61,10 +61,10 @@ def test_hart_1024_rejects_bad_input(tmp_path):
 
 
 def test_hart_1024_downloads_the_released_weights_by_default_and_says_when_offline(tmp_path, monkeypatch):
-    import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from jaxeff.experiment import run_experiment
+    from jaxeff.io import hub
 
     asked = []
 
@@ -72,7 +72,7 @@ def test_hart_1024_downloads_the_released_weights_by_default_and_says_when_offli
         asked.append(repo_id)
         raise LocalEntryNotFoundError("no network and nothing cached")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(hub, "_snapshot", offline)
     run = run_experiment("hart_1024", "smoke", {"run_tiny": "false"}, runs_root=tmp_path)
     assert asked == ["mit-han-lab/hart-0.7b-1024px"]
     text = (run.dir / "results.md").read_text()

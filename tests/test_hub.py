@@ -3,7 +3,6 @@
 import json
 import types
 
-import huggingface_hub
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,7 +33,7 @@ def test_from_pretrained_downloads_only_the_model_files(tmp_path, monkeypatch):
         calls.append((repo_id, revision, allow_patterns))
         return str(tmp_path / "served")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(hub, "_snapshot", fake_snapshot)
     loaded = from_pretrained("hf:someone/tiny-llama@main")
     assert calls == [("someone/tiny-llama", "main", list(hub.HF_MODEL_FILES))]
     tokens = jnp.array([[1, 2, 3, 4]])
@@ -55,13 +54,13 @@ def test_errors_say_what_to_do(monkeypatch, make_error, kind, message):
     def failing(*args, **kwargs):
         raise make_error()
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    monkeypatch.setattr(hub, "_snapshot", failing)
     with pytest.raises(kind, match=message):
         hub.resolve("hf:a/b/weights.safetensors")
 
 
 def test_a_path_missing_from_the_snapshot_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tmp_path))
+    monkeypatch.setattr(hub, "_snapshot", lambda *a, **k: str(tmp_path))
     with pytest.raises(FileNotFoundError, match="has no 'model.pt'"):
         hub.resolve("hf:a/b/model.pt")
 
@@ -81,7 +80,7 @@ def test_dcae_from_a_hub_name(tmp_path, monkeypatch):
     save_file(torch_state(model), tmp_path / "diffusion_pytorch_model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_diffusers()))
     calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+    monkeypatch.setattr(hub, "_snapshot",
                         lambda repo, **kw: calls.append((repo, kw["allow_patterns"])) or str(tmp_path))
     loaded = DCAE.from_pretrained("hf:someone/tiny-dc-ae-diffusers")
     assert calls == [("someone/tiny-dc-ae-diffusers", ["*.json", "*.safetensors"])]

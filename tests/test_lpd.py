@@ -159,8 +159,7 @@ def test_training_step_learns_and_decays_like_the_official_recipe():
 
 
 def test_hf_sources_resolve_without_network(monkeypatch, tmp_path):
-    import huggingface_hub
-
+    from jaxeff.io import hub
     from jaxeff.lpd.weights import resolve
 
     calls, served = [], {"mit-han-lab/lpd_l_256": ["lpd_l_256.pth"], "FoundationVision/LlamaGen": ["vq_ds16_c2i.pt"]}
@@ -173,7 +172,7 @@ def test_hf_sources_resolve_without_network(monkeypatch, tmp_path):
             (root / name).touch()
         return str(root)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(hub, "_snapshot", fake_snapshot)
     assert resolve("hf:mit-han-lab/lpd_l_256") == tmp_path / "mit-han-lab/lpd_l_256/lpd_l_256.pth"
     assert resolve("hf:FoundationVision/LlamaGen/vq_ds16_c2i.pt") == \
         tmp_path / "FoundationVision/LlamaGen/vq_ds16_c2i.pt"

@@ -32,6 +32,13 @@ def parse(name: str) -> tuple[str, str | None, str]:
     return f"{parts[0]}/{repo}", rev or None, parts[2] if len(parts) == 3 else ""
 
 
+def _snapshot(repo_id: str, **kwargs) -> str:
+    """`huggingface_hub.snapshot_download` (the one place that downloads; tests replace it)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, **kwargs)
+
+
 def resolve(source: str | Path, *, allow_patterns: Sequence[str] | None = None,
             cache_dir: str | Path | None = None) -> Path:
     """The local path of `source`: a path is returned as is; an `hf:` name is downloaded on first use.
@@ -42,7 +49,6 @@ def resolve(source: str | Path, *, allow_patterns: Sequence[str] | None = None,
     Hub cannot be reached and nothing is cached, each saying what to do instead."""
     if not is_hub_name(source):
         return Path(source)
-    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo, rev, sub = parse(source)
@@ -50,7 +56,7 @@ def resolve(source: str | Path, *, allow_patterns: Sequence[str] | None = None,
     local_hint = (f"download it elsewhere (`hf download {repo}{f' --revision {rev}' if rev else ''}"
                   f" --local-dir DIR`) and pass the local path instead")
     try:
-        root = snapshot_download(repo, revision=rev, allow_patterns=patterns, cache_dir=cache_dir)
+        root = _snapshot(repo, revision=rev, allow_patterns=patterns, cache_dir=cache_dir)
     except GatedRepoError as e:
         raise PermissionError(f"{source!r}: {repo} is gated on the Hugging Face Hub: accept its licence on its page "
                               f"and log in (`hf auth login` or HF_TOKEN), or {local_hint}") from e
