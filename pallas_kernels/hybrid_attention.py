@@ -1,10 +1,10 @@
 """Hybrid streaming/dense block-sparse attention (DuoAttention training and prefill, LServe prefill).
 
 Every KV head is either dense (causal) or streaming (causal and Λ-shaped: `sink` first tokens plus a `local`
-window). Query i sits at position `q_offset + i` (chunked prefill). Masks are token-exact; work skips every
-block that the mask empties, so a streaming head costs O(Sq * (sink + local + block)) whatever the context.
+window). Query i sits at position `q_offset + i` (chunked prefill). Masks are token-exact, or block-granular as
+DuoAttention's training kernel (`window_block`, `hybrid_mask`); work skips every block that the mask empties, so a streaming head costs O(Sq * (sink + local + block)) whatever the context.
 
-Three implementations share `block_ranges` (the active KV blocks of each query block) and `token_mask`:
+Three implementations share `block_ranges` (the active KV blocks of each query block) and `hybrid_mask`:
 - `_xla_hybrid`: plain XLA. Dense heads attend per query chunk to the static causal key prefix; streaming heads
   gather, per query block, the sink blocks plus a fixed-width window of local blocks. Differentiable by autodiff
   (dense chunks rematerialised).
@@ -67,6 +67,7 @@ class _Cfg:
     block_q: int
     block_k: int
     static_flags: tuple[bool, ...] | None  # None when streaming_heads is traced
+    window_block: int = 1  # > 1: the local window is counted from the end of the query's window block
     num_warps: int | None = None  # Triton launch parameters (GPU only); None: chosen from the block shape
     num_stages: int | None = None
 
@@ -79,7 +80,27 @@ class _Cfg:
         return -(-self.sk // self.block_k)
 
 
-def block_ranges(xp, stream, *, sq, sk, q_offset, sink, local, block_q, block_k):
+def window_pos(qpos, window_block: int):
+    """Position from which a query's local window is counted: itself (token-exact, window_block 1) or the last
+    position of its `window_block`-aligned block (DuoAttention's block-granular training mask)."""
+    return qpos if window_block == 1 else (qpos // window_block) * window_block + (window_block - 1)
+
+
+def hybrid_mask(qpos, kpos, streaming, sink: int, local: int, window_block: int = 1):
+    """Key kpos visible to query qpos: causal, and for streaming heads a sink token or one of the `local` keys
+    ending at `window_pos(qpos)`. window_block 1 is `token_mask`; window_block 128 with sink 128 / local 256 is
+    Block-Sparse-Attention's `block_streaming_attn_func` with 1 sink block and 2 local blocks (query block i sees
+    key blocks 0, i - 1 and i, causal inside i; bsa@49d6c39 csrc/block_sparse_attn/src/flash_blockmask.h)."""
+    if window_block == 1:
+        return token_mask(qpos, kpos, streaming, sink, local)
+    return token_mask(window_pos(qpos, window_block), kpos, streaming, sink, local) & (kpos <= qpos)
+
+
+def _mask(qpos, kpos, streaming, cfg: _Cfg):
+    return hybrid_mask(qpos, kpos, streaming, cfg.sink, cfg.local, cfg.window_block)
+
+
+def block_ranges(xp, stream, *, sq, sk, q_offset, sink, local, block_q, block_k, window_block=1):
     """Active KV blocks of every (KV head, query block): blocks [0, u1) and [l2, hi); all [Hkv, nq] ints.
 
     `xp` is numpy (static flags) or jax.numpy (traced flags). Dense heads get u1 = l2 = 0 (causal prefix).
@@ -90,7 +111,7 @@ def block_ranges(xp, stream, *, sq, sk, q_offset, sink, local, block_q, block_k)
     p_hi = q_offset + xp.minimum((i + 1) * block_q, sq) - 1
     hi = xp.minimum(p_hi // block_k + 1, nk)[None, :]
     n_sink = min(-(-sink // block_k), nk)
-    local_lo = (xp.maximum(p_lo - local + 1, 0) // block_k)[None, :]
+    local_lo = (xp.maximum(window_pos(p_lo, window_block) - local + 1, 0) // block_k)[None, :]
     stream = xp.asarray(stream).astype(bool)[:, None]
     u1 = xp.where(stream, xp.minimum(n_sink, hi), 0)
     l2 = xp.where(stream, xp.maximum(local_lo, u1), 0)
@@ -99,19 +120,27 @@ def block_ranges(xp, stream, *, sq, sk, q_offset, sink, local, block_q, block_k)
 
 
 def hybrid_attention_block_count(q_len: int, kv_len: int, streaming_heads, *, sink: int, local: int,
-                                 q_offset: int = 0, block_q: int = 128, block_k: int = 128) -> int:
+                                 q_offset: int = 0, block_q: int = 128, block_k: int = 128,
+                                 window_block: int = 1) -> int:
     """Number of (query block, KV block) pairs the kernels compute, summed over KV heads, for one batch row.
 
     Each query head of a GQA group runs its KV head's blocks, so query-head work is this times Hq / Hkv.
     """
     stream = np.asarray(streaming_heads, bool)
+    sink, local = _round_up(sink, window_block), _round_up(local, window_block)
     u1, l2, hi = block_ranges(np, stream, sq=q_len, sk=kv_len, q_offset=q_offset, sink=sink, local=local,
-                              block_q=block_q, block_k=block_k)
+                              block_q=block_q, block_k=block_k, window_block=window_block)
     return int((u1 + np.maximum(hi - l2, 0)).sum())
 
 
-def hybrid_attention_reference(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale=None):
-    """Dense masked attention in float32 (the plain-JAX reference); returns q.dtype [B, Sq, Hq, D]."""
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def hybrid_attention_reference(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale=None, window_block=1):
+    """Dense masked attention in float32 (the plain-JAX reference); returns q.dtype [B, Sq, Hq, D].
+
+    window_block > 1: sink and local are rounded up to multiples of it and the mask is `hybrid_mask`'s."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -121,7 +150,9 @@ def hybrid_attention_reference(q, k, v, *, streaming_heads, sink, local, q_offse
     qpos = q_offset + jnp.arange(sq)[:, None]
     kpos = jnp.arange(sk)[None, :]
     stream = jnp.asarray(streaming_heads, bool)[:, None, None, None]
-    s = jnp.where(token_mask(qpos, kpos, stream, sink, local), s, MASK_VALUE)
+    mask = hybrid_mask(qpos, kpos, stream, _round_up(sink, window_block), _round_up(local, window_block),
+                       window_block)
+    s = jnp.where(mask, s, MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
     return o.reshape(b, sq, hq, d).astype(q.dtype)
@@ -138,7 +169,7 @@ def _dense_chunk(q, k, v, stream, q_start: int, cfg: _Cfg):
     # Rematerialised: the backward holds one chunk's [chunk, prefix] scores at a time, not all of them.
     s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
     qpos = cfg.q_offset + q_start + jnp.arange(q.shape[1])[:, None]
-    mask = token_mask(qpos, jnp.arange(k.shape[1])[None, :], stream[:, None, None, None], cfg.sink, cfg.local)
+    mask = _mask(qpos, jnp.arange(k.shape[1])[None, :], stream[:, None, None, None], cfg)
     return _masked_softmax_av(s * cfg.scale, mask, v, "bhgqk,bkhd->bqhgd")
 
 
@@ -158,7 +189,7 @@ def _xla_streaming_group(q, k, v, cfg: _Cfg):
     bq, bk, nq, nk = cfg.block_q, cfg.block_k, cfg.nq, cfg.nk
     h = k.shape[2]
     u1, l2, hi = block_ranges(np, np.ones(1, bool), sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
-                              local=cfg.local, block_q=bq, block_k=bk)
+                              local=cfg.local, block_q=bq, block_k=bk, window_block=cfg.window_block)
     n_sink, width = int(u1.max()), int(np.maximum(hi - l2, 0).max())
     if n_sink + width >= nk:  # the window covers (almost) everything: the masked prefix path is cheaper
         return _xla_dense_group(q, k, v, np.ones(h, bool), cfg)
@@ -172,11 +203,11 @@ def _xla_streaming_group(q, k, v, cfg: _Cfg):
     sink_pos = np.arange(n_sink * bk)
     # Sink part: every query block shares the first n_sink blocks.
     s_sink = jnp.einsum("bnqhgd,bkhd->bnhgqk", qp, kp[:, : n_sink * bk], preferred_element_type=jnp.float32)
-    m_sink = token_mask(qpos, sink_pos[None, None, :], True, cfg.sink, cfg.local) & (sink_pos < cfg.sk)
+    m_sink = _mask(qpos, sink_pos[None, None, :], True, cfg) & (sink_pos < cfg.sk)
     # Window part: gathered per block; keys already covered by the sink part are masked out.
     k_win, v_win = kp[:, win], vp[:, win]  # [B, nq, W*bk, h, D]
     s_win = jnp.einsum("bnqhgd,bnkhd->bnhgqk", qp, k_win, preferred_element_type=jnp.float32)
-    m_win = (token_mask(qpos, win[:, None, :], True, cfg.sink, cfg.local) & (win[:, None, :] >= n_sink * bk)
+    m_win = (_mask(qpos, win[:, None, :], True, cfg) & (win[:, None, :] >= n_sink * bk)
              & (win[:, None, :] < cfg.sk))
     s = jnp.concatenate([jnp.broadcast_to(s_sink, s_win.shape[:-1] + s_sink.shape[-1:]), s_win], -1) * cfg.scale
     mask = jnp.concatenate([jnp.broadcast_to(m_sink, m_win.shape[:-1] + m_sink.shape[-1:]), m_win], -1)
@@ -237,7 +268,7 @@ def _online_softmax_step(q, k, v, m, l, acc, qpos, kpos, stream, cfg: _Cfg):
     qpos is None for a block that every query sees whole: no mask arithmetic."""
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * cfg.scale
     if qpos is not None:
-        mask = token_mask(qpos, kpos, stream, cfg.sink, cfg.local) & (kpos < cfg.sk)
+        mask = _mask(qpos, kpos, stream, cfg) & (kpos < cfg.sk)
         s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
     p = jnp.exp(s - m_new)
@@ -254,11 +285,13 @@ def _schedule(flags, cfg: _Cfg):
     """int32 [Hkv, nq, 3] table of (u1, l2, hi) and the static number of KV steps per query block."""
     if cfg.static_flags is not None:
         u1, l2, hi = block_ranges(np, np.asarray(cfg.static_flags), sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset,
-                                  sink=cfg.sink, local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k)
+                                  sink=cfg.sink, local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k,
+                                  window_block=cfg.window_block)
         steps = int((u1 + np.maximum(hi - l2, 0)).max())
         return jnp.asarray(np.stack([u1, l2, hi], -1), jnp.int32), steps
     u1, l2, hi = block_ranges(jnp, flags, sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
-                              local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k)
+                              local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k,
+                              window_block=cfg.window_block)
     return jnp.stack([u1, l2, hi], -1).astype(jnp.int32), cfg.nk  # traced: worst case is a dense head
 
 
@@ -345,7 +378,8 @@ def _transposed_schedule(flags, cfg: _Cfg):
     xp = np if cfg.static_flags is not None else jnp
     stream = np.asarray(cfg.static_flags) if cfg.static_flags is not None else flags.astype(bool)
     u1, l2, hi = block_ranges(xp, stream, sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
-                              local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k)
+                              local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k,
+                              window_block=cfg.window_block)
     kb = xp.arange(cfg.nk)[None, :, None]
     n_sink = xp.where(xp.asarray(stream), min(-(-cfg.sink // cfg.block_k), cfg.nk), 0)[:, None]
     qa = (hi[:, None, :] <= kb).sum(-1)
@@ -367,7 +401,7 @@ def _probs(q, k, lse, qpos, kpos, stream, cfg: _Cfg):
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * cfg.scale
     if qpos is None:
         return jnp.exp(s - lse)
-    mask = token_mask(qpos, kpos, stream, cfg.sink, cfg.local) & (kpos < cfg.sk) & (qpos < cfg.q_offset + cfg.sq)
+    mask = _mask(qpos, kpos, stream, cfg) & (kpos < cfg.sk) & (qpos < cfg.q_offset + cfg.sq)
     return jnp.where(mask, jnp.exp(s - lse), 0.0)
 
 
@@ -497,7 +531,8 @@ def _gpu_kv_loops(bounds_ref, i, body, carry, cfg: _Cfg):
     q_lo = cfg.q_offset + i * cfg.block_q
     q_hi = q_lo + cfg.block_q - 1
     whole_hi = jnp.clip(jnp.minimum((q_lo + 1) // bk, cfg.sk // bk), l2, hi)
-    whole_lo = jnp.where(stream, jnp.clip((q_hi - cfg.local) // bk + 1, l2, whole_hi), l2)
+    whole_lo = jnp.where(stream, jnp.clip((window_pos(q_hi, cfg.window_block) - cfg.local) // bk + 1, l2, whole_hi),
+                         l2)
     masked = functools.partial(body, masked=True)
     carry = lax.fori_loop(0, u1, masked, carry)  # sink blocks (streaming heads only)
     carry = lax.fori_loop(l2, whole_lo, masked, carry)  # local-window edge
@@ -659,7 +694,7 @@ def _default_block(n: int) -> int:
 
 
 def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q, block_k, num_warps=None,
-                num_stages=None):
+                num_stages=None, window_block=1):
     """Validates the arguments of `hybrid_attention`; returns (int32 flags [Hkv], _Cfg)."""
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"q and k must be [batch, seq, heads, head_dim], got {q.shape} and {k.shape}")
@@ -670,6 +705,8 @@ def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q,
     check_gqa(hq, hkv)
     flags, static = check_streaming_heads(streaming_heads, hkv)
     sink, local = check_int("sink", sink, 0), check_int("local", local, 1)
+    window_block = check_int("window_block", window_block, 1)
+    sink, local = _round_up(sink, window_block), _round_up(local, window_block)
     q_offset = check_int("q_offset", q_offset, 0)
     if q_offset + sq > sk:
         raise ValueError(f"q_offset + q_len ({q_offset} + {sq}) exceeds kv_len {sk}: queries need their own keys")
@@ -679,11 +716,11 @@ def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q,
     num_warps = None if num_warps is None else check_int("num_warps", num_warps, 1)
     num_stages = None if num_stages is None else check_int("num_stages", num_stages, 1)
     return flags, _Cfg(sq, sk, q_offset, sink, local, default_scale(scale, d), block_q, block_k, static_t,
-                       num_warps, num_stages)
+                       window_block, num_warps, num_stages)
 
 
 def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale=None, implementation=None,
-                     interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None):
+                     interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None, window_block=1):
     """Causal attention where streaming KV heads see only `sink` first tokens and a `local` window.
 
     Args:
@@ -692,6 +729,9 @@ def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale
         cost O(sink + local) per query; traced flags work too but the XLA path then masks a dense causal pass.
       sink, local: Python ints, sink >= 0, local >= 1. Key j is visible to query position p iff j <= p and,
         for streaming heads, (j < sink or p - j < local).
+      window_block: 1 (token-exact, above) or the block of DuoAttention's training kernel (128): sink and local are
+        rounded up to multiples of it and p - j < local is counted from the last position of p's block, so query
+        block i sees sink blocks plus key blocks i - local/window_block + 1 .. i (causal); `hybrid_mask`.
       q_offset: position of query 0 (chunked prefill: Sk = q_offset + Sq); q_offset + Sq <= Sk.
       scale: softmax scale, default 1/sqrt(D).
       implementation: "pallas", "xla", "cudnn" (GPU: dense heads through cuDNN's fused attention, streaming
@@ -704,7 +744,8 @@ def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale
       [B, Sq, Hq, D] in q.dtype. Differentiable w.r.t. q, k, v on every path.
     """
     flags, cfg = make_config(q, k, streaming_heads, sink=sink, local=local, q_offset=q_offset, scale=scale,
-                             block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+                             block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                             window_block=window_block)
     if v.shape != k.shape:
         raise ValueError(f"v {v.shape} must have the shape of k {k.shape}")
     if implementation == "cudnn" or (implementation is None and not interpret and _cudnn_applies(q, cfg)):

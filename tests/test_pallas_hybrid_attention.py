@@ -7,8 +7,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels as pk
-from pallas_kernels._common import token_mask
-from pallas_kernels.hybrid_attention import _pallas_gpu_forward, _pallas_hybrid, make_config
+from pallas_kernels.hybrid_attention import _pallas_gpu_forward, _pallas_hybrid, hybrid_mask, make_config
 
 # (Sq, q_offset, Hq, Hkv, D, sink, local, streaming, dtype): odd lengths, GQA 1/2/4/8, sink/local edge cases.
 CASES = {
@@ -132,26 +131,73 @@ def test_pallas_hybrid_single_query_with_unused_trailing_keys():
         np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
-def _brute_force_blocks(sq, sk, off, stream, sink, local, bq, bk):
+def _brute_force_blocks(sq, sk, off, stream, sink, local, bq, bk, wb=1):
     qpos = off + np.arange(sq)[:, None]
     kpos = np.arange(sk)[None, :]
     total = 0
     for s in stream:
-        m = np.asarray(token_mask(qpos, kpos, s, sink, local))
+        m = np.asarray(hybrid_mask(qpos, kpos, s, -(-sink // wb) * wb, -(-local // wb) * wb, wb))
         nq, nk = -(-sq // bq), -(-sk // bk)
         m = np.pad(m, ((0, nq * bq - sq), (0, nk * bk - sk)))
         total += int(m.reshape(nq, bq, nk, bk).any(axis=(1, 3)).sum())
     return total
 
 
-@pytest.mark.parametrize("sq,off,sink,local,bq,bk", [(300, 0, 64, 100, 32, 32), (97, 203, 0, 1, 16, 32),
-                                                     (130, 5, 500, 3, 64, 16), (256, 256, 20, 64, 32, 64)])
-def test_pallas_hybrid_block_count_is_exact(sq, off, sink, local, bq, bk):
+@pytest.mark.parametrize("sq,off,sink,local,bq,bk,wb", [(300, 0, 64, 100, 32, 32, 1), (97, 203, 0, 1, 16, 32, 1),
+                                                        (130, 5, 500, 3, 64, 16, 1), (256, 256, 20, 64, 32, 64, 1),
+                                                        (300, 0, 20, 40, 32, 16, 24), (97, 203, 5, 33, 16, 32, 8)])
+def test_pallas_hybrid_block_count_is_exact(sq, off, sink, local, bq, bk, wb):
     stream = [True, False, True]
-    expected = _brute_force_blocks(sq, sq + off, off, stream, sink, local, bq, bk)
+    expected = _brute_force_blocks(sq, sq + off, off, stream, sink, local, bq, bk, wb)
     got = pk.hybrid_attention_block_count(sq, sq + off, stream, sink=sink, local=local, q_offset=off, block_q=bq,
-                                          block_k=bk)
+                                          block_k=bk, window_block=wb)
     assert got == expected
+
+
+def test_pallas_hybrid_block_mask_is_the_official_training_mask():
+    # DuoAttention's training kernel (block_streaming_attn_func, 1 sink block + 2 local blocks of 128): query block
+    # i sees key blocks 0, i - 1 and i (causal), i.e. 128 + j + 1 recent keys at offset j inside its block.
+    n, wb = 640, 128
+    mask = np.asarray(hybrid_mask(np.arange(n)[:, None], np.arange(n)[None, :], True, 128, 256, wb))
+    hand = np.zeros((n, n), bool)
+    for p in range(n):
+        i = p // wb
+        for blk in {0, max(i - 1, 0), i}:
+            hand[p, blk * wb: min((blk + 1) * wb, p + 1)] = True
+    np.testing.assert_array_equal(mask, hand)
+    recent = [(mask[p, 128:] if p >= 256 else mask[p, :0]).sum() for p in range(256, n)]
+    assert min(recent) == 129 and max(recent) == 256
+    assert pk.hybrid_attention_block_count(n, n, [True], sink=128, local=256, window_block=wb) == 1 + 2 + 3 * 3
+    # Token-exact is window_block 1; rounding: sink 100 / local 200 with 128-blocks are 1 sink + 2 local blocks.
+    q, k, v = _inputs(31, 300, 0, 2, 1, 64, jnp.float32, batch=1)
+    a = pk.hybrid_attention_reference(q, k, v, streaming_heads=[True], sink=100, local=200, window_block=wb)
+    b = pk.hybrid_attention_reference(q, k, v, streaming_heads=[True], sink=128, local=256, window_block=wb)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_pallas_hybrid_block_mask_kernels_match_reference():
+    # Forward and gradients of the XLA path and both Pallas kernel styles (interpreter) with a block-granular
+    # window (sink 5 -> 8, local 12 -> 16) whose 8-blocks differ from the kernels' 16-blocks, chunk at offset 9.
+    sq, off, sink, local, wb = 35, 9, 5, 12, 8
+    q, k, v = _inputs(17, sq, off, 4, 2, 64, jnp.float32, batch=1)
+    kw = dict(streaming_heads=np.array([True, False]), sink=sink, local=local, q_offset=off, window_block=wb)
+    cot = jax.random.normal(jax.random.key(6), q.shape)
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+    ref_fn = lambda q, k, v: pk.hybrid_attention_reference(q, k, v, **kw)
+    ref, ref_grads = ref_fn(q, k, v), jax.grad(loss(ref_fn), (0, 1, 2))(q, k, v)
+    flags, cfg = make_config(q, k, kw["streaming_heads"], sink=sink, local=local, q_offset=off, scale=None,
+                             block_q=BLOCK, block_k=BLOCK, window_block=wb)
+    paths = {"xla": lambda q, k, v: pk.hybrid_attention(q, k, v, **kw, implementation="xla", block_q=BLOCK,
+                                                        block_k=BLOCK),
+             "tpu_kernels": lambda q, k, v: _pallas_hybrid(q, k, v, flags, cfg, "tpu", True),
+             "gpu_kernels": lambda q, k, v: _pallas_hybrid(q, k, v, flags, cfg, "gpu", True)}
+    for name, f in paths.items():
+        np.testing.assert_allclose(f(q, k, v), ref, atol=2e-5, rtol=2e-5, err_msg=name)
+        for grad, r in zip(jax.jit(jax.grad(loss(f), (0, 1, 2)))(q, k, v), ref_grads):
+            np.testing.assert_allclose(grad, r, atol=5e-5, rtol=5e-5, err_msg=name)
+    # Not the token-exact mask: the block window is wider for most queries.
+    token = pk.hybrid_attention_reference(q, k, v, **dict(kw, window_block=1))
+    assert float(jnp.abs(token - ref).max()) > 1e-3
 
 
 def test_pallas_hybrid_streaming_cost_is_constant_in_context():
@@ -172,6 +218,7 @@ def test_pallas_hybrid_streaming_cost_is_constant_in_context():
     (dict(q_offset=5), "exceeds kv_len"),
     (dict(implementation="cudnn"), "implementation='cudnn' needs a GPU"),  # this machine has none; f32 too
     (dict(num_warps=0), "num_warps must be >= 1"),
+    (dict(window_block=0), "window_block must be >= 1"),
 ])
 def test_pallas_hybrid_bad_input_raises(kwargs, match):
     hq, hkv = kwargs.get("hq", 4), kwargs.get("hkv", 2)
@@ -180,4 +227,5 @@ def test_pallas_hybrid_bad_input_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         pk.hybrid_attention(q, k, k, streaming_heads=kwargs.get("stream", [True, False]), sink=kwargs.get("sink", 1),
                             local=kwargs.get("local", 2), q_offset=kwargs.get("q_offset", 0),
-                            implementation=kwargs.get("implementation", "xla"), num_warps=kwargs.get("num_warps"))
+                            implementation=kwargs.get("implementation", "xla"), num_warps=kwargs.get("num_warps"),
+                            window_block=kwargs.get("window_block", 1))
