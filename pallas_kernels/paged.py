@@ -7,7 +7,8 @@ Layout (shared with `sparse_paged_decode`):
 - lengths: int32 [B], tokens stored per sequence.
 
 Scoring and selection are gathers plus small reductions that XLA fuses; they run as plain XLA on every backend
-(a kernel would read the same kmin/kmax bytes). Executed on CPU only so far.
+(a kernel would read the same kmin/kmax bytes); they ran on CPU and, inside the paged-decode device test,
+on an NVIDIA H200.
 """
 
 from __future__ import annotations
@@ -129,17 +130,22 @@ def append_kv(cache: PagedKVCache, k, v, num_tokens=None) -> PagedKVCache:
                                lengths=cache.lengths + n_new)
 
 
-def page_scores(q, kmin, kmax, page_table, lengths, *, logical_page_size: int):
+def page_scores(q, kmin, kmax, page_table, lengths, *, logical_page_size: int, per_query_head: bool = True):
     """Quest/LServe page importance for one decode query.
 
     Args:
-      q: [B, Hq, D] decode queries, Hq % Hkv == 0.
+      q: [B, Hq, D] decode queries (RoPE applied), Hq % Hkv == 0.
       kmin, kmax: [Hkv, P, page_size // logical_page_size, D].
       page_table: int32 [B, max_pages]; lengths: int32 [B] (the tokens in the cache).
       logical_page_size: tokens per logical page.
+      per_query_head: True (official, omniserve `single_query_page_selector`, one score per (sequence, query
+        head, logical page)): every query head scores its KV head's pages with its own query. False: one score
+        per KV head, the max over the query heads of its GQA group (a deviation; see jaxeff/lserve/README.md).
     Returns:
-      float32 [B, Hkv, max_pages]: per logical page sum_d max(q_d * kmax_d, q_d * kmin_d), max over the logical
-      pages of a physical page and over the query heads of the KV group; -inf for pages past the history.
+      float32 [B, Hq, max_pages] (or [B, Hkv, max_pages]): per logical page sum_d max(q_d * kmax_d, q_d * kmin_d)
+      in float32 (the official kernel forms fp16 products over 8-dim chunks and reduces them in fp32, so rankings
+      can differ at near-ties), max over the logical pages of a physical page (omniserve
+      decoding_attention.py:132-133); -inf for pages past the history.
     """
     b, hq, d = q.shape
     hkv, num_pages, n_log, _ = kmin.shape
@@ -154,22 +160,35 @@ def page_scores(q, kmin, kmax, page_table, lengths, *, logical_page_size: int):
     start = (jnp.arange(page_table.shape[1])[:, None] * page_size
              + jnp.arange(n_log)[None, :] * logical_page_size)  # first token of each logical page
     filled = start[None] < lengths[:, None, None]  # [B, max_pages, n_log]
-    s = jnp.where(filled[:, None, None], s, -jnp.inf)
-    return s.max(axis=(2, 4))
+    s = jnp.where(filled[:, None, None], s, -jnp.inf).max(axis=4)  # [B, Hkv, G, max_pages]
+    return s.reshape(b, hq, -1) if per_query_head else s.max(axis=2)
+
+
+MIN_SELECTED_PAGES = 3  # omniserve decoding_attention.py:136-141: max(3, budget // page_size)
+
+
+def selected_page_count(history: int, *, budget: int, page_size: int) -> int:
+    """Pages a decode step reads for a sequence of `history` tokens (the current one included):
+    min(max(3, budget // page_size), pages), i.e. every page while they fit, else the newest page plus the
+    min(max(3, budget // page_size), pages) - 1 best of the others (omniserve decoding_attention.py:87-143)."""
+    return min(max(MIN_SELECTED_PAGES, budget // page_size), -(-history // page_size))
 
 
 def select_pages(scores, lengths, *, budget: int, page_size: int):
-    """Top pages per sequence and KV head under a token budget.
+    """Top pages per sequence and head under a token budget (LServe's `dynamic_select_topk_pages`).
 
     Args:
-      scores: float [B, Hkv, max_pages] from `page_scores`; lengths: int32 [B].
-      budget: tokens; keeps budget // page_size pages: the newest page plus the best-scoring others, and every
-        page when the history fits.
+      scores: float [B, H, max_pages] from `page_scores` (H = query heads, or KV heads for the shared-list
+        option); lengths: int32 [B], tokens in the cache including the current one.
+      budget: tokens, >= page_size. With n = max(3, budget // page_size) (the official floor of 3 pages, which
+        exceeds budgets below 3 pages) and `pages` live pages: every page when pages <= n, else the newest page
+        plus the n - 1 best-scoring others. The official code also returns every page at history == budget
+        (budget // page_size + 1 pages); here the count never exceeds n.
     Returns:
-      int32 [B, Hkv, budget // page_size] logical page indices in ascending order, -1 in unused slots.
+      int32 [B, H, n] logical page indices in ascending order, -1 in unused slots.
     """
     budget = check_int("budget", budget, page_size)
-    k = budget // page_size
+    k = max(MIN_SELECTED_PAGES, budget // page_size)
     max_pages = scores.shape[-1]
     n_pages = (lengths + page_size - 1) // page_size
     page = jnp.arange(max_pages)

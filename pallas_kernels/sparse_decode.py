@@ -1,19 +1,24 @@
 """One LServe decode step over a paged KV cache: dense KV heads read their selected pages, streaming KV heads
 their sink and local pages.
 
-Every implementation reads a per-(sequence, KV head) list of logical pages (`decode_page_lists`) and masks
-tokens exactly: position < length, and for streaming heads (position < sink or length - 1 - position < local).
+Every implementation reads page lists (`decode_page_lists`), one per list head: a KV head (its query group shares
+the list: dense decode, streaming heads, the shared-list option) or a query head (LServe's per-query-head
+selection, omniserve decoderMaskedMultiheadAttentionTemplate.hpp:927: query head h reads its own pages of KV
+head h // group), and masks tokens exactly: position < length, and for streaming heads (position < sink or
+length - 1 - position < local).
 - `_xla_decode`: gathers the listed pages; with static `streaming_heads` the two head types get lists of their
   own width, so streaming heads read only sink + local pages.
-- `_pallas_tpu_decode`: grid (B, Hkv, list slots), physical page ids in scalar prefetch so the pipeline DMAs one
-  [page_size, D] page per step; query block [Hq / Hkv, D] (a full dim), so the block shapes are Mosaic-legal.
-- `_pallas_gpu_decode`: flash-decoding, grid (B, Hkv, splits of the list), in-kernel loop over the split's slots
-  loading pages from the whole pool (Triton has no scalar prefetch), partial softmax states merged in XLA; the
-  query group is padded to 16 rows for `dot`. Splitting matters: with grid (B, Hkv) alone a batch-1 step ran on 8
-  of an H200's 132 SMs (155 GB/s reading every page).
+- `_pallas_tpu_decode`: grid (B, list heads, list slots), physical page ids in scalar prefetch so the pipeline
+  DMAs one [page_size, D] page per step; query block [Hq / list heads, D] (a full dim), so the block shapes are
+  Mosaic-legal.
+- `_pallas_gpu_decode`: flash-decoding, grid (B, list heads, splits of the list), in-kernel loop over the
+  split's slots loading pages from the whole pool (Triton has no scalar prefetch), partial softmax states merged
+  in XLA; the query rows are padded to 16 for `dot`. Splitting matters: with grid (B, Hkv) alone a batch-1 step
+  ran on 8 of an H200's 132 SMs (155 GB/s reading every page).
 Backends actually executed: CPU (XLA; both kernels in interpret mode, the TPU-style one also under
 `pltpu.force_tpu_interpret_mode()`) and an NVIDIA H200 (the Triton-style kernel compiled, against the reference
-in tests/test_pallas_device.py). The TPU-style kernel lowers for TPU (Pallas -> Mosaic) through `jax.export` but
+in tests/test_pallas_device.py, per-KV-head lists only: the per-query-head lists have not run on a GPU yet).
+The TPU-style kernel lowers for TPU (Pallas -> Mosaic) through `jax.export` but
 has not run on a TPU.
 """
 
@@ -64,23 +69,28 @@ def streaming_page_list(lengths, *, sink: int, local: int, page_size: int, max_p
 
 
 def decode_page_lists(page_table, lengths, selected_pages, streaming, *, sink, local, page_size):
-    """Logical page lists [B, Hkv, W] (-1: skip) per head; streaming is bool [Hkv] (numpy or traced)."""
+    """Logical page lists [B, Hl, W] (-1: skip), one per list head: Hl = selected_pages.shape[1] (KV heads, or
+    query heads for per-query-head selection) or Hkv when selected_pages is None. streaming is bool [Hkv] (numpy
+    or traced); with per-query-head lists a streaming KV head's list is repeated for each of its query heads."""
     b, max_pages = page_table.shape
     hkv = np.shape(streaming)[0]
+    hl = hkv if selected_pages is None else selected_pages.shape[1]
     if selected_pages is None:  # dense heads read every page
         n_pages = (lengths + page_size - 1) // page_size
         all_pages = jnp.arange(max_pages)[None, :]
         selected_pages = jnp.broadcast_to(jnp.where(all_pages < n_pages[:, None], all_pages, -1)[:, None],
-                                          (b, hkv, max_pages))
+                                          (b, hl, max_pages))
     stream_list = streaming_page_list(lengths, sink=sink, local=local, page_size=page_size, max_pages=max_pages)
     width = max(selected_pages.shape[2], stream_list.shape[1])
     pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=-1)
-    return jnp.where(jnp.asarray(streaming)[None, :, None], pad(stream_list)[:, None], pad(selected_pages))
+    flags = jnp.repeat(jnp.asarray(streaming), hl // hkv)
+    return jnp.where(flags[None, :, None], pad(stream_list)[:, None], pad(selected_pages))
 
 
 def sparse_paged_decode_reference(q, k_pages, v_pages, page_table, lengths, selected_pages, *, streaming_heads,
                                   sink, local, scale=None):
-    """Plain-JAX reference: every cached token of every head, masked to the page selection / Λ pattern."""
+    """Plain-JAX reference: every cached token of every head, masked to the page selection / Λ pattern.
+    selected_pages: None, [B, Hkv, n] (one list per KV head) or [B, Hq, n] (one list per query head)."""
     b, hq, d = q.shape
     hkv, _, ps, _ = k_pages.shape
     g = hq // hkv
@@ -88,44 +98,51 @@ def sparse_paged_decode_reference(q, k_pages, v_pages, page_table, lengths, sele
     k = k_pages[:, page_table].reshape(hkv, b, max_pages * ps, d).astype(jnp.float32)
     v = v_pages[:, page_table].reshape(hkv, b, max_pages * ps, d).astype(jnp.float32)
     pos = jnp.arange(max_pages * ps)
-    stream = jnp.asarray(streaming_heads, bool)
+    stream = jnp.asarray(streaming_heads, bool)[None, :, None, None]
     if selected_pages is None:
-        chosen = jnp.ones((b, hkv, max_pages * ps), bool)
+        chosen = jnp.ones((b, hkv, 1, max_pages * ps), bool)
     else:
-        onehot = (selected_pages[..., None] == jnp.arange(max_pages)).any(2)  # [B, Hkv, max_pages]
-        chosen = jnp.repeat(onehot, ps, axis=-1)
-    qpos = (lengths - 1)[:, None, None]
-    mask = token_mask(qpos, pos[None, None], stream[None, :, None], sink, local) & (stream[None, :, None] | chosen)
+        onehot = (selected_pages[..., None] == jnp.arange(max_pages)).any(2)  # [B, Hl, max_pages]
+        chosen = jnp.repeat(onehot, ps, axis=-1).reshape(b, hkv, -1, max_pages * ps)
+    qpos = (lengths - 1)[:, None, None, None]
+    mask = token_mask(qpos, pos, stream, sink, local) & (stream | chosen)  # [B, Hkv, 1 or G, T]
     s = jnp.einsum("bhgd,hbkd->bhgk", q.astype(jnp.float32).reshape(b, hkv, g, d), k) * default_scale(scale, d)
-    o = jnp.einsum("bhgk,hbkd->bhgd", masked_softmax(s, mask[:, :, None]), v)
+    o = jnp.einsum("bhgk,hbkd->bhgd", masked_softmax(s, mask), v)
     return o.reshape(b, hq, d).astype(q.dtype)
 
 
 def _xla_decode_group(q, k_pages, v_pages, page_table, lengths, lists, stream, cfg: _DecodeCfg):
-    """q [B, h, G, D]; k/v_pages [h, P, ps, D]; lists [B, h, W]; stream bool [h]."""
+    """q [B, h, G, D]; k/v_pages [h, P, ps, D]; lists [B, h, R, W] with R = 1 (per KV head) or G (per query
+    head); stream bool [h]."""
     ps = cfg.page_size
-    phys = jnp.take_along_axis(page_table[:, None, :], jnp.maximum(lists, 0), axis=2)  # [B, h, W]
-    heads = jnp.arange(k_pages.shape[0])[None, :, None]
-    k, v = k_pages[heads, phys], v_pages[heads, phys]  # [B, h, W, ps, D]
+    b, h, g, d = q.shape
+    r = lists.shape[2]
+    phys = jnp.take_along_axis(page_table[:, None, None, :], jnp.maximum(lists, 0), axis=3)  # [B, h, R, W]
+    heads = jnp.arange(k_pages.shape[0])[None, :, None, None]
+    k, v = k_pages[heads, phys], v_pages[heads, phys]  # [B, h, R, W, ps, D]
     pos = lists[..., None] * ps + jnp.arange(ps)
-    qpos = (lengths - 1)[:, None, None, None]
-    mask = (lists[..., None] >= 0) & (pos < lengths[:, None, None, None])
-    mask &= token_mask(qpos, pos, jnp.asarray(stream)[None, :, None, None], cfg.sink, cfg.local)
-    s = jnp.einsum("bhgd,bhwpd->bhgwp", q, k, preferred_element_type=jnp.float32) * cfg.scale
-    bsz, h, g, w, _ = s.shape
-    mask = jnp.broadcast_to(mask[:, :, None], s.shape).reshape(bsz, h, g, w * ps)
-    p = masked_softmax(s.reshape(bsz, h, g, w * ps), mask).reshape(s.shape)
-    return jnp.einsum("bhgwp,bhwpd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    qpos = (lengths - 1)[:, None, None, None, None]
+    mask = (lists[..., None] >= 0) & (pos < lengths[:, None, None, None, None])
+    mask &= token_mask(qpos, pos, jnp.asarray(stream)[None, :, None, None, None], cfg.sink, cfg.local)
+    qr = q.reshape(b, h, r, g // r, d)
+    s = jnp.einsum("bhrgd,bhrwpd->bhrgwp", qr, k, preferred_element_type=jnp.float32) * cfg.scale
+    w = s.shape[4]
+    mask = jnp.broadcast_to(mask[:, :, :, None], s.shape).reshape(b, h, r, g // r, w * ps)
+    p = masked_softmax(s.reshape(b, h, r, g // r, w * ps), mask).reshape(s.shape)
+    o = jnp.einsum("bhrgwp,bhrwpd->bhrgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(b, h, g, d)
 
 
 def _xla_decode(q, k_pages, v_pages, page_table, lengths, selected_pages, flags, static, cfg):
     b, hq, d = q.shape
     hkv = k_pages.shape[0]
-    qg = q.reshape(b, hkv, hq // hkv, d)
+    g = hq // hkv
+    qg = q.reshape(b, hkv, g, d)
+    per_list = lambda lists: lists.reshape(b, hkv, lists.shape[1] // hkv, lists.shape[2])
     if static is None:  # traced pattern: one list per head of the wider width
         lists = decode_page_lists(page_table, lengths, selected_pages, flags.astype(bool), sink=cfg.sink,
                                   local=cfg.local, page_size=cfg.page_size)
-        o = _xla_decode_group(qg, k_pages, v_pages, page_table, lengths, lists, flags.astype(bool), cfg)
+        o = _xla_decode_group(qg, k_pages, v_pages, page_table, lengths, per_list(lists), flags.astype(bool), cfg)
         return o.reshape(b, hq, d).astype(q.dtype)
     outs, order = [], []
     for idx, is_stream in ((np.flatnonzero(static), True), (np.flatnonzero(~static), False)):
@@ -134,11 +151,15 @@ def _xla_decode(q, k_pages, v_pages, page_table, lengths, selected_pages, flags,
         if is_stream:
             lists = streaming_page_list(lengths, sink=cfg.sink, local=cfg.local, page_size=cfg.page_size,
                                         max_pages=page_table.shape[1])
-            lists = jnp.broadcast_to(lists[:, None], (b, len(idx), lists.shape[1]))
+            lists = jnp.broadcast_to(lists[:, None, None], (b, len(idx), 1, lists.shape[1]))
         else:
-            sel = None if selected_pages is None else selected_pages[:, idx]
+            sel = selected_pages
+            if sel is not None:  # the rows of these KV heads (or of their query heads)
+                r = sel.shape[1] // hkv
+                sel = sel.reshape(b, hkv, r, -1)[:, idx].reshape(b, len(idx) * r, -1)
             lists = decode_page_lists(page_table, lengths, sel, np.zeros(len(idx), bool), sink=cfg.sink,
                                       local=cfg.local, page_size=cfg.page_size)
+            lists = lists.reshape(b, len(idx), -1, lists.shape[2])
         outs.append(_xla_decode_group(qg[:, idx], k_pages[idx], v_pages[idx], page_table, lengths, lists,
                                       np.full(len(idx), is_stream), cfg))
         order.append(idx)
@@ -168,15 +189,18 @@ def _decode_step(q, k, v, m, l, acc, pos, length, stream, cfg: _DecodeCfg):
 
 
 def _pallas_tpu_decode(q, k_pages, v_pages, page_table, lengths, lists, flags, cfg, interpret):
+    """Grid (B, list heads, list slots); a list head is a KV head (its query group shares the list) or, with
+    per-query-head lists, one query head reading its KV head's pages."""
     b, hq, d = q.shape
     hkv, _, ps, _ = k_pages.shape
-    g = hq // hkv
-    w = lists.shape[2]
+    hl, w = lists.shape[1], lists.shape[2]
+    rows, per_kv = hq // hl, hl // hkv
     phys = _physical_lists(page_table, lists)
+    flags = jnp.repeat(flags, per_kv)
 
     def kernel(lists_ref, phys_ref, len_ref, flag_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr):
         bi, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        page = lists_ref[(bi * hkv + h) * w + t]
+        page = lists_ref[(bi * hl + h) * w + t]
 
         @pl.when(t == 0)
         def _init():
@@ -186,7 +210,7 @@ def _pallas_tpu_decode(q, k_pages, v_pages, page_table, lengths, lists, flags, c
 
         @pl.when(page >= 0)
         def _step():
-            pos = page * ps + lax.broadcasted_iota(jnp.int32, (g, ps), 1)
+            pos = page * ps + lax.broadcasted_iota(jnp.int32, (rows, ps), 1)
             m, l_, acc = _decode_step(q_ref[...], k_ref[...], v_ref[...], m_scr[...], l_scr[...], acc_scr[...],
                                       pos, len_ref[bi], flag_ref[h] != 0, cfg)
             m_scr[...], l_scr[...], acc_scr[...] = m, l_, acc
@@ -197,24 +221,24 @@ def _pallas_tpu_decode(q, k_pages, v_pages, page_table, lengths, lists, flags, c
             o_ref[...] = (acc_scr[...] / jnp.where(l_ == 0.0, 1.0, l_)).astype(o_ref.dtype)
 
     def kv_map(bi, h, t, lists_ref, phys_ref, *_):
-        return h, phys_ref[(bi * hkv + h) * w + t], 0, 0
+        return h // per_kv, phys_ref[(bi * hl + h) * w + t], 0, 0
 
     def q_map(bi, h, t, *_):
         return bi, h, 0, 0
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4, grid=(b, hkv, w),
-        in_specs=[pl.BlockSpec((None, None, g, d), q_map), pl.BlockSpec((None, None, ps, d), kv_map),
+        num_scalar_prefetch=4, grid=(b, hl, w),
+        in_specs=[pl.BlockSpec((None, None, rows, d), q_map), pl.BlockSpec((None, None, ps, d), kv_map),
                   pl.BlockSpec((None, None, ps, d), kv_map)],
-        out_specs=pl.BlockSpec((None, None, g, d), q_map),
-        scratch_shapes=[pltpu.VMEM((g, 1), jnp.float32), pltpu.VMEM((g, 1), jnp.float32),
-                        pltpu.VMEM((g, d), jnp.float32)],
+        out_specs=pl.BlockSpec((None, None, rows, d), q_map),
+        scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                        pltpu.VMEM((rows, d), jnp.float32)],
     )
     out = pl.pallas_call(
-        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, hkv, g, d), q.dtype),
+        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((b, hl, rows, d), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="sparse_paged_decode_tpu",
-    )(lists.reshape(-1), phys.reshape(-1), lengths.astype(jnp.int32), flags, q.reshape(b, hkv, g, d), k_pages,
+    )(lists.reshape(-1), phys.reshape(-1), lengths.astype(jnp.int32), flags, q.reshape(b, hl, rows, d), k_pages,
       v_pages)
     return out.reshape(b, hq, d)
 
@@ -224,19 +248,22 @@ _GPU_TARGET_PROGRAMS = 264
 
 
 def _pallas_gpu_decode(q, k_pages, v_pages, page_table, lengths, lists, flags, cfg, interpret):
-    """Flash-decoding: grid (B, Hkv, splits), each program runs the online softmax over its share of the page
-    list; the partial (max, sum, accumulator) triples are merged in XLA."""
+    """Flash-decoding: grid (B, list heads, splits), each program runs the online softmax over its share of a
+    page list (a KV head's, shared by its query group, or one query head's); the partial (max, sum, accumulator)
+    triples are merged in XLA."""
     b, hq, d = q.shape
     hkv, num_pages, ps, _ = k_pages.shape
-    g = hq // hkv
-    gp = max(16, int(pl.next_power_of_2(g)))  # Triton dot needs >= 16 rows
+    hl = lists.shape[1]
+    rows, per_kv = hq // hl, hl // hkv
+    gp = max(16, int(pl.next_power_of_2(rows)))  # Triton dot needs >= 16 rows
     w = int(pl.next_power_of_2(lists.shape[2]))
-    splits = int(min(w, pl.next_power_of_2(-(-_GPU_TARGET_PROGRAMS // (b * hkv)))))
+    splits = int(min(w, pl.next_power_of_2(-(-_GPU_TARGET_PROGRAMS // (b * hl)))))
     chunk = w // splits
     lists = jnp.pad(lists, ((0, 0), (0, 0), (0, w - lists.shape[2])), constant_values=-1)
     phys = _physical_lists(page_table, lists)
-    qp = jnp.pad(q.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    meta = jnp.stack([lengths.astype(jnp.int32)[:, None].repeat(hkv, 1), jnp.broadcast_to(flags, (b, hkv))], -1)
+    qp = jnp.pad(q.reshape(b, hl, rows, d), ((0, 0), (0, 0), (0, gp - rows), (0, 0)))
+    meta = jnp.stack([lengths.astype(jnp.int32)[:, None].repeat(hl, 1),
+                      jnp.broadcast_to(jnp.repeat(flags, per_kv), (b, hl))], -1)
 
     def kernel(lists_ref, phys_ref, meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref):
         length, stream = meta_ref[0], meta_ref[1] != 0
@@ -254,17 +281,17 @@ def _pallas_gpu_decode(q, k_pages, v_pages, page_table, lengths, lists, flags, c
 
     slot_spec = pl.BlockSpec((None, None, chunk), lambda bi, h, s: (bi, h, s))
     row_spec = pl.BlockSpec((None, None, None, gp), lambda bi, h, s: (bi, h, s, 0))
+    pool_spec = pl.BlockSpec((None, num_pages, ps, d), lambda bi, h, s: (h // per_kv, 0, 0, 0))
     acc, m, l_ = pl.pallas_call(
-        kernel, grid=(b, hkv, splits),
+        kernel, grid=(b, hl, splits),
         in_specs=[slot_spec, slot_spec,
                   pl.BlockSpec((None, None, 2), lambda bi, h, s: (bi, h, 0)),
                   pl.BlockSpec((None, None, gp, d), lambda bi, h, s: (bi, h, 0, 0)),
-                  pl.BlockSpec((None, num_pages, ps, d), lambda bi, h, s: (h, 0, 0, 0)),
-                  pl.BlockSpec((None, num_pages, ps, d), lambda bi, h, s: (h, 0, 0, 0))],
+                  pool_spec, pool_spec],
         out_specs=[pl.BlockSpec((None, None, None, gp, d), lambda bi, h, s: (bi, h, s, 0, 0)), row_spec, row_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, splits, gp, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, splits, gp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, splits, gp), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((b, hl, splits, gp, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hl, splits, gp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hl, splits, gp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="sparse_paged_decode_gpu",
     )(lists, phys, meta, qp, k_pages, v_pages)
@@ -272,7 +299,7 @@ def _pallas_gpu_decode(q, k_pages, v_pages, page_table, lengths, lists, flags, c
     weight = jnp.exp(m - m.max(axis=2, keepdims=True))
     total = jnp.sum(weight * l_, axis=2)[..., None]
     out = jnp.sum(weight[..., None] * acc, axis=2) / jnp.where(total == 0.0, 1.0, total)
-    return out[:, :, :g].reshape(b, hq, d).astype(q.dtype)
+    return out[:, :, :rows].reshape(b, hq, d).astype(q.dtype)
 
 
 _KERNELS = {"tpu": _pallas_tpu_decode, "gpu": _pallas_gpu_decode, "interpret": _pallas_tpu_decode}
@@ -289,8 +316,10 @@ def _check_decode_inputs(q, k_pages, v_pages, page_table, lengths, selected_page
     if page_table.ndim != 2 or page_table.shape[0] != b or lengths.shape != (b,):
         raise ValueError(f"page_table must be [{b}, max_pages] and lengths [{b}], got {page_table.shape}, "
                          f"{lengths.shape}")
-    if selected_pages is not None and (selected_pages.ndim != 3 or selected_pages.shape[:2] != (b, hkv)):
-        raise ValueError(f"selected_pages must be [{b}, {hkv}, n], got {selected_pages.shape}")
+    if selected_pages is not None and (selected_pages.ndim != 3 or selected_pages.shape[0] != b
+                                       or selected_pages.shape[1] not in (hkv, hq)):
+        raise ValueError(f"selected_pages must be [{b}, {hkv}, n] (per KV head) or [{b}, {hq}, n] (per query "
+                         f"head), got {selected_pages.shape}")
     check_int("sink", sink, 0)
     check_int("local", local, 1)
     check_page_table(page_table, num_pages, lengths, ps)
@@ -309,8 +338,9 @@ def sparse_paged_decode(q, k_pages, v_pages, page_table, lengths, selected_pages
       q: [B, Hq, D], the query of the newest token (already in the cache, at position lengths - 1). A sequence
         with length 0 (an empty batch slot) sees no token and gets zeros in every implementation.
       k_pages, v_pages: [Hkv, P, page_size, D] page pools; page_table: int32 [B, max_pages]; lengths: int32 [B].
-      selected_pages: int32 [B, Hkv, n] distinct logical pages per dense KV head (-1: unused), e.g. from
-        `select_pages`; None reads every page (dense decode).
+      selected_pages: int32 [B, Hq, n] distinct logical pages per query head (LServe's per-query-head selection:
+        each query head reads its own pages of its KV head's pool) or [B, Hkv, n] (one list shared by a KV head's
+        query group), -1 = unused, e.g. from `select_pages`; None reads every page (dense decode).
       streaming_heads: bool [Hkv]; streaming heads ignore `selected_pages` and read tokens with
         position < sink or lengths - 1 - position < local.
       sink, local: Python ints, sink >= 0, local >= 1.
