@@ -1,7 +1,10 @@
-"""Hugging Face-format decoder checkpoints (config.json + safetensors, sharded or not) <-> `jaxeff.models.llama`."""
+"""Hugging Face-format decoder checkpoints (config.json + safetensors, sharded or not) <-> `jaxeff.models.llama`
+(llama, mistral, qwen2) and `jaxeff.models.gemma2` (gemma2), chosen by config.json's model_type. Both decoders use
+transformers' parameter names, so one key mapping serves them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +15,11 @@ from flax import nnx, traverse_util
 from jaxeff.io import hub
 from jaxeff.io.safetensors import load_checkpoint_dir, save_checkpoint_dir
 from jaxeff.io.state_dict import load_mapped
+from jaxeff.models.gemma2 import Gemma2, Gemma2Config
 from jaxeff.models.llama import Llama, LlamaConfig
+
+Decoder = Llama | Gemma2
+DecoderConfig = LlamaConfig | Gemma2Config
 
 # Buffers some exporters write that carry no learned weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -32,14 +39,23 @@ def hf_key(path: tuple) -> tuple[str, bool]:
     return f"{prefix}{name}.{leaf}", transpose
 
 
-def load_config(directory: str | Path) -> LlamaConfig:
+def config_from_hf(d: dict) -> DecoderConfig:
+    """A config.json dict -> `Gemma2Config` for model_type gemma2, else `LlamaConfig` (which refuses other types)."""
+    return (Gemma2Config if d.get("model_type") == "gemma2" else LlamaConfig).from_hf(d)
+
+
+def load_config(directory: str | Path) -> DecoderConfig:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-    return LlamaConfig.from_hf(json.loads(path.read_text()))
+    return config_from_hf(json.loads(path.read_text()))
 
 
-def load_state_dict_into(model: Llama, tensors: dict[str, np.ndarray], *, source: str = "checkpoint") -> Llama:
+def decoder_class(cfg: DecoderConfig) -> type[Decoder]:
+    return Gemma2 if isinstance(cfg, Gemma2Config) else Llama
+
+
+def load_state_dict_into(model: Decoder, tensors: dict[str, np.ndarray], *, source: str = "checkpoint") -> Llama:
     """Fill `model`'s parameters from a HF-named state dict; raises naming missing/unexpected/mismatched keys."""
     def key_of(path):
         key, transpose = hf_key(path)
@@ -51,20 +67,29 @@ def load_state_dict_into(model: Llama, tensors: dict[str, np.ndarray], *, source
     return load_mapped(model, tensors, key_of, source=source, what="the model", ignore=ignore)
 
 
-def from_pretrained(directory: str | Path, dtype=jnp.float32) -> Llama:
-    """Load a Llama / Mistral / Qwen2 Hugging Face directory as an NNX `Llama` with parameters in `dtype`.
+def from_pretrained(directory: str | Path, dtype=jnp.float32, *, config_overrides: dict | None = None) -> Decoder:
+    """Load a Llama / Mistral / Qwen2 Hugging Face directory as an NNX `Llama`, a Gemma-2 one as a
+    `jaxeff.models.gemma2.Gemma2`, with parameters and compute in `dtype`.
 
     `directory` may be `hf:<owner>/<repo>[@<revision>]`: its config, tokenizer and safetensors files are downloaded
-    once with `jaxeff.io.hub.resolve` (errors as documented there)."""
+    once with `jaxeff.io.hub.resolve` (errors as documented there). `config_overrides` replaces fields of the
+    parsed config (`dataclasses.replace`), e.g. `{"attn_logit_softcapping": None}` for the numbers of
+    transformers' SDPA path on Gemma-2. Raises FileNotFoundError, ValueError (unsupported config field, unknown
+    override) or `CheckpointMismatchError` (naming missing / unexpected / mis-shaped keys)."""
     directory = hub.resolve(directory, allow_patterns=hub.HF_MODEL_FILES)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     cfg = load_config(directory)
-    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+    if config_overrides:
+        unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(cfg)})
+        if unknown:
+            raise ValueError(f"config_overrides names fields {type(cfg).__name__} does not have: {unknown}")
+        cfg = dataclasses.replace(cfg, **config_overrides)
+    model = nnx.eval_shape(lambda: decoder_class(cfg)(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     return load_state_dict_into(model, load_checkpoint_dir(directory), source=str(directory))
 
 
-def state_dict(model: Llama, dtype=None) -> dict[str, np.ndarray]:
+def state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
     """HF-named numpy state dict of `model` (optionally cast)."""
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     out = {}
@@ -75,7 +100,7 @@ def state_dict(model: Llama, dtype=None) -> dict[str, np.ndarray]:
     return out
 
 
-def save_pretrained(model: Llama, directory: str | Path, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model: Decoder, directory: str | Path, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json + safetensors (sharded with an index when larger than `max_shard_bytes`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""One decoder for Llama 2 / 3 / 3.1, Mistral and Qwen2 checkpoints.
+"""One decoder for Llama 2 / 3 / 3.1, Mistral and Qwen2 checkpoints (Gemma-2: `jaxeff.models.gemma2`, which reuses
+this file's attention projections, input checks and `generate`).
 
 Parameter names follow the Hugging Face modules (`embed_tokens`, `layers[i].self_attn.q_proj`, `mlp.gate_proj`,
 `input_layernorm`, ...) so the weight mapping in `jaxeff.io.hf` is mechanical: a torch Linear `weight` [out, in]
@@ -140,16 +141,14 @@ class LlamaConfig:
         """From a Hugging Face config.json dict (llama, mistral, qwen2), with transformers' defaults for missing
         keys that change the computation; fields jaxeff cannot compute raise ValueError naming them."""
         model_type = d.get("model_type", "llama")
+        if model_type == "gemma2":
+            raise ValueError("config.json model_type 'gemma2' is not this decoder: use "
+                             "jaxeff.models.gemma2.Gemma2Config (jaxeff.io.from_pretrained picks it from config.json)")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"config.json model_type {model_type!r} not supported; supported: {MODEL_TYPES}")
         d = _HF_DEFAULTS[model_type] | d
-        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
-        partial = d.get("partial_rotary_factor")
-        if partial is not None and partial != 1.0:
-            raise ValueError(f"partial_rotary_factor={partial} is not supported (rotary on the whole head only)")
         max_pos = d["max_position_embeddings"]
-        if "original_max_position_embeddings" in d:  # a top-level value wins, as in transformers
-            rope = {**rope, "original_max_position_embeddings": d["original_max_position_embeddings"]}
+        rope_theta, rope_scaling = rope_from_hf(d, max_pos)
         window, layer_types = None, None
         if model_type == "mistral":
             window = d["sliding_window"]  # every layer: MistralModel ignores layer_types
@@ -171,8 +170,8 @@ class LlamaConfig:
             num_key_value_heads=d.get("num_key_value_heads"),
             head_dim=d.get("head_dim"),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=d.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            rope_scaling=RopeScaling.from_hf(rope, max_pos),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             attention_bias={"qwen2": True, "mistral": False}.get(model_type, d.get("attention_bias", False)),
@@ -224,8 +223,41 @@ class LlamaConfig:
         return d
 
 
+def rope_from_hf(d: dict, max_position_embeddings: int) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) of a Hugging Face config dict: `rope_scaling` (transformers < 5) or `rope_parameters`
+    (>= 5, which also carries rope_theta); a top-level original_max_position_embeddings wins, as in transformers.
+    A partial rotary factor raises ValueError."""
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    partial = d.get("partial_rotary_factor")
+    if partial is not None and partial != 1.0:
+        raise ValueError(f"partial_rotary_factor={partial} is not supported (rotary on the whole head only)")
+    if "original_max_position_embeddings" in d:
+        rope = {**rope, "original_max_position_embeddings": d["original_max_position_embeddings"]}
+    theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return theta, RopeScaling.from_hf(rope, max_position_embeddings)
+
+
+OUTPUTS = ("logits", "hidden")
+
+
+def check_inputs(tokens, inputs_embeds, positions, output: str):
+    """The shared argument checks of a decoder forward; returns positions [B, S] (default arange)."""
+    if (tokens is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of tokens or inputs_embeds")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    b, s = (tokens if inputs_embeds is None else inputs_embeds).shape[:2]
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return positions
+
+
 class LlamaAttention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    """q/k/v/o projections of transformers' Llama / Mistral / Qwen2 / Gemma2 attention; `cfg` is any config with
+    hidden_size, num_attention_heads, num_key_value_heads, head_dim, attention_bias, o_proj_bias and
+    initializer_range (`LlamaConfig`, `Gemma2Config`)."""
+
+    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -299,14 +331,8 @@ class Llama(nnx.Module):
         tokens [B, S] int (or `inputs_embeds` [B, S, hidden]); positions [B, S] (default arange);
         output "logits" or "hidden" (final-norm hidden states). With `cache`, returns (output, new_cache).
         """
-        if (tokens is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of tokens or inputs_embeds")
+        positions = check_inputs(tokens, inputs_embeds, positions, output)
         x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
-        b, s = x.shape[:2]
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        if output not in ("logits", "hidden"):
-            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         cfg = self.config
         windows = cfg.layer_windows
         if attention_fn is not None and cache is None and any(w is not None for w in windows):
@@ -442,7 +468,7 @@ def _pad_embeds(inputs_embeds, prompt_lens, hidden: int, multiple: int) -> tuple
 
 
 def generate(
-    model: Llama,
+    model: Any,
     prompts: Sequence[Sequence[int]] | None,
     max_new_tokens: int,
     *,
@@ -455,7 +481,8 @@ def generate(
     implementation: str | None = None,
 ) -> GenerateOutput:
     """Generate for a batch of prompts of different lengths: one prefill, then a compiled `lax.scan` decode loop
-    over a contiguous KV cache (prefill and decode are a single jitted program).
+    over a contiguous KV cache (prefill and decode are a single jitted program). `model` is a `Llama` or a
+    `jaxeff.models.gemma2.Gemma2` (per-layer sliding windows and soft-caps honoured in the cache).
 
     The prompt is either `prompts` (lists of token ids) or, with `prompts=None`, `inputs_embeds` [B, S, hidden]
     (e.g. a VLM's text and visual embeddings; rows right-padded, real lengths `prompt_lens`, default S).

@@ -16,6 +16,10 @@ row, forward or backward.
 - "pallas": `pallas_kernels.hybrid_attention` with every head dense; needs contiguous positions
   (`q_positions = offset + arange`, `kv_positions = arange`).
 - None: "xla" on CPU, "dot_product" on GPU/TPU.
+
+`logit_softcap=c` caps the scaled logits as `c * tanh(logits / c)` before masking (Gemma-2's
+`attn_logit_softcapping`, transformers' `eager_attention_forward`); "dot_product" has no cap, so a capped call
+runs "xla", and "pallas" refuses it.
 """
 
 from __future__ import annotations
@@ -63,12 +67,18 @@ def _check(q, k, v):
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
 
 
-def xla_attention(q, k, v, mask, scale):
+def soft_cap(x: jnp.ndarray, cap: float | None) -> jnp.ndarray:
+    """`cap * tanh(x / cap)` (Gemma-2's attention and final logit soft-capping); x unchanged when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def xla_attention(q, k, v, mask, scale, logit_softcap: float | None = None):
     """Reference: grouped einsum, float32 logits and softmax; rows with no visible key return zeros."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, sq, hkv, hq // hkv, d)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = soft_cap(jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale,
+                      logit_softcap)
     logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
@@ -89,6 +99,7 @@ def attention(
     causal: bool = True,
     sliding_window: int | None = None,
     scale: float | None = None,
+    logit_softcap: float | None = None,
     implementation: str | None = None,
 ) -> jnp.ndarray:
     """Multi-head / grouped-query attention; returns [B, Sq, Hq, D]."""
@@ -105,8 +116,9 @@ def attention(
     if implementation is None:
         implementation = "xla" if jax.default_backend() == "cpu" else "dot_product"
     if implementation == "pallas":
-        if not (contiguous and causal and sliding_window is None):
-            raise ValueError("implementation='pallas' needs default (contiguous) positions, causal=True, no window")
+        if not (contiguous and causal and sliding_window is None and logit_softcap is None):
+            raise ValueError("implementation='pallas' needs default (contiguous) positions, causal=True, no window, "
+                             "no logit_softcap")
         import pallas_kernels
 
         return pallas_kernels.hybrid_attention(
@@ -114,8 +126,8 @@ def attention(
         )
     mask = make_mask(q_positions, kv_positions, causal=causal, sliding_window=sliding_window)
     k, v = zero_empty_slots(k, kv_positions), zero_empty_slots(v, kv_positions)
-    if implementation == "dot_product":
+    if implementation == "dot_product" and logit_softcap is None:
         # Its masked softmax gives a row with no visible key the mean of V: zero those rows instead.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
         return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(out.dtype)
-    return xla_attention(q, k, v, mask, scale)
+    return xla_attention(q, k, v, mask, scale, logit_softcap)

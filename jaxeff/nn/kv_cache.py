@@ -33,7 +33,8 @@ class ContiguousKVCache:
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in self.k + self.v)
 
-    def attend(self, layer: int, q, k, v, q_positions, *, sliding_window=None, scale=None, implementation=None):
+    def attend(self, layer: int, q, k, v, q_positions, *, sliding_window=None, scale=None, logit_softcap=None,
+               implementation=None):
         """Write k/v [B, S, Hkv, D] at slots `q_positions` [B, S], then attend q over slots <= each query position.
         Positions >= max_len are dropped by the scatter; callers check lengths before decoding."""
         batch_idx = jnp.arange(q.shape[0])[:, None]
@@ -42,7 +43,7 @@ class ContiguousKVCache:
         kv_positions = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32), (q.shape[0], self.max_len))
         out = attention(
             q, new_k.astype(q.dtype), new_v.astype(q.dtype), q_positions=q_positions, kv_positions=kv_positions,
-            causal=True, sliding_window=sliding_window, scale=scale,
+            causal=True, sliding_window=sliding_window, scale=scale, logit_softcap=logit_softcap,
             implementation=None if implementation == "pallas" else implementation,
         )
         cache = self.replace(

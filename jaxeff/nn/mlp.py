@@ -20,3 +20,11 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeGLU(SwiGLU):
+    """down(gelu_tanh(gate(x)) * up(x)), the Gemma / Gemma-2 MLP (transformers' `gelu_pytorch_tanh`, the tanh
+    approximation of GELU); same parameters as `SwiGLU`."""
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
