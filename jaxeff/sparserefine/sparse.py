@@ -1,0 +1,202 @@
+"""2-D sparse tensors with static capacity: points, dense index maps, neighbour tables, the strided-site rule.
+
+A level holds up to `capacity` active pixels of a [B, H, W] grid: coordinates (b, y, x) in row-major order (the
+order of `torch.nonzero(mask)`, which the official featurizer uses), a validity mask and a dense int32 index map
+(point id, -1 = empty) kept on device. Every sparse conv is `gather_matmul(features, table, weight)`
+(`pallas_kernels.sparse_conv`) with a table built here:
+
+- submanifold 3x3 (stride 1, TorchSparse's stride-1 `Conv3d`): output sites = input sites,
+  table[i, k] = index[b, y + dy_k, x + dx_k], offsets k = (dy, dx) row-major over {-1, 0, 1}^2;
+- strided 3x3, stride 2, padding 0: output o gathers inputs at 2 * o + k, k = (ky, kx) in {0, 1, 2}^2 (row-major);
+- transposed 3x3, stride 2, onto the cached finer level: fine x gathers coarse o = (x - k) / 2 with the same k.
+
+Coarse sites (`DOWNSAMPLE_MODES`):
+- "spconv" (official: TorchSparse's default `downsample_mode`, `torchsparse/nn/functional/conv/kmap/downsample.py`
+  and `backend/others/downsample_cuda.cu`): o exists iff some active x and k in {0, 1, 2} give o = (x - k) / 2
+  integral, o >= 0 and o <= (x_max - 2) // 2, per spatial axis, x_max the largest active coordinate on that axis
+  over the whole batch (`coords_max`). A slightly dilated set.
+- "floor" (MinkowskiEngine style, an option): o = floor(x / 2), unique.
+
+Capacity: `jnp.nonzero(size=capacity)` keeps the first `capacity` sites; `overflow` records whether any were
+dropped, and `check_capacity` turns it into a `CapacityError` (ValueError) on the host.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+DOWNSAMPLE_MODES = ("spconv", "floor")
+SUBM_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+STRIDED_OFFSETS = tuple((ky, kx) for ky in (0, 1, 2) for kx in (0, 1, 2))
+
+
+class CapacityError(ValueError):
+    """More active sites than the static capacity of a level."""
+
+
+@struct.dataclass
+class Level:
+    """One resolution level. coords int32 [cap, 3] (b, y, x; zeros in empty slots), valid bool [cap], count int32
+    [] (active sites wanted, may exceed cap), index int32 [B, H, W] (point id or -1)."""
+
+    coords: jax.Array
+    valid: jax.Array
+    count: jax.Array
+    index: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def overflow(self) -> jax.Array:
+        return self.count > self.capacity
+
+
+def level_from_mask(mask, capacity: int) -> Level:
+    """Active sites of a bool mask [B, H, W] (row-major order), at most `capacity` of them kept."""
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be [B, H, W], got shape {mask.shape}")
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    b, h, w = mask.shape
+    flat = mask.reshape(-1)
+    (ids,) = jnp.nonzero(flat, size=capacity, fill_value=0)
+    count = jnp.sum(flat, dtype=jnp.int32)
+    valid = jnp.arange(capacity) < count
+    coords = jnp.stack(jnp.unravel_index(ids, (b, h, w)), axis=-1).astype(jnp.int32)
+    coords = jnp.where(valid[:, None], coords, 0)
+    index = jnp.full((b * h * w,), -1, jnp.int32)
+    index = index.at[jnp.where(valid, ids, b * h * w)].set(jnp.arange(capacity, dtype=jnp.int32), mode="drop")
+    return Level(coords, valid, count, index.reshape(b, h, w))
+
+
+def _lookup(index, b, y, x, ok):
+    """index[b, y, x] where ok and inside the grid, else -1."""
+    _, h, w = index.shape
+    inside = ok & (y >= 0) & (y < h) & (x >= 0) & (x < w)
+    val = index[b, jnp.clip(y, 0, h - 1), jnp.clip(x, 0, w - 1)]
+    return jnp.where(inside, val, -1)
+
+
+def subm_table(level: Level) -> jax.Array:
+    """Neighbour table int32 [cap, 9] of the 3x3 submanifold conv on `level` (offsets `SUBM_OFFSETS`)."""
+    b, y, x = level.coords.T
+    cols = [_lookup(level.index, b, y + dy, x + dx, level.valid) for dy, dx in SUBM_OFFSETS]
+    return jnp.stack(cols, axis=-1)
+
+
+def coarse_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Grid of a stride-2, kernel-3, padding-0 conv: (S - 3) // 2 + 1 per axis (at least 1, possibly empty)."""
+    b, h, w = shape
+    return b, max((h - 3) // 2 + 1, 1), max((w - 3) // 2 + 1, 1)
+
+
+def coarse_mask(level: Level, shape: tuple[int, int, int], mode: str = "spconv") -> jax.Array:
+    """bool [B, Ho, Wo] of the coarse sites of `level` (grid `shape` = [B, H, W]) under `mode`."""
+    if mode not in DOWNSAMPLE_MODES:
+        raise ValueError(f"downsample mode must be one of {DOWNSAMPLE_MODES}, got {mode!r}")
+    bo, ho, wo = coarse_shape(shape)
+    b, y, x = level.coords.T
+    valid = level.valid
+    occ = jnp.zeros((bo * ho * wo,), bool)
+    if mode == "floor":
+        oy, ox = y // 2, x // 2
+        ok = valid & (oy < ho) & (ox < wo)
+        flat = jnp.where(ok, (b * ho + oy) * wo + ox, bo * ho * wo)
+        return occ.at[flat].set(True, mode="drop").reshape(bo, ho, wo)
+    # spconv: bounds from the largest active coordinate per axis, over the whole batch (coords_max).
+    ymax = (jnp.max(jnp.where(valid, y, -1)) - 2) // 2
+    xmax = (jnp.max(jnp.where(valid, x, -1)) - 2) // 2
+    for ky, kx in STRIDED_OFFSETS:
+        dy, dx = y - ky, x - kx
+        oy, ox = dy // 2, dx // 2
+        ok = valid & (dy % 2 == 0) & (dx % 2 == 0) & (oy >= 0) & (ox >= 0) & (oy <= ymax) & (ox <= xmax)
+        ok = ok & (oy < ho) & (ox < wo)
+        flat = jnp.where(ok, (b * ho + oy) * wo + ox, bo * ho * wo)
+        occ = occ.at[flat].set(True, mode="drop")
+    return occ.reshape(bo, ho, wo)
+
+
+def down_table(fine: Level, coarse: Level) -> jax.Array:
+    """int32 [cap_coarse, 9]: fine point at 2 * o + k for each coarse site o (stride-2 conv, padding 0)."""
+    b, y, x = coarse.coords.T
+    cols = [_lookup(fine.index, b, 2 * y + ky, 2 * x + kx, coarse.valid) for ky, kx in STRIDED_OFFSETS]
+    return jnp.stack(cols, axis=-1)
+
+
+def up_table(fine: Level, coarse: Level) -> jax.Array:
+    """int32 [cap_fine, 9]: coarse site o = (x - k) / 2 for each fine point x (transposed stride-2 conv back onto
+    the cached fine sites; the transpose of `down_table`)."""
+    b, y, x = fine.coords.T
+    cols = []
+    for ky, kx in STRIDED_OFFSETS:
+        dy, dx = y - ky, x - kx
+        ok = fine.valid & (dy % 2 == 0) & (dx % 2 == 0)
+        cols.append(_lookup(coarse.index, b, dy // 2, dx // 2, ok))
+    return jnp.stack(cols, axis=-1)
+
+
+@struct.dataclass
+class Pyramid:
+    """Levels (finest first) and their tables: subm[i] [cap_i, 9], down[i] [cap_{i+1}, 9] (level i -> i+1),
+    up[i] [cap_i, 9] (level i+1 -> i)."""
+
+    levels: tuple[Level, ...]
+    subm: tuple[jax.Array, ...]
+    down: tuple[jax.Array, ...]
+    up: tuple[jax.Array, ...]
+
+    @property
+    def overflow(self) -> jax.Array:
+        return jnp.any(jnp.stack([lv.overflow for lv in self.levels]))
+
+    @property
+    def counts(self) -> jax.Array:
+        return jnp.stack([lv.count for lv in self.levels])
+
+
+def level_capacities(capacity: int, num_levels: int, shape: tuple[int, int, int],
+                     coarse_ratio: float = 1.0) -> tuple[int, ...]:
+    """Static capacity per level: level 0 gets `capacity`; level i+1 gets ceil(ratio * cap_i), at most its grid.
+
+    The spconv rule can make a coarse level larger than its fine one for scattered points (up to 4 sites per
+    isolated pixel); raise `coarse_ratio` if `check_capacity` reports an overflow."""
+    caps, grid = [int(capacity)], tuple(shape)
+    for _ in range(num_levels - 1):
+        grid = coarse_shape(grid)
+        caps.append(max(1, min(int(np.ceil(caps[-1] * coarse_ratio)), int(np.prod(grid)))))
+    return tuple(caps)
+
+
+def build_pyramid(mask, capacities: tuple[int, ...], mode: str = "spconv") -> Pyramid:
+    """All levels and tables of a U-Net with len(capacities) levels, from the selection mask bool [B, H, W]."""
+    levels = [level_from_mask(mask, capacities[0])]
+    shape = tuple(mask.shape)
+    for cap in capacities[1:]:
+        levels.append(level_from_mask(coarse_mask(levels[-1], shape, mode), cap))
+        shape = coarse_shape(shape)
+    pairs = list(zip(levels[:-1], levels[1:]))
+    return Pyramid(tuple(levels), tuple(subm_table(lv) for lv in levels),
+                   tuple(down_table(f, c) for f, c in pairs), tuple(up_table(f, c) for f, c in pairs))
+
+
+def check_capacity(overflow, counts=None, capacities=None) -> None:
+    """Raises CapacityError if `overflow` (a concrete bool) is set; counts / capacities name the levels."""
+    if isinstance(overflow, jax.core.Tracer):
+        raise TypeError("check_capacity needs concrete values: call it outside jit on the returned flag")
+    if bool(np.asarray(overflow)):
+        detail = ""
+        if counts is not None and capacities is not None:
+            detail = "; ".join(f"level {i}: {int(c)} sites, capacity {cap}"
+                               for i, (c, cap) in enumerate(zip(np.asarray(counts), capacities)) if int(c) > cap)
+        raise CapacityError(f"sparse capacity exceeded ({detail}); raise capacity / coarse_ratio or the selector "
+                            f"threshold")
+
+
+__all__ = ["DOWNSAMPLE_MODES", "SUBM_OFFSETS", "STRIDED_OFFSETS", "CapacityError", "Level", "Pyramid",
+           "build_pyramid", "check_capacity", "coarse_mask", "coarse_shape", "down_table", "level_capacities",
+           "level_from_mask", "subm_table", "up_table"]
