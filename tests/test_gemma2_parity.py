@@ -3,11 +3,13 @@ final hidden states (left-padded batch with an attention mask, sequence longer t
 small enough to bind), greedy KV-cached decoding, save/load round trip, config parsing."""
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxeff.models.gemma2 import Gemma2, Gemma2Config
 from jaxeff.models.llama import LlamaConfig, generate
@@ -45,6 +47,19 @@ def batch():
     return tokens, mask
 
 
+def _run(model, tokens, mask=None):
+    """(final-norm hidden, logits) of `model` in one compiled call (eager dispatch compiles op by op: slower)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens, mask):
+        m = nnx.merge(graphdef, state)
+        hidden = m(tokens, attention_mask=mask, output="hidden")
+        return hidden, m.logits(hidden)
+
+    return tuple(np.asarray(x) for x in run(state, jnp.asarray(tokens), None if mask is None else jnp.asarray(mask)))
+
+
 def _rel(got, ref):
     return np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref)
 
@@ -65,23 +80,19 @@ def test_logits_and_hidden_states_match_transformers(hf_dir, batch):
         lm_head, hf.lm_head = hf.lm_head, torch.nn.Identity()
         ref_foreact = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
         hf.lm_head = lm_head
-    logits = np.asarray(ours(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
-    hidden = np.asarray(ours(jnp.asarray(tokens), attention_mask=jnp.asarray(mask), output="hidden"))
+    hidden, logits = _run(ours, tokens, mask)
     real = mask.astype(bool)  # padded query rows are meaningless on both sides
     assert _rel(logits[real], ref_logits[real]) < 1e-4
     assert _rel(hidden[real], ref_hidden[real]) < 1e-4
     assert _rel(np.asarray(soft_cap(jnp.asarray(hidden), TINY["final_logit_softcapping"]))[real],
                 ref_foreact[real]) < 1e-4
-    assert np.isfinite(logits).all()
-    # the padded row equals the same tokens alone, unpadded
-    alone = np.asarray(ours(jnp.asarray(tokens[1:, PAD:]), output="hidden"))[0]
-    np.testing.assert_allclose(hidden[1, PAD:], alone, atol=1e-4)
+    assert np.isfinite(logits).all() and np.isfinite(hidden).all()
 
-    # the features could fail: each Gemma-2 specific changes them well beyond the tolerance
-    for change in ({"attn_logit_softcapping": None}, {"sliding_window": SEQ}, {"query_pre_attn_scalar": 24}):
-        ours.config = dataclasses.replace(from_pretrained(path).config, **change)
-        other = np.asarray(ours(jnp.asarray(tokens), attention_mask=jnp.asarray(mask), output="hidden"))
-        assert _rel(other[real], ref_hidden[real]) > 1e-2, change
+    # the test could fail: the attention cap and the windows bind here (the final cap: ref_foreact vs ref_hidden)
+    assert _rel(ref_foreact[real], ref_hidden[real]) > 1e-2
+    for change in ({"attn_logit_softcapping": None}, {"sliding_window": SEQ}):
+        ours.config = dataclasses.replace(ours.config, **change)
+        assert _rel(_run(ours, tokens, mask)[0][real], ref_hidden[real]) > 1e-2, change
 
 
 def test_without_attention_softcap_matches_transformers_sdpa_numbers(hf_dir, batch):
@@ -102,7 +113,7 @@ def test_without_attention_softcap_matches_transformers_sdpa_numbers(hf_dir, bat
     finally:
         for layer in hf.model.layers:
             layer.self_attn.attn_logit_softcapping = TINY["attn_logit_softcapping"]
-    got = np.asarray(ours(jnp.asarray(tokens), attention_mask=jnp.asarray(mask), output="hidden"))
+    got = _run(ours, tokens, mask)[0]
     assert _rel(got[mask.astype(bool)], ref[mask.astype(bool)]) < 1e-4
     with pytest.raises(ValueError, match="no_such_field"):
         from_pretrained(path, config_overrides={"no_such_field": 1})
@@ -119,8 +130,8 @@ def test_greedy_generate_past_the_window_matches_transformers(hf_dir, batch):
     with torch.no_grad():
         ref = hf.generate(torch.tensor(prompt[None]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
                           pad_token_id=0)[0, 7:].numpy()
-    np.testing.assert_array_equal(generate(ours, [prompt.tolist()], 20).tokens[0], ref)
-    # inputs_embeds are used as given (transformers 5: the sqrt(H) factor belongs to the embedding layer)
+    # one compiled generate for both paths: the prompt goes in as inputs_embeds, used as given (transformers 5: the
+    # sqrt(H) factor belongs to the embedding layer, `embed`); the decode steps feed tokens.
     embeds = ours.embed(jnp.asarray(prompt[None]))
     np.testing.assert_array_equal(generate(ours, None, 20, inputs_embeds=embeds).tokens[0], ref)
 
@@ -146,9 +157,9 @@ def test_save_pretrained_round_trip_and_bfloat16(hf_dir, batch, tmp_path):
 
     bf16 = from_pretrained(path, dtype=jnp.bfloat16)
     assert bf16.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
-    got = bf16(jnp.asarray(tokens))
+    got = _run(bf16, tokens)[1]
     assert got.dtype == jnp.bfloat16
-    assert _rel(np.asarray(got.astype(jnp.float32)), ref) < 5e-2
+    assert _rel(got.astype(np.float32), ref) < 5e-2
 
 
 def test_config_parsing_and_refusals():
@@ -168,10 +179,7 @@ def test_config_parsing_and_refusals():
     with pytest.raises(ValueError, match="Gemma2Config"):
         LlamaConfig.from_hf(base)
 
-    from flax import nnx
-
-    model = Gemma2(dataclasses.replace(cfg, vocab_size=11, hidden_size=8, head_dim=4, intermediate_size=8),
-                   rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: Gemma2(cfg, rngs=nnx.Rngs(0)))  # the checks run before any parameter is used
     tokens = jnp.zeros((2, 5), jnp.int32)
     with pytest.raises(ValueError, match="attention_mask must be"):
         model(tokens, attention_mask=jnp.ones((2, 4)))
@@ -180,16 +188,16 @@ def test_config_parsing_and_refusals():
 
 
 def test_attention_logit_softcap_in_every_implementation():
-    keys = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(keys[0], (2, 9, 4, 8)) * 3
-    k, v = jax.random.normal(keys[1], (2, 9, 2, 8)) * 3, jax.random.normal(keys[2], (2, 9, 2, 8))
-    # reference: dense softmax over capped logits
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, 2, axis=2)) * 0.3
-    logits = jnp.where(jnp.tril(jnp.ones((9, 9), bool)), 2.0 * jnp.tanh(logits / 2.0), -jnp.inf)
-    ref = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), jnp.repeat(v, 2, axis=2))
-    for impl in ("xla", "dot_product"):
-        got = attention(q, k, v, scale=0.3, logit_softcap=2.0, implementation=impl)
-        np.testing.assert_allclose(got, ref, atol=1e-5)
-    assert np.abs(attention(q, k, v, scale=0.3) - ref).max() > 1e-2  # the cap binds here
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 9, h, 8)).astype(np.float32) * 3 for h in (4, 2, 2))
+    # reference (numpy): dense softmax over capped, causally masked logits
+    logits = np.einsum("bqhd,bkhd->bhqk", q, np.repeat(k, 2, axis=2)) * 0.3
+    logits = np.where(np.tril(np.ones((9, 9), bool)), 2.0 * np.tanh(logits / 2.0), -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    ref = np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), np.repeat(v, 2, axis=2))
+    for impl in ("xla", "dot_product", None):
+        got = jax.jit(partial(attention, scale=0.3, logit_softcap=2.0, implementation=impl))(q, k, v)
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert np.abs(jax.jit(partial(attention, scale=0.3))(q, k, v) - ref).max() > 1e-2  # the cap binds here
     with pytest.raises(ValueError, match="logit_softcap"):
         attention(q, k, v, logit_softcap=2.0, implementation="pallas")
