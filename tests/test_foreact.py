@@ -213,3 +213,30 @@ def test_cfg_dropout():
     np.testing.assert_array_equal(np.asarray(c)[:, 0, 0] == 0, dt)
     np.testing.assert_array_equal(np.asarray(s[0])[:, 0, 0, 0] == 0, di)
     np.testing.assert_array_equal(np.asarray(s[1])[:, 0, 0, 0] == 0, di)
+
+
+def test_plain_sana_vs_diffusers():
+    """Without source latents the model is diffusers' text-to-image `SanaTransformer2DModel` (random tiny config,
+    loaded through the released-layout loader from its state dict)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    kw = dict(in_channels=8, out_channels=8, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+              num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
+              mlp_ratio=2.5)
+    torch.manual_seed(0)
+    ref = diffusers.SanaTransformer2DModel(**kw, sample_size=8, patch_size=1, interpolation_scale=None).eval()
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but make every weight non-trivial anyway
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tensors = {f"transformer.{k}": v.numpy() for k, v in ref.state_dict().items()}
+    model = generator_from_tensors(tensors, SanaConfig(**kw))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 5, 6)).astype(np.float32)
+    cap = rng.standard_normal((2, 7, 12)).astype(np.float32)
+    mask = np.array([[1] * 7, [0] * 3 + [1] * 4])
+    t = np.array([999, 321])
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), torch.from_numpy(cap), torch.from_numpy(t),
+                   encoder_attention_mask=torch.from_numpy(mask)).sample.numpy()
+    (got,) = forward(model, [nhwc(x)], [], jnp.asarray(t), jnp.asarray(cap), jnp.asarray(mask))
+    np.testing.assert_allclose(nchw(got), want, rtol=0, atol=2e-4)

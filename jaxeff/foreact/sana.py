@@ -180,7 +180,8 @@ class SanaEditTransformer(nnx.Module):
 
     `model(targets, sources, timestep, caption, caption_mask, view_embeds=None)`:
     - targets, sources: sequences (one entry per view) of [B, h_v, w_v, in_channels] latents (NHWC, already
-      multiplied by the VAE scaling factor); target v and source v must have the same shape.
+      multiplied by the VAE scaling factor); target v and source v must have the same shape. No sources (an
+      empty sequence) gives diffusers' plain text-to-image `SanaTransformer2DModel`.
     - timestep [B] (int or float; the sampler passes int timesteps, training float ones, as the official code).
     - caption [B, L, caption_channels] text features; caption_mask [B, L] (1 = token, 0 = padding).
     - view_embeds: [V, D] rows added to view v's target and source tokens (ForeAct's multi-view models), or None.
@@ -202,10 +203,11 @@ class SanaEditTransformer(nnx.Module):
 
     def _check(self, targets, sources, timestep, caption, caption_mask, view_embeds):
         cfg = self.config
-        if not targets or len(targets) != len(sources):
-            raise ValueError(f"need one source per target view, got {len(targets)} targets, {len(sources)} sources")
+        if not targets or (sources and len(targets) != len(sources)):
+            raise ValueError(f"need one source per target view (or none), got {len(targets)} targets, "
+                             f"{len(sources)} sources")
         b = targets[0].shape[0]
-        for v, (t, s) in enumerate(zip(targets, sources)):
+        for v, (t, s) in enumerate(zip(targets, sources or targets)):
             if t.ndim != 4 or t.shape != s.shape or t.shape[0] != b or t.shape[-1] != cfg.in_channels:
                 raise ValueError(f"view {v}: target {t.shape} and source {s.shape} must both be "
                                  f"[{b}, h, w, {cfg.in_channels}] (NHWC)")
@@ -235,7 +237,7 @@ class SanaEditTransformer(nnx.Module):
             return out
 
         tgt, src = embed(targets), embed(sources)
-        grids = [tuple(t.shape[1:3]) for t in targets] * 2
+        grids = [tuple(t.shape[1:3]) for t in targets] * (2 if sources else 1)
         x = jnp.concatenate(tgt + src, axis=1)
         internals = {"time_mod": time_mod, "embedded_timestep": embedded, "caption_tokens": context,
                      "target_tokens_in": tgt, "source_tokens_in": src}
