@@ -155,6 +155,18 @@ def test_save_pretrained_round_trip_and_bfloat16(hf_dir, batch, tmp_path):
         np.testing.assert_allclose(back(torch.tensor(tokens)).logits.numpy(), ref, atol=1e-5)
     assert from_pretrained(tmp_path / "ours").config == ours.config
 
+    # a HF-named state dict (e.g. ForeAct's `mllm_backbone.*` keys with the prefix stripped)
+    from jaxeff.io.hf import from_state_dict, state_dict
+    from jaxeff.io.state_dict import CheckpointMismatchError
+
+    tensors = state_dict(ours)
+    again = from_state_dict(ours.config, tensors)
+    np.testing.assert_array_equal(again.layers[2].post_feedforward_layernorm.weight[...],
+                                  ours.layers[2].post_feedforward_layernorm.weight[...])
+    del tensors["model.layers.1.pre_feedforward_layernorm.weight"]
+    with pytest.raises(CheckpointMismatchError, match="model.layers.1.pre_feedforward_layernorm.weight"):
+        from_state_dict(ours.config, tensors)
+
     bf16 = from_pretrained(path, dtype=jnp.bfloat16)
     assert bf16.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     got = _run(bf16, tokens)[1]

@@ -55,7 +55,7 @@ def decoder_class(cfg: DecoderConfig) -> type[Decoder]:
     return Gemma2 if isinstance(cfg, Gemma2Config) else Llama
 
 
-def load_state_dict_into(model: Decoder, tensors: dict[str, np.ndarray], *, source: str = "checkpoint") -> Llama:
+def load_state_dict_into(model: Decoder, tensors: dict[str, np.ndarray], *, source: str = "checkpoint") -> Decoder:
     """Fill `model`'s parameters from a HF-named state dict; raises naming missing/unexpected/mismatched keys."""
     def key_of(path):
         key, transpose = hf_key(path)
@@ -85,8 +85,16 @@ def from_pretrained(directory: str | Path, dtype=jnp.float32, *, config_override
         if unknown:
             raise ValueError(f"config_overrides names fields {type(cfg).__name__} does not have: {unknown}")
         cfg = dataclasses.replace(cfg, **config_overrides)
+    return from_state_dict(cfg, load_checkpoint_dir(directory), dtype, source=str(directory))
+
+
+def from_state_dict(cfg: DecoderConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32, *,
+                    source: str = "checkpoint") -> Decoder:
+    """The decoder of `cfg` (`Llama` or `Gemma2`, parameters and compute in `dtype`) filled from a HF-named state
+    dict (`model.layers.0.self_attn.q_proj.weight`, ...; e.g. a bigger checkpoint's keys with their prefix
+    stripped). Raises `CheckpointMismatchError` naming missing / unexpected / mis-shaped keys."""
     model = nnx.eval_shape(lambda: decoder_class(cfg)(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
-    return load_state_dict_into(model, load_checkpoint_dir(directory), source=str(directory))
+    return load_state_dict_into(model, tensors, source=source)
 
 
 def state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
