@@ -1,4 +1,5 @@
-"""LServe engine: exactness against the plain decoder, page accounting, clear errors."""
+"""LServe engine: exactness against the plain decoder, windows per phase, per-query-head page lists, the
+reselection schedule, page accounting, clear errors."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pallas_kernels
 from jaxeff.lserve import Engine, LServeCache, LServeConfig, ring_page_table
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.models.llama import generate as dense_generate
+from jaxeff.nn import xla_attention
 
 NEW = 8
 
@@ -42,22 +44,24 @@ def test_engine_equals_plain_decoder_with_sparsity_off(setup):
 def test_engine_equals_dense_when_budget_and_window_cover_everything(setup):
     model, prompts, ref = setup
     streaming = np.array([[False, True], [True, False]])
-    out = Engine(model, small(local=64, reselect_every=3), streaming_heads=streaming).generate(prompts, NEW)
+    out = Engine(model, small(local=64, reselect_every=2), streaming_heads=streaming).generate(prompts, NEW)
     np.testing.assert_array_equal(out.tokens, ref)
 
 
 def test_sparse_engine_reads_budget_pages(setup):
     model, prompts, _ = setup
-    cfg = small(token_budget=16, reselect_every=4)
+    cfg = small(token_budget=24, reselect_every=4)
     streaming = np.array([[False, True], [True, False]])
     out = Engine(model, cfg, streaming_heads=streaming).generate(prompts, NEW)
     assert out.tokens.shape == (3, NEW)
+    assert out.kv_nbytes < out.dense_kv_nbytes
     for st, length in zip(out.stats, (37, 20, 50)):
         steps = st["decode_steps"]
-        # Per step and layer: one retrieval head reads <= budget pages + the newest, one streaming head reads
-        # its sink page and at most (local - 1) // page + 2 local pages.
-        assert st["kv_pages_read"] <= steps * 2 * ((16 // 8 + 1) + (1 + 2))
-        assert st["kv_bytes_per_step"] < (0.75 if length == 50 else 1.0) * st["dense_kv_bytes_per_step"], st
+        # Per step and layer: the retrieval KV head's 2 query heads read <= 3 pages each (<= 6 distinct), the
+        # streaming head its sink page and at most (local - 1) // page + 2 local pages.
+        assert st["kv_pages_read"] <= steps * 2 * (2 * 3 + (1 + 2))
+        if length == 50:  # 7 pages: the budget (3 pages per query head) binds
+            assert st["kv_bytes_per_step"] < 0.85 * st["dense_kv_bytes_per_step"], st
 
 
 def test_ring_page_table_maps_local_pages_to_distinct_slots():
@@ -68,41 +72,125 @@ def test_ring_page_table_maps_local_pages_to_distinct_slots():
 
 def test_clear_errors(setup):
     model, prompts, _ = setup
-    with pytest.raises(ValueError, match="smaller than one page"):
-        small(token_budget=4)
+    with pytest.raises(ValueError, match="at least 3 pages"):
+        small(token_budget=16)
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        small(token_budget=28)
+    with pytest.raises(ValueError, match="multiple of reselect_every"):
+        small(reselect_every=3)
     with pytest.raises(ValueError, match="longer than the cache"):
         Engine(model, small(max_len=40)).generate(prompts, NEW)
     with pytest.raises(ValueError, match="pattern belongs to another model"):
         Engine(model, small(), streaming_heads=np.zeros((32, 8), bool))
 
 
-def test_streaming_ring_prefill_and_decode_equal_lambda_attention(setup):
-    """Streaming heads with a ring much smaller than the prompt, prefilled in chunks larger than the ring, then
-    decoded: every logit equals the one-shot forward with hybrid (Λ) attention."""
+def test_official_defaults():
+    cfg = LServeConfig()
+    assert (cfg.sink, cfg.local, cfg.prefill_sink, cfg.prefill_local) == (128, 256, 128, 8192)
+    assert (cfg.page_size, cfg.logical_page_size, cfg.token_budget, cfg.reselect_every) == (64, 16, 4096, 4)
+    assert not cfg.sparse_prefill and cfg.per_query_head and cfg.dynamic_sparsity
+
+
+def _phase_reference(model, tokens, streaming, prompt_len, prefill_window, decode_window):
+    """One-shot forward where a query at a prompt position uses the prefill window (None: dense) and a later one
+    the decode window on streaming heads."""
+    graphdef, state = nnx.split(model)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    p = np.arange(tokens.shape[1])
+    qp, kp = p[:, None], p[None, :]
+
+    def window(sink, local):
+        return (kp < sink) | (qp - kp < local)
+
+    lam = np.where(qp < prompt_len, window(*prefill_window) if prefill_window else True, window(*decode_window))
+
+    def attn(layer, q, k, v, *, q_positions, kv_positions):
+        outs = []
+        for h in range(k.shape[2]):
+            mask = (kp <= qp) & (lam if streaming[layer][h] else True)
+            mask = jnp.broadcast_to(jnp.asarray(mask), (q.shape[0],) + mask.shape)
+            outs.append(xla_attention(q[:, :, h * group:(h + 1) * group], k[:, :, h:h + 1], v[:, :, h:h + 1], mask,
+                                      q.shape[-1] ** -0.5))
+        return jnp.concatenate(outs, axis=2)
+
+    return jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, attention_fn=attn))(state, tokens)
+
+
+def _drive(model, cache, tokens, chunk, prompt_len):
+    """Prefill `prompt_len` tokens in chunks, then decode the rest one token at a time; logits of every step."""
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, cache=c))
+    b, outs, caches = tokens.shape[0], [], []
+    for start in range(0, prompt_len, chunk):
+        pos = jnp.broadcast_to(jnp.arange(start, start + chunk), (b, chunk))
+        logits, cache = step(state, tokens[:, start:start + chunk], pos, cache.replace(prefill_offset=start))
+        outs.append(logits)
+    cache = cache.to_decode()
+    for p in range(prompt_len, tokens.shape[1]):
+        logits, cache = step(state, tokens[:, p:p + 1], jnp.full((b, 1), p), cache)
+        outs.append(logits)
+        caches.append(cache)
+    return jnp.concatenate(outs, 1), caches
+
+
+def test_windows_per_phase_with_a_ring_smaller_than_the_prompt(setup):
+    """Sparse prefill window (sink 4, local 16) in two chunks, then decode with a smaller window (sink 4, local 8)
+    whose ring holds fewer pages than the prefill ring: every logit equals the one-shot forward with the mask of
+    each phase. (A dense prefill in two chunks: test_engine_equals_dense_when_budget_and_window_cover_everything.)"""
     model, _, _ = setup
-    cfg = small(sink=4, local=8, prefill_chunk=24, dynamic_sparsity=False)
+    cfg = small(sink=4, local=8, prefill_sink=4, prefill_local=16, sparse_prefill=True, dynamic_sparsity=False)
     streaming = np.array([[True, False], [False, True]])
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 51)))
+    cache = LServeCache.init(streaming, 2, model.config.head_dim, cfg, group=2, prefill_chunks=2)
+    assert cache.streaming_pools[0].k_pages.shape[1] == 2 * (1 + 3)  # prefill ring: 1 sink + 3 local pages
+    dense_prefill = LServeCache.init(streaming, 2, model.config.head_dim, small(sparse_prefill=False), group=2,
+                                     prefill_chunks=2)
+    assert dense_prefill.streaming_pools[0].k_pages.shape[1] == 2 * 8  # every page
+    logits, caches = _drive(model, cache, tokens, 24, 48)
+    assert caches[0].streaming_pools[0].k_pages.shape[1] == 2 * (1 + 2)  # decode ring: 1 sink + 2 local pages
+    ref = _phase_reference(model, tokens, streaming, 48, (4, 16), (4, 8))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=2e-5)
+
+
+def test_page_lists_per_query_head_and_reselection_schedule(setup):
+    """Rows of different lengths decode across page boundaries (page 8, reselect every 4, budget 3 pages): a row
+    reselects exactly at its first decode step and when its history length is a multiple of 4, each list holds
+    min(3, pages) pages ending with the current page, and the two query heads of a GQA group pick their own
+    lists (which differ at some step)."""
+    model, _, _ = setup
+    cfg = small(token_budget=24, reselect_every=4)
+    streaming = np.zeros((2, 2), bool)
+    rng = np.random.default_rng(5)
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 30)))
+    cache = LServeCache.init(streaming, 2, model.config.head_dim, cfg, group=2)
+    # Row 1's prompt is 3 tokens shorter: right-pad it as the engine does (position -1, never stored).
     graphdef, state = nnx.split(model)
-
-    def hybrid(layer, q, k, v, *, q_positions, kv_positions):
-        return pallas_kernels.hybrid_attention(q, k, v, streaming_heads=streaming[layer], sink=4, local=8)
-
-    ref = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, attention_fn=hybrid))(state, tokens)
     step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, cache=c))
-    cache = LServeCache.init(streaming, 2, model.config.head_dim, cfg)
-    outs = []
-    for start in (0, 24):
-        pos = jnp.broadcast_to(jnp.arange(start, start + 24), (2, 24))
-        logits, cache = step(state, tokens[:, start:start + 24], pos, cache.replace(prefill_offset=start))
-        outs.append(logits)
-    cache = cache.replace(prefill_offset=-1)
-    for p in range(48, 51):
-        logits, cache = step(state, tokens[:, p:p + 1], jnp.full((2, 1), p), cache)
-        outs.append(logits)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(ref), atol=2e-5)
-
-
+    pos = np.tile(np.arange(13), (2, 1))
+    pos[1, 10:] = -1
+    _, cache = step(state, tokens[:, :13], jnp.asarray(pos), cache.replace(prefill_offset=0))
+    cache = cache.to_decode()
+    hist = np.array([13, 10])
+    reselected, lists = [], []
+    for _ in range(15):
+        before = np.asarray(cache.stats_read)
+        feed = jnp.asarray(np.asarray(tokens)[np.arange(2), hist][:, None])
+        _, cache = step(state, feed, jnp.asarray(hist[:, None]), cache)
+        reselected.append((np.asarray(cache.stats_read) > before).tolist())
+        sel = np.asarray(cache.selected[0])
+        assert sel.shape == (2, 2 * 2, 3)  # rows: the 2 query heads of each of the 2 retrieval KV heads
+        for r in range(2):
+            n_pages = hist[r] // 8 + 1
+            for row in sel[r]:
+                live = row[row >= 0]
+                assert len(live) == min(3, n_pages) and live.max() == hist[r] // 8, (hist[r], row)
+        lists.append(sel)
+        hist = hist + 1
+    for r, start in enumerate((13, 10)):
+        want = [h == start or h % 4 == 0 for h in range(start, start + 15)]
+        assert [x[r] for x in reselected] == want
+    groups = np.stack(lists).reshape(15, 2, 2, 2, 3)  # step, row, KV head, query head of the group, pages
+    assert (groups[:, :, :, 0] != groups[:, :, :, 1]).any()
 def test_engine_stops_at_any_of_several_stop_ids(setup):
     model, prompts, free = setup
     stops = (int(free[0, 2]), int(free[1, 1]))  # row 0 stops at its third token at the latest, row 1 at its second

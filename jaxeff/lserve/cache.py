@@ -5,20 +5,34 @@ physical page; keys carry per-logical-page min/max statistics) and the streaming
 their sink pages and a ring of local pages: the streaming page table maps logical page n >= n_sink to ring slot
 (n - n_sink) % n_ring, so a streaming head stores O(sink + local) tokens whatever the context.
 
+Windows per phase (omniserve attn_config.py, ctx_attn_init.py:23-50): a prefill attends with every head dense
+(`sparse_prefill=False`, the EngineArgs default) or with streaming heads on the prefill window (`prefill_sink` +
+`prefill_local`, 128 + 8192); decode streaming heads read the decode window (`sink` + `local`, 128 + 256, the
+current token included). When a prompt takes several prefill chunks, later chunks read the earlier tokens from
+the streaming pool, so during prefill its ring covers the prefill window (the whole prompt for a dense prefill);
+`to_decode` then keeps only the decode window's pages (2 sink + 5 local pages by default), as the official
+streaming pool does.
+
 `attend` has two static modes:
 - prefill (`prefill_offset` = position of the chunk's first token, the same for every row): the prefix is gathered
-  from both pools and the chunk goes through one `pallas_kernels.hybrid_attention` call in which retrieval heads
-  are dense and streaming heads Λ-shaped (block-sparse); then the chunk is appended to both pools (only the
-  tokens a streaming head keeps go to its ring, so no two writes hit the same slot).
-- decode (`prefill_offset` = -1): append the token, (re)select pages for retrieval heads with the Quest score when
-  `reselect` is set and reuse the selection otherwise, always adding the newest page, then
-  `pallas_kernels.sparse_paged_decode` on each pool. Counters record the KV pages and statistics entries read.
-Executed on CPU only (XLA paths of the kernels).
+  from both pools and the chunk goes through one `pallas_kernels.hybrid_attention` call (retrieval heads dense,
+  streaming heads Λ-shaped and block-sparse, or every head dense); then the chunk is appended to both pools (only
+  the tokens a streaming head keeps go to its ring, so no two writes hit the same slot).
+- decode (`prefill_offset` = -1): append the token, then for retrieval heads (re)select pages with the Quest
+  score per query head (omniserve decoding_attention.py:87-143, 257-268): a row reselects when its history length
+  (tokens before the current one) is a multiple of `reselect_every`, and at the first decode step after a prompt
+  (its stored list is empty); otherwise it reuses its list. Since `page_size % reselect_every == 0`, every newly
+  opened page triggers a reselection, so the list always ends with the current page. Then
+  `pallas_kernels.sparse_paged_decode` on each pool. Counters record the KV pages read (distinct pages per KV
+  head: a GQA group's query heads may pick different pages) and the min/max statistics entries read.
+Kernels: `implementation=None` dispatches to the Pallas (and cuDNN) GPU kernels on a GPU, the Pallas TPU kernels
+on a TPU and XLA on CPU. Executed on CPU only; the GPU path has not run end to end yet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +41,25 @@ from flax import struct
 
 import pallas_kernels
 from jaxeff.lserve.config import LServeConfig
+from pallas_kernels.paged import MIN_SELECTED_PAGES
 
 
 def _query_heads(kv_heads, group: int) -> np.ndarray:
     return np.asarray([h * group + j for h in kv_heads for j in range(group)], np.int32)
 
 
-def streaming_pages(cfg: LServeConfig) -> tuple[int, int]:
-    """(sink pages, ring pages) of a streaming head; the ring covers every local page a decode step reads."""
-    n_sink = -(-cfg.sink // cfg.page_size)
-    n_ring = (cfg.local - 1) // cfg.page_size + 2
+def streaming_pages(cfg: LServeConfig, phase: str = "decode") -> tuple[int, int]:
+    """(sink pages, ring pages) a streaming head keeps: the decode window, or (phase="prefill") what later prefill
+    chunks read: the prefill window for a sparse prefill, every page for a dense one. The ring covers every local
+    page a step reads."""
+    if phase == "decode":
+        sink, local = cfg.sink, cfg.local
+    elif phase == "prefill":
+        sink, local = (cfg.prefill_sink, cfg.prefill_local) if cfg.sparse_prefill else (0, cfg.max_len)
+    else:
+        raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+    n_sink = min(-(-sink // cfg.page_size), cfg.max_pages)
+    n_ring = min((local - 1) // cfg.page_size + 2, max(cfg.max_pages - n_sink, 1))
     return n_sink, n_ring
 
 
@@ -67,44 +90,77 @@ def _append_ring(pool: pallas_kernels.PagedKVCache, k, v, n_new, n_sink: int, n_
     return dataclasses.replace(new, page_table=pool.page_table)
 
 
+@partial(jax.jit, static_argnames=("n_sink", "n_ring"))
+def _compact_ring(pool: pallas_kernels.PagedKVCache, n_sink: int, n_ring: int) -> pallas_kernels.PagedKVCache:
+    """The pool re-packed into a smaller ring: sink pages and the last n_ring pages of each sequence."""
+    batch, max_pages = pool.page_table.shape
+    table = jnp.asarray(ring_page_table(batch, max_pages, n_sink, n_ring))
+    n = jnp.arange(max_pages)[None]
+    n_last = (pool.lengths[:, None] - 1) // pool.page_size
+    keep = (n <= n_last) & ((n < n_sink) | (n > n_last - n_ring))
+    num_pages = batch * (n_sink + n_ring)
+    dst = jnp.where(keep, table, num_pages)  # out of range: dropped
+
+    def move(x):
+        return jnp.zeros((x.shape[0], num_pages) + x.shape[2:], x.dtype).at[:, dst].set(x[:, pool.page_table],
+                                                                                       mode="drop")
+
+    return pallas_kernels.PagedKVCache(move(pool.k_pages), move(pool.v_pages), move(pool.kmin), move(pool.kmax),
+                                       table, pool.lengths)
+
+
 @struct.dataclass
 class LServeCache:
     retrieval_pools: tuple  # per layer PagedKVCache over the layer's retrieval heads
     streaming_pools: tuple  # per layer PagedKVCache over its streaming heads (ring page table)
-    selected: tuple  # per layer int32 [B, n_retrieval, budget // page_size]: the reused page selection
-    reselect: jnp.ndarray  # bool []: select pages at this decode step
-    pages_read: jnp.ndarray  # int32 [B]: KV pages (one head's page) read by decode steps so far
-    stats_read: jnp.ndarray  # int32 [B]: logical-page min/max entries (one head's) read by page selection
+    selected: tuple  # per layer int32 [B, rows, n]: the reused page lists (rows: query or KV heads); -1 = none yet
+    pages_read: jnp.ndarray  # int32 [B]: KV pages (one KV head's page) read by decode steps so far
+    stats_read: jnp.ndarray  # int32 [B]: logical-page min/max entries (one KV head's) read by page selection
     retrieval: tuple = struct.field(pytree_node=False)
     streaming: tuple = struct.field(pytree_node=False)
     config: LServeConfig = struct.field(pytree_node=False)
+    ring: tuple = struct.field(pytree_node=False)  # (sink pages, ring pages) of the streaming pools
     prefill_offset: int = struct.field(pytree_node=False, default=-1)
 
     @classmethod
-    def init(cls, streaming_heads, batch: int, head_dim: int, config: LServeConfig, dtype=jnp.float32):
-        """streaming_heads: bool [layers, kv_heads]."""
+    def init(cls, streaming_heads, batch: int, head_dim: int, config: LServeConfig, dtype=jnp.float32, *,
+             group: int = 1, prefill_chunks: int = 1):
+        """streaming_heads: bool [layers, kv_heads]; group: query heads per KV head; prefill_chunks: prefill calls
+        the prompt takes (with more than one, the streaming ring first covers the prefill window)."""
         mask = np.asarray(streaming_heads, bool)
         ps, max_pages = config.page_size, config.max_pages
-        n_sink, n_ring = streaming_pages(config)
+        dec = streaming_pages(config)
+        ring = dec
+        if prefill_chunks > 1:
+            pre = streaming_pages(config, "prefill")
+            n_sink = max(dec[0], pre[0])
+            ring = (n_sink, min(max(dec[1], pre[1]), max(max_pages - n_sink, 1)))
         ret = tuple(tuple(int(h) for h in np.flatnonzero(~row)) for row in mask)
         stm = tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in mask)
-        ring = ring_page_table(batch, max_pages, n_sink, n_ring)
+        table = ring_page_table(batch, max_pages, *ring)
         kw = dict(page_size=ps, logical_page_size=config.logical_page_size, dtype=dtype)
-        n_sel = config.token_budget // ps
+        rows = group if config.per_query_head else 1
+        n_sel = max(MIN_SELECTED_PAGES, config.token_budget // ps)
         return cls(
             retrieval_pools=tuple(pallas_kernels.init_paged_kv_cache(batch, len(r), head_dim,
                                                                      max_pages_per_seq=max_pages, **kw) for r in ret),
             streaming_pools=tuple(pallas_kernels.init_paged_kv_cache(
-                batch, len(s), head_dim, max_pages_per_seq=max_pages, num_pages=batch * (n_sink + n_ring),
-                page_table=ring, **kw) for s in stm),
-            selected=tuple(jnp.full((batch, len(r), n_sel), -1, jnp.int32) for r in ret),
-            reselect=jnp.asarray(True), pages_read=jnp.zeros((batch,), jnp.int32),
-            stats_read=jnp.zeros((batch,), jnp.int32), retrieval=ret, streaming=stm, config=config,
+                batch, len(s), head_dim, max_pages_per_seq=max_pages, num_pages=batch * sum(ring),
+                page_table=table, **kw) for s in stm),
+            selected=tuple(jnp.full((batch, len(r) * rows, n_sel), -1, jnp.int32) for r in ret),
+            pages_read=jnp.zeros((batch,), jnp.int32), stats_read=jnp.zeros((batch,), jnp.int32),
+            retrieval=ret, streaming=stm, config=config, ring=ring,
         )
 
-    @property
-    def lengths(self) -> jnp.ndarray:
-        return self.retrieval_pools[0].lengths if self.retrieval[0] else self.streaming_pools[0].lengths
+    def to_decode(self) -> LServeCache:
+        """After the prompt: decode mode, streaming pools shrunk to the decode window, page lists cleared (the
+        first decode step selects; omniserve llama_w16a16_unpad.py:211-215)."""
+        dec = streaming_pages(self.config)
+        pools = self.streaming_pools
+        if dec != self.ring:
+            pools = tuple(_compact_ring(p, *dec) if s else p for p, s in zip(pools, self.streaming))
+        return self.replace(streaming_pools=pools, ring=dec, prefill_offset=-1,
+                            selected=tuple(jnp.full_like(s, -1) for s in self.selected))
 
     def kv_nbytes(self) -> int:
         """Stored K/V bytes of both pools (statistics excluded; see `stats_nbytes`)."""
@@ -122,21 +178,20 @@ class LServeCache:
         ret, stm = self.retrieval[layer], self.streaming[layer]
         rp, sp = self.retrieval_pools[layer], self.streaming_pools[layer]
         n_new = jnp.sum(q_positions >= 0, axis=1).astype(jnp.int32)
-        n_sink, n_ring = streaming_pages(cfg)
         if self.prefill_offset >= 0:
             out = self._prefill(layer, q, k, v, scale, impl)
         if ret:
             rp = pallas_kernels.append_kv(rp, k[:, :, ret], v[:, :, ret], n_new)
         if stm:
-            sp = _append_ring(sp, k[:, :, stm], v[:, :, stm], n_new, n_sink, n_ring)
+            sp = _append_ring(sp, k[:, :, stm], v[:, :, stm], n_new, *self.ring)
         cache = self.replace(retrieval_pools=_set(self.retrieval_pools, layer, rp),
                              streaming_pools=_set(self.streaming_pools, layer, sp))
         if self.prefill_offset >= 0:
             return out, cache
-        return cache._decode(layer, q, scale, impl)
+        return cache._decode(layer, q, (rp if ret else sp).lengths, scale, impl)
 
     def _prefill(self, layer, q, k, v, scale, impl):
-        off = self.prefill_offset
+        off, cfg = self.prefill_offset, self.config
         ret, stm = self.retrieval[layer], self.streaming[layer]
         if off:
             parts = [_gather_prefix(pools[layer], off) for pools, heads in
@@ -146,17 +201,33 @@ class LServeCache:
             pv = jnp.concatenate([p[1] for p in parts], axis=2)[:, :, inv].astype(v.dtype)
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
         flags = np.zeros(k.shape[2], bool)
-        flags[list(stm)] = True
-        return pallas_kernels.hybrid_attention(q, k, v, streaming_heads=flags, sink=self.config.sink,
-                                               local=self.config.local, q_offset=off, scale=scale,
+        if cfg.sparse_prefill:
+            flags[list(stm)] = True
+        return pallas_kernels.hybrid_attention(q, k, v, streaming_heads=flags, sink=cfg.prefill_sink,
+                                               local=cfg.prefill_local, q_offset=off, scale=scale,
                                                implementation=impl)
 
-    def _decode(self, layer, q, scale, impl):
+    def _select(self, layer, q_ret, pool, lengths):
+        """Page lists of this step: reselect the rows whose history length is a multiple of reselect_every or
+        that have no list yet, reuse the others. Returns (lists, rows that reselected)."""
+        cfg = self.config
+        old = self.selected[layer]
+        rows = ((lengths - 1) % cfg.reselect_every == 0) | (old < 0).all(axis=(1, 2))
+
+        def choose():
+            scores = pallas_kernels.page_scores(q_ret, pool.kmin, pool.kmax, pool.page_table, lengths,
+                                                logical_page_size=cfg.logical_page_size,
+                                                per_query_head=cfg.per_query_head)
+            new = pallas_kernels.select_pages(scores, lengths, budget=cfg.token_budget, page_size=cfg.page_size)
+            return jnp.where(rows[:, None, None], new, old)
+
+        return jax.lax.cond(rows.any(), choose, lambda: old), rows
+
+    def _decode(self, layer, q, lengths, scale, impl):
         cfg = self.config
         ret, stm = self.retrieval[layer], self.streaming[layer]
         group = q.shape[2] // (len(ret) + len(stm))
-        lengths = self.lengths
-        b = q.shape[0]
+        b, max_pages = q.shape[0], cfg.max_pages
         outs, order = [], []
         pages_read, stats_read, selected = self.pages_read, self.stats_read, self.selected
         kw = dict(sink=cfg.sink, local=cfg.local, scale=scale, implementation=impl)
@@ -166,21 +237,15 @@ class LServeCache:
             qr = q[:, 0, qi]
             sel = None
             if cfg.dynamic_sparsity:
-                def choose():
-                    scores = pallas_kernels.page_scores(qr, pool.kmin, pool.kmax, pool.page_table, lengths,
-                                                        logical_page_size=cfg.logical_page_size)
-                    return pallas_kernels.select_pages(scores, lengths, budget=cfg.token_budget,
-                                                       page_size=cfg.page_size)
-
-                stored = jax.lax.cond(self.reselect, choose, lambda: self.selected[layer])
-                selected = _set(selected, layer, stored)
-                # A page opened since the last selection is always read.
-                newest = jnp.broadcast_to(((lengths - 1) // cfg.page_size)[:, None, None], (b, len(ret), 1))
-                extra = jnp.where((stored == newest).any(-1, keepdims=True), -1, newest)
-                sel = jnp.concatenate([stored, extra], axis=-1)
+                sel, rows = self._select(layer, qr, pool, lengths)
+                selected = _set(selected, layer, sel)
                 n_logical = (lengths + cfg.logical_page_size - 1) // cfg.logical_page_size
-                stats_read = stats_read + jnp.where(self.reselect, n_logical * len(ret), 0)
-                pages_read = pages_read + jnp.sum(sel >= 0, axis=(1, 2))
+                stats_read = stats_read + jnp.where(rows, n_logical * len(ret), 0)
+                # Distinct pages per KV head: the union of its query heads' lists.
+                head = jnp.arange(len(ret)).repeat(sel.shape[1] // len(ret))[None, :, None]
+                touched = jnp.zeros((b, len(ret), max_pages + 1), bool).at[
+                    jnp.arange(b)[:, None, None], head, jnp.where(sel >= 0, sel, max_pages)].set(True)
+                pages_read = pages_read + jnp.sum(touched[:, :, :max_pages], axis=(1, 2))
             else:
                 pages_read = pages_read + (lengths + cfg.page_size - 1) // cfg.page_size * len(ret)
             outs.append(pallas_kernels.sparse_paged_decode(qr, pool.k_pages, pool.v_pages, pool.page_table, lengths,

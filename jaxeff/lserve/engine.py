@@ -2,8 +2,15 @@
 
 A batch of prompts of different lengths is right-padded into aligned chunks (padding sits at position -1 and is
 never stored); each chunk is one jitted prefill call (compiled once per chunk offset, since the block-sparse
-prefill kernel's schedule is static), then the whole decode runs as one jitted `lax.scan` with page re-selection
-every `reselect_every` steps. Greedy decoding. Executed on CPU only.
+prefill kernel's schedule is static) that computes logits at the last prompt token only; then the streaming
+pools shrink to the decode window (`LServeCache.to_decode`) and the whole decode runs as one jitted `lax.scan`,
+page lists reselected as `LServeCache` describes. Greedy decoding.
+
+Kernels: with `LServeConfig.implementation=None` a GPU runs the prefill through `hybrid_attention`'s GPU path
+(cuDNN for dense heads and the Triton-style Pallas kernel for streaming heads when a chunk starts at 0, the Pallas
+kernel otherwise) and the decode through the flash-decoding Pallas kernel (`sparse_paged_decode`); a TPU runs the
+Mosaic kernels; a CPU the XLA paths. Executed on CPU only: the GPU path has not run end to end (the kernels it
+calls ran on an H200 on their own, see pallas_kernels/sparse_decode.py).
 """
 
 from __future__ import annotations
@@ -28,28 +35,32 @@ class LServeOutput:
     tokens: np.ndarray  # [B, max_new_tokens]; after a stop id: pad_id
     num_generated: np.ndarray  # [B], the stop id included
     stats: list[dict]  # per request
+    kv_nbytes: int  # stored K/V bytes of both page pools after the prompt (min/max statistics excluded)
+    dense_kv_nbytes: int  # the same for a dense cache of the same batch, max_len and dtype
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def _prefill_chunk(graphdef, state, cache, tokens, positions, last_index):
-    logits, cache = nnx.merge(graphdef, state)(tokens, positions, cache=cache)
+    """Logits at each row's `last_index` in this chunk (clipped) only: a 32K-token chunk's full logits would
+    take [32K, vocab] floats."""
+    model = nnx.merge(graphdef, state)
+    hidden, cache = model(tokens, positions, cache=cache, output="hidden")
     idx = jnp.clip(last_index, 0, tokens.shape[1] - 1)
-    return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0], cache
+    return model.logits(jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]), cache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "steps", "reselect_every", "pad_id"))
-def _decode(graphdef, state, cache, first, start_pos, stop_ids, *, steps, reselect_every, pad_id):
+@partial(jax.jit, static_argnames=("graphdef", "steps", "pad_id"))
+def _decode(graphdef, state, cache, first, start_pos, stop_ids, *, steps, pad_id):
     model = nnx.merge(graphdef, state)
 
-    def step(carry, i):
+    def step(carry, _):
         cache, token, pos, done = carry
-        cache = cache.replace(reselect=i % reselect_every == 0)
         logits, cache = model(token[:, None], pos[:, None], cache=cache)
         nxt = jnp.where(done, pad_id, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
         return (cache, nxt, pos + 1, done | is_stop(nxt, stop_ids)), nxt
 
     done = is_stop(first, stop_ids)
-    (cache, _, _, _), rest = jax.lax.scan(step, (cache, first, start_pos, done), jnp.arange(steps))
+    (cache, _, _, _), rest = jax.lax.scan(step, (cache, first, start_pos, done), None, length=steps)
     return rest.T, cache
 
 
@@ -95,7 +106,8 @@ class Engine:
         tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])), constant_values=pad_id)
         ar = np.arange(tokens.shape[1])[None]
         positions = np.where(ar < lengths[:, None], ar, -1).astype(np.int32)
-        cache = LServeCache.init(self.streaming_heads, b, mc.head_dim, cfg, dtype=self.model.dtype)
+        cache = LServeCache.init(self.streaming_heads, b, mc.head_dim, cfg, dtype=self.model.dtype,
+                                 group=mc.num_attention_heads // mc.num_key_value_heads, prefill_chunks=n_chunks)
 
         t0 = time.perf_counter()
         first_logits = None
@@ -107,21 +119,26 @@ class Engine:
             here = ((last >= 0) & (last < chunk))[:, None]
             first_logits = logits if first_logits is None else jnp.where(here, logits, first_logits)
         first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32).block_until_ready()
+        cache = cache.to_decode()
+        jax.block_until_ready(cache.streaming_pools)
         t1 = time.perf_counter()
-        cache = cache.replace(prefill_offset=-1)
+        kv_nbytes = cache.kv_nbytes()
         out = [np.asarray(first)[:, None]]
         steps = max_new_tokens - 1
         if steps:
             rest, cache = _decode(self.graphdef, self.state, cache, first, jnp.asarray(lengths),
-                                  jnp.asarray(stops, jnp.int32), steps=steps, reselect_every=cfg.reselect_every,
-                                  pad_id=pad_id)
+                                  jnp.asarray(stops, jnp.int32), steps=steps, pad_id=pad_id)
             out.append(np.asarray(rest))
         t2 = time.perf_counter()
         out = np.concatenate(out, axis=1)
-        return LServeOutput(out, num_generated(out, stops), self._stats(cache, lengths, steps, t1 - t0, t2 - t1))
+        item = jnp.dtype(self.model.dtype).itemsize
+        dense = 2 * b * cfg.max_len * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * item
+        return LServeOutput(out, num_generated(out, stops), self._stats(cache, lengths, steps, t1 - t0, t2 - t1),
+                            kv_nbytes, dense)
 
     def _stats(self, cache: LServeCache, lengths, steps: int, prefill_s: float, decode_s: float) -> list[dict]:
-        """Per request: KV bytes read per decode step (pages + statistics) next to a dense cache's."""
+        """Per request: KV bytes read per decode step (distinct pages per KV head + statistics) next to a dense
+        cache's, and the batch's prefill / decode wall times."""
         cfg, mc = self.config, self.model.config
         item = jnp.dtype(self.model.dtype).itemsize
         page_bytes = 2 * cfg.page_size * mc.head_dim * item  # one head's K and V page
