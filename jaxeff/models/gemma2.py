@@ -7,9 +7,11 @@ What differs from `jaxeff.models.llama` (transformers `models/gemma2/modeling_ge
   post-feed-forward: `x += post_attn_norm(attn(input_norm(x)))`, `x += post_ff_norm(mlp(pre_ff_norm(x)))`;
 - GeGLU MLP (`gelu_pytorch_tanh`);
 - attention logits scaled by `query_pre_attn_scalar ** -0.5` (not head_dim), then soft-capped
-  `c * tanh(logits / c)` with c = `attn_logit_softcapping` (transformers' eager path; its SDPA path, which 4.57
-  offers and ForeAct's `attn_implementation="sdpa"` uses, silently skips this cap: load with
-  `config_overrides={"attn_logit_softcapping": None}` for those numbers);
+  `c * tanh(logits / c)` with c = `attn_logit_softcapping` (transformers' eager path). Its SDPA path skips this
+  cap: in 4.57.3 Gemma-2 allows SDPA (`modeling_gemma2.py:346`) and `sdpa_attention_forward`
+  (`integrations/sdpa_attention.py:48-58`) drops the `softcap` argument into unused kwargs; ForeAct loads Gemma
+  with `attn_implementation="sdpa"` (foreact `models/visualforesight.py`), so its features are computed without
+  the cap: load with `config_overrides={"attn_logit_softcapping": None}` for those numbers (5.x refuses SDPA);
 - `layer_types` (default: layers 0, 2, 4, ... "sliding_attention" with window `sliding_window`, the others full);
 - final logits soft-capped with c = `final_logit_softcapping`; embeddings tied by default.
 
@@ -22,8 +24,9 @@ Usage (shapes: B batch, S tokens, H hidden_size; dtype = the model's):
 `tokens` [B, S] int; `attention_mask` [B, S] (1 = token, 0 = padding; left padding as the tokenizer writes it):
 positions stay `arange(S)` whatever the mask (as transformers' forward does), padded keys are hidden from every
 query, and rows at padded queries come back as finite values of no meaning (transformers' are also meaningless).
-A module whose head is `nn.Identity()` with the final cap on top, as in ForeAct (`lm_head = Identity`), returns
-`soft_cap(h, config.final_logit_softcapping)` (`jaxeff.nn.soft_cap`). `jaxeff.models.llama.generate(model, ...)`
+`Gemma2ForCausalLM` caps after `lm_head` (4.57.3 `modeling_gemma2.py:565-569`), so with ForeAct's
+`lm_head = nn.Identity()` its "logits" are `soft_cap(h, config.final_logit_softcapping)` (`jaxeff.nn.soft_cap`),
+checked against transformers in tests/test_gemma2_parity.py. `jaxeff.models.llama.generate(model, ...)`
 decodes greedily or by sampling with a KV cache, honouring each layer's window and both caps.
 """
 
