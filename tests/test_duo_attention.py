@@ -148,8 +148,10 @@ def test_gate_training_separates_heads(model):
             mask[:, -8:] = 1
             yield {"tokens": tokens, "mask": mask}
 
-    alpha = da.train_gates(m, batches(), da.GateTrainConfig(sink=2, recent=4, steps=60))
-    assert alpha.shape == (2, 2) and (alpha >= 0).all() and (alpha <= 1).all()
+    # The official block mask scaled to 2-token blocks: 1 sink block, 2 local blocks (3-4 recent tokens).
+    alpha = da.train_gates(m, batches(), da.GateTrainConfig(sink=2, recent=4, steps=60, mask_block=2))
+    # Raw gates after the last (unclamped) step, as the official TSVs: within one step of [0, 1].
+    assert alpha.shape == (2, 2) and (alpha >= -0.03).all() and (alpha <= 1.03).all()
     assert alpha[:, 1].max() < 0.3, alpha
     assert alpha[:, 0].min() > 0.6, alpha
 
@@ -178,7 +180,8 @@ def test_dual_cache_generation_stops_at_any_of_several_stop_ids(model):
 
 
 def test_dual_cache_chunked_prefill_is_lambda_sparse_from_first_chunk(model):
-    """Chunked prefill through the dual cache equals one-shot hybrid (Λ) attention, and stores the formula's bytes."""
+    """The token window: chunked prefill through the dual cache equals one-shot hybrid (Λ) attention, and stores
+    the formula's bytes."""
     mask = np.array([[True, False], [False, False]])
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 48)))
 
@@ -188,7 +191,7 @@ def test_dual_cache_chunked_prefill_is_lambda_sparse_from_first_chunk(model):
     graphdef, state = nnx.split(model)
     ref = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, attention_fn=hybrid))(state, tokens)
     chunk_fn = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, cache=c))
-    cache = da.DualKVCache.init(mask, 2, 48, model.config.head_dim, sink=4, recent=8)
+    cache = da.DualKVCache.init(mask, 2, 48, model.config.head_dim, sink=4, recent=8, window="token")
     outs = []
     for c in range(0, 48, 16):
         logits, cache = chunk_fn(state, tokens[:, c:c + 16], jnp.broadcast_to(jnp.arange(c, c + 16), (2, 16)), cache)

@@ -5,13 +5,22 @@ KV heads keep `sink` slots plus a ring of `recent` slots [B, sink + recent, n_st
 every slot (-1 = empty). The head split is static (the pattern is fixed at deployment), so each head type runs its
 own attention over only its own cache.
 
-Streaming heads are sparse from the first chunk: query p sees keys at positions < sink or in (p - recent, p],
-token-exact, whatever the chunk size (the official code runs the first chunk dense and widens the window inside
-later chunks). A chunk attends [ring cache; the chunk itself] under that mask, then only the tokens that stay
-(sink tokens and the chunk's last `recent`) are written to the ring. Queries at position -1 are padding: they
-write nothing and return zeros. Cost per chunk of C tokens: retrieval heads O(C * max_len) like a contiguous
-cache, streaming heads O(C * (sink + recent + C)) masked einsums (memory stays sink + recent; the block-sparse
-kernel path for long chunks is LServe's `pallas_kernels.hybrid_attention` prefill). Executed on CPU only.
+A chunk's streaming heads attend [ring cache; the chunk itself], then only the tokens that stay (sink tokens and
+the chunk's last `recent`) are written to the ring. Two windows (`DualKVCache.window`):
+- "official" (default; duo-attention@fe93c31 `duo_attn/patch/llama.py:225-290`): a chunk's streaming heads see
+  every cached token (the first `sink` and the last `recent` before the chunk) plus the whole chunk, causal. So the
+  first prefill chunk is dense for every head, a later chunk of C tokens sees sink + recent + up to C keys, and a
+  decode step sees sink + recent + 1 keys.
+- "token": token-exact Λ from the first chunk (query p sees keys < sink or in (p - recent, p]) whatever the chunk
+  size; the efficiency mode, whose cost and accuracy do not depend on the chunking.
+Queries at position -1 are padding: they write nothing and return zeros. Cost per chunk of C tokens: retrieval
+heads O(C * max_len) like a contiguous cache, streaming heads O(C * (sink + recent + C)) masked einsums (memory
+stays sink + recent; the block-sparse kernel path for long chunks is LServe's `pallas_kernels.hybrid_attention`
+prefill).
+
+`generate(protocol=...)` runs the official evaluation protocols (`PROTOCOLS`): "longbench" (`eval/LongBench/
+pred.py:100-153`), "niah" (`scripts/niah.sh` with `eval/needle/needle_in_haystack.py:269-310`) and "efficiency"
+(the token-exact window in 4096-token chunks). Executed on CPU only.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from jaxeff.models.llama import is_stop, num_generated, pad_prompts, stop_id_tup
 from jaxeff.nn import attention, make_mask, xla_attention
 
 
+WINDOWS = ("official", "token")
+
+
 def _query_heads(kv_heads: Sequence[int], group: int) -> np.ndarray:
     return np.asarray([h * group + j for h in kv_heads for j in range(group)], np.int32)
 
@@ -44,16 +56,20 @@ class DualKVCache:
     streaming: tuple = struct.field(pytree_node=False)
     sink: int = struct.field(pytree_node=False)
     recent: int = struct.field(pytree_node=False)
+    window: str = struct.field(pytree_node=False, default="official")
 
     @classmethod
     def init(cls, retrieval_heads, batch: int, max_len: int, head_dim: int, *, sink: int, recent: int,
-             dtype=jnp.float32) -> DualKVCache:
-        """retrieval_heads: bool [layers, kv_heads] (True = full KV cache)."""
+             dtype=jnp.float32, window: str = "official") -> DualKVCache:
+        """retrieval_heads: bool [layers, kv_heads] (True = full KV cache); window: "official" or "token" (module
+        docstring). ValueError for a bad shape, sink < 0, recent < 1 or an unknown window."""
         mask = np.asarray(retrieval_heads, bool)
         if mask.ndim != 2:
             raise ValueError(f"retrieval_heads must be [layers, kv_heads], got shape {mask.shape}")
         if sink < 0 or recent < 1:
             raise ValueError(f"need sink >= 0 and recent >= 1, got {sink}, {recent}")
+        if window not in WINDOWS:
+            raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
         ret = tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in mask)
         stm = tuple(tuple(int(h) for h in np.flatnonzero(~row)) for row in mask)
         w = sink + recent
@@ -63,7 +79,7 @@ class DualKVCache:
             ring_k=tuple(jnp.zeros((batch, w, len(s), head_dim), dtype) for s in stm),
             ring_v=tuple(jnp.zeros((batch, w, len(s), head_dim), dtype) for s in stm),
             ring_pos=tuple(jnp.full((batch, w), -1, jnp.int32) for _ in stm),
-            retrieval=ret, streaming=stm, sink=sink, recent=recent,
+            retrieval=ret, streaming=stm, sink=sink, recent=recent, window=window,
         )
 
     @property
@@ -105,8 +121,9 @@ class DualKVCache:
             vals = jnp.concatenate([rv.astype(q.dtype), vs], axis=1)
             kv_pos = jnp.concatenate([rp, jnp.where(q_positions >= 0, q_positions, -1)], axis=1)
             mask = make_mask(q_positions, kv_pos, causal=True, sliding_window=sliding_window)
-            qp, kp = q_positions[:, :, None], kv_pos[:, None, :]
-            mask &= (kp < self.sink) | (qp - kp < self.recent)
+            if self.window == "token":
+                qp, kp = q_positions[:, :, None], kv_pos[:, None, :]
+                mask &= (kp < self.sink) | (qp - kp < self.recent)
             scale_ = q.shape[-1] ** -0.5 if scale is None else scale
             outs.append(xla_attention(q[:, :, qi], keys, vals, mask, scale_))
             order.append(qi)
@@ -136,12 +153,37 @@ class DuoGenerateOutput:
     dense_kv_nbytes: int  # the same for a dense cache of equal capacity
 
 
+# The official evaluation protocols (reference note, "Evaluation protocols"): chunk_size 0 = the whole prompt
+# (less the simulated decode steps) in one forward. Sink / recent are the caller's (LongBench and the NIAH script
+# pass 64 / 256; the efficiency benchmark keeps the pattern's 128 / 256).
+PROTOCOLS = {
+    "longbench": dict(chunk_size=0, decode_simulation=50, window="official"),
+    "niah": dict(chunk_size=32000, decode_simulation=0, window="official"),
+    "efficiency": dict(chunk_size=4096, decode_simulation=0, window="token"),
+}
+
+
 @partial(jax.jit, static_argnames=("graphdef",))
 def _prefill_chunk(graphdef, state, cache, tokens, positions, last_index):
     """One prefill chunk; returns the logits at each row's `last_index` in this chunk (clipped) and the cache."""
     logits, cache = nnx.merge(graphdef, state)(tokens, positions, cache=cache)
     idx = jnp.clip(last_index, 0, tokens.shape[1] - 1)
     return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0], cache
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _feed(graphdef, state, cache, tokens, positions):
+    """Prompt tokens [B, n] fed one per step as decode steps (LongBench's decoding simulation); returns the last
+    step's logits and the cache."""
+    model = nnx.merge(graphdef, state)
+
+    def step(carry, xs):
+        logits, cache = model(xs[0][:, None], xs[1][:, None], cache=carry[0])
+        return (cache, logits[:, 0].astype(jnp.float32)), None
+
+    init = jnp.zeros((tokens.shape[0], model.config.vocab_size), jnp.float32)
+    (cache, logits), _ = jax.lax.scan(step, (cache, init), (tokens.T, positions.T))
+    return logits, cache
 
 
 @partial(jax.jit, static_argnames=("graphdef", "steps", "pad_id"))
@@ -160,39 +202,83 @@ def _decode(graphdef, state, cache, first, start_pos, stop_ids, steps, pad_id):
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, retrieval_heads, sink: int,
-             recent: int, chunk_size: int = 4096, max_len: int | None = None, eos_id: int | Sequence[int] | None = None,
-             pad_id: int = 0) -> DuoGenerateOutput:
-    """Greedy generation with the dual cache: chunked prefill (every chunk through the dual cache, streaming heads
-    Λ-sparse from the first one), then a compiled `lax.scan` decode loop. eos_id: None, one stop id or several (as
-    `jaxeff.models.llama.generate`): a row stops after the first it generates and is `pad_id` after it."""
+             recent: int, protocol: str | None = None, chunk_size: int | None = None,
+             decode_simulation: int | None = None, window: str | None = None, max_len: int | None = None,
+             eos_id: int | Sequence[int] | None = None, pad_id: int = 0) -> DuoGenerateOutput:
+    """Greedy generation with the dual cache: chunked prefill, optional simulated decode steps over the prompt's
+    tail, then a compiled `lax.scan` decode loop.
+
+    Args:
+      prompts: token lists (any lengths; right-padded internally).
+      retrieval_heads: bool [layers, kv_heads], True = full KV cache (`select_retrieval_heads`).
+      sink, recent: streaming heads' cache (the official deployment keeps sink + recent and sees one more at decode).
+      protocol: None or a `PROTOCOLS` name, whose chunk_size / decode_simulation / window fill the arguments the
+        caller leaves None: "longbench" = one dense forward over all but the last 50 prompt tokens, those 50 fed
+        as decode steps with the streaming caches, then generation; "niah" = 32000-token chunks (the first dense,
+        later ones [sink + recent cache; chunk] for streaming heads), no simulation; "efficiency" = the token-exact
+        window from the first chunk, 4096-token chunks.
+      chunk_size: prefill chunk length; 0 = the whole (non-simulated) prompt in one forward; None = the
+        protocol's, else 4096.
+      decode_simulation: the last n prompt tokens of every row are fed one per step as decode steps (default 0);
+        every prompt must be longer than n.
+      window: "official" (default) or "token", see the module docstring.
+      eos_id: None, one stop id or several (as `jaxeff.models.llama.generate`): a row stops after the first it
+        generates and is `pad_id` after it.
+    Returns `DuoGenerateOutput`. ValueError for a pattern of another shape, an unknown protocol / window, a prompt
+    not longer than decode_simulation, a cache too short, or non-positive sizes.
+    """
+    if protocol is not None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} or None, got {protocol!r}")
+        preset = PROTOCOLS[protocol]
+        chunk_size = preset["chunk_size"] if chunk_size is None else chunk_size
+        decode_simulation = preset["decode_simulation"] if decode_simulation is None else decode_simulation
+        window = preset["window"] if window is None else window
+    chunk_size = 4096 if chunk_size is None else chunk_size
+    decode_simulation = 0 if decode_simulation is None else decode_simulation
+    window = "official" if window is None else window
     mc = model.config
     mask = np.asarray(retrieval_heads, bool)
     if mask.shape != (mc.num_hidden_layers, mc.num_key_value_heads):
         raise ValueError(f"retrieval_heads has shape {mask.shape} but the model has {mc.num_hidden_layers} layers x "
                          f"{mc.num_key_value_heads} KV heads")
-    if max_new_tokens < 1 or chunk_size < 1:
-        raise ValueError("max_new_tokens and chunk_size must be >= 1")
+    if max_new_tokens < 1 or chunk_size < 0 or decode_simulation < 0:
+        raise ValueError(f"need max_new_tokens >= 1, chunk_size >= 0 and decode_simulation >= 0, got "
+                         f"{max_new_tokens}, {chunk_size}, {decode_simulation}")
     stops = stop_id_tuple(eos_id)
     tokens, lengths = pad_prompts(prompts, pad_id)
-    chunk = min(chunk_size, tokens.shape[1])
-    n_chunks = -(-tokens.shape[1] // chunk)
-    tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])), constant_values=pad_id)
+    if lengths.min() <= decode_simulation:
+        raise ValueError(f"a prompt of {int(lengths.min())} tokens is not longer than decode_simulation="
+                         f"{decode_simulation}")
     need = int(lengths.max()) + max_new_tokens
     max_len = need if max_len is None else max_len
     if need > max_len:
         raise ValueError(f"prompt ({int(lengths.max())} tokens) + {max_new_tokens} new tokens exceed the cache "
                          f"length {max_len}")
-    positions = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], np.arange(tokens.shape[1])[None], -1)
-    cache = DualKVCache.init(mask, len(prompts), max_len, mc.head_dim, sink=sink, recent=recent, dtype=model.dtype)
+    dense_len = lengths - decode_simulation  # per row: tokens prefilled in chunks
+    width = int(dense_len.max())
+    chunk = width if chunk_size == 0 else min(chunk_size, width)
+    n_chunks = -(-width // chunk)
+    cols = np.arange(n_chunks * chunk)[None]
+    pre_tokens = np.pad(tokens, ((0, 0), (0, max(n_chunks * chunk - tokens.shape[1], 0))),
+                        constant_values=pad_id)[:, : n_chunks * chunk]
+    positions = np.where(cols < dense_len[:, None], cols, -1).astype(np.int32)
+    cache = DualKVCache.init(mask, len(prompts), max_len, mc.head_dim, sink=sink, recent=recent, dtype=model.dtype,
+                             window=window)
     graphdef, state = nnx.split(model)
     first_logits = None
     for c in range(n_chunks):
         sl = slice(c * chunk, (c + 1) * chunk)
-        last = jnp.asarray(lengths - 1 - c * chunk)
-        logits, cache = _prefill_chunk(graphdef, state, cache, jnp.asarray(tokens[:, sl]),
-                                       jnp.asarray(positions[:, sl].astype(np.int32)), last)
+        last = jnp.asarray(dense_len - 1 - c * chunk)
+        logits, cache = _prefill_chunk(graphdef, state, cache, jnp.asarray(pre_tokens[:, sl]),
+                                       jnp.asarray(positions[:, sl]), last)
         here = ((last >= 0) & (last < chunk))[:, None]
         first_logits = logits if first_logits is None else jnp.where(here, logits, first_logits)
+    if decode_simulation:
+        sim_pos = dense_len[:, None] + np.arange(decode_simulation)[None]
+        sim_tokens = np.take_along_axis(tokens, sim_pos, axis=1)
+        first_logits, cache = _feed(graphdef, state, cache, jnp.asarray(sim_tokens),
+                                    jnp.asarray(sim_pos.astype(np.int32)))
     first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
     out = [np.asarray(first)[:, None]]
     if max_new_tokens > 1:

@@ -138,18 +138,43 @@ def check_pattern(alpha, num_layers: int, num_kv_heads: int) -> np.ndarray:
     return alpha
 
 
-def select_retrieval_heads(alpha, sparsity: float, *, seed: int = 0) -> np.ndarray:
-    """Bool [layers, kv_heads]: retrieval heads are alpha >= quantile(alpha, sparsity) (the official rule), with
-    ties broken by tiny noise so that exactly round((1 - sparsity) * n) heads are kept when alphas repeat."""
+def select_retrieval_heads(alpha, sparsity: float, *, seed: int | None = 42) -> np.ndarray:
+    """Bool [layers, kv_heads]: the official `sparsify_attention_heads` (`duo_attn/utils.py:353-373`).
+
+    alpha is clipped to [0, 1], uniform noise in [0, 1e-6) is added, and a head is a retrieval head iff its noisy
+    alpha >= `np.quantile(noisy, sparsity)`. The noise breaks ties (frequent in the bf16 patterns, see
+    `selection_ties`), so the chosen set among tied heads depends on it. Official code draws it from numpy's global
+    stream (seeded 42 in LongBench's pred.py, unseeded elsewhere); here it is the first draw of
+    `np.random.RandomState(seed)`, which equals the global stream right after `np.random.seed(seed)` (LongBench's
+    only if nothing drew from it between the seeding and the selection). seed None: a fresh OS-seeded draw.
+    sparsity 0 / 1: every head retrieval / streaming. ValueError for sparsity outside [0, 1].
+    """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    alpha = np.asarray(alpha, np.float64)
+    alpha = np.clip(np.asarray(alpha, np.float64), 0.0, 1.0)
     if sparsity == 0.0:
         return np.ones(alpha.shape, bool)
     if sparsity == 1.0:
         return np.zeros(alpha.shape, bool)
-    noisy = alpha + np.random.default_rng(seed).uniform(0, 1e-6, alpha.shape)
+    noisy = alpha + np.random.RandomState(seed).uniform(0, 1e-6, alpha.shape)
     return noisy >= np.quantile(noisy, sparsity)
+
+
+def selection_ties(alpha, retrieval) -> dict:
+    """How much of a selection the tie-breaking noise decided: the lowest kept alpha (clipped), the number of heads
+    within the noise (1e-6) of it ("tied") and how many of those were kept ("kept"); `noise_decided` is True when
+    tied > kept, i.e. another seed could keep other heads. E.g. Llama-3-8B-Gradient-1048k at sparsity 0.5 has 3 heads
+    tied for 1 slot (reference note)."""
+    alpha = np.clip(np.asarray(alpha, np.float64), 0.0, 1.0)
+    retrieval = np.asarray(retrieval, bool)
+    if alpha.shape != retrieval.shape:
+        raise ValueError(f"alpha {alpha.shape} and retrieval {retrieval.shape} differ in shape")
+    if not retrieval.any() or retrieval.all():
+        return {"boundary": None, "tied": 0, "kept": 0, "noise_decided": False}
+    boundary = float(alpha[retrieval].min())
+    near = np.abs(alpha - boundary) < 1e-6
+    tied, kept = int(near.sum()), int((near & retrieval).sum())
+    return {"boundary": boundary, "tied": tied, "kept": kept, "noise_decided": tied > kept}
 
 
 def kv_cache_ratio(retrieval_fraction: float, sink: int, recent: int, context: int) -> float:

@@ -5,12 +5,25 @@ teacher half is the frozen model with full causal attention. In the student half
 `alpha * full_teacher + (1 - alpha) * streaming_student`, where `full_teacher` is the teacher's attention output of
 the same layer (not recomputed from the student's hidden states) and `streaming_student` is sink + recent (Λ)
 attention over the student's own q/k/v. Loss: MSE between the final-norm hidden states of the two halves, averaged
-over the hidden dimension, summed over the answer tokens and divided by their count, plus `reg_weight * mean|alpha|`.
-Gates start at 1 and are clamped to [0, 1] in the forward pass and after every optimizer step.
+over the hidden dimension, summed over the answer tokens and divided by their count, plus `reg_weight * mean|alpha|`
+(`duo_attn/train.py:124-156`).
 
-The gates are a separate float32 [layers, kv_heads] array; the model's weights are a constant of the step.
-Streaming attention goes through `pallas_kernels.hybrid_attention` (all heads streaming), so its cost is
-O(S * (sink + recent)). Executed on CPU only.
+Official choices kept by default (duo-attention@fe93c31; `GateTrainConfig` names the alternatives):
+- Streaming mask: block-granular as Block-Sparse-Attention's `block_streaming_attn_func` (the released patterns'
+  `blocksparse`): 128-token blocks, ceil(sink/128) sink blocks, ceil(recent/128) local blocks counted from the
+  diagonal, so with 128 / 256 a query sees 129-256 recent tokens (`duo_attn/patch/llama.py:450-462`).
+  `streaming_mask="token"` is the token-exact `sdpa` option.
+- Learning rate: lr * min(1, max((s+1)/W, 0.1), max((N-s)/W, 0.1)), W = N // 5 (`train.py:346-353`).
+- Clamping: gates start at 1, are clamped to [0, 1] at the start of every step (`train.py:98-102`; none after the
+  last one, so the result may sit slightly outside [0, 1], as the released TSVs) and in the forward pass
+  (`llama.py:121`), with torch's gradients: clamp passes the full gradient on [0, 1] bounds included, |x| has
+  gradient 0 at 0 (`torch_clamp01`, `torch_abs`).
+- Gates are float32 by default; `gate_dtype="model"` keeps them (and AdamW's moments) in the model dtype, as the
+  official bf16 parameter.
+
+The gates are a separate [layers, kv_heads] array; the model's weights are a constant of the step. Streaming
+attention goes through `pallas_kernels.hybrid_attention` (all heads streaming, `window_block` for the block mask),
+so its cost is O(S * (sink + recent)). Executed on CPU only.
 """
 
 from __future__ import annotations
@@ -30,42 +43,87 @@ from jaxeff.nn import attention
 
 @dataclasses.dataclass(frozen=True)
 class GateTrainConfig:
+    """Gate-training settings; the defaults are the official run's (`scripts/train.sh`, every released
+    `config.json`). streaming_mask: "block" (official `blocksparse`, `mask_block`-token blocks) or "token"
+    (token-exact, the official `sdpa` option). gate_dtype: "float32" or "model" (the model's dtype, official)."""
+
     sink: int = 128
     recent: int = 256
     steps: int = 2000
     lr: float = 0.02
-    warmup_steps: int | None = None  # default: steps // 5 (official 400 of 2000)
-    decay_steps: int | None = None  # linear decay over the last steps; default steps // 5
-    lr_floor: float = 0.1  # schedule starts and ends at lr * lr_floor
+    warmup_steps: int | None = None  # W of the schedule's rise; default steps // 5 (official 400 of 2000)
+    decay_steps: int | None = None  # W of the schedule's fall; default steps // 5
+    lr_floor: float = 0.1  # the multiplier never goes below it
     reg_weight: float = 0.05
     initial_value: float = 1.0
     implementation: str | None = None  # hybrid_attention implementation
+    streaming_mask: str = "block"
+    mask_block: int = 128
+    gate_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.sink < 0 or self.recent < 1 or self.steps < 1 or self.lr <= 0:
+        if self.sink < 0 or self.recent < 1 or self.steps < 1 or self.lr <= 0 or self.mask_block < 1:
             raise ValueError(f"bad gate-training config {self}")
+        if self.streaming_mask not in ("block", "token"):
+            raise ValueError(f"streaming_mask must be 'block' or 'token', got {self.streaming_mask!r}")
+        if self.gate_dtype not in ("float32", "model"):
+            raise ValueError(f"gate_dtype must be 'float32' or 'model', got {self.gate_dtype!r}")
+
+    @property
+    def window_block(self) -> int:
+        return self.mask_block if self.streaming_mask == "block" else 1
 
 
 def gate_schedule(cfg: GateTrainConfig) -> optax.Schedule:
-    """Warm-up from lr * floor, flat, then linear decay to lr * floor over the last `decay_steps` steps."""
-    warm = cfg.steps // 5 if cfg.warmup_steps is None else cfg.warmup_steps
-    decay = cfg.steps // 5 if cfg.decay_steps is None else cfg.decay_steps
-    lo = cfg.lr * cfg.lr_floor
-    flat = max(cfg.steps - warm - decay, 0)
-    return optax.join_schedules(
-        [optax.linear_schedule(lo, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr),
-         optax.linear_schedule(cfg.lr, lo, max(decay, 1))],
-        [warm, warm + flat],
-    )
+    """lr * min(1, max((s + 1) / W_up, floor), max((N - s) / W_down, floor)) at step s (0-based), N = cfg.steps:
+    the official `LambdaLR` (`duo_attn/train.py:346-353`, W = N // 5, floor 0.1). Flat at the floor for the first
+    steps, (s + 1) / W up to 1, flat, then (N - s) / W down to the floor."""
+    warm = max(cfg.steps // 5 if cfg.warmup_steps is None else cfg.warmup_steps, 1)
+    decay = max(cfg.steps // 5 if cfg.decay_steps is None else cfg.decay_steps, 1)
+
+    def schedule(count):
+        s = jnp.asarray(count, jnp.float32)
+        up = jnp.maximum((s + 1) / warm, cfg.lr_floor)
+        down = jnp.maximum((cfg.steps - s) / decay, cfg.lr_floor)
+        return cfg.lr * jnp.minimum(1.0, jnp.minimum(up, down))
+
+    return schedule
+
+
+@jax.custom_jvp
+def torch_clamp01(x):
+    """clip(x, 0, 1) with torch.clamp's gradient: 1 on [0, 1] bounds included (jnp.clip gives 1/2 at a bound,
+    and every gate starts on the bound 1)."""
+    return jnp.clip(x, 0, 1)
+
+
+@torch_clamp01.defjvp
+def _clamp_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return torch_clamp01(x), jnp.where((x >= 0) & (x <= 1), t, jnp.zeros_like(t))
+
+
+@jax.custom_jvp
+def torch_abs(x):
+    """|x| with torch.abs's gradient: sign(x), 0 at 0 (jnp.abs gives 1 there)."""
+    return jnp.abs(x)
+
+
+@torch_abs.defjvp
+def _abs_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return jnp.abs(x), jnp.sign(x) * t
 
 
 def group_gates(gates: jnp.ndarray, num_q_heads: int) -> jnp.ndarray:
-    """[Hkv] gates -> [Hq] (each KV head's alpha shared by its GQA group of query heads)."""
-    return jnp.repeat(jnp.clip(gates, 0.0, 1.0), num_q_heads // gates.shape[0])
+    """[Hkv] gates -> [Hq] (each KV head's clamped alpha shared by its GQA group of query heads, `llama.py:120-125`)."""
+    return jnp.repeat(torch_clamp01(gates), num_q_heads // gates.shape[0])
 
 
-def two_way_attention_fn(gates: jnp.ndarray, *, sink: int, recent: int, implementation: str | None = None):
-    """`attention_fn` for a [teacher; student] batch; gates [layers, kv_heads]."""
+def two_way_attention_fn(gates: jnp.ndarray, *, sink: int, recent: int, implementation: str | None = None,
+                         window_block: int = 128):
+    """`attention_fn` for a [teacher; student] batch; gates [layers, kv_heads]. window_block: 128 is the official
+    block-granular streaming mask, 1 the token-exact one (`pallas_kernels.hybrid_attention`)."""
 
     def fn(layer, q, k, v, *, q_positions, kv_positions):
         b = q.shape[0] // 2
@@ -73,7 +131,7 @@ def two_way_attention_fn(gates: jnp.ndarray, *, sink: int, recent: int, implemen
             attention(q[:b], k[:b], v[:b], q_positions=q_positions[:b], kv_positions=kv_positions[:b]))
         stream = pallas_kernels.hybrid_attention(
             q[b:], k[b:], v[b:], streaming_heads=np.ones(k.shape[2], bool), sink=sink, local=recent,
-            implementation=implementation)
+            implementation=implementation, window_block=window_block)
         a = group_gates(gates[layer], q.shape[2])[None, None, :, None].astype(q.dtype)
         return jnp.concatenate([full, a * full + (1 - a) * stream], axis=0)
 
@@ -81,34 +139,40 @@ def two_way_attention_fn(gates: jnp.ndarray, *, sink: int, recent: int, implemen
 
 
 def gate_loss(gates, model, tokens, mask, *, sink: int, recent: int, reg_weight: float,
-              implementation: str | None = None):
-    """(loss, metrics) of the two-way forward; tokens [B, S], mask [B, S] marks the answer tokens."""
-    fn = two_way_attention_fn(gates, sink=sink, recent=recent, implementation=implementation)
+              implementation: str | None = None, window_block: int = 128):
+    """(loss, metrics) of the two-way forward; tokens [B, S], mask [B, S] marks the answer tokens. The regulariser
+    is mean |gates| on the gates as given (already clamped at the step's start, as `train.py:98-102`)."""
+    fn = two_way_attention_fn(gates, sink=sink, recent=recent, implementation=implementation,
+                              window_block=window_block)
     hidden = model(jnp.concatenate([tokens, tokens], axis=0), attention_fn=fn, output="hidden")
     b = tokens.shape[0]
     teacher, student = jax.lax.stop_gradient(hidden[:b]), hidden[b:]
     per_token = jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)), axis=-1)
     m = mask.astype(jnp.float32)
     distill = jnp.sum(per_token * m) / jnp.maximum(jnp.sum(m), 1.0)
-    reg = jnp.mean(jnp.abs(jnp.clip(gates, 0.0, 1.0)))
+    reg = jnp.mean(torch_abs(gates.astype(jnp.float32)))
     return distill + reg_weight * reg, {"distill": distill, "reg": reg}
 
 
 def make_gate_step(model, cfg: GateTrainConfig):
-    """Returns (init_opt_state(gates), jitted step(gates, opt_state, batch) -> (gates, opt_state, metrics))."""
+    """Returns (init_opt_state(gates), jitted step(gates, opt_state, batch) -> (gates, opt_state, metrics)).
+
+    A step clamps the gates to [0, 1], then takes one AdamW step (weight decay 0) from them, unclamped."""
     tx = optax.adamw(gate_schedule(cfg), weight_decay=0.0)
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def step(gates, opt_state, state, tokens, mask):
+        gates = jnp.clip(gates, 0.0, 1.0)  # in place at the iteration's start (train.py:98-102)
+
         def loss_fn(g):
             return gate_loss(g, nnx.merge(graphdef, state), tokens, mask, sink=cfg.sink, recent=cfg.recent,
-                             reg_weight=cfg.reg_weight, implementation=cfg.implementation)
+                             reg_weight=cfg.reg_weight, implementation=cfg.implementation,
+                             window_block=cfg.window_block)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(gates)
         updates, opt_state = tx.update(grads, opt_state, gates)
-        gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
-        return gates, opt_state, dict(metrics, loss=loss)
+        return optax.apply_updates(gates, updates), opt_state, dict(metrics, loss=loss)
 
     def run_step(gates, opt_state, batch: Mapping[str, np.ndarray]):
         return step(gates, opt_state, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]))
@@ -118,13 +182,16 @@ def make_gate_step(model, cfg: GateTrainConfig):
 
 def train_gates(model, batches: Iterable[Mapping[str, np.ndarray]], cfg: GateTrainConfig,
                 log: Callable[[int, dict], None] | None = None, progress: Callable | None = None) -> np.ndarray:
-    """Identify retrieval heads; returns alpha float32 [layers, kv_heads] in [0, 1].
+    """Identify retrieval heads; returns the raw gates alpha float32 [layers, kv_heads]: after the last optimizer
+    step, not clamped (as the official TSVs, which may hold values slightly below 0; loaders and
+    `select_retrieval_heads` clip).
 
     batches: yields {"tokens": int [B, S], "mask": [B, S] answer tokens}; `cfg.steps` of them are consumed.
     log(step, metrics) is called every 10 steps; progress wraps the step range (e.g. tqdm).
     """
     mc = model.config
-    gates = jnp.full((mc.num_hidden_layers, mc.num_key_value_heads), cfg.initial_value, jnp.float32)
+    dtype = jnp.float32 if cfg.gate_dtype == "float32" else model.dtype
+    gates = jnp.full((mc.num_hidden_layers, mc.num_key_value_heads), cfg.initial_value, dtype)
     init, step = make_gate_step(model, cfg)
     opt_state = init(gates)
     it = iter(batches)
@@ -133,4 +200,4 @@ def train_gates(model, batches: Iterable[Mapping[str, np.ndarray]], cfg: GateTra
         gates, opt_state, metrics = step(gates, opt_state, next(it))
         if log is not None and ((i + 1) % 10 == 0 or i + 1 == cfg.steps):
             log(i + 1, {k: float(v) for k, v in jax.device_get(metrics).items()})
-    return np.asarray(gates)
+    return np.asarray(gates.astype(jnp.float32))
