@@ -58,51 +58,76 @@ def test_pallas_paged_stats_reset_when_page_is_reused():
     np.testing.assert_array_equal(fresh.kmax[0, 0, 0], -1.0)
 
 
-def test_pallas_page_scores_and_selection(filled):
+def test_pallas_page_scores_and_selection_per_query_head(filled):
+    """Quest scores per query head (each with its own query) and per KV head (max over the group), against numpy;
+    the top pages of each query head; the lists of a GQA group's query heads differ."""
     cache, keys, _ = filled
     hq = 4
     q = jax.random.normal(jax.random.key(1), (B, hq, D))
-    scores = pk.page_scores(q, cache.kmin, cache.kmax, cache.page_table, cache.lengths, logical_page_size=LPAGE)
+    args = (q, cache.kmin, cache.kmax, cache.page_table, cache.lengths)
+    scores = np.asarray(pk.page_scores(*args, logical_page_size=LPAGE))
+    shared = np.asarray(pk.page_scores(*args, logical_page_size=LPAGE, per_query_head=False))
+    assert scores.shape == (B, hq, MAX_PAGES) and shared.shape == (B, HKV, MAX_PAGES)
     qn = np.asarray(q).reshape(B, HKV, hq // HKV, D)
-    scores_np = np.asarray(scores)
     for b, n in enumerate(LENGTHS):
         for h in range(HKV):
             for p in range(MAX_PAGES):
                 subs = [keys[b, s: min(s + LPAGE, n), h] for s in range(p * PAGE, min((p + 1) * PAGE, n), LPAGE)]
-                want = -np.inf if not subs else max(
-                    np.maximum(qg * k.max(0), qg * k.min(0)).sum() for k in subs for qg in qn[b, h])
-                np.testing.assert_allclose(scores_np[b, h, p], want, rtol=1e-5)
-    sel = np.asarray(pk.select_pages(scores, cache.lengths, budget=3 * PAGE, page_size=PAGE))
+                want = [-np.inf if not subs else max(np.maximum(qg * k.max(0), qg * k.min(0)).sum() for k in subs)
+                        for qg in qn[b, h]]
+                np.testing.assert_allclose(scores[b, 2 * h: 2 * h + 2, p], want, rtol=1e-5)
+                np.testing.assert_allclose(shared[b, h, p], max(want), rtol=1e-5)
+    sel = np.asarray(pk.select_pages(jnp.asarray(scores), cache.lengths, budget=3 * PAGE, page_size=PAGE))
     for b, n in enumerate(LENGTHS):
         n_pages = -(-n // PAGE)
-        for h in range(HKV):
+        for h in range(hq):
             live = sel[b, h][sel[b, h] >= 0]
             if n_pages <= 3:  # history fits the budget: every page
                 assert sorted(live) == list(range(n_pages))
-            else:  # newest page plus the two best of the others
-                best = np.argsort(-np.asarray(scores[b, h, : n_pages - 1]))[:2]
+            else:  # newest page plus the two best of the others, by this query head's own scores
+                best = np.argsort(-scores[b, h, : n_pages - 1])[:2]
                 assert sorted(live) == sorted([*best, n_pages - 1])
-    everything = pk.select_pages(scores, cache.lengths, budget=16 * PAGE, page_size=PAGE)
-    assert everything.shape == (B, HKV, 16) and int((everything[2, 0] >= 0).sum()) == -(-LENGTHS[2] // PAGE)
+    assert (sel[2, 0] != sel[2, 1]).any() or (sel[2, 2] != sel[2, 3]).any()  # 8 pages: the group's lists differ
 
 
-DECODE_CASES = {  # streaming flags, Hq, sink, local, budget pages (None: dense), dtype
-    "mixed_gqa2_selected": ([True, False], 4, 5, 20, 3, jnp.float32),
-    "all_dense_gqa4_full": ([False, False], 8, 0, 1, None, jnp.float32),
-    "all_streaming_gqa1_local1_sink0": ([True, True], 2, 0, 1, 2, jnp.float32),
-    "bf16_gqa8_sink_beyond_history": ([False, True], 16, 200, 3, 2, jnp.bfloat16),
+@pytest.mark.parametrize("pages,budget_pages,want", [
+    (1, 3, 1), (2, 1, 2),  # fewer pages than the floor: every page
+    (5, 1, 3), (5, 2, 3),  # budgets below 3 pages: the official floor of 3 pages
+    (4, 4, 4), (5, 4, 4), (12, 4, 4),  # at and above the budget: budget // page pages, never more
+    (7, 16, 7),  # budget wider than the cache
+])
+def test_pallas_select_pages_count_formula(pages, budget_pages, want):
+    """min(max(3, budget // page), pages) pages: the newest page plus the best of the others."""
+    lengths = jnp.array([(pages - 1) * PAGE + 1, pages * PAGE])  # a fresh last page, a full one
+    scores = jax.random.normal(jax.random.key(pages), (2, 3, 12))
+    sel = np.asarray(pk.select_pages(scores, lengths, budget=budget_pages * PAGE, page_size=PAGE))
+    assert sel.shape == (2, 3, max(3, budget_pages))
+    assert pk.paged.selected_page_count(int(lengths[0]), budget=budget_pages * PAGE, page_size=PAGE) == want
+    for row, hs in zip(sel, np.asarray(scores)):
+        for lst, s in zip(row, hs):
+            live = lst[lst >= 0]
+            assert len(live) == want and live.max() == pages - 1 and (np.diff(live) > 0).all()
+            assert sorted(live) == sorted([*np.argsort(-s[: pages - 1])[: want - 1], pages - 1])
+
+
+DECODE_CASES = {  # streaming flags, Hq, sink, local, budget pages (None: dense), per query head, dtype
+    "mixed_gqa2_selected_per_query_head": ([True, False], 4, 5, 20, 3, True, jnp.float32),
+    "all_dense_gqa4_full": ([False, False], 8, 0, 1, None, False, jnp.float32),
+    "all_streaming_gqa1_local1_sink0": ([True, True], 2, 0, 1, 3, True, jnp.float32),
+    "bf16_gqa8_sink_beyond_history_per_kv_head": ([False, True], 16, 200, 3, 3, False, jnp.bfloat16),
 }
 
 
 @pytest.mark.parametrize("name", list(DECODE_CASES))
 def test_pallas_sparse_paged_decode_matches_reference(filled, name):
-    stream, hq, sink, local, budget, dtype = DECODE_CASES[name]
+    stream, hq, sink, local, budget, per_query_head, dtype = DECODE_CASES[name]
     cache, _, _ = filled
     kp, vp = cache.k_pages.astype(dtype), cache.v_pages.astype(dtype)
     q = jax.random.normal(jax.random.key(len(name)), (B, hq, D), dtype)
     selected = None
     if budget is not None:
-        scores = pk.page_scores(q, cache.kmin, cache.kmax, cache.page_table, cache.lengths, logical_page_size=LPAGE)
+        scores = pk.page_scores(q, cache.kmin, cache.kmax, cache.page_table, cache.lengths, logical_page_size=LPAGE,
+                                per_query_head=per_query_head)
         selected = pk.select_pages(scores, cache.lengths, budget=budget * PAGE, page_size=PAGE)
     kw = dict(streaming_heads=np.array(stream), sink=sink, local=local)
     args = (q, kp, vp, cache.page_table, cache.lengths, selected)
@@ -120,18 +145,21 @@ def test_pallas_sparse_paged_decode_matches_reference(filled, name):
 
 
 def test_pallas_sparse_paged_decode_reference_is_token_exact(filled):
+    """Per-query-head lists: query heads 2 and 3 share KV head 1 but read different pages (hand-built)."""
     cache, keys, vals = filled
-    q = jax.random.normal(jax.random.key(2), (B, HKV, D))
-    sel = jnp.array([[[0, 2, -1], [1, -1, -1]]] * B, jnp.int32)
+    q = jax.random.normal(jax.random.key(2), (B, 2 * HKV, D))
+    sel = jnp.array([[[0, -1], [0, -1], [1, -1], [0, 2]]] * B, jnp.int32)  # heads 0, 1: streaming, ignored
     out = pk.sparse_paged_decode_reference(q, cache.k_pages, cache.v_pages, cache.page_table, cache.lengths, sel,
                                            streaming_heads=[True, False], sink=3, local=9)
     for b, n in enumerate(LENGTHS):
-        for h, toks in ((0, [t for t in range(n) if t < 3 or n - 1 - t < 9]), (1, list(range(PAGE, min(2 * PAGE, n))))):
+        window = [t for t in range(n) if t < 3 or n - 1 - t < 9]
+        page = lambda p: list(range(p * PAGE, min((p + 1) * PAGE, n)))
+        for qh, toks in ((0, window), (1, window), (2, page(1)), (3, page(0) + page(2))):
             if not toks:
                 continue
-            s = keys[b, toks, h] @ np.asarray(q[b, h]) / 8.0
+            s = keys[b, toks, qh // 2] @ np.asarray(q[b, qh]) / 8.0
             w = np.exp(s - s.max())
-            np.testing.assert_allclose(out[b, h], (w / w.sum()) @ vals[b, toks, h], atol=1e-5)
+            np.testing.assert_allclose(out[b, qh], (w / w.sum()) @ vals[b, toks, qh // 2], atol=1e-5)
 
 
 def test_pallas_sparse_paged_decode_tpu_interpret_mode(filled):
