@@ -14,6 +14,11 @@ layers run in training mode, those of frozen layers keep their running statistic
 not public; which layers count as "middle" / "head", the GAN and all weights are our reading (efficientvit #168).
 Reports the official PSNR / SSIM (+ LPIPS-AlexNet with `metric_lpips_weights=`) of whole held-out images at low and
 high resolution after each phase. Ran on CPU.
+
+Data parallel over `Run.mesh`: parameters, BatchNorm statistics, discriminator and optimiser states are replicated
+global arrays; each global batch is drawn alike on every process and each feeds its rows
+(`jaxeff.distributed.shard_global_batch`); `batch_low` and `batch_high` must be multiples of the device count.
+Run on: 1 CPU device (its multi-device path is `dcae_residual`'s, which ran on 2 processes x 2 CPU devices).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from jaxeff.dcae.training import (
     make_step,
     set_norm_modes,
 )
+from jaxeff.distributed import replicate, shard_global_batch, to_host
 from jaxeff.experiment import Run, register
 
 
@@ -192,13 +198,13 @@ def run(cfg: Config, run: Run) -> None:
     """Three-phase decoupled high-resolution adaptation; PSNR/SSIM at low and high resolution after each phase."""
     loss_fn = _LOSSES[cfg.loss]
     if cfg.loss == "l1+lpips":
-        loss_args = (load_lpips_weights(cfg.lpips_weights, net="vgg"), cfg.lpips_weight)
+        loss_args = (replicate(load_lpips_weights(cfg.lpips_weights, net="vgg"), run.mesh), cfg.lpips_weight)
         loss_note = f"loss L1 + {cfg.lpips_weight} x LPIPS-VGG16 ({cfg.lpips_weights})"
     else:
         loss_args = ()
         loss_note = f"loss {cfg.loss.upper()} (not the maintainers' L1 + perceptual: no LPIPS weights used)"
     metric_lpips = None if cfg.metric_lpips_weights is None else load_lpips_weights(cfg.metric_lpips_weights, "alex")
-    print(loss_note)
+    run.print(loss_note)
 
     acfg = autoencoder_config(cfg)
     graphdef, params, _ = init_model(acfg, 0)
@@ -221,7 +227,7 @@ def run(cfg: Config, run: Run) -> None:
     def report(params, stats, label: str, phase: int, seed: int):
         row = {"after": label, "seed": seed, "trainable params": _count(params, phase)}
         for res, test in tests.items():
-            m = reconstruction_metrics(np.asarray(recon(params, stats, jnp.asarray(test))), test, metric_lpips)
+            m = reconstruction_metrics(to_host(recon(params, stats, test)), test, metric_lpips)  # numpy in: replicated
             row.update({f"{k} {res}": v for k, v in m.items()})
         row["PSNR gap (low - high)"] = row["PSNR low"] - row["PSNR high"]
         rows.append(row)
@@ -229,20 +235,22 @@ def run(cfg: Config, run: Run) -> None:
 
     for seed in range(cfg.seeds):
         _, params, stats = init_model(acfg, seed)
+        params, stats = replicate((params, stats), run.mesh)
         for phase, res, batch, steps, tx, step in phases:
-            opt_state = tx.init(params)
+            opt_state = replicate(tx.init(params), run.mesh)
             sampler = CropSampler(images, res, seed=100 * phase + seed)
             for i in run.progress(range(steps), desc=f"seed {seed} phase {phase} @ {res}px"):
-                params, stats, opt_state, l = step(params, stats, opt_state, jnp.asarray(sampler.sample(batch)))
+                x = shard_global_batch(sampler.sample(batch), run.mesh)
+                params, stats, opt_state, l = step(params, stats, opt_state, x)
                 if i % 50 == 0 or i == steps - 1:
                     run.log(i, phase=phase, seed=seed, loss=float(l))
             report(params, stats, f"phase {phase} ({res}px, {'all layers' if phase == 1 else 'latent-side layers'})",
                    phase, seed)
         d_params = nnx.state(PatchDiscriminator(cfg.disc_width, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))))
-        g_opt, d_opt = g_tx.init(params), d_tx.init(d_params)
+        d_params, g_opt, d_opt = replicate((d_params, g_tx.init(params), d_tx.init(d_params)), run.mesh)
         sampler = CropSampler(images, cfg.low_res, seed=300 + seed)
         for i in run.progress(range(cfg.steps3), desc=f"seed {seed} phase 3 @ {cfg.low_res}px (GAN)"):
-            batch = jnp.asarray(sampler.sample(cfg.batch_low))
+            batch = shard_global_batch(sampler.sample(cfg.batch_low), run.mesh)
             params, stats, d_params, g_opt, d_opt, m = gan_step(params, stats, d_params, g_opt, d_opt, batch)
             if i % 50 == 0 or i == cfg.steps3 - 1:
                 run.log(i, phase=3, seed=seed, **{k: float(v) for k, v in m.items()})

@@ -8,6 +8,11 @@ frame count is at least 4x the training length. Writes an accuracy heatmap (`nia
 Needs ring*ulysses devices: on a CPU-only host with fewer, the body re-runs itself in a child process with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` (`jaxeff.longvila.devices`). Run on CPU only so far.
 
+Multi-process: training is data parallel (`Run.data_mesh`: the devices of all processes that `batch` divides
+among); the trained weights are then replicated on the 2D (ring x ulysses) mesh over all processes' devices
+for the MM-SP evaluation (`ring * ulysses` = the global device count). Run on: 8 CPU devices in one process
+(tests/multidevice/test_longvila_experiments.py).
+
     make exp name=longvila_niah preset=smoke
 """
 
@@ -17,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxeff.distributed import make_mesh
+from jaxeff.distributed import make_mesh, replicate, shard_global_batch, to_host
 from jaxeff.experiment import Run, register
 from jaxeff.longvila.devices import run_on_devices
 from jaxeff.longvila.niah import NeedleTask
@@ -73,30 +78,32 @@ def body(cfg: Config, run: Run) -> None:
                        hidden=cfg.hidden, layers=cfg.layers, rope_theta=cfg.rope_theta)
     model = VideoVLM(vcfg, rngs=nnx.Rngs(cfg.seed))
     tx = make_optimizer(OptimConfig(lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10), total_steps=cfg.steps))
-    graphdef, state = init_train_state(model, tx)
+    data_mesh = run.data_mesh(cfg.batch)
+    graphdef, state = init_train_state(model, tx, mesh=data_mesh)
     step_fn = make_train_step(graphdef, vlm_loss, tx)
     rng = np.random.default_rng(cfg.seed)
     for step in run.progress(range(cfg.steps), desc="train"):
         nf = rng.integers(cfg.train_frames_min, cfg.train_frames_max + 1, cfg.batch)
-        state, metrics = step_fn(state, task.batch(rng, cfg.batch, nf))
+        state, metrics = step_fn(state, shard_global_batch(task.batch(rng, cfg.batch, nf), data_mesh))
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            m = jax.device_get(metrics)
+            m = to_host(metrics)
             run.log(step, loss=float(m["loss"]), acc=float(m["correct"] / m["count"]))
 
     mesh = make_mesh((cfg.ring, cfg.ulysses), ("ring", "ulysses"))
     model_graph, model_state = nnx.split(merge(graphdef, state))
+    model_state = replicate(model_state, mesh)  # from the data-parallel mesh onto the 2D one
     eval_fn = jax.jit(make_mmsp_loss(model_graph, mesh, MMSPConfig()))
     eval_rng = np.random.default_rng(cfg.seed + 1)
     acc = np.zeros((len(cfg.depths), len(cfg.eval_frames)))
     for j, frames in enumerate(run.progress(cfg.eval_frames, desc="eval")):
         for i, depth in enumerate(cfg.depths):
-            _, stats = eval_fn(model_state, task.batch(eval_rng, cfg.eval_videos, frames, depth))
+            _, stats = to_host(eval_fn(model_state, task.batch(eval_rng, cfg.eval_videos, frames, depth)))
             acc[i, j] = float(stats["correct"] / stats["count"])
             run.log(cfg.steps, frames=frames, depth=depth, acc=acc[i, j], loss=float(stats["loss"]))
     # The MM-SP evaluation is the unsplit model: check it on the longest videos.
     check = task.batch(eval_rng, 2, max(cfg.eval_frames))
-    sp_loss = float(eval_fn(model_state, check)[0])
-    ref_loss = float(jax.jit(lambda s: unsplit_loss(nnx.merge(model_graph, s), check)[0])(model_state))
+    sp_loss = float(to_host(eval_fn(model_state, check)[0]))
+    ref_loss = float(to_host(jax.jit(lambda s: unsplit_loss(nnx.merge(model_graph, s), check)[0])(model_state)))
 
     rows = [{"depth": d, **{f"{f} frames": acc[i, j] for j, f in enumerate(cfg.eval_frames)}, "mean": acc[i].mean()}
             for i, d in enumerate(cfg.depths)]

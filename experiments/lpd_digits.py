@@ -10,6 +10,12 @@ Measured:
 - decode time per image at batch 1, K-step vs N-step, both KV-cached and compiled (median; a ratio, on CPU it
   reflects per-step dispatch and compute, not memory-boundedness).
 Plots: NLL vs steps per order; sample grids per step count.
+
+Training is data parallel over `Run.mesh` (replicated parameters and optimiser state, each global batch of
+`batch` digits drawn alike on every process, each process feeding its rows; devices that `batch` does not divide
+among sit out, `Run.data_mesh`); evaluation, sampling and timing then run process-locally on a copy of the trained
+model, and process 0 writes. Run on: 1 CPU device; 4 CPU devices in one process
+(tests/multidevice/test_mesh_experiments.py, tiny sizes).
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff.distributed import replicate, shard_global_batch, to_local
 from jaxeff.experiment import Run, call_times, image_grid, register
 from jaxeff.lpd import LPD, LPDConfig, generate, schedules
 from jaxeff.lpd.model import cross_entropy
@@ -77,19 +83,20 @@ def train(cfg: Config, run: Run, x, y, *, mutual_visibility: bool, tag: str) -> 
     model.train()
     tx = make_optimizer(LPDOptimConfig(blr=cfg.blr, batch_size=cfg.batch, warmup_steps=min(cfg.warmup, cfg.steps),
                                        total_steps=cfg.steps, cosine_steps=cfg.steps // 3, min_lr=cfg.blr / 100))
-    graphdef, state = init_train_state(model, tx)
+    mesh = run.data_mesh(cfg.batch)
+    graphdef, state = init_train_state(model, tx, mesh=mesh)
     step = make_train_step(graphdef, lambda m, b: lpd_loss(m, b, mutual_visibility=mutual_visibility), tx)
     step_ofs = [schedules.step_of(cosine_group_sizes(N, k)) for k in cfg.train_steps_choices]
     rng = np.random.default_rng(cfg.seed)
     for i in run.progress(range(cfg.steps), desc=f"train {tag}"):
         idx = rng.integers(0, len(x), cfg.batch)
-        batch = {"tokens": jnp.asarray(x[idx]), "labels": jnp.asarray(y[idx]),
-                 "step_of": jnp.asarray(step_ofs[rng.integers(len(step_ofs))]),
-                 "key": jax.random.key(cfg.seed * 100_003 + i)}
+        batch = shard_global_batch({"tokens": x[idx], "labels": y[idx]}, mesh)
+        batch |= replicate({"step_of": np.asarray(step_ofs[rng.integers(len(step_ofs))]),
+                            "key": jax.random.key(cfg.seed * 100_003 + i)}, mesh)
         state, metrics = step(state, batch)
         if i % 50 == 0 or i == cfg.steps - 1:
             run.log(i, phase=f"train_{tag}", **{k: float(v) for k, v in metrics.items()})
-    model = merge(graphdef, state)
+    model = merge(graphdef, to_local(state))
     model.eval()
     return model
 

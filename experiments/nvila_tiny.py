@@ -23,6 +23,11 @@ equal-token comparison is `low, none` vs `s2, 2x2` (64 each): the paper's claim 
 and then compressing beats the low-resolution image at the same LLM cost.
 
 `make exp name=nvila_tiny` (smoke: a few minutes on a 2-core CPU) or `preset=full` (more data and steps).
+
+Data parallel over `Run.mesh`: replicated parameters and optimiser state; every process renders the same data set
+and draws the same global batch of `batch_size`, feeding its rows (`Run.data_mesh`); evaluation
+feeds numpy batches to the replicated model, and process 0 writes. Run on: 1 CPU device; 4 CPU devices in one
+process (tests/multidevice/test_mesh_experiments.py, tiny sizes).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import optax
 from flax import nnx
 from PIL import Image, ImageDraw
 
+from jaxeff.distributed import shard_global_batch, to_host
 from jaxeff.experiment import Run, register
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.models.vit import DownsampleProjector, ViT, ViTConfig
@@ -187,8 +193,9 @@ def loss_fn(model: TinyVLM, batch):
 
 
 def to_batch(data: dict, idx: np.ndarray) -> dict:
-    return {"pixels": jnp.asarray(siglip_pixels(data["tiles"][idx])), "question": jnp.asarray(data["question"][idx]),
-            "answer": jnp.asarray(data["answer"][idx])}
+    """Host (numpy) arrays of examples `idx`: jit takes them as replicated inputs, `shard_global_batch` splits them."""
+    return {"pixels": np.asarray(siglip_pixels(data["tiles"][idx])), "question": data["question"][idx],
+            "answer": data["answer"][idx]}
 
 
 def make_eval(graphdef, data: dict, batch_size: int):
@@ -197,7 +204,7 @@ def make_eval(graphdef, data: dict, batch_size: int):
     n = len(data["answer"])
 
     def evaluate(state) -> dict[str, float]:
-        pred = np.concatenate([np.asarray(predict(state, to_batch(data, np.arange(i, min(i + batch_size, n)))))
+        pred = np.concatenate([to_host(predict(state, to_batch(data, np.arange(i, min(i + batch_size, n)))))
                                for i in range(0, n, batch_size)])
         right = pred == data["answer"]
         out = {"acc": float(right.mean())}
@@ -231,17 +238,19 @@ def run(cfg: Config, run: Run) -> None:
     tx = make_optimizer(OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                                     weight_decay=0.01))
     rows, curves = [], {}
+    mesh = run.data_mesh(cfg.batch_size)
     for mode in cfg.modes:
         model = TinyVLM(cfg, mode, rngs=nnx.Rngs(cfg.seed))
         tokens = jax.eval_shape(model.visual_tokens, jax.ShapeDtypeStruct((1, 5, TILE, TILE, 3), jnp.float32)).shape[1]
-        graphdef, state = init_train_state(model, tx)
+        graphdef, state = init_train_state(model, tx, mesh=mesh)
         step_fn = make_train_step(graphdef, loss_fn, tx)
         evaluate = make_eval(graphdef, test, 128)
         order = np.random.default_rng(cfg.seed + 2)
         curves[mode] = []
         start = time.time()
         for step in run.progress(range(1, cfg.steps + 1), desc=mode):
-            state, metrics = step_fn(state, to_batch(train, order.integers(0, cfg.train_images, cfg.batch_size)))
+            batch = to_batch(train, order.integers(0, cfg.train_images, cfg.batch_size))
+            state, metrics = step_fn(state, shard_global_batch(batch, mesh))
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 ev = evaluate(state)
                 curves[mode].append((step, ev["acc"]))

@@ -7,6 +7,10 @@ ESS / grad-norm alarm fires before each collapse, the Monte-Carlo variance of th
 parameters for no baseline / group mean / OPOB, and a throughput model turning steps into wall-clock time
 (synchronous: generation waits for the longest response, then training; asynchronous: continuous batching
 overlapped with training). Run on CPU only.
+
+Multi-process: the grid is one process-local program, so every process computes all of it (same seeds, same
+numbers) and process 0 writes the run directory; nothing is sharded across processes. Run on: 1 CPU device;
+2 processes x 2 CPU devices on one machine (tests/test_multihost.py, tiny sizes).
 """
 
 from __future__ import annotations
@@ -278,8 +282,8 @@ def run(cfg: Config, run: Run) -> None:
         for j, lag in enumerate(cfg.lags):
             for step in range(0, cfg.steps, max(1, cfg.steps // 100)):
                 run.log(step, method=m, lag=lag, **{k: float(v[j, :, step].mean()) for k, v in metrics.items()})
-    np.savez_compressed(run.dir / "curves.npz", **{f"{m}/{k}": v for m in cfg.methods for k, v in curves[m].items()},
-                        **{f"{m}/greedy_accuracy": acc[m] for m in cfg.methods}, lags=np.asarray(cfg.lags))
+    run.savez("curves.npz", **{f"{m}/{k}": v for m in cfg.methods for k, v in curves[m].items()},
+              **{f"{m}/greedy_accuracy": acc[m] for m in cfg.methods}, lags=np.asarray(cfg.lags))
 
     rows = []
     tail = max(1, cfg.steps // 10)

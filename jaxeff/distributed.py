@@ -6,9 +6,12 @@ JAX is multi-controller: every host runs the same program. `maybe_initialize()` 
 `OMPI_COMM_WORLD_SIZE`, or the user sets `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`).
 
 Data parallelism over all processes' devices: `replicate` puts a pytree (parameters, optimiser state) on a mesh as
-global fully replicated `jax.Array`s, `process_rows` says which rows of a global batch this process feeds and
-`shard_batch` assembles the per-process rows into a global batch sharded over the mesh's data axis. A failure
-on one process stops all (`fail_all`), see docs/multihost.md.
+global fully replicated `jax.Array`s, `process_rows` says which rows of a global batch this process feeds,
+`shard_batch` assembles the per-process rows into a global batch sharded over the mesh's data axis (or
+`shard_global_batch` takes them from a whole batch that every process built alike), `to_host` brings any
+global array back as numpy on every process and `to_local` onto this process's device (for evaluation after
+training). A failure on one process stops all (`fail_all`), see
+docs/multihost.md.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ def maybe_initialize() -> bool:
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
     else:
+        missing = slurm_step_missing()
+        if missing:
+            raise RuntimeError(f"a Slurm job with SLURM_NTASKS={os.environ['SLURM_NTASKS']}, but {', '.join(missing)} "
+                               "unset: start the command with srun (one srun task per JAX process)")
         jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
     _initialized = True
     threading.Thread(target=_watch_failures, name="jaxeff-failure-watch", daemon=True).start()
@@ -65,19 +72,35 @@ def maybe_initialize() -> bool:
     return True
 
 
-def slurm_local_device_ids(env: dict[str, str] | None = None) -> list[int] | None:
-    """All the node's GPUs for a Slurm job with one task per node, else None (JAX's default).
+# what JAX's Slurm detection (jax._src.clusters.slurm_cluster) reads: set inside an srun step
+SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
-    JAX's Slurm detection gives each process the one GPU numbered `SLURM_LOCALID`, right for one process per GPU
-    but it would leave 7 of 8 GPUs idle with one process per node."""
+
+def slurm_step_missing(env: dict[str, str] | None = None) -> list[str]:
+    """The variables JAX needs to set itself up from Slurm that are unset (e.g. `python` run straight from an
+    sbatch script with several tasks, not through srun)."""
     env = dict(os.environ if env is None else env)
-    if "SLURM_JOB_ID" not in env or "SLURM_GPUS_ON_NODE" not in env:
+    return [v for v in SLURM_STEP_VARS if v not in env]
+
+
+def slurm_local_device_ids(env: dict[str, str] | None = None) -> list[int] | None:
+    """The GPUs this Slurm task drives, or None for JAX's default (the one GPU numbered `SLURM_LOCALID`).
+
+    - one task per node: all the node's GPUs (`SLURM_GPUS_ON_NODE`; JAX alone would leave 7 of 8 idle);
+    - a task that Slurm bound to one GPU (`--gpus-per-task=1` / `--gpu-bind`: `CUDA_VISIBLE_DEVICES` names one
+      GPU, which the process sees as GPU 0): [0], not `SLURM_LOCALID`, which would name a GPU it cannot see;
+    - otherwise (one task per GPU, every GPU visible): None."""
+    env = dict(os.environ if env is None else env)
+    if "SLURM_JOB_ID" not in env:
         return None
+    visible = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
     tasks, nodes = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS")), env.get("SLURM_STEP_NUM_NODES",
                                                                                       env.get("SLURM_NNODES"))
-    if tasks is None or nodes is None or int(tasks) != int(nodes):
-        return None
-    return list(range(int(env["SLURM_GPUS_ON_NODE"])))
+    if tasks is not None and nodes is not None and int(tasks) == int(nodes):
+        if "SLURM_GPUS_ON_NODE" in env:
+            return list(range(int(env["SLURM_GPUS_ON_NODE"])))
+        return list(range(len(visible))) if visible else None
+    return [0] if len(visible) == 1 else None
 
 
 def is_initialized() -> bool:
@@ -199,6 +222,22 @@ def make_mesh(shape: tuple[int, ...] | None = None, axis_names: tuple[str, ...] 
     return jax.make_mesh(shape, axis_names, axis_types=axis_types, devices=devices)
 
 
+def data_mesh(global_batch: int, axis: str = "data"):
+    """The data-parallel mesh (`make_mesh`) over every device when `global_batch` divides among them, else over
+    the most devices that it does, the same number from every process (e.g. batch 4 on 8 devices: 4 of them).
+    Raises ValueError when `global_batch` is not a multiple of the process count."""
+    import jax
+
+    n_proc, local = jax.process_count(), jax.local_device_count()
+    per_process = next((k for k in range(local, 0, -1) if global_batch % (k * n_proc) == 0), None)
+    if per_process is None:
+        raise ValueError(f"global batch {global_batch} cannot be split evenly over {n_proc} processes")
+    by_process: dict[int, list] = {}
+    for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+        by_process.setdefault(d.process_index, []).append(d)
+    return make_mesh(axis_names=(axis,), devices=[d for ds in by_process.values() for d in ds[:per_process]])
+
+
 def replicate(tree, mesh):
     """`tree` as global `jax.Array`s fully replicated on `mesh` (every process must pass the same values).
 
@@ -240,3 +279,45 @@ def shard_batch(local_batch, mesh, axis: str = "data"):
 
     sharding = NamedSharding(mesh, PartitionSpec(axis))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def shard_global_batch(global_batch, mesh, axis: str = "data"):
+    """Like `shard_batch`, from the whole global batch (every leaf [B, ...], the same on every process, e.g. drawn
+    from a generator seeded alike): each process keeps its rows (`process_rows`) and they become one global batch
+    sharded over `axis`. For cheap synthetic data; a real data set should read only its rows (`index_batches`)."""
+    import jax
+
+    leaves = jax.tree.leaves(global_batch)
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"shard_global_batch: the leaves' leading (batch) sizes differ: {sorted(map(str, sizes))}")
+    start, stop = process_rows(mesh, sizes.pop(), axis)
+    return shard_batch(jax.tree.map(lambda x: np.asarray(x)[start:stop], global_batch), mesh, axis)
+
+
+def to_host(tree):
+    """numpy copies of a pytree of arrays on every process, whether local, replicated or sharded over several
+    processes' devices (those are gathered: a collective, every process must call it)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+def to_local(tree):
+    """`tree` (e.g. a trained state of global arrays) as arrays on this process's default device, the same on
+    every process, for process-local work after training (evaluation, sampling, export); gathers like
+    `to_host`, PRNG key arrays included."""
+    import jax
+
+    def local(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(local(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.device_put(to_host(x))  # uncommitted, on the default (local) device
+
+    return jax.tree.map(local, tree)

@@ -285,6 +285,19 @@ class Run:
             self._mesh = distributed.make_mesh()
         return self._mesh
 
+    def data_mesh(self, global_batch: int):
+        """`Run.mesh` when `global_batch` divides among all its devices, else a data-parallel mesh over the most
+        devices (the same number per process) that it does, with a note on process 0
+        (`jaxeff.distributed.data_mesh`)."""
+        from jaxeff import distributed
+
+        if global_batch % self.mesh.size == 0:
+            return self.mesh
+        mesh = distributed.data_mesh(global_batch)
+        self.print(f"note: batch {global_batch} does not divide among {self.mesh.size} devices; data parallel over "
+                   f"{mesh.size} of them")
+        return mesh
+
     def print(self, *args, **kw) -> None:
         """`print` on process 0 only."""
         if self.is_main:
@@ -330,6 +343,16 @@ class Run:
         path = self.dir / filename
         if self.is_main:
             path.write_text(json.dumps(_jsonable(obj), indent=2))
+        return path
+
+    def savez(self, filename: str, **arrays: Any) -> Path:
+        """`numpy.savez_compressed` of `arrays` (numpy or fully replicated / local `jax.Array`s) into the run
+        directory, on process 0 only."""
+        path = self.dir / filename
+        if self.is_main:
+            import numpy as np
+
+            np.savez_compressed(path, **{k: np.asarray(v) for k, v in arrays.items()})
         return path
 
     def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None, **kw):

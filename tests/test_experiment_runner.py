@@ -129,3 +129,55 @@ def test_timing_and_image_grid_helpers():
     fig = experiment.image_grid(np.zeros((5, 4, 4)), 2, 3, cell=0.5, cmap="gray")
     assert len(fig.axes) == 6 and tuple(fig.get_size_inches()) == (1.5, 1.0)
     assert sum(bool(ax.images) for ax in fig.axes) == 5
+
+
+WRITES = {"open", "savefig", "save", "savez", "savez_compressed", "write_text", "write_bytes", "save_pretrained",
+          "dump", "imsave", "imwrite", "mkdir", "to_csv"}
+
+
+def _unguarded_writes(tree) -> list[str]:
+    """Calls that write files, outside `Run`'s methods (`run.savefig`, ...) and outside `if run.is_main:` blocks."""
+    import ast
+
+    found = []
+
+    def visit(node, guarded):
+        if isinstance(node, ast.If) and "is_main" in ast.unparse(node.test):
+            for child in node.body:
+                visit(child, True)
+            for child in node.orelse:
+                visit(child, guarded)
+            return
+        if isinstance(node, ast.Call) and not guarded:
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            through_run = isinstance(f, ast.Attribute) and ast.unparse(f.value) == "run"
+            receiver = ast.unparse(f.value) if isinstance(f, ast.Attribute) else ""
+            if name in WRITES and not through_run and not (name == "save" and receiver not in ("np", "numpy")):
+                found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, guarded)
+
+    visit(tree, False)
+    return found
+
+
+def test_experiments_write_files_only_through_the_runner():
+    """Only process 0 writes a run (docs/multihost.md): every file write in an experiment goes through `Run`
+    (`savefig`, `save_json`, `savez`, `results`, `log`) or sits under `if run.is_main:`."""
+    import ast
+    from pathlib import Path
+
+    import experiments
+
+    bad = {}
+    for path in sorted(Path(experiments.__path__[0]).glob("*.py")):
+        found = _unguarded_writes(ast.parse(path.read_text()))
+        if found:
+            bad[path.name] = found
+    assert not bad, bad
+    # the check itself catches each kind of write
+    sample = "def f(run, x):\n  open('a', 'w')\n  np.savez('b', x=x)\n  fig.savefig('c')\n  p.write_text('d')\n" \
+             "  run.savefig(fig, 'ok')\n  ckpt.save(1, x)\n  if run.is_main:\n    open('ok', 'w')\n"
+    assert [line.split(":")[0] for line in _unguarded_writes(ast.parse(sample))] == ["line 2", "line 3", "line 4",
+                                                                                   "line 5"]

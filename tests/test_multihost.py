@@ -26,22 +26,41 @@ TINY = {"context": "128", "batch_size": "4", "hidden_size": "32", "intermediate_
 TIMEOUT = 240  # per launch; a hang fails the test instead of blocking CI
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(low: int = 0) -> int:
+    """A free port on 127.0.0.1: any, or the first free one from `low` up."""
+    for port in ([0] if low == 0 else range(low, 65536)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port from {low}")
 
 
-def _launch(cmd: list[str], logs: Path, *, processes: int, devices: int, kill=None) -> list[tuple[int, str]]:
+def _slurm_env(p: int, processes: int) -> dict[str, str]:
+    """What `srun --ntasks=<processes>` sets on one node (127.0.0.1) for task `p`; JAX's Slurm detection derives
+    the coordinator port from the job id (61440 + id % 4096), so the job id is chosen to hit a free port."""
+    job = _free_port(61440) - 61440
+    return {"SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(processes),
+            "SLURM_PROCID": str(p), "SLURM_LOCALID": str(p), "SLURM_STEP_NUM_NODES": "1", "SLURM_NNODES": "1"}
+
+
+def _launch(cmd: list[str], logs: Path, *, processes: int, devices: int, kill=None,
+            launcher: str = "jax") -> list[tuple[int, str]]:
     """Run `cmd` as `processes` JAX processes with `devices` CPU devices each; returns [(returncode, output)].
 
-    `kill(procs)` (optional) runs while they are up."""
+    `launcher`: "jax" sets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, "slurm" the variables of
+    an srun step (`_slurm_env`). `kill(procs)` (optional) runs while they are up."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONUNBUFFERED="1")
     port = _free_port()
+    slurm = _slurm_env(0, processes)
     procs, files = [], []
     for p in range(processes):
-        if processes > 1:
+        if processes > 1 and launcher == "slurm":
+            env.update(slurm, SLURM_PROCID=str(p), SLURM_LOCALID=str(p))
+        elif processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                        JAX_PROCESS_ID=str(p))
         f = open(logs.with_name(f"{logs.name}.{p}.log"), "w+")
@@ -163,6 +182,54 @@ def test_failure_on_one_process_stops_the_other(tmp_path, mode, survivor, messag
     assert len(runs) == 1 and runs[0].endswith(".failed") == (mode != "sigkill"), runs  # one dir, marked failed
 
 
+PRIMITIVES = textwrap.dedent("""
+    import dataclasses, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jaxeff import experiment
+    from jaxeff.distributed import replicate, shard_global_batch, to_host, to_local
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        rows: int = 8
+
+    @experiment.register("primitives", Config, presets={"smoke": {}, "full": {}})
+    def run(cfg, run):
+        x = np.arange(cfg.rows * 3, dtype=np.float32).reshape(cfg.rows, 3)  # the same global batch everywhere
+        g = shard_global_batch({"x": x}, run.mesh)["x"]
+        assert g.shape == x.shape and not g.is_fully_addressable and run.mesh.size == 4
+        np.testing.assert_array_equal(to_host(g), x)  # gathered from both processes
+        y = jax.jit(lambda w, g: g @ w)(replicate(jnp.arange(3.0), run.mesh), g)  # sharded over 2 processes
+        np.testing.assert_array_equal(to_host(y), x @ np.arange(3.0))
+        local = to_local({"w": replicate(jnp.ones(2), run.mesh), "key": replicate(jax.random.key(3), run.mesh)})
+        assert local["w"].is_fully_addressable and jax.random.key_data(local["key"]).tolist() == [0, 3]
+        six = run.data_mesh(6)  # 6 rows do not divide among 4 devices: one device of each process
+        assert six.size == 2 and {d.process_index for d in six.devices.flat} == {0, 1}
+        try:
+            run.data_mesh(3)
+            raise AssertionError("3 rows split over 2 processes")
+        except ValueError as e:
+            assert "cannot be split evenly over 2 processes" in str(e)
+        run.savez("y.npz", y=to_host(y))
+        run.results([{"sum": float(to_host(y).sum())}])
+
+    sys.exit(experiment.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("launcher", ["jax", "slurm"])
+def test_global_array_helpers_across_two_processes(tmp_path, launcher):
+    """shard_global_batch / to_host / to_local / Run.data_mesh / Run.savez on 2 processes x 2 devices, started
+    with the JAX_* variables or as the two tasks of a (simulated) srun step, set up by JAX's Slurm detection."""
+    out = _launch([sys.executable, "-c", PRIMITIVES, "name=primitives", "preset=smoke", f"runs_root={tmp_path}"],
+                  tmp_path / "prim", processes=2, devices=2, launcher=launcher)
+    for p, (rc, log) in enumerate(out):
+        assert rc == 0, (p, log[-3000:])
+    assert "data parallel over 2 of them" in out[0][1] and "data parallel" not in out[1][1]  # process 0 reports
+    (run_dir,) = (tmp_path / "primitives").iterdir()
+    np.testing.assert_array_equal(np.load(run_dir / "y.npz")["y"], np.arange(24.0).reshape(8, 3) @ np.arange(3.0))
+    assert (run_dir / "results.md").read_text().count("| sum |") == 1
+
+
 def test_pipeline_rows_make_the_global_batch():
     make = lambda idx: {"idx": idx}
     whole = list(index_batches(make, 6, 4))
@@ -180,7 +247,34 @@ def test_slurm_devices_per_process():
     slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"}
     assert slurm_local_device_ids(slurm) is None  # one process per GPU: JAX's own choice (GPU SLURM_LOCALID)
     assert slurm_local_device_ids(slurm | {"SLURM_NTASKS": "2"}) == list(range(8))  # one process per node
-    assert slurm_local_device_ids({"SLURM_NTASKS": "2", "SLURM_NNODES": "2"}) is None
+    # srun's step variables win over the allocation's (an 8-task step inside a 16-task job on 2 nodes)
+    assert slurm_local_device_ids(slurm | {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2"}) == [*range(8)]
+    assert slurm_local_device_ids(slurm | {"SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS": "2"}) is None
+    # one process per node without SLURM_GPUS_ON_NODE: the GPUs it sees
+    one_per_node = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}
+    assert slurm_local_device_ids(one_per_node | {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == [0, 1, 2, 3]
+    assert slurm_local_device_ids(one_per_node) is None
+    # --gpus-per-task=1: Slurm shows each task one GPU, which it sees as GPU 0 whatever its SLURM_LOCALID
+    assert slurm_local_device_ids(slurm | {"SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "5"}) == [0]
+    assert slurm_local_device_ids({"SLURM_NTASKS": "2", "SLURM_NNODES": "2"}) is None  # not Slurm
+
+
+def test_slurm_without_srun_is_a_clear_error(monkeypatch):
+    from jaxeff import distributed
+
+    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+            "SLURM_LOCALID": "0"}
+    assert distributed.slurm_step_missing(step) == [] and distributed.cluster_detected(step)
+    batch_script = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}  # python started by sbatch itself, no srun
+    assert distributed.slurm_step_missing(batch_script) == ["SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"]
+    assert not distributed.cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})  # one task: no cluster
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "JAX_COORDINATOR", "OMPI_", "TPU_WORKER"))]:
+        monkeypatch.delenv(key)
+    for key, value in batch_script.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match="start the command with srun"):
+        distributed.maybe_initialize()
+    assert not distributed.is_initialized()
 
 
 def test_process_rows_single_process():
