@@ -38,6 +38,7 @@ import optax
 from flax import nnx
 
 import pallas_kernels
+from jaxeff import distributed
 from jaxeff.nn import attention
 
 
@@ -154,12 +155,17 @@ def gate_loss(gates, model, tokens, mask, *, sink: int, recent: int, reg_weight:
     return distill + reg_weight * reg, {"distill": distill, "reg": reg}
 
 
-def make_gate_step(model, cfg: GateTrainConfig):
+def make_gate_step(model, cfg: GateTrainConfig, mesh=None):
     """Returns (init_opt_state(gates), jitted step(gates, opt_state, batch) -> (gates, opt_state, metrics)).
 
-    A step clamps the gates to [0, 1], then takes one AdamW step (weight decay 0) from them, unclamped."""
+    A step clamps the gates to [0, 1], then takes one AdamW step (weight decay 0) from them, unclamped.
+    mesh: a data-parallel mesh (axis "data", e.g. `Run.mesh`): the model's weights are replicated on it and every
+    batch, the same global batch on every process, is sharded over its rows (batch size a multiple of the axis);
+    gates and optimizer state must then be replicated too (`jaxeff.distributed.replicate`, as `train_gates` does)."""
     tx = optax.adamw(gate_schedule(cfg), weight_decay=0.0)
     graphdef, state = nnx.split(model)
+    if mesh is not None:
+        state = distributed.replicate(state, mesh)
 
     @jax.jit
     def step(gates, opt_state, state, tokens, mask):
@@ -175,25 +181,33 @@ def make_gate_step(model, cfg: GateTrainConfig):
         return optax.apply_updates(gates, updates), opt_state, dict(metrics, loss=loss)
 
     def run_step(gates, opt_state, batch: Mapping[str, np.ndarray]):
-        return step(gates, opt_state, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]))
+        arrays = (np.asarray(batch["tokens"]), np.asarray(batch["mask"]))
+        if mesh is None:
+            return step(gates, opt_state, state, *map(jnp.asarray, arrays))
+        start, stop = distributed.process_rows(mesh, arrays[0].shape[0])
+        return step(gates, opt_state, state, *distributed.shard_batch([x[start:stop] for x in arrays], mesh))
 
     return tx.init, run_step
 
 
 def train_gates(model, batches: Iterable[Mapping[str, np.ndarray]], cfg: GateTrainConfig,
-                log: Callable[[int, dict], None] | None = None, progress: Callable | None = None) -> np.ndarray:
+                log: Callable[[int, dict], None] | None = None, progress: Callable | None = None,
+                mesh=None) -> np.ndarray:
     """Identify retrieval heads; returns the raw gates alpha float32 [layers, kv_heads]: after the last optimizer
     step, not clamped (as the official TSVs, which may hold values slightly below 0; loaders and
     `select_retrieval_heads` clip).
 
     batches: yields {"tokens": int [B, S], "mask": [B, S] answer tokens}; `cfg.steps` of them are consumed.
     log(step, metrics) is called every 10 steps; progress wraps the step range (e.g. tqdm).
+    mesh: data parallel over its "data" axis (`make_gate_step`); every process must yield the same global batches.
     """
     mc = model.config
     dtype = jnp.float32 if cfg.gate_dtype == "float32" else model.dtype
     gates = jnp.full((mc.num_hidden_layers, mc.num_key_value_heads), cfg.initial_value, dtype)
-    init, step = make_gate_step(model, cfg)
+    init, step = make_gate_step(model, cfg, mesh)
     opt_state = init(gates)
+    if mesh is not None:
+        gates, opt_state = distributed.replicate((gates, opt_state), mesh)
     it = iter(batches)
     steps = range(cfg.steps) if progress is None else progress(range(cfg.steps))
     for i in steps:
