@@ -1,7 +1,14 @@
 """SparseRefine (ECCV'24, mit-han-lab/sparserefine): entropy-selected sparse high-resolution refinement on top of any
 dense segmentation model's low-resolution logits. See README.md in this package."""
 
-from jaxeff.sparserefine.data import MEAN, STD, load_prediction, logits_from_prediction, normalize_image, upsample_nearest
+from jaxeff.sparserefine.data import (
+    MEAN,
+    STD,
+    load_prediction,
+    logits_from_prediction,
+    normalize_image,
+    upsample_nearest,
+)
 from jaxeff.sparserefine.refiner import (
     ENSEMBLERS,
     TAU,
@@ -11,6 +18,7 @@ from jaxeff.sparserefine.refiner import (
     SparseRefiner,
     entropy,
     entropy_select,
+    epoch_cosine_schedule,
     make_train_step,
     official_optimizer,
     refiner_loss,
@@ -31,5 +39,5 @@ from jaxeff.sparserefine.unet import OFFICIAL_UNET, TINY_UNET, SparseUNet, UNetC
 __all__ = ["DOWNSAMPLE_MODES", "ENSEMBLERS", "MEAN", "OFFICIAL_UNET", "STD", "TAU", "TINY_UNET", "CapacityError",
            "EntropyEnsembler", "GatedEnsembler", "Level", "Pyramid", "RefinerConfig", "SparseRefiner", "SparseUNet",
            "UNetConfig", "build_pyramid", "check_capacity", "coarse_mask", "entropy", "entropy_select",
-           "level_capacities", "level_from_mask", "load_prediction", "logits_from_prediction", "make_train_step",
-           "normalize_image", "official_optimizer", "refiner_loss", "unet_flops", "upsample_nearest"]
+           "epoch_cosine_schedule", "level_capacities", "level_from_mask", "load_prediction", "logits_from_prediction",
+           "make_train_step", "normalize_image", "official_optimizer", "refiner_loss", "unet_flops", "upsample_nearest"]

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from jaxeff.sparserefine.sparse import build_pyramid, check_capacity, level_capacities
-from jaxeff.sparserefine.unet import TINY_UNET, SparseUNet, UNetConfig
+from jaxeff.sparserefine.unet import TINY_UNET, SparseUNet, UNetConfig, uniform_init
 
 # Entropy thresholds of the official experiment configs (configs/experiment/*.yaml), by low-res base model.
 TAU = {"hrnet_w48": 0.3, "segformer_b5": 0.1, "segnext_l": 0.1, "mask2former_t": 0.05, "mask2former_l": 0.005}
@@ -64,7 +64,7 @@ class EntropyEnsembler(nnx.Module):
 
 def _linear(din, dout, rngs):
     bound = din ** -0.5
-    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+    init = lambda key, shape, dtype=jnp.float32: uniform_init(key, shape, bound).astype(dtype)  # noqa: E731
     return nnx.Linear(din, dout, kernel_init=init, bias_init=init, rngs=rngs)
 
 
@@ -164,9 +164,9 @@ def refiner_loss(out, labels, ignore_index: int = IGNORE_INDEX):
     return ce_o + ce_e, {"ce_o": ce_o, "ce_e": ce_e, "points": jnp.sum(keep)}
 
 
-def official_optimizer(steps_per_epoch: int, epochs: int = 500, lr: float = 3e-4, weight_decay: float = 0.05):
-    """AdamW(lr 3e-4, weight decay 0.05) with CosineAnnealingLR(T_max = epochs, eta_min 0) stepped once per epoch
-    (`configs/optimizer`, `configs/scheduler/cosine.yaml`): lr(step) = lr/2 (1 + cos(pi floor(step / spe) / T))."""
+def epoch_cosine_schedule(lr: float, steps_per_epoch: int, epochs: int):
+    """CosineAnnealingLR(T_max = epochs, eta_min 0) stepped once per epoch: lr/2 (1 + cos(pi floor(step/spe) / T)),
+    0 after `epochs` epochs (`configs/scheduler/cosine.yaml`)."""
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"steps_per_epoch and epochs must be >= 1, got {steps_per_epoch}, {epochs}")
 
@@ -174,7 +174,14 @@ def official_optimizer(steps_per_epoch: int, epochs: int = 500, lr: float = 3e-4
         epoch = jnp.minimum(step // steps_per_epoch, epochs)
         return 0.5 * lr * (1 + jnp.cos(jnp.pi * epoch / epochs))
 
-    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    return schedule
+
+
+def official_optimizer(steps_per_epoch: int, epochs: int = 500, lr: float = 3e-4, weight_decay: float = 0.05):
+    """AdamW(lr 3e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.05) with `epoch_cosine_schedule`
+    (`configs/optimizer`, `configs/experiment/*.yaml`: 500 epochs)."""
+    return optax.adamw(epoch_cosine_schedule(lr, steps_per_epoch, epochs), b1=0.9, b2=0.999, eps=1e-8,
+                       weight_decay=weight_decay)
 
 
 def make_train_step(graphdef, tx, labels_key: str = "label"):

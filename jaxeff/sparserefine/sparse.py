@@ -75,18 +75,23 @@ def level_from_mask(mask, capacity: int) -> Level:
 
 
 def _lookup(index, b, y, x, ok):
-    """index[b, y, x] where ok and inside the grid, else -1."""
+    """index[b, y, x] where ok and inside the grid, else -1 (all arguments broadcast together)."""
     _, h, w = index.shape
     inside = ok & (y >= 0) & (y < h) & (x >= 0) & (x < w)
     val = index[b, jnp.clip(y, 0, h - 1), jnp.clip(x, 0, w - 1)]
     return jnp.where(inside, val, -1)
 
 
+def _offsets(offsets):
+    dy, dx = np.asarray(offsets, np.int32).T
+    return jnp.asarray(dy)[None, :], jnp.asarray(dx)[None, :]  # [1, 9]: one gather for all offsets
+
+
 def subm_table(level: Level) -> jax.Array:
     """Neighbour table int32 [cap, 9] of the 3x3 submanifold conv on `level` (offsets `SUBM_OFFSETS`)."""
-    b, y, x = level.coords.T
-    cols = [_lookup(level.index, b, y + dy, x + dx, level.valid) for dy, dx in SUBM_OFFSETS]
-    return jnp.stack(cols, axis=-1)
+    b, y, x = (c[:, None] for c in level.coords.T)
+    dy, dx = _offsets(SUBM_OFFSETS)
+    return _lookup(level.index, b, y + dy, x + dx, level.valid[:, None])
 
 
 def coarse_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -111,33 +116,30 @@ def coarse_mask(level: Level, shape: tuple[int, int, int], mode: str = "spconv")
     # spconv: bounds from the largest active coordinate per axis, over the whole batch (coords_max).
     ymax = (jnp.max(jnp.where(valid, y, -1)) - 2) // 2
     xmax = (jnp.max(jnp.where(valid, x, -1)) - 2) // 2
-    for ky, kx in STRIDED_OFFSETS:
-        dy, dx = y - ky, x - kx
-        oy, ox = dy // 2, dx // 2
-        ok = valid & (dy % 2 == 0) & (dx % 2 == 0) & (oy >= 0) & (ox >= 0) & (oy <= ymax) & (ox <= xmax)
-        ok = ok & (oy < ho) & (ox < wo)
-        flat = jnp.where(ok, (b * ho + oy) * wo + ox, bo * ho * wo)
-        occ = occ.at[flat].set(True, mode="drop")
-    return occ.reshape(bo, ho, wo)
+    ky, kx = _offsets(STRIDED_OFFSETS)
+    dy, dx = y[:, None] - ky, x[:, None] - kx
+    oy, ox = dy // 2, dx // 2
+    ok = valid[:, None] & (dy % 2 == 0) & (dx % 2 == 0) & (oy >= 0) & (ox >= 0) & (oy <= ymax) & (ox <= xmax)
+    ok = ok & (oy < ho) & (ox < wo)
+    flat = jnp.where(ok, (b[:, None] * ho + oy) * wo + ox, bo * ho * wo)
+    return occ.at[flat.reshape(-1)].set(True, mode="drop").reshape(bo, ho, wo)
 
 
 def down_table(fine: Level, coarse: Level) -> jax.Array:
     """int32 [cap_coarse, 9]: fine point at 2 * o + k for each coarse site o (stride-2 conv, padding 0)."""
-    b, y, x = coarse.coords.T
-    cols = [_lookup(fine.index, b, 2 * y + ky, 2 * x + kx, coarse.valid) for ky, kx in STRIDED_OFFSETS]
-    return jnp.stack(cols, axis=-1)
+    b, y, x = (c[:, None] for c in coarse.coords.T)
+    ky, kx = _offsets(STRIDED_OFFSETS)
+    return _lookup(fine.index, b, 2 * y + ky, 2 * x + kx, coarse.valid[:, None])
 
 
 def up_table(fine: Level, coarse: Level) -> jax.Array:
     """int32 [cap_fine, 9]: coarse site o = (x - k) / 2 for each fine point x (transposed stride-2 conv back onto
     the cached fine sites; the transpose of `down_table`)."""
-    b, y, x = fine.coords.T
-    cols = []
-    for ky, kx in STRIDED_OFFSETS:
-        dy, dx = y - ky, x - kx
-        ok = fine.valid & (dy % 2 == 0) & (dx % 2 == 0)
-        cols.append(_lookup(coarse.index, b, dy // 2, dx // 2, ok))
-    return jnp.stack(cols, axis=-1)
+    b, y, x = (c[:, None] for c in fine.coords.T)
+    ky, kx = _offsets(STRIDED_OFFSETS)
+    dy, dx = y - ky, x - kx
+    ok = fine.valid[:, None] & (dy % 2 == 0) & (dx % 2 == 0)
+    return _lookup(coarse.index, b, dy // 2, dx // 2, ok)
 
 
 @struct.dataclass

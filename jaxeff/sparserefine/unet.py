@@ -20,6 +20,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxeff.sparserefine.sparse import DOWNSAMPLE_MODES, Pyramid
@@ -51,6 +52,16 @@ OFFICIAL_UNET = UNetConfig()
 TINY_UNET = UNetConfig(planes=(8, 16), reps=1)
 
 
+def uniform_init(key, shape, bound: float):
+    """float32 U(-bound, bound) of `shape`. With a concrete key the draw is made by NumPy from the key's bits: one
+    eager `jax.random.uniform` per distinct weight shape compiles a threefry program each (seconds per layer on
+    a loaded CPU); under tracing (jit / eval_shape) it is `jax.random.uniform`."""
+    if isinstance(key, jax.core.Tracer):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel()
+    return jnp.asarray(np.random.default_rng(seed).uniform(-bound, bound, shape), jnp.float32)
+
+
 class SparseConv(nnx.Module):
     """Sparse conv as `gather_matmul(x, table, weight)`; kernel_volume 1 is a pointwise (1x1) conv, no table."""
 
@@ -58,8 +69,7 @@ class SparseConv(nnx.Module):
                  implementation: str | None = None, rngs: nnx.Rngs):
         fan = (cout if transposed else cin) * kernel_volume
         bound = fan ** -0.5
-        self.weight = nnx.Param(jax.random.uniform(rngs.params(), (kernel_volume, cin, cout), jnp.float32,
-                                                   -bound, bound))
+        self.weight = nnx.Param(uniform_init(rngs.params(), (kernel_volume, cin, cout), bound))
         self.implementation = implementation
 
     def __call__(self, x, table=None):
