@@ -153,7 +153,7 @@ def test_two_way_student_uses_the_block_mask_by_default():
     q, k, v = (jnp.asarray(rng.normal(size=(2, 26, h, 8)), jnp.float32) for h in (4, 2, 2))
     pos = jnp.broadcast_to(jnp.arange(26), (2, 26))
     fn = da.two_way_attention_fn(jnp.zeros((1, 2)), sink=cfg.sink, recent=cfg.recent, window_block=cfg.window_block)
-    out = fn(0, q, k, v, q_positions=pos, kv_positions=pos)
+    out = jax.jit(lambda q, k, v: fn(0, q, k, v, q_positions=pos, kv_positions=pos))(q, k, v)
     ref = pk.hybrid_attention_reference(q[1:], k[1:], v[1:], streaming_heads=[True, True], sink=4, local=8,
                                         window_block=4)
     np.testing.assert_allclose(out[1:], ref, atol=1e-5)  # gates 0: the student is all streaming
