@@ -100,9 +100,9 @@ def test_transformer_training_forward(golden, models, variant):
     tr, tok = models[variant]
     ctx, pos, teacher = (jnp.asarray(d[k]) for k in ("context", "context_position_ids", "teacher_input"))
     close(tr.embed_context(ctx)[0], d["context_embed"], TRANSFORMER, "context_embed")
-    x, cond, cos, sin, mask = tr.training_inputs(ctx, pos, teacher)
+    x, cond, cos, sin, positions = tr.training_inputs(ctx, pos, teacher)
     for i, blk in enumerate(tr.blocks):
-        x, _ = blk(x, cond, cos, sin, mask)
+        x, _ = blk(x, cond, cos, sin, positions)
         close(x, d[f"block{i}_out"], TRANSFORMER, f"block{i}_out")
     logits, h_last = tr.forward_train(ctx, pos, teacher)
     close(logits, d["logits"], TRANSFORMER, "logits")

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from jaxeff.hart import HART, SampleOptions
-from jaxeff.hart.loading import CheckpointMismatchError, load_hart
+from jaxeff.hart import HART, HARTConfig, HARTTokenizer, HARTTransformer, SampleOptions, TokenizerConfig
+from jaxeff.hart.loading import CheckpointMismatchError, load_hart, save_hart
 from jaxeff.hart.text import SYSTEM_PROMPT, TextEncoder
 from jaxeff.io.safetensors import save_file
 
@@ -252,6 +253,37 @@ def test_text_encoder_matches_transformers(model_dir):
     np.testing.assert_array_equal(np.asarray(mask), ref_mask)
     np.testing.assert_array_equal(np.asarray(pos), ref_pos)
     np.testing.assert_allclose(np.asarray(ctx), ref_h, atol=2e-4, rtol=1e-3)  # padded positions included
+
+
+def test_save_hart_round_trip(tmp_path):
+    """save_hart writes the released layout that load_hart reads back exactly (config and every weight); bfloat16
+    loading keeps the norm weights in float32; an existing checkpoint is not overwritten."""
+    tcfg = TokenizerConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8,
+                           patch_nums=(1, 2, 3))
+    hcfg = HARTConfig(embed_dim=32, depth=1, num_heads=2, context_token=3, context_dim=12, vocab_size=64, cvae=8,
+                      patch_nums=(1, 2, 3), diff_width=32, diff_depth=1, attn_l2_norm=True)
+    model, tok = HARTTransformer(hcfg, rngs=nnx.Rngs(0)), HARTTokenizer(tcfg, rngs=nnx.Rngs(1))
+    root = save_hart(model, tok, tmp_path / "h")
+    model2, tok2 = load_hart(root)
+    assert (model2.cfg, tok2.cfg) == (hcfg, tcfg)
+    for a, b in ((model, model2), (tok, tok2)):
+        pa, pb = nnx.to_pure_dict(nnx.state(a, nnx.Param)), nnx.to_pure_dict(nnx.state(b, nnx.Param))
+        jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    m16, _ = load_hart(root, dtype=jnp.bfloat16)
+    assert m16.blocks[0].ffn.up_proj.kernel[...].dtype == jnp.bfloat16
+    assert m16.blocks[0].ln_wo_grad.weight[...].dtype == jnp.float32
+    with pytest.raises(FileExistsError):
+        save_hart(model, tok, root)
+
+
+def test_one_program_equals_encode_then_generate(ckpt, model_dir):
+    """Prompts go through text encoding + generation + decoding as one compiled program; the same images as
+    encoding first and generating from the context."""
+    hart = HART.from_pretrained(ckpt[0], text_encoder=model_dir)
+    prompts, opts = ["a red cat", "blue sky sky"], SampleOptions(cfg=3.0, top_k=10, top_k_late=5)
+    ctx, pos = hart.encode(prompts)
+    np.testing.assert_allclose(hart.generate(prompts, seed=2, opts=opts),
+                               hart.generate(context=ctx, ctx_pos=pos, seed=2, opts=opts), atol=1e-5)
 
 
 def test_hart_1024_with_weights_end_to_end(ckpt, model_dir, tmp_path):

@@ -39,23 +39,23 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
 class MLPPair(nnx.Module):
     """Linear -> SiLU -> Linear (keys `mlp.0`, `mlp.2` in the reference)."""
 
-    def __init__(self, din: int, dout: int, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(din, dout, rngs=rngs)
-        self.fc2 = nnx.Linear(dout, dout, rngs=rngs)
+    def __init__(self, din: int, dout: int, rngs: nnx.Rngs, **dt):
+        self.fc1 = nnx.Linear(din, dout, rngs=rngs, **dt)
+        self.fc2 = nnx.Linear(dout, dout, rngs=rngs, **dt)
 
     def __call__(self, x):
         return self.fc2(jax.nn.silu(self.fc1(x)))
 
 
-def _zero_linear(din, dout, rngs):
-    return nnx.Linear(din, dout, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+def _zero_linear(din, dout, rngs, **dt):
+    return nnx.Linear(din, dout, kernel_init=nnx.initializers.zeros_init(), rngs=rngs, **dt)
 
 
 class ResBlock(nnx.Module):
-    def __init__(self, w: int, rngs: nnx.Rngs):
-        self.in_ln = nnx.LayerNorm(w, epsilon=1e-6, rngs=rngs)
-        self.mlp = MLPPair(w, w, rngs)
-        self.ada = _zero_linear(w, 3 * w, rngs)
+    def __init__(self, w: int, rngs: nnx.Rngs, **dt):
+        self.in_ln = nnx.LayerNorm(w, epsilon=1e-6, rngs=rngs)  # float32 statistics and weights
+        self.mlp = MLPPair(w, w, rngs, **dt)
+        self.ada = _zero_linear(w, 3 * w, rngs, **dt)
 
     def __call__(self, x, y):
         shift, scale, gate = jnp.split(self.ada(jax.nn.silu(y)), 3, axis=-1)
@@ -63,10 +63,10 @@ class ResBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-    def __init__(self, w: int, dout: int, rngs: nnx.Rngs):
+    def __init__(self, w: int, dout: int, rngs: nnx.Rngs, **dt):
         self.norm_final = nnx.LayerNorm(w, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
-        self.linear = _zero_linear(w, dout, rngs)
-        self.ada = _zero_linear(w, 2 * w, rngs)
+        self.linear = _zero_linear(w, dout, rngs, **dt)
+        self.ada = _zero_linear(w, 2 * w, rngs, **dt)
 
     def __call__(self, x, y):
         shift, scale = jnp.split(self.ada(jax.nn.silu(y)), 2, axis=-1)
@@ -74,22 +74,26 @@ class FinalLayer(nnx.Module):
 
 
 class SimpleMLPAdaLN(nnx.Module):
-    """Denoiser for one token: x [N, Cvae], t [N] (original 0..999 timesteps), c [N, z_channels] -> [N, 2*Cvae]."""
+    """Denoiser for one token: x [N, Cvae], t [N] (original 0..999 timesteps), c [N, z_channels] -> [N, 2*Cvae]
+    float32. `dtype` / `param_dtype`: matmul compute / weight dtype of the linear layers (the LayerNorms, the
+    residual stream and the output stay float32)."""
 
-    def __init__(self, in_channels: int, z_channels: int, width: int, depth: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, z_channels: int, width: int, depth: int, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        dt = {"dtype": dtype, "param_dtype": param_dtype}
         self.in_channels = in_channels
-        self.time_embed = MLPPair(256, width, rngs)
-        self.cond_embed = nnx.Linear(z_channels, width, rngs=rngs)
-        self.input_proj = nnx.Linear(in_channels, width, rngs=rngs)
-        self.res_blocks = nnx.List([ResBlock(width, rngs) for _ in range(depth)])
-        self.final_layer = FinalLayer(width, 2 * in_channels, rngs)
+        self.time_embed = MLPPair(256, width, rngs, **dt)
+        self.cond_embed = nnx.Linear(z_channels, width, rngs=rngs, **dt)
+        self.input_proj = nnx.Linear(in_channels, width, rngs=rngs, **dt)
+        self.res_blocks = nnx.List([ResBlock(width, rngs, **dt) for _ in range(depth)])
+        self.final_layer = FinalLayer(width, 2 * in_channels, rngs, **dt)
 
     def __call__(self, x, t, c):
-        x = self.input_proj(x)
+        x = self.input_proj(x).astype(jnp.float32)
         y = self.time_embed(timestep_embedding(t, 256)) + self.cond_embed(c)
         for blk in self.res_blocks:
             x = blk(x, y)
-        return self.final_layer(x, y)
+        return self.final_layer(x, y).astype(jnp.float32)
 
 
 def cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:

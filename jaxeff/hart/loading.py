@@ -20,8 +20,8 @@ from flax import nnx
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.transformer import HARTConfig, HARTTransformer
 from jaxeff.io import hub
-from jaxeff.io.safetensors import load_checkpoint_dir, load_file
-from jaxeff.io.state_dict import CheckpointMismatchError, load_mapped, torch_key, torch_layout
+from jaxeff.io.safetensors import load_checkpoint_dir, load_file, save_file
+from jaxeff.io.state_dict import CheckpointMismatchError, load_mapped, to_torch, torch_key, torch_layout
 
 _IGNORED = re.compile(
     r"^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias|.*rotary_emb.*\.inv_freq"
@@ -66,7 +66,8 @@ def official_key(path: tuple, kind: str, levels: int = 0) -> str:
 
 
 def load_into(module, tensors: dict, kind: str, source: str, dtype=jnp.float32):
-    """Fill `module` (possibly abstract, from nnx.eval_shape) from an official state dict; returns the module."""
+    """Fill `module` (possibly abstract, from nnx.eval_shape) from an official state dict; returns the module.
+    Arrays are cast to `dtype` (None: each variable's own dtype)."""
     levels = len(module.cfg.ch_mult) if kind == "tokenizer" else 0
     return load_mapped(module, tensors, lambda p: (official_key(p, kind, levels), torch_layout(p)), source=source,
                        what=f"the {kind}", ignore=_IGNORED.match, dtype=dtype)
@@ -164,7 +165,10 @@ def resolve_dirs(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_hart(path: str | Path, use_ema: bool = True, dtype=jnp.float32):
-    """Returns (HARTTransformer, HARTTokenizer) with the released weights (EMA weights when present)."""
+    """Returns (HARTTransformer, HARTTokenizer) with the released weights (EMA weights when present).
+
+    `dtype`: the transformer's compute and weight dtype (`HARTTransformer(dtype=, param_dtype=)`; its norm weights
+    and level embedding stay float32); the tokenizer stays float32."""
     llm_dir, tok_dir = resolve_dirs(path)
     llm_cfg = _read_json(llm_dir / "config.json")
     tok_raw = _read_json(tok_dir / "config.json")
@@ -172,13 +176,45 @@ def load_hart(path: str | Path, use_ema: bool = True, dtype=jnp.float32):
     cfg = transformer_config(llm_cfg, tcfg.z_channels, tcfg.vocab_size)
     stems = ("ema_model", "model", "pytorch_model") if use_ema else ("model", "pytorch_model")
     tensors, used = read_weights(llm_dir, stems)
-    model = load_into(nnx.eval_shape(lambda: HARTTransformer(cfg, rngs=nnx.Rngs(0))), tensors, "transformer", used,
-                      dtype)
+    model = load_into(nnx.eval_shape(lambda: HARTTransformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)),
+                      tensors, "transformer", used, dtype=None)
     tok_tensors, tok_used = read_weights(tok_dir, ("model", "pytorch_model"))
-    tok = load_into(nnx.eval_shape(lambda: HARTTokenizer(tcfg, rngs=nnx.Rngs(0))), tok_tensors, "tokenizer", tok_used,
-                    dtype)
+    tok = load_into(nnx.eval_shape(lambda: HARTTokenizer(tcfg, rngs=nnx.Rngs(0))), tok_tensors, "tokenizer", tok_used)
     return model, tok
 
 
-__all__ = ["CheckpointMismatchError", "load_hart", "load_into", "official_key", "bin_to_numpy",
-           "convert_bin_dir", "load_file"]
+def official_state_dict(module, kind: str) -> dict[str, np.ndarray]:
+    """Every parameter of a HARTTransformer / HARTTokenizer under its official key, in torch layout, float32."""
+    levels = len(module.cfg.ch_mult) if kind == "tokenizer" else 0
+    out = {}
+    for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        arr = np.asarray(jnp.asarray(v[...] if hasattr(v, "value") else v, jnp.float32))
+        out[official_key(path, kind, levels)] = np.ascontiguousarray(to_torch(arr, str(path[-1])))
+    return out
+
+
+def save_hart(model: HARTTransformer, tok: HARTTokenizer, directory: str | Path) -> Path:
+    """Write `directory/{llm,tokenizer}/{config.json, model.safetensors}` in the hart-0.7b-1024px layout (the keys
+    and config fields `load_hart` reads; float32), e.g. random full-size weights for timing jaxeff and the
+    official code on the same weights. Returns `directory`; refuses a directory that already has an llm/."""
+    root = Path(directory)
+    if (root / "llm").exists():
+        raise FileExistsError(f"{root / 'llm'} exists; give an empty directory")
+    c, t = model.cfg, tok.cfg
+    llm = {"model_type": "hart_transformer_t2i", "attn_type": "llama", "mlp_type": "llama",
+           **{k: getattr(c, k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps", "context_token",
+                                         "context_dim", "attn_l2_norm", "use_context_norm", "context_norm_scale",
+                                         "cond_drop_rate", "diff_width", "diff_depth", "diffusion_batch_mul")},
+           "patch_nums": list(c.patch_nums), "num_sampling_steps": str(c.num_sampling_steps)}
+    tokc = {"model_type": "hart_autoencoder_with_disc", "ch_mult": list(t.ch_mult),
+            **{k: getattr(t, k) for k in ("vocab_size", "z_channels", "ch", "quant_conv_ks", "quant_resi",
+                                          "share_quant_resi", "beta", "num_res_blocks", "norm_groups")}}
+    for sub, cfg, module, kind in (("llm", llm, model, "transformer"), ("tokenizer", tokc, tok, "tokenizer")):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text(json.dumps(cfg, indent=1))
+        save_file(official_state_dict(module, kind), root / sub / "model.safetensors")
+    return root
+
+
+__all__ = ["CheckpointMismatchError", "load_hart", "save_hart", "official_state_dict", "load_into", "official_key",
+           "bin_to_numpy", "convert_bin_dir", "load_file"]

@@ -1,8 +1,9 @@
 """`HART`: text encoder + AR transformer + residual diffusion + tokenizer decoder as one object.
 
-`HART.from_pretrained("hart-0.7b-1024px", text_encoder="Qwen2-VL-1.5B-Instruct")` loads the released weights;
-`generate(prompts, seed=...)` returns images in [0, 1] ([B, H, W, 3]); the multi-scale generation and the decoder
-run as one jitted program. Run on CPU only (with random / tiny weights here).
+`HART.from_pretrained("hart-0.7b-1024px", text_encoder="Qwen2-VL-1.5B-Instruct", dtype=jnp.bfloat16)` loads the
+released weights; `generate(prompts, seed=...)` returns images in [0, 1] ([B, H, W, 3]). Text encoding, the
+multi-scale generation and the tokenizer decoder run as one compiled program (`generate_images`); only the
+tokenisation runs on the host. Run on CPU only (with random / tiny weights here).
 """
 
 from __future__ import annotations
@@ -16,14 +17,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.hart.loading import load_hart
+from jaxeff.hart.text import encode_tokens
 from jaxeff.hart.tokenizer import HARTTokenizer
 from jaxeff.hart.transformer import HARTTransformer, SampleOptions, generate_fhat
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
-def _generate_images(graphdef, state, context, ctx_pos, key, opts: SampleOptions):
-    model, tok = nnx.merge(graphdef, state)
-    f_hat = generate_fhat(model, tok.quantize, context, ctx_pos, key, opts)
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "n_sys", "implementation"))
+def generate_images(graphdef, state, inputs, key, opts: SampleOptions, n_sys: int = 0, implementation=None):
+    """One compiled program: images [B, H, W, 3] in [0, 1].
+
+    graphdef/state = nnx.split((text_encoder_model, transformer, tokenizer)) with `inputs` = (tokens, valid)
+    [B, n_sys + T] (`TextEncoder.token_inputs`): text encoding + generation + decoding; or
+    nnx.split((transformer, tokenizer)) with `inputs` = (context [B, T, D], positions [B, T]): generation +
+    decoding."""
+    parts = nnx.merge(graphdef, state)
+    if len(parts) == 3:
+        encoder, model, tok = parts
+        context, ctx_pos = encode_tokens(encoder, *inputs, n_sys)
+    else:
+        (model, tok), (context, ctx_pos) = parts, inputs
+    f_hat = generate_fhat(model, tok.quantize, context, ctx_pos, key, opts, implementation=implementation)
     return (tok.decode(f_hat) + 1) / 2
 
 
@@ -41,14 +54,16 @@ class HART:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, text_encoder: str | Path | None = None, use_ema: bool = True,
-                        max_length: int | None = None) -> HART:
-        """`path`: the hart-0.7b-1024px directory (or its llm/); `text_encoder`: a local Qwen2(-VL) directory."""
-        model, tok = load_hart(path, use_ema=use_ema)
+                        max_length: int | None = None, dtype=jnp.float32) -> HART:
+        """`path`: the hart-0.7b-1024px directory (or its llm/); `text_encoder`: a local Qwen2(-VL) directory.
+        `dtype`: compute / weight dtype of the transformer and the text encoder (jnp.bfloat16 for speed; the
+        tokenizer stays float32)."""
+        model, tok = load_hart(path, use_ema=use_ema, dtype=dtype)
         enc = None
         if text_encoder is not None:
             from jaxeff.hart.text import TextEncoder
 
-            enc = TextEncoder.from_pretrained(text_encoder, max_length or model.cfg.context_token)
+            enc = TextEncoder.from_pretrained(text_encoder, max_length or model.cfg.context_token, dtype=dtype)
         return cls(model, tok, enc)
 
     def encode(self, prompts: list[str]):
@@ -59,10 +74,17 @@ class HART:
 
     def generate(self, prompts: list[str] | None = None, *, context=None, ctx_pos=None, seed: int = 0,
                  opts: SampleOptions | None = None):
-        """Images [B, H, W, 3] in [0, 1] for prompts (or precomputed context [B, T, D] + positions [B, T])."""
+        """Images [B, H, W, 3] in [0, 1] for prompts (encoded inside the compiled program) or precomputed context
+        [B, T, D] + positions [B, T]. Raises ValueError without either, or for a context of the wrong shape."""
         opts = SampleOptions() if opts is None else opts
+        key = jax.random.key(seed)
         if prompts is not None:
-            context, ctx_pos = self.encode(prompts)
+            if self.text_encoder is None:
+                raise ValueError("this HART has no text encoder; pass text_encoder= to from_pretrained or give "
+                                 "context")
+            tokens, valid, n_sys = self.text_encoder.token_inputs(prompts)
+            graphdef, state = nnx.split((self.text_encoder.model, self.transformer, self.tokenizer))
+            return generate_images(graphdef, state, (jnp.asarray(tokens), jnp.asarray(valid)), key, opts, n_sys)
         if context is None:
             raise ValueError("give prompts or context")
         cfg = self.transformer.cfg
@@ -71,5 +93,5 @@ class HART:
         if ctx_pos is None:
             ctx_pos = jnp.broadcast_to(jnp.arange(cfg.context_token, dtype=jnp.int32), context.shape[:2])
         graphdef, state = nnx.split((self.transformer, self.tokenizer))
-        return _generate_images(graphdef, state, jnp.asarray(context, jnp.float32), jnp.asarray(ctx_pos),
-                                jax.random.key(seed), opts)
+        return generate_images(graphdef, state, (jnp.asarray(context, jnp.float32), jnp.asarray(ctx_pos)), key,
+                               opts)

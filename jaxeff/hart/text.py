@@ -63,16 +63,23 @@ def load_qwen2(directory: str | Path, dtype=jnp.float32) -> Llama:
     return load_state_dict_into(model, renamed, source=str(directory))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_sys"))
-def _hidden(graphdef, state, tokens, valid, n_sys: int):
-    model = nnx.merge(graphdef, state)
+def encode_tokens(model: Llama, tokens, valid, n_sys: int):
+    """Traceable text encoding: tokens / valid [B, n_sys + T] ([system prompt ; padded prompt], valid = not pad)
+    -> (context [B, T, D] float32, positions [B, T] int32 = cumsum(mask) - 1 over the prompt part). Runs inside
+    a caller's jit (the pipeline compiles it with generation and decoding as one program)."""
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     kv_pos = jnp.where(valid, pos, -1)  # padded keys are invisible (HF attention_mask); queries keep arange
 
     def attn(layer, q, k, v, *, q_positions, kv_positions):
         return attention(q, k, v, q_positions=q_positions, kv_positions=kv_pos, causal=True)
 
-    return model(tokens, pos, attention_fn=attn, output="hidden")[:, n_sys:].astype(jnp.float32)
+    ctx = model(tokens, pos, attention_fn=attn, output="hidden")[:, n_sys:].astype(jnp.float32)
+    return ctx, jnp.cumsum(valid[:, n_sys:].astype(jnp.int32), axis=1) - 1
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_sys"))
+def _encode(graphdef, state, tokens, valid, n_sys: int):
+    return encode_tokens(nnx.merge(graphdef, state), tokens, valid, n_sys)
 
 
 class TextEncoder:
@@ -85,19 +92,22 @@ class TextEncoder:
             raise ValueError("the text tokenizer has no pad token; HART pads prompts to max_length")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, max_length: int = 300, use_system_prompt: bool = True):
+    def from_pretrained(cls, directory: str | Path, max_length: int = 300, use_system_prompt: bool = True,
+                        dtype=jnp.float32):
         from transformers import AutoTokenizer
 
         directory = hub.resolve(directory, allow_patterns=hub.HF_MODEL_FILES)
         tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        return cls(load_qwen2(directory), tok, max_length, use_system_prompt)
+        return cls(load_qwen2(directory, dtype), tok, max_length, use_system_prompt)
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
         ids = [self.tokenizer(p, padding="max_length", max_length=self.max_length, truncation=True)["input_ids"]
                for p in prompts]
         return np.asarray(ids, np.int32)
 
-    def __call__(self, prompts: list[str]):
+    def token_inputs(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Host-side tokenisation: (tokens, valid) [B, n_sys + max_length] int32 / bool for `encode_tokens`, and
+        n_sys (the system prompt's length, 0 without it)."""
         if not prompts:
             raise ValueError("no prompts given")
         tokens = self.tokenize(prompts)
@@ -106,7 +116,10 @@ class TextEncoder:
             np.zeros((0,), np.int32)
         full = np.concatenate([np.tile(sys[None], (len(prompts), 1)), tokens], 1)
         valid = np.concatenate([np.ones((len(prompts), len(sys)), bool), mask], 1)
+        return full, valid, len(sys)
+
+    def __call__(self, prompts: list[str]):
+        full, valid, n_sys = self.token_inputs(prompts)
         graphdef, state = nnx.split(self.model)
-        ctx = _hidden(graphdef, state, jnp.asarray(full), jnp.asarray(valid), n_sys=len(sys))
-        pos = np.cumsum(mask, axis=1) - 1
-        return ctx, jnp.asarray(mask), jnp.asarray(pos, jnp.int32)
+        ctx, pos = _encode(graphdef, state, jnp.asarray(full), jnp.asarray(valid), n_sys=n_sys)
+        return ctx, jnp.asarray(valid[:, n_sys:]), pos

@@ -6,8 +6,16 @@
   max-pooled text embedding.
 - Positions: 1D RoPE for text tokens; HART's 2D RoPE for image tokens, coordinates normalised to the last scale's
   grid and offset by the last text position.
-- Attention: block-causal over levels in training (text tokens see all text tokens, padding included, as in the
-  reference); at inference a KV cache across scales, each scale attending to everything before it and itself.
+- Attention: through the shared front door `jaxeff.nn.attention` (XLA einsum on CPU; cuDNN / XLA fused attention on
+  GPU, XLA on TPU). Block-causal over levels in training (the level index is the position, so key j is visible to
+  query i iff level_j <= level_i; text tokens see all text tokens, padding included, as in the reference); at
+  inference a KV cache across scales, each scale attending to everything before it and itself.
+- KV cache: preallocated [2B, seq_len, H, D] per layer, written with `lax.dynamic_update_slice` at static offsets
+  (`cache="prealloc"`, default); `"concat"` grows it by concatenation (the earlier layout, kept to measure against);
+  `"none"` recomputes the whole prefix at every scale (the check for both).
+- Precision: `dtype` (compute) / `param_dtype` (weights), float32 by default; with bfloat16 the norms, the softmax
+  statistics, the residual stream, RoPE, the logits and the diffusion sampler stay float32 (the reference runs
+  under fp16 autocast).
 - Last scale: MAR-style token subsampling in training (at least half the tokens dropped, >= 32 kept when there are
   more than 32); `num_maskgit_iters` iterations at inference (default 1, as the reference); its hidden states
   condition the residual diffusion head.
@@ -26,6 +34,9 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.hart import diffusion as diff
+from jaxeff.nn.attention import attention
+
+CACHE_LAYOUTS = ("prealloc", "concat", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +138,9 @@ def image_rope(cfg: HARTConfig, scales, offset):
 # ----------------------------------------------------------------------------------------------- modules
 
 
-def _linear(din, dout, rngs, bias=True, std=0.02):
-    return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.truncated_normal(std), rngs=rngs)
+def _linear(din, dout, rngs, bias=True, std=0.02, dtype=jnp.float32, param_dtype=jnp.float32):
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.truncated_normal(std), rngs=rngs,
+                      dtype=dtype, param_dtype=param_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -144,48 +156,63 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         c = cfg.embed_dim
-        self.cfg = cfg
-        self.qkv_proj = _linear(c, 3 * c, rngs, bias=False)
-        self.q_bias = nnx.Param(jnp.zeros((c,)))
-        self.v_bias = nnx.Param(jnp.zeros((c,)))
-        self.proj = _linear(c, c, rngs, std=0.02 / math.sqrt(2 * cfg.depth))
+        self.cfg, self.dtype = cfg, dtype
+        lin = functools.partial(_linear, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.qkv_proj = lin(c, 3 * c, bias=False)
+        self.q_bias = nnx.Param(jnp.zeros((c,), param_dtype))
+        self.v_bias = nnx.Param(jnp.zeros((c,), param_dtype))
+        self.proj = lin(c, c, std=0.02 / math.sqrt(2 * cfg.depth))
         if cfg.attn_l2_norm:
             self.scale_mul_1H11 = nnx.Param(jnp.full((1, cfg.num_heads, 1, 1), math.log(4.0)))
 
-    def __call__(self, x, cos, sin, mask=None, past=None):
-        """x [B, L, C]; mask [B or 1, L, L_kv] bool (True = attend); past (k, v) [B, L_past, H, D] or None.
-        Returns (out, (k, v) including past)."""
+    def __call__(self, x, cos, sin, positions=None, past=None, start=None, implementation=None):
+        """x [B, L, C]. Returns (out [B, L, C], (k, v)).
+
+        - positions (q [B, L], kv [B, L_kv]) int: block-causal attention over this call's tokens (key visible iff
+          0 <= kv <= q; the level index is the position, -1 hides a key); None: every key visible.
+        - past (k, v) [B, L_past or T_max, H, D]: a KV cache. With `start` (static int) it is preallocated: the new
+          k/v are written at slots start..start+L-1 and the queries attend to slots [0, start+L); the returned
+          (k, v) are the updated buffers. Without `start` the new k/v are concatenated after it.
+        - implementation: passed to `jaxeff.nn.attention` (None picks per backend; "xla" materialises the scores)."""
         b, n, c = x.shape
         h, d = self.cfg.num_heads, self.cfg.head_dim
         bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
-        q, k, v = jnp.split((self.qkv_proj(x) + bias).reshape(b, n, 3, h, d), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        qkv = (self.qkv_proj(x) + bias.astype(self.dtype)).reshape(b, n, 3, h, d)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.cfg.attn_l2_norm:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             mul = jnp.exp(jnp.minimum(self.scale_mul_1H11[...], math.log(100.0))).reshape(1, 1, h, 1)
             q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12) * mul
             k = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), 1e-12)
             scale = 1.0
         else:
             scale = 0.25 / math.sqrt(d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past is not None:
-            k = jnp.concatenate([past[0], k], 1)
-            v = jnp.concatenate([past[1], v], 1)
-        s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-        if mask is not None:
-            s = jnp.where(mask[:, None], s, -jnp.inf)
-        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v.astype(jnp.float32)).astype(x.dtype)
-        return self.proj(o.reshape(b, n, c)), (k, v)
+        q, k = (apply_rope(a, cos, sin).astype(self.dtype) for a in (q, k))
+        if past is None:
+            kv = (k, v)
+            k_att, v_att = kv
+        elif start is None:
+            kv = (jnp.concatenate([past[0], k], 1), jnp.concatenate([past[1], v], 1))
+            k_att, v_att = kv
+        else:
+            kv = tuple(jax.lax.dynamic_update_slice(p, a.astype(p.dtype), (0, start, 0, 0))
+                       for p, a in zip(past, (k, v), strict=True))
+            k_att, v_att = (a[:, :start + n].astype(self.dtype) for a in kv)
+        q_pos, kv_pos = (None, None) if positions is None else positions
+        o = attention(q, k_att, v_att, q_positions=q_pos, kv_positions=kv_pos, causal=positions is not None,
+                      scale=scale, implementation=implementation)
+        return self.proj(o.reshape(b, n, c).astype(self.dtype)), kv
 
 
 class FFN(nnx.Module):
-    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         c, hdim = cfg.embed_dim, cfg.ffn_hidden
-        self.gate_proj = _linear(c, hdim, rngs, bias=False)
-        self.up_proj = _linear(c, hdim, rngs, bias=False)
-        self.down_proj = _linear(hdim, c, rngs, bias=False, std=0.02 / math.sqrt(2 * cfg.depth))
+        lin = functools.partial(_linear, rngs=rngs, bias=False, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = lin(c, hdim)
+        self.up_proj = lin(c, hdim)
+        self.down_proj = lin(hdim, c, std=0.02 / math.sqrt(2 * cfg.depth))
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -203,27 +230,30 @@ def _ada_init(c: int, k: int):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         c = cfg.embed_dim
-        self.attn = Attention(cfg, rngs)
-        self.ffn = FFN(cfg, rngs)
+        self.attn = Attention(cfg, rngs, dtype, param_dtype)
+        self.ffn = FFN(cfg, rngs, dtype, param_dtype)
         self.ln_wo_grad = RMSNorm(c, cfg.norm_eps)
-        self.ada_lin = nnx.Linear(c, 6 * c, kernel_init=_ada_init(c, 6), rngs=rngs)
+        self.ada_lin = nnx.Linear(c, 6 * c, kernel_init=_ada_init(c, 6), rngs=rngs, dtype=dtype,
+                                  param_dtype=param_dtype)
 
-    def __call__(self, x, cond, cos, sin, mask=None, past=None):
-        """cond: pooled condition [B, C]."""
+    def __call__(self, x, cond, cos, sin, positions=None, past=None, start=None, implementation=None):
+        """x [B, L, C] (the residual stream keeps x's dtype: float32 in the pipeline); cond: pooled condition
+        [B, C]; the rest as `Attention.__call__`."""
         g1, g2, s1, s2, b1, b2 = jnp.split(self.ada_lin(jax.nn.silu(cond))[:, None], 6, axis=-1)
-        a, kv = self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, cos, sin, mask, past)
+        a, kv = self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, cos, sin, positions, past, start, implementation)
         x = x + a * g1
         x = x + self.ffn(self.ln_wo_grad(x) * (1 + s2) + b2) * g2
         return x, kv
 
 
 class HeadNorm(nnx.Module):
-    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: HARTConfig, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         c = cfg.embed_dim
         self.ln_wo_grad = RMSNorm(c, cfg.norm_eps)
-        self.ada_lin = nnx.Linear(c, 2 * c, kernel_init=_ada_init(c, 2), rngs=rngs)
+        self.ada_lin = nnx.Linear(c, 2 * c, kernel_init=_ada_init(c, 2), rngs=rngs, dtype=dtype,
+                                  param_dtype=param_dtype)
 
     def __call__(self, x, cond):
         scale, shift = jnp.split(self.ada_lin(jax.nn.silu(cond))[:, None], 2, axis=-1)
@@ -231,75 +261,96 @@ class HeadNorm(nnx.Module):
 
 
 class HARTTransformer(nnx.Module):
-    def __init__(self, cfg: HARTConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+    """`dtype`: compute dtype of the matmuls and the KV cache; `param_dtype`: weights (norm weights, the level
+    embedding and the l2-norm attention scales stay float32). Outputs (hidden states, logits) are float32."""
+
+    def __init__(self, cfg: HARTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.cfg, self.dtype = cfg, dtype
         c = cfg.embed_dim
         init_std = math.sqrt(1 / c / 3)
-        self.word_embed = _linear(cfg.cvae, c, rngs)
-        self.context_embed = _linear(cfg.context_dim, c, rngs, std=init_std)
+        lin = functools.partial(_linear, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.word_embed = lin(cfg.cvae, c)
+        self.context_embed = lin(cfg.context_dim, c, std=init_std)
         self.context_norm = (RMSNorm(cfg.context_dim, cfg.norm_eps, cfg.context_norm_scale)
                              if cfg.use_context_norm else None)
         self.lvl_embed = nnx.Embed(len(cfg.patch_nums), c, embedding_init=nnx.initializers.truncated_normal(init_std),
                                    rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
-        self.head_nm = HeadNorm(cfg, rngs)
-        self.head = _linear(c, cfg.vocab_size, rngs, std=0.02 * 0.02)
+        self.blocks = nnx.List([Block(cfg, rngs, dtype, param_dtype) for _ in range(cfg.depth)])
+        self.head_nm = HeadNorm(cfg, rngs, dtype, param_dtype)
+        self.head = lin(c, cfg.vocab_size, std=0.02 * 0.02)
         self.decoder_norm = RMSNorm(c, cfg.norm_eps)
-        self.diffloss = diff.SimpleMLPAdaLN(cfg.cvae, c, cfg.diff_width, cfg.diff_depth, rngs=rngs)
+        self.diffloss = diff.SimpleMLPAdaLN(cfg.cvae, c, cfg.diff_width, cfg.diff_depth, rngs=rngs, dtype=dtype,
+                                            param_dtype=param_dtype)
 
     # -- pieces shared by training and generation
     def embed_context(self, context):
         """context [B, T, context_dim] -> (token embeddings [B, T, C], pooled adaLN condition [B, C])."""
         if self.context_norm is not None:
             context = self.context_norm(context)
-        e = self.context_embed(context)
+        e = self.context_embed(context).astype(jnp.float32)
         return e, jnp.max(e, axis=1)
 
-    def run_blocks(self, x, cond, cos, sin, mask=None, past=None):
+    def embed_tokens(self, vectors, level: int):
+        """word_embed(vectors [B, n, Cvae]) + the level embedding of scale `level`, float32 [B, n, C]."""
+        return self.word_embed(vectors).astype(jnp.float32) + self.lvl_embed(jnp.full((1,), level))[None]
+
+    def run_blocks(self, x, cond, cos, sin, positions=None, past=None, start=None, implementation=None):
+        """All blocks (arguments as `Block.__call__`; past: one (k, v) per layer). Returns (h, [(k, v)] per layer)."""
         kvs = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, cond, cos, sin, mask, None if past is None else past[i])
+            x, kv = blk(x, cond, cos, sin, positions, None if past is None else past[i], start, implementation)
             kvs.append(kv)
         return x, kvs
+
+    def init_cache(self, batch: int):
+        """Preallocated KV cache: per layer (k, v) zeros [batch, seq_len, H, D] in the compute dtype."""
+        shape = (batch, self.cfg.seq_len, self.cfg.num_heads, self.cfg.head_dim)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.blocks]
 
     def logits(self, h, cond):
         return self.head(self.head_nm(h, cond)).astype(jnp.float32)
 
     def diffusion_condition(self, h_last, code_vectors):
-        """decoder_norm(hidden + word_embed(code vectors of the sampled last-scale tokens))."""
-        return self.decoder_norm(h_last + self.word_embed(code_vectors))
+        """decoder_norm(hidden + word_embed(code vectors of the sampled last-scale tokens)), float32."""
+        return self.decoder_norm(h_last + self.word_embed(code_vectors).astype(jnp.float32))
 
     # -- training
-    def forward_train(self, context, ctx_pos, teacher, keep=None):
+    def forward_train(self, context, ctx_pos, teacher, keep=None, implementation=None):
         """Teacher-forced forward.
 
         context [B, T, Dctx], ctx_pos [B, T] text positions, teacher [B, L-1, Cvae] inputs of scales 1..S-1,
         keep [B, pn_last^2] bool (MAR subsampling of the last scale; None keeps all).
         Returns (logits [B, L, V] predicting every scale's tokens, last-scale hidden [B, pn_last^2, C])."""
         cfg = self.cfg
-        x, cond, cos, sin, mask = self.training_inputs(context, ctx_pos, teacher, keep)
-        h, _ = self.run_blocks(x, cond, cos, sin, mask)
+        x, cond, cos, sin, positions = self.training_inputs(context, ctx_pos, teacher, keep)
+        h, _ = self.run_blocks(x, cond, cos, sin, positions, implementation=implementation)
         return self.logits(h[:, cfg.context_token - 1:], cond), h[:, -cfg.patch_nums[-1] ** 2:]
 
     def training_inputs(self, context, ctx_pos, teacher, keep=None):
-        """What the blocks see in `forward_train`: (x [B, T+L-1, C], pooled condition [B, C], cos/sin
-        [B, T+L-1, head_dim], mask [B or 1, T+L-1, T+L-1] bool, True = attend)."""
+        """What the blocks see in `forward_train`: (x [B, T+L-1, C] float32, pooled condition [B, C], cos/sin
+        [B, T+L-1, head_dim], positions (q, kv) [B, T+L-1] int32: each token's level (0 for text), the keys of
+        dropped last-scale tokens at -1, so attention is block-causal over levels)."""
         cfg = self.cfg
-        t_ctx = cfg.context_token
         e_ctx, cond = self.embed_context(context)
-        x = jnp.concatenate([e_ctx, self.word_embed(teacher)], 1)
-        levels = np.concatenate([np.zeros(t_ctx, np.int32)] + [np.full(p * p, i + 1) for i, p in
-                                                              enumerate(cfg.patch_nums[1:])])
+        levels = level_ids(cfg)
+        x = jnp.concatenate([e_ctx, self.word_embed(teacher).astype(jnp.float32)], 1)
         x = x + self.lvl_embed(jnp.asarray(levels))[None]
         cos_t, sin_t = rope_1d(ctx_pos, cfg.head_dim, cfg.rope_theta)
         cos_i, sin_i = image_rope(cfg, range(1, len(cfg.patch_nums)), ctx_pos[:, -1])
         cos, sin = jnp.concatenate([cos_t, cos_i], 1), jnp.concatenate([sin_t, sin_i], 1)
-        mask = jnp.asarray(levels[:, None] >= levels[None, :])[None]
+        q_pos = jnp.broadcast_to(jnp.asarray(levels), x.shape[:2])
+        kv_pos = q_pos
         if keep is not None:
             n_last = cfg.patch_nums[-1] ** 2
             key_keep = jnp.concatenate([jnp.ones((keep.shape[0], x.shape[1] - n_last), bool), keep], 1)
-            mask = mask & key_keep[:, None, :]
-        return x, cond, cos, sin, mask
+            kv_pos = jnp.where(key_keep, q_pos, -1)
+        return x, cond, cos, sin, (q_pos, kv_pos)
+
+
+def level_ids(cfg: HARTConfig) -> np.ndarray:
+    """[seq_len] int32 level of each training-sequence token: 0 for the text tokens, si for scale si >= 1."""
+    return np.concatenate([np.zeros(cfg.context_token, np.int32)] +
+                          [np.full(p * p, i + 1, np.int32) for i, p in enumerate(cfg.patch_nums[1:])])
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -366,13 +417,15 @@ def _code_vectors(logits, idx, codebook, ratio: float, more_smooth: bool, key):
 
 
 def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts: SampleOptions,
-                  use_cache: bool = True, return_tokens: bool = False, mar_order=None):
+                  cache: str = "prealloc", return_tokens: bool = False, mar_order=None, implementation=None):
     """Sample the final latent f_hat [B, h, w, Cvae] for a batch of encoded prompts.
 
     context [B, T, Dctx], ctx_pos [B, T]. CFG always runs on a doubled batch (uncond: zero context, zero
-    positions), like `autoregressive_infer_cfg`. `use_cache=False` recomputes the whole prefix at every scale with
-    the block-causal mask (the reference check for the KV cache). `return_tokens` also returns the sampled indices
-    and the guided logits of every scale (the last scale in raster order).
+    positions), like `autoregressive_infer_cfg`. `cache`: "prealloc" (one [2B, seq_len, H, D] buffer per layer
+    written in place), "concat" (grown by concatenation) or "none" (recompute the whole prefix at every scale with
+    block-causal positions: the check for the KV cache); all three give the same numbers. `implementation`: the
+    `jaxeff.nn.attention` implementation (None: per backend). `return_tokens` also returns the sampled indices and
+    the guided logits of every scale (the last scale in raster order). Raises ValueError for an unknown `cache`.
 
     The last scale runs `opts.num_maskgit_iters` MAR iterations (`maskgit_schedule`): each predicts its tokens
     from the last scale's input at those positions, attending to the earlier scales and, through the KV cache, the
@@ -380,6 +433,8 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
     iterations existed: block-causal over iterations, as in the reference). `mar_order` [B, pn_last^2] int: the
     order in which positions are unmasked (the last ones first); default a random permutation per sample (the
     reference draws it with numpy)."""
+    if cache not in CACHE_LAYOUTS:
+        raise ValueError(f"unknown cache layout {cache!r}; choose from {CACHE_LAYOUTS}")
     cfg = model.cfg
     pns = cfg.patch_nums
     n_s = len(pns)
@@ -392,17 +447,21 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
     offset = pos2[:, -1]
     x = e_ctx + model.lvl_embed(jnp.zeros((cfg.context_token,), jnp.int32))[None]
     f_hat = jnp.zeros((b, pns[-1], pns[-1], cfg.cvae), jnp.float32)
-    past, prefix = None, []  # KV cache, or every (x, cos, sin) run so far when recomputing
+    # the KV cache (and the next free slot), or every (x, cos, sin) run so far when recomputing
+    past, filled, prefix = (model.init_cache(2 * b) if cache == "prealloc" else None), 0, []
 
     def run(x, cos, sin):
-        nonlocal past
-        if use_cache:
-            h, past = model.run_blocks(x, cond, cos, sin, None, past)
+        nonlocal past, filled
+        if cache != "none":
+            start = filled if cache == "prealloc" else None
+            h, past = model.run_blocks(x, cond, cos, sin, None, past, start, implementation)
+            filled += x.shape[1]
             return h
         prefix.append((x, cos, sin))
-        levels = np.concatenate([np.full(p[0].shape[1], i) for i, p in enumerate(prefix)])
+        levels = np.concatenate([np.full(p[0].shape[1], i, np.int32) for i, p in enumerate(prefix)])
         xs, coss, sins = (jnp.concatenate(a, 1) for a in zip(*prefix))
-        h, _ = model.run_blocks(xs, cond, coss, sins, jnp.asarray(levels[:, None] >= levels[None, :])[None])
+        lv = jnp.broadcast_to(jnp.asarray(levels), xs.shape[:2])
+        h, _ = model.run_blocks(xs, cond, coss, sins, (lv, lv), implementation=implementation)
         return h[:, -x.shape[1]:]
 
     def pick(h, si, key):
@@ -423,7 +482,7 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
         lg, idx, vec, _ = pick(h[:, -1:] if si == 0 else h, si, k)
         tokens.append(idx), all_logits.append(lg)
         f_hat, nxt = quantizer.next_autoregressive_input(si, f_hat, vec.reshape(b, pn, pn, -1))
-        nxt = model.word_embed(nxt.reshape(b, -1, cfg.cvae)) + model.lvl_embed(jnp.full((1,), si + 1))[None]
+        nxt = model.embed_tokens(nxt.reshape(b, -1, cfg.cvae), si + 1)
         x = jnp.concatenate([nxt, nxt], 0)
 
     # last scale: MAR iterations over subsets of its positions
@@ -466,11 +525,12 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
     return (f_hat, tokens, all_logits) if return_tokens else f_hat
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "use_cache"))
-def generate_fhat_jit(graphdef, state, context, ctx_pos, key, opts: SampleOptions, use_cache: bool = True):
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "cache", "implementation"))
+def generate_fhat_jit(graphdef, state, context, ctx_pos, key, opts: SampleOptions, cache: str = "prealloc",
+                      implementation=None):
     """One compiled program for the whole multi-scale generation. graphdef/state = nnx.split((model, quantizer))."""
     model, quantizer = nnx.merge(graphdef, state)
-    return generate_fhat(model, quantizer, context, ctx_pos, key, opts, use_cache)
+    return generate_fhat(model, quantizer, context, ctx_pos, key, opts, cache, implementation=implementation)
 
 
 def sample_keep_mask(key, batch: int, n_last: int, min_keep: int = 32):
