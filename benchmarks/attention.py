@@ -1,13 +1,18 @@
 """make bench name=attention: the DuoAttention / LServe kernels against dense attention, side by side in one run.
 
-1. Prefill (CPU, XLA block-sparse path): hybrid_attention with half the KV heads streaming (sink 64, local 256)
-   vs the same path with every head dense (causal): measured time ratio next to the active-block ratio.
-2. Decode (CPU, XLA path): KV bytes read per step and time, page-selected (budget 1024 tokens, page 64 /
-   logical page 16) with and without 50% streaming heads, vs dense decode over every page.
+1. Prefill (CPU, XLA block-sparse path): hybrid_attention with half the KV heads streaming, DuoAttention's / LServe's
+   decode window (sink 128, local 256) and LServe's prefill window (sink 128, local 8192), vs the same path with
+   every head dense (causal): measured time ratio next to the active-block ratio.
+2. Decode (CPU, XLA path): KV bytes read per step and time vs dense decode over every page, with LServe's rules:
+   pages of 64 / logical pages of 16, min(max(3, budget // 64), pages) pages per list (budget 1024 tokens),
+   selected per query head (official: the query heads of a GQA group may pick different pages), per KV head (the
+   shared-list deviation), and per query head with 50% streaming heads (sink 128, local 256). "KV MiB/step" counts
+   the distinct pages of each KV head (the union over its query heads); "kernel page reads" counts every list
+   entry the kernel loads (per query head with per-query-head lists).
 3. GPU (only when a GPU is present), bfloat16: cuDNN dense causal attention vs the Pallas kernel with all heads
-   dense and with 50% streaming heads, vs the default GPU path (dense heads through cuDNN, streaming heads through
-   Pallas), forward and forward+backward; the Pallas kernel's Triton launch parameters; and part 2's decode
-   comparison with the Pallas decode kernel at GPU sizes.
+   dense and with 50% streaming heads (sink 128, local 256), vs the default GPU path (dense heads through cuDNN,
+   streaming heads through Pallas), forward and forward+backward; the Pallas kernel's Triton launch parameters; and
+   part 2's decode comparison with the Pallas decode kernel at GPU sizes.
 
 Overrides (ints, or comma-separated ints for lists), e.g. `python -m benchmarks.attention lengths=4096,16384
 history=32768 repeats=2`. Options: lengths, heads, kv_heads, head_dim, history, decode_heads, decode_kv_heads,
@@ -17,6 +22,7 @@ budget, repeats, gpu_lengths, gpu_history, parts (comma-separated subset of pref
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +32,8 @@ from tqdm import tqdm
 import pallas_kernels as pk
 from benchmarks import best_time
 
-SINK, LOCAL, BLOCK = 64, 256, 128
+SINK, LOCAL, BLOCK = 128, 256, 128  # DuoAttention's deployed window, LServe's decode window
+PREFILL_LOCAL = 8192  # LServe's prefill window (ctx_local_token)
 PAGE, LOGICAL_PAGE = 64, 16
 DEFAULTS = {"lengths": [4096, 16384, 32768], "heads": 2, "kv_heads": 2, "head_dim": 64, "repeats": 2,
             "history": [32768, 131072], "decode_heads": 4, "decode_kv_heads": 2, "budget": 1024,
@@ -61,16 +68,19 @@ def prefill_rows(opts):
         k = jax.random.normal(kk, (1, n, hkv, d))
         v = jax.random.normal(kv, (1, n, hkv, d))
         times, blocks = {}, {}
-        for name, stream in (("dense", np.zeros(hkv, bool)), ("hybrid", half_streaming(hkv))):
-            fn = jax.jit(lambda q, k, v, s=stream: pk.hybrid_attention(
-                q, k, v, streaming_heads=s, sink=SINK, local=LOCAL, implementation="xla", block_q=BLOCK,
-                block_k=BLOCK))
+        variants = (("dense", np.zeros(hkv, bool), LOCAL), ("hybrid", half_streaming(hkv), LOCAL),
+                    ("hybrid 8192", half_streaming(hkv), PREFILL_LOCAL))
+        for name, stream, local in variants:
+            fn = jax.jit(lambda q, k, v, s=stream, w=local: pk.hybrid_attention(
+                q, k, v, streaming_heads=s, sink=SINK, local=w, implementation="xla", block_q=BLOCK, block_k=BLOCK))
             times[name] = best_time(fn, q, k, v, repeats=opts["repeats"])
-            blocks[name] = pk.hybrid_attention_block_count(n, n, stream, sink=SINK, local=LOCAL, block_q=BLOCK,
+            blocks[name] = pk.hybrid_attention_block_count(n, n, stream, sink=SINK, local=local, block_q=BLOCK,
                                                            block_k=BLOCK)
-        row = {"tokens": n, "dense s": times["dense"], "hybrid s": times["hybrid"],
-               "time ratio": times["dense"] / times["hybrid"], "block ratio": blocks["dense"] / blocks["hybrid"]}
-        row["time/block"] = row["time ratio"] / row["block ratio"]
+        row = {"tokens": n, "dense s": times["dense"]}
+        for name in ("hybrid", "hybrid 8192"):
+            row[f"{name} s"] = times[name]
+            row[f"{name} time ratio"] = times["dense"] / times[name]
+            row[f"{name} block ratio"] = blocks["dense"] / blocks[name]
         if n <= 8192:  # jax's own dense attention materialises [H, n, n] scores: only at short lengths
             row["jax.nn dense s"] = best_time(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=True)), q, k, v, repeats=opts["repeats"])
@@ -92,17 +102,19 @@ def decode_rows(opts, *, heads, kv_heads, head_dim, history, implementation="xla
         itemsize = cache.k_pages.dtype.itemsize
         page_bytes = 2 * PAGE * d * itemsize  # K and V of one page of one head
 
-        def select(q, cache):
+        def select(q, cache, per_query_head):
             scores = pk.page_scores(q, cache.kmin, cache.kmax, cache.page_table, cache.lengths,
-                                    logical_page_size=LOGICAL_PAGE)
+                                    logical_page_size=LOGICAL_PAGE, per_query_head=per_query_head)
             return pk.select_pages(scores, cache.lengths, budget=budget, page_size=PAGE)
 
-        select = jax.jit(select)
-        selected = select(q, cache)
+        select_q = jax.jit(partial(select, per_query_head=True))
+        select_kv = jax.jit(partial(select, per_query_head=False))
+        selected, shared = select_q(q, cache), select_kv(q, cache)
         stats_bytes = 2 * hkv * max_pages * (PAGE // LOGICAL_PAGE) * d * itemsize  # kmin + kmax, all heads
-        configs = (("dense (all pages)", np.zeros(hkv, bool), None),
-                   (f"selected {budget} tok", np.zeros(hkv, bool), selected),
-                   ("selected + 50% streaming", half_streaming(hkv), selected))
+        configs = (("dense (all pages)", np.zeros(hkv, bool), None, None),
+                   (f"selected {budget} tok per q head", np.zeros(hkv, bool), selected, select_q),
+                   (f"selected {budget} tok per KV head", np.zeros(hkv, bool), shared, select_kv),
+                   ("per q head + 50% streaming", half_streaming(hkv), selected, select_q))
         # Reference point without paging: jax's dense attention over contiguous K/V of the same history.
         k_flat = jax.random.normal(kk, (1, n, hkv, d), dtype)
         v_flat = jax.random.normal(kv, (1, n, hkv, d), dtype)
@@ -111,22 +123,24 @@ def decode_rows(opts, *, heads, kv_heads, head_dim, history, implementation="xla
         rows.append({"history": n, "config": "jax.nn dense, contiguous", "KV MiB/step": 2 * k_flat.nbytes / 2**20,
                      "decode s": t_flat, "vs contiguous": 1.0})
         dense_time = None
-        for name, stream, sel in configs:
+        for name, stream, sel, chooser in configs:
             fn = jax.jit(lambda q, c, s, st=stream: pk.sparse_paged_decode(
                 q, c.k_pages, c.v_pages, c.page_table, c.lengths, s, streaming_heads=st, sink=SINK, local=LOCAL,
                 implementation=implementation))
             t = best_time(fn, q, cache, sel, repeats=opts["repeats"] * 3)
-            lists = pk.decode_page_lists(cache.page_table, cache.lengths, sel, stream, sink=SINK, local=LOCAL,
-                                         page_size=PAGE)
-            kv_bytes = int((np.asarray(lists) >= 0).sum()) * page_bytes
+            lists = np.asarray(pk.decode_page_lists(cache.page_table, cache.lengths, sel, stream, sink=SINK,
+                                                    local=LOCAL, page_size=PAGE))
+            per_kv = lists.reshape(1, hkv, -1)  # a KV head's rows together: count its distinct pages
+            distinct = sum(len(np.unique(row[row >= 0])) for row in per_kv[0])
             dense_time = t if dense_time is None else dense_time
-            row = {"history": n, "config": name, "KV MiB/step": kv_bytes / 2**20, "decode s": t,
-                   "vs contiguous": t_flat / t, "vs paged dense": dense_time / t}
+            row = {"history": n, "config": name, "KV MiB/step": distinct * page_bytes / 2**20,
+                   "kernel page reads": int((lists >= 0).sum()), "decode s": t, "vs contiguous": t_flat / t,
+                   "vs paged dense": dense_time / t}
             if sel is not None:
                 n_sel_heads = int((~stream).sum())
                 row["stats MiB/select"] = stats_bytes * n_sel_heads / hkv / 2**20
-                row["select s"] = best_time(select, q, cache, repeats=opts["repeats"] * 3)
-                # LServe reuses a selection for 4 steps.
+                row["select s"] = best_time(chooser, q, cache, repeats=opts["repeats"] * 3)
+                # LServe reselects every 4 tokens (history length % 4 == 0).
                 row["vs contiguous (select/4)"] = t_flat / (t + row["select s"] / 4)
             rows.append(row)
     return rows
@@ -204,7 +218,8 @@ def main(argv):
     parts = opts["parts"].split(",")
     if "prefill" in parts:
         table(f"Prefill, XLA block-sparse path: {opts['heads']} q heads / {opts['kv_heads']} KV heads, D "
-              f"{opts['head_dim']}, 50% streaming (sink {SINK}, local {LOCAL}) vs all dense; blocks {BLOCK}x{BLOCK}",
+              f"{opts['head_dim']}, 50% streaming (sink {SINK}, local {LOCAL} or {PREFILL_LOCAL}) vs all dense; "
+              f"blocks {BLOCK}x{BLOCK}",
               prefill_rows(opts))
     if "decode" in parts:
         table(f"Decode, XLA path, batch 1, {opts['decode_heads']} q / {opts['decode_kv_heads']} KV heads, "
@@ -217,7 +232,7 @@ def main(argv):
         print("\nGPU parts skipped: no GPU on this machine.")
         return
     if "gpu" in parts:
-        table("GPU prefill, bfloat16, 32 q / 8 KV heads, D 128, 50% streaming heads (sink 64, local 256); "
+        table(f"GPU prefill, bfloat16, 32 q / 8 KV heads, D 128, 50% streaming heads (sink {SINK}, local {LOCAL}); "
               "x = speed-up over cuDNN dense causal", gpu_rows(opts))
         table("Pallas kernel launch parameters (all heads dense, forward)", gpu_tuning_rows(opts))
     if "gpu_decode" in parts:

@@ -3,14 +3,23 @@
 Static sparsity comes from a DuoAttention pattern (`pattern=` directory or `hf:`/`github:` name as
 `jaxeff.duo_attention.load_pattern` takes, else the newest `duo_attention_passkey`
 run's pattern, else heads identified here with `jaxeff.duo_attention.train_gates`); dynamic sparsity is the page
-selection under a token budget. For every context: dense decoding (every head reads every page), streaming heads
-only, and streaming heads + page selection per budget. Reported: exact match of the greedy key, KV bytes read
-per decode step relative to dense (pages + min/max statistics), and prefill / decode wall-time ratios against
-the dense engine measured in the same process after a warm-up call (CPU ratios; absolute times are not
-meaningful on a shared CPU).
+selection under a token budget. The engine follows the official LServe rules (jaxeff/lserve/README.md): page
+lists per query head, reselection when the history length is a multiple of `reselect_every` and at the first
+decode step, min(max(3, budget // page), pages) pages per list; prefill with the streaming heads on their prefill
+window (`sparse_prefill`, on as in every LServe script) and decode with the decode window. For every context:
+dense decoding (every head reads every page), streaming heads only, streaming heads + page selection per budget,
+and the largest budget with one page list per KV head (the shared-list ablation). Reported: exact match of the
+greedy key, KV bytes read per decode step relative to dense (distinct pages per KV head + min/max statistics), and
+prefill / decode wall-time ratios against the dense engine measured in the same process after a warm-up call (CPU
+ratios; absolute times are not meaningful on a shared CPU). Files are written by process 0 only (the runner's
+`Run` methods; the identified pattern under `run.is_main`).
+
+Windows: smoke/default scale the official ones down with the contexts (decode sink 16 + local 64, prefill sink 16
++ local 256: a quarter of a 1K context, as 8192 is of 32K); `full` uses the official sink 128 + local 256 in decode
+and 128 + 8192 in prefill, pages of 64 / 16 and the 4096-token budget.
 
 `full` preset: `model=/path/to/Llama-3-8B-Instruct-Gradient-1048k pattern=/path/to/duo_attn_pattern` at 32K-128K
-tokens with the official page sizes and budget (GPU/TPU).
+tokens (GPU/TPU).
 """
 
 from __future__ import annotations
@@ -42,11 +51,14 @@ class Config:
     pattern: str = ""  # dir or hf:/github: name; default: newest runs/duo_attention_passkey/*/pattern, else identified
     sparsity: float = 0.5
     identify_steps: int = 100
-    sink: int = 16
+    sink: int = 16  # decode window of the streaming heads
     local: int = 64
+    prefill_sink: int = 16  # prefill window of the streaming heads
+    prefill_local: int = 256
+    sparse_prefill: bool = True  # every LServe script passes --sparse-context-mode
     page_size: int = 16
     logical_page_size: int = 4
-    budgets: tuple[int, ...] = (32, 64, 128)
+    budgets: tuple[int, ...] = (48, 64, 128)  # tokens; at least 3 pages
     reselect_every: int = 4
     contexts: tuple[int, ...] = (256, 512, 1024)
     prefill_chunk: int = 256
@@ -58,8 +70,9 @@ class Config:
 
     def validate(self):
         check_model_and_pattern(self.model, self.pattern, self.require_model)
-        for b in self.budgets:  # raises on a budget below one page
-            LServeConfig(page_size=self.page_size, logical_page_size=self.logical_page_size, token_budget=b)
+        for b in self.budgets:  # raises on a budget below 3 pages or not a multiple of the page
+            LServeConfig(page_size=self.page_size, logical_page_size=self.logical_page_size, token_budget=b,
+                         reselect_every=self.reselect_every)
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError("dtype must be float32 or bfloat16")
 
@@ -86,7 +99,8 @@ def find_pattern(cfg: Config, model, run: Run) -> tuple[np.ndarray, str]:
     alpha = da.train_gates(model, batches(), da.GateTrainConfig(sink=cfg.sink, recent=cfg.local,
                                                                 steps=cfg.identify_steps),
                            progress=lambda r: run.progress(r, desc="identify heads"))
-    da.save_pattern(run.dir / "pattern", alpha, cfg.sink, cfg.local, num_steps=cfg.identify_steps)
+    if run.is_main:
+        da.save_pattern(run.dir / "pattern", alpha, cfg.sink, cfg.local, num_steps=cfg.identify_steps)
     return alpha, f"heads identified here ({cfg.identify_steps} steps), pattern `{run.dir / 'pattern'}`"
 
 
@@ -105,11 +119,11 @@ def evaluate(engine: Engine, prompts, keys, batch: int, tokenizer, new_tokens: i
 
 
 @register("lserve_needle", Config, presets={
-    "smoke": dict(contexts=(256, 512), budgets=(32, 64), eval_examples=10, eval_batch=10, identify_steps=40,
+    "smoke": dict(contexts=(256, 512), budgets=(48, 64), eval_examples=10, eval_batch=10, identify_steps=40,
                   timing_tokens=16),
-    "full": dict(require_model=True, sink=128, local=256, page_size=64, logical_page_size=16, budgets=(4096,),
-                 contexts=(32768, 65536, 131072), prefill_chunk=32000, eval_examples=10, eval_batch=1,
-                 dtype="bfloat16"),
+    "full": dict(require_model=True, sink=128, local=256, prefill_sink=128, prefill_local=8192, page_size=64,
+                 logical_page_size=16, budgets=(4096,), contexts=(32768, 65536, 131072), prefill_chunk=32000,
+                 eval_examples=10, eval_batch=1, dtype="bfloat16"),
 })
 def run(cfg: Config, run: Run) -> None:
     """Needle accuracy, bytes read and time ratios of LServe vs dense decoding."""
@@ -128,11 +142,14 @@ def run(cfg: Config, run: Run) -> None:
         max_len = max(map(len, prompts)) + max(new_tokens, cfg.timing_tokens)
         base = LServeConfig(max_len=max_len, page_size=cfg.page_size, logical_page_size=cfg.logical_page_size,
                             token_budget=max(cfg.budgets), reselect_every=cfg.reselect_every, sink=cfg.sink,
-                            local=cfg.local, prefill_chunk=cfg.prefill_chunk)
+                            local=cfg.local, prefill_sink=cfg.prefill_sink, prefill_local=cfg.prefill_local,
+                            sparse_prefill=cfg.sparse_prefill, prefill_chunk=cfg.prefill_chunk)
         variants = [("dense", None, dataclasses.replace(base, dynamic_sparsity=False), None),
                     ("streaming heads only", None, dataclasses.replace(base, dynamic_sparsity=False), streaming)]
         variants += [("streaming + page selection", b, dataclasses.replace(base, token_budget=b), streaming)
                      for b in cfg.budgets]
+        variants.append(("streaming + page selection, one list per KV head", max(cfg.budgets),
+                         dataclasses.replace(base, per_query_head=False), streaming))
         dense = None
         for name, budget, lcfg, heads in run.progress(variants, desc=f"context {context}"):
             res = evaluate(Engine(model, lcfg, heads), prompts, keys, cfg.eval_batch, tokenizer, new_tokens,
@@ -145,9 +162,12 @@ def run(cfg: Config, run: Run) -> None:
             run.log(len(rows), **{k.replace(" ", "_").replace("/", "per"): v for k, v in rows[-1].items()})
     run.results(rows, title="LServe needle retrieval vs token budget and context",
                 note=f"{model_note}; {source}; sparsity {cfg.sparsity} "
-                     f"({int(streaming.sum())}/{streaming.size} KV heads streaming), sink {cfg.sink}, local "
-                     f"{cfg.local}, pages {cfg.page_size}/{cfg.logical_page_size} tokens, selection reused "
-                     f"{cfg.reselect_every} steps, prefill chunk {cfg.prefill_chunk}; {cfg.eval_examples} examples, "
-                     f"greedy key. KV bytes read per decode step include the min/max statistics. Times: one batch "
+                     f"({int(streaming.sum())}/{streaming.size} KV heads streaming), decode window sink {cfg.sink} + "
+                     f"local {cfg.local}, prefill window {cfg.prefill_sink} + {cfg.prefill_local} "
+                     f"({'sparse' if cfg.sparse_prefill else 'dense'} prefill), pages {cfg.page_size}/"
+                     f"{cfg.logical_page_size} tokens, page lists per query head (unless said), reselected when "
+                     f"the history length % {cfg.reselect_every} == 0 and at the first decode step, prefill chunk "
+                     f"{cfg.prefill_chunk}; {cfg.eval_examples} examples, greedy key. KV bytes read per decode step: "
+                     f"distinct pages per KV head + the min/max statistics. Times: one batch "
                      f"generating {cfg.timing_tokens} tokens, wall clock after warm-up (best of 2) on "
                      f"{jax.devices()[0].device_kind}, as ratios to the dense engine.")
