@@ -7,6 +7,9 @@ variant when the directory name does not), or a Hub name, `ckpt=hf:mit-han-lab/d
 (downloaded once by `jaxeff.io.hub`). Siblings: dcae_f64c128, dcae_f128c512, dcae_f32c32_sana.
 Reference (efficientvit README, ImageNet-512 val, f64c128-in): PSNR 26.15, SSIM 0.711, LPIPS 0.080; our images are
 the few scikit-image / scikit-learn samples, so numbers are indicative only.
+
+Multi-process: every process reconstructs the same images on its own first device (nothing sharded), and process 0
+writes the run directory. Run on: 1 CPU device.
 """
 
 from __future__ import annotations

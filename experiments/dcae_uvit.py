@@ -5,6 +5,9 @@ Reports tokens, FLOPs from the lowered program's `cost_analysis()`, and measured
 their speed-up over f8, side by side in one run. The paper (arXiv 2410.10733) reports 19.1x faster inference and
 17.9x faster training for UViT-H (501M) with f64 vs SD-VAE-f8 on an H100. `smoke` uses a narrow UViT with the real
 token counts (CPU); `full` is UViT-H (width 1152, depth 28, 16 heads) for a GPU/TPU. Ran on CPU only so far.
+
+Multi-process: every process measures the same programs on its own first device (a per-device cost, nothing
+sharded), and process 0 writes the run directory. Run on: 1 CPU device.
 """
 
 from __future__ import annotations

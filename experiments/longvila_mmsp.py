@@ -12,7 +12,10 @@ Sections (every factorisation ring x ulysses of the device count):
    on the host's mesh; on CPU the section runs but its timings are not reported (simulated devices share cores).
 
 Devices: on a CPU-only host with fewer than 8 devices the body re-runs itself in a child process with
-`XLA_FLAGS=--xla_force_host_platform_device_count=8` (`jaxeff.longvila.devices`). Run on CPU only so far.
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` (`jaxeff.longvila.devices`). Run on CPU only so far: 8 CPU
+devices in one process (tests/multidevice/test_longvila_experiments.py); 2 processes x 4 CPU devices on one machine
+(by hand, tiny sizes, all four sections: exact on both factorisations, throughput's 2D point ring 2 across the
+processes x Ulysses 4 inside each). Every process builds the same inputs; process 0 writes.
 
     make exp name=longvila_mmsp preset=smoke
 

@@ -11,7 +11,9 @@ Needs ring*ulysses devices: on a CPU-only host with fewer, the body re-runs itse
 Multi-process: training is data parallel (`Run.data_mesh`: the devices of all processes that `batch` divides
 among); the trained weights are then replicated on the 2D (ring x ulysses) mesh over all processes' devices
 for the MM-SP evaluation (`ring * ulysses` = the global device count). Run on: 8 CPU devices in one process
-(tests/multidevice/test_longvila_experiments.py).
+(tests/multidevice/test_longvila_experiments.py); 2 processes x 4 CPU devices on one machine (by hand, tiny sizes:
+training over 4 of the 8 devices, MM-SP evaluation on the 2 x 4 mesh across both processes, its loss equal to the
+unsplit model's).
 
     make exp name=longvila_niah preset=smoke
 """

@@ -5,6 +5,9 @@ the paper's A100 figures (L-256 / 20 steps: 0.28 s, 139.11 img/s; bf16 there, fl
 `full` downloads `hf:mit-han-lab/lpd_l_256` and `hf:FoundationVision/LlamaGen/vq_ds16_c2i.pt` (a GPU/TPU run).
 `smoke` builds a tiny random model and tokenizer (no download) and only exercises the pipeline: its images are
 noise and its timings mean nothing.
+
+Multi-process: every process samples and times the same batches on its own first device (per-device latency and
+throughput, nothing sharded), and process 0 writes the run directory. Run on: 1 CPU device.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ position only) at the released NVILA-8B / NVILA-Lite-8B LLM size (Qwen2.5-7B: wi
 heads, MLP 18944, vocab 151648) with abstract weights (`nnx.eval_shape`, nothing allocated). Measured prefill
 times use a reduced LLM (`time_*` fields) with random weights and are reported as ratios.
 Paper / code figures: 4x (2x2) and 8.46x (3x3) fewer tokens per tile, 8x over frames, prefill 1.6-2.2x faster.
+
+Multi-process: every process measures the same programs on its own first device (a per-device cost, nothing
+sharded), and process 0 writes the run directory. Run on: 1 CPU device.
 """
 
 from __future__ import annotations

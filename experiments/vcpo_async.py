@@ -328,7 +328,9 @@ def run(cfg: Config, run: Run) -> None:
     j = int(np.argmin([abs(lag - cfg.variance_lag) for lag in cfg.lags]))
     params, behaviour = jax.tree.map(lambda x: x[j, 0], finals[m_ref])
     tr_var = sim.gradient_variance(scfg, params, behaviour, jax.random.PRNGKey(7), cfg.variance_batches)
-    run.results([{"baseline": name, "tr_var": v, "ratio_to_none": v / tr_var["none"]} for name, v in tr_var.items()],
+    none = tr_var["none"]  # 0 when every sampled reward is 0 (an untrained tiny run): no ratio then
+    run.results([{"baseline": name, "tr_var": v, "ratio_to_none": v / none if none else None}
+                 for name, v in tr_var.items()],
                 title=f"Monte-Carlo tr Var of the seq-TIS gradient at frozen parameters ({m_ref}, k={cfg.lags[j]}, "
                       f"seed 0, final step; {cfg.variance_batches} batches)",
                 note="OPOB lowest" if min(tr_var, key=tr_var.get).startswith("opob") else "OPOB NOT lowest here")

@@ -102,6 +102,7 @@ def test_only_process_0_writes(tmp_path, monkeypatch):
     run.log(1, loss=0.5)
     run.results([{"a": 1}])
     run.save_json("config.json", {"a": 1})
+    run.savez("a.npz", x=np.zeros(2))
     run.print("not printed")
     assert not (tmp_path / "run").exists()
     assert run.progress(range(3)).disable
