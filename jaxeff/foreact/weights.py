@@ -86,3 +86,27 @@ def state_dict(model: ForesightGenerator) -> dict[str, np.ndarray]:
     """The generator's tensors in the released layout (torch names and layouts), e.g. to write tiny checkpoints."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {torch_key(p): to_torch(np.asarray(v.get_value()), str(p[-1])) for p, v in flat}
+
+
+def load_vae(tensors: dict[str, np.ndarray], config: str = "dc-ae-f32c32-sana-1.0", *, dtype=jnp.float32):
+    """The DC-AE of a released checkpoint from its `vae.*` tensors (prefix removed, diffusers `AutoencoderDC` names;
+    SANA-1600M-512's VAE is dc-ae-f32c32-sana-1.0, scaling factor 0.41407), as a `jaxeff.dcae.DCAE`."""
+    from jaxeff.dcae import DCAE, get_config
+    from jaxeff.dcae.weights import load_torch_state
+
+    cfg = get_config(config) if isinstance(config, str) else config
+    model = nnx.eval_shape(lambda: DCAE(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    load_torch_state(model, tensors, dtype=dtype, source="vae.*")
+    return model
+
+
+def load_released(source: str | Path = RELEASED, *, config: SanaConfig | None = None, vae_config="dc-ae-f32c32-sana-1.0",
+                  dtype=jnp.float32):
+    """(generator, DC-AE or None, `mllm_backbone.*` tensors (prefix removed; for `TextEncoder.from_pretrained(...,
+    tensors=...)`)) of a released `VisualForesight` checkpoint; the VAE is None when the checkpoint has no `vae.*`."""
+    directory, tensors = read_tensors(source)
+    parts = split_released(tensors)
+    gen = generator_from_tensors(parts["generator"], config_for(directory, parts["generator"], config), dtype=dtype,
+                                 source=str(source))
+    vae = load_vae(parts["vae"], vae_config, dtype=dtype) if parts["vae"] else None
+    return gen, vae, parts["mllm_backbone"]
