@@ -163,7 +163,8 @@ def run(cfg: Config, run: Run) -> None:
     top = da.select_retrieval_heads(alpha, cfg.sparsity, seed=cfg.selection_seed)
     ties = da.selection_ties(alpha, top)
     tie_note = (f"{ties['tied']} heads tied at alpha {ties['boundary']:.4g} for {ties['kept']} retrieval slots, "
-                f"chosen by the seed-{cfg.selection_seed} noise" if ties["noise_decided"] else "no ties in the selection")
+                f"chosen by the seed-{cfg.selection_seed} noise" if ties["noise_decided"]
+                else "no ties in the selection")
     r = int(top.sum())
     # Random controls: distinct r-head subsets other than the top one.
     rng = np.random.default_rng(cfg.seed + 1)

@@ -2,7 +2,8 @@
 
 Every KV head is either dense (causal) or streaming (causal and Λ-shaped: `sink` first tokens plus a `local`
 window). Query i sits at position `q_offset + i` (chunked prefill). Masks are token-exact, or block-granular as
-DuoAttention's training kernel (`window_block`, `hybrid_mask`); work skips every block that the mask empties, so a streaming head costs O(Sq * (sink + local + block)) whatever the context.
+DuoAttention's training kernel (`window_block`, `hybrid_mask`); work skips every block that the mask empties,
+so a streaming head costs O(Sq * (sink + local + block)) whatever the context.
 
 Three implementations share `block_ranges` (the active KV blocks of each query block) and `hybrid_mask`:
 - `_xla_hybrid`: plain XLA. Dense heads attend per query chunk to the static causal key prefix; streaming heads

@@ -106,11 +106,11 @@ def test_longbench_prefill_is_dense_and_decode_window_is_sink_recent_plus_one(mo
         qd, kd, vd = (jnp.asarray(rng.normal(size=(1, 1, h, 8)), jnp.float32) for h in (2, 1, 1))
 
         @jax.jit
-        def prefill_then_decode(c):
+        def prefill_then_decode(c, qd, kd, vd):
             _, c = c.attend(0, q, k, v, jnp.arange(30)[None])
             return c.attend(0, qd, kd, vd, jnp.array([[30]]))[0]
 
-        out = prefill_then_decode(da.DualKVCache.init(mask, 1, 31, 8, sink=S, recent=R, window=window))
+        out = prefill_then_decode(da.DualKVCache.init(mask, 1, 31, 8, sink=S, recent=R, window=window), qd, kd, vd)
         k_all, v_all = jnp.concatenate([k, kd], 1), jnp.concatenate([v, vd], 1)
         ref = xla_attention(qd, k_all[:, keys], v_all[:, keys], jnp.ones((1, 1, len(keys)), bool), 8 ** -0.5)
         np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=window)

@@ -37,7 +37,6 @@ from flax import nnx, struct
 from jaxeff.models.llama import is_stop, num_generated, pad_prompts, stop_id_tuple
 from jaxeff.nn import attention, make_mask, xla_attention
 
-
 WINDOWS = ("official", "token")
 
 
