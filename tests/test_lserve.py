@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import pallas_kernels
 from jaxeff.lserve import Engine, LServeCache, LServeConfig, ring_page_table
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.models.llama import generate as dense_generate
@@ -82,6 +81,9 @@ def test_clear_errors(setup):
         Engine(model, small(max_len=40)).generate(prompts, NEW)
     with pytest.raises(ValueError, match="pattern belongs to another model"):
         Engine(model, small(), streaming_heads=np.zeros((32, 8), bool))
+    cache = LServeCache.init(np.zeros((2, 2), bool), 1, model.config.head_dim, small())  # group 1, model has 2
+    with pytest.raises(ValueError, match="pass group= to LServeCache.init"):
+        jax.eval_shape(lambda c: model(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), cache=c), cache)
 
 
 def test_official_defaults():

@@ -237,6 +237,10 @@ class LServeCache:
             qr = q[:, 0, qi]
             sel = None
             if cfg.dynamic_sparsity:
+                want = len(ret) * (group if cfg.per_query_head else 1)
+                if self.selected[layer].shape[1] != want:
+                    raise ValueError(f"LServeCache was built for {self.selected[layer].shape[1] // len(ret)} query "
+                                     f"heads per KV head but the model has {group}: pass group= to LServeCache.init")
                 sel, rows = self._select(layer, qr, pool, lengths)
                 selected = _set(selected, layer, sel)
                 n_logical = (lengths + cfg.logical_page_size - 1) // cfg.logical_page_size
