@@ -39,7 +39,6 @@ from flax import nnx
 
 import pallas_kernels
 from jaxeff import distributed
-from jaxeff.nn import attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +127,11 @@ def two_way_attention_fn(gates: jnp.ndarray, *, sink: int, recent: int, implemen
 
     def fn(layer, q, k, v, *, q_positions, kv_positions):
         b = q.shape[0] // 2
-        full = jax.lax.stop_gradient(
-            attention(q[:b], k[:b], v[:b], q_positions=q_positions[:b], kv_positions=kv_positions[:b]))
+        # The teacher through the same block-sparse kernel with every head dense (flash-style on GPU/TPU, cuDNN on
+        # a GPU in bf16): no [S, S] score matrix at calibration lengths. Training positions are contiguous.
+        full = jax.lax.stop_gradient(pallas_kernels.hybrid_attention(
+            q[:b], k[:b], v[:b], streaming_heads=np.zeros(k.shape[2], bool), sink=0, local=1,
+            implementation=implementation))
         stream = pallas_kernels.hybrid_attention(
             q[b:], k[b:], v[b:], streaming_heads=np.ones(k.shape[2], bool), sink=sink, local=recent,
             implementation=implementation, window_block=window_block)
