@@ -21,6 +21,7 @@ from jaxeff.sparserefine.refiner import (
     epoch_cosine_schedule,
     make_train_step,
     official_optimizer,
+    paste,
     refiner_loss,
 )
 from jaxeff.sparserefine.sparse import (
@@ -40,4 +41,5 @@ __all__ = ["DOWNSAMPLE_MODES", "ENSEMBLERS", "MEAN", "OFFICIAL_UNET", "STD", "TA
            "EntropyEnsembler", "GatedEnsembler", "Level", "Pyramid", "RefinerConfig", "SparseRefiner", "SparseUNet",
            "UNetConfig", "build_pyramid", "check_capacity", "coarse_mask", "entropy", "entropy_select",
            "epoch_cosine_schedule", "level_capacities", "level_from_mask", "load_prediction", "logits_from_prediction",
-           "make_train_step", "normalize_image", "official_optimizer", "refiner_loss", "unet_flops", "upsample_nearest"]
+           "make_train_step", "normalize_image", "official_optimizer", "paste", "refiner_loss", "unet_flops",
+           "upsample_nearest"]

@@ -135,9 +135,8 @@ class SparseRefiner(nnx.Module):
         ye = self.ensembler(yi, yo)
         out = {"logits/i/mask": yi, "logits/o/mask": yo, "logits/e/mask": ye, "coords": lv.coords,
                "valid": lv.valid, "mask": mask, "overflow": pyr.overflow, "counts": pyr.counts}
-        drop_b = jnp.where(lv.valid, b, mask.shape[0])  # padding rows scatter out of range and are dropped
         for name, val in (("o", yo), ("e", ye)):
-            out[f"logits/{name}/full"] = logits.at[drop_b, y, x].set(val.astype(logits.dtype), mode="drop")
+            out[f"logits/{name}/full"] = paste(logits, out, val)
         if not isinstance(out["overflow"], jax.core.Tracer):
             self.check(out)
         return out
@@ -145,6 +144,14 @@ class SparseRefiner(nnx.Module):
     def check(self, out) -> None:
         """Raises `CapacityError` if the call that produced `out` dropped sites (call outside jit)."""
         check_capacity(out["overflow"], out["counts"], self.cfg.capacities(tuple(out["mask"].shape)))
+
+
+def paste(logits, out, values):
+    """logits [B, H, W, C] with the selected pixels of `out` (a `SparseRefiner` output) replaced by values [cap, C]
+    (padding rows are dropped)."""
+    b, y, x = out["coords"].T
+    drop_b = jnp.where(out["valid"], b, logits.shape[0])  # out of range: dropped
+    return logits.at[drop_b, y, x].set(values.astype(logits.dtype), mode="drop")
 
 
 def refiner_loss(out, labels, ignore_index: int = IGNORE_INDEX):
