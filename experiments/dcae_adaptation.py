@@ -17,13 +17,15 @@ high resolution after each phase. Ran on CPU.
 
 Data parallel over `Run.mesh`: parameters, BatchNorm statistics, discriminator and optimiser states are replicated
 global arrays; each global batch is drawn alike on every process and each feeds its rows
-(`jaxeff.distributed.shard_global_batch`); `batch_low` and `batch_high` must be multiples of the device count.
+(`jaxeff.distributed.shard_global_batch`); devices that `batch_low` and `batch_high` do not both divide among
+sit out (`Run.data_mesh` of their gcd).
 Run on: 1 CPU device (its multi-device path is `dcae_residual`'s, which ran on 2 processes x 2 CPU devices).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import jax
@@ -197,8 +199,9 @@ def make_gan_step(graphdef, d_graphdef, g_tx, d_tx, cfg: Config, loss_fn, loss_a
 def run(cfg: Config, run: Run) -> None:
     """Three-phase decoupled high-resolution adaptation; PSNR/SSIM at low and high resolution after each phase."""
     loss_fn = _LOSSES[cfg.loss]
+    mesh = run.data_mesh(math.gcd(cfg.batch_low, cfg.batch_high))  # one mesh that both phases' batches split over
     if cfg.loss == "l1+lpips":
-        loss_args = (replicate(load_lpips_weights(cfg.lpips_weights, net="vgg"), run.mesh), cfg.lpips_weight)
+        loss_args = (replicate(load_lpips_weights(cfg.lpips_weights, net="vgg"), mesh), cfg.lpips_weight)
         loss_note = f"loss L1 + {cfg.lpips_weight} x LPIPS-VGG16 ({cfg.lpips_weights})"
     else:
         loss_args = ()
@@ -235,22 +238,22 @@ def run(cfg: Config, run: Run) -> None:
 
     for seed in range(cfg.seeds):
         _, params, stats = init_model(acfg, seed)
-        params, stats = replicate((params, stats), run.mesh)
+        params, stats = replicate((params, stats), mesh)
         for phase, res, batch, steps, tx, step in phases:
-            opt_state = replicate(tx.init(params), run.mesh)
+            opt_state = replicate(tx.init(params), mesh)
             sampler = CropSampler(images, res, seed=100 * phase + seed)
             for i in run.progress(range(steps), desc=f"seed {seed} phase {phase} @ {res}px"):
-                x = shard_global_batch(sampler.sample(batch), run.mesh)
+                x = shard_global_batch(sampler.sample(batch), mesh)
                 params, stats, opt_state, l = step(params, stats, opt_state, x)
                 if i % 50 == 0 or i == steps - 1:
                     run.log(i, phase=phase, seed=seed, loss=float(l))
             report(params, stats, f"phase {phase} ({res}px, {'all layers' if phase == 1 else 'latent-side layers'})",
                    phase, seed)
         d_params = nnx.state(PatchDiscriminator(cfg.disc_width, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))))
-        d_params, g_opt, d_opt = replicate((d_params, g_tx.init(params), d_tx.init(d_params)), run.mesh)
+        d_params, g_opt, d_opt = replicate((d_params, g_tx.init(params), d_tx.init(d_params)), mesh)
         sampler = CropSampler(images, cfg.low_res, seed=300 + seed)
         for i in run.progress(range(cfg.steps3), desc=f"seed {seed} phase 3 @ {cfg.low_res}px (GAN)"):
-            batch = shard_global_batch(sampler.sample(cfg.batch_low), run.mesh)
+            batch = shard_global_batch(sampler.sample(cfg.batch_low), mesh)
             params, stats, d_params, g_opt, d_opt, m = gan_step(params, stats, d_params, g_opt, d_opt, batch)
             if i % 50 == 0 or i == cfg.steps3 - 1:
                 run.log(i, phase=3, seed=seed, **{k: float(v) for k, v in m.items()})

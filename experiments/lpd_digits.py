@@ -14,8 +14,8 @@ Plots: NLL vs steps per order; sample grids per step count.
 Training is data parallel over `Run.mesh` (replicated parameters and optimiser state, each global batch of
 `batch` digits drawn alike on every process, each process feeding its rows; devices that `batch` does not divide
 among sit out, `Run.data_mesh`); evaluation, sampling and timing then run process-locally on a copy of the trained
-model, and process 0 writes. Run on: 1 CPU device; 4 CPU devices in one process
-(tests/multidevice/test_mesh_experiments.py, tiny sizes).
+model, and process 0 writes. Run on: 1 CPU device; 1 process x 4 CPU devices and 2 processes x 2 CPU devices on
+one machine (by hand, tiny sizes: the same training losses to 1e-7).
 """
 
 from __future__ import annotations

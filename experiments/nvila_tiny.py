@@ -25,9 +25,10 @@ and then compressing beats the low-resolution image at the same LLM cost.
 `make exp name=nvila_tiny` (smoke: a few minutes on a 2-core CPU) or `preset=full` (more data and steps).
 
 Data parallel over `Run.mesh`: replicated parameters and optimiser state; every process renders the same data set
-and draws the same global batch of `batch_size`, feeding its rows (`Run.data_mesh`); evaluation
-feeds numpy batches to the replicated model, and process 0 writes. Run on: 1 CPU device; 4 CPU devices in one
-process (tests/multidevice/test_mesh_experiments.py, tiny sizes).
+and draws the same global batch of `batch_size`, feeding its rows (`Run.data_mesh`); evaluation feeds numpy
+batches to the replicated model, and process 0 writes. Run on: 1 CPU device; 4 of 8 CPU devices in one process
+(tests/multidevice/test_mesh_experiments.py, tiny sizes: the one-device loss and accuracy); 2 processes x 2 CPU
+devices on one machine (by hand, tiny sizes).
 """
 
 from __future__ import annotations

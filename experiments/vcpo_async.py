@@ -10,7 +10,7 @@ overlapped with training). Run on CPU only.
 
 Multi-process: the grid is one process-local program, so every process computes all of it (same seeds, same
 numbers) and process 0 writes the run directory; nothing is sharded across processes. Run on: 1 CPU device;
-2 processes x 2 CPU devices on one machine (tests/test_multihost.py, tiny sizes).
+2 processes x 2 CPU devices on one machine (by hand, tiny sizes: one run directory, every file written once).
 """
 
 from __future__ import annotations
