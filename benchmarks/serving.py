@@ -25,7 +25,8 @@ Presets: `smoke` (default; tiny model, 1K-2K tokens, float32, CPU: timings are r
 32K-256K tokens, bfloat16: a GPU with >= 80 GB). Overrides: key=<int> for the preset's integer options (`context=N`
 runs one context instead of the preset's list), and `pattern=<dir>`. Written for a lent GPU; the `full` preset has
 not run yet (no GPU in the session that wrote it). At 256K tokens one context takes minutes per engine: on a lent
-GPU run one context per call, e.g. `python -m benchmarks.serving preset=full context=32768`.
+GPU run one context per call, e.g. `python -m benchmarks.serving preset=full context=32768`
+(`scripts/gpu_serving.sh` runs the device checks, then one step per context).
 """
 
 from __future__ import annotations
