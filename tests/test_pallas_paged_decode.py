@@ -153,8 +153,8 @@ def test_pallas_sparse_paged_decode_reference_is_token_exact(filled):
                                            streaming_heads=[True, False], sink=3, local=9)
     for b, n in enumerate(LENGTHS):
         window = [t for t in range(n) if t < 3 or n - 1 - t < 9]
-        page = lambda p: list(range(p * PAGE, min((p + 1) * PAGE, n)))
-        for qh, toks in ((0, window), (1, window), (2, page(1)), (3, page(0) + page(2))):
+        page = [list(range(p * PAGE, min((p + 1) * PAGE, n))) for p in range(3)]
+        for qh, toks in ((0, window), (1, window), (2, page[1]), (3, page[0] + page[2])):
             if not toks:
                 continue
             s = keys[b, toks, qh // 2] @ np.asarray(q[b, qh]) / 8.0
