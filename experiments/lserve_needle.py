@@ -97,7 +97,10 @@ def find_pattern(cfg: Config, model, run: Run) -> tuple[np.ndarray, str]:
             yield {"tokens": b["tokens"], "mask": mask}
 
     alpha = da.train_gates(model, batches(), da.GateTrainConfig(sink=cfg.sink, recent=cfg.local,
-                                                                steps=cfg.identify_steps),
+                                                                steps=cfg.identify_steps,
+                                                                # the official 128-token blocks scaled to the
+                                                                # 16-token sink, as duo_attention_passkey does
+                                                                mask_block=max(1, cfg.sink)),
                            progress=lambda r: run.progress(r, desc="identify heads"))
     if run.is_main:
         da.save_pattern(run.dir / "pattern", alpha, cfg.sink, cfg.local, num_steps=cfg.identify_steps)
