@@ -19,7 +19,8 @@ Data parallel over `Run.mesh`: parameters, BatchNorm statistics, discriminator a
 global arrays; each global batch is drawn alike on every process and each feeds its rows
 (`jaxeff.distributed.shard_global_batch`); devices that `batch_low` and `batch_high` do not both divide among
 sit out (`Run.data_mesh` of their gcd).
-Run on: 1 CPU device (its multi-device path is `dcae_residual`'s, which ran on 2 processes x 2 CPU devices).
+Run on: 1 CPU device; 2 processes x 2 CPU devices on one machine (by hand, tiny sizes, `loss=l1`, batch_high 2:
+data parallel over one device of each process).
 """
 
 from __future__ import annotations
