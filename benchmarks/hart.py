@@ -1,13 +1,24 @@
 """make bench name=hart: HART generation vs the matched DiT diffusion baseline, same device, one run.
 
-Both models get the same width / depth / heads and random weights; both use classifier-free guidance (doubled
-batch). HART: KV-cached multi-scale AR generation over the 256px scale list (10 scales, 16x16 latent) + the
-8-step residual diffusion head. DiT: the same-size transformer on an f8 latent (32x32x4, patch 2 -> 256 tokens)
-for `dit_steps` DDIM steps. Decoders (tokenizer / VAE) are excluded from both. Prints seconds per image
-(best of `repeats`, after a compile + warm-up call), the time ratio, and analytic MACs with their ratio.
+Random weights at the configured size; both models get the same width / depth / heads, the same dtype and the same
+attention front door (`jaxeff.nn.attention`), and classifier-free guidance (doubled batch). Measured, each after a
+compile + warm-up call, best of `repeats`:
+- HART "new" path (bfloat16 matmuls, float32 norms / softmax statistics / sampler, attention through the front door
+  with the backend's default implementation, preallocated KV cache): the AR transformer + residual diffusion
+  (`generate_fhat_jit`, text encoder and tokenizer decoder excluded) at batch 1 (seconds per image) and at
+  `throughput_batch` (images per second); and the whole user program at batch 1 (`generate_images`: Qwen2 text
+  encoder of the given size on random tokens + generation + tokenizer decoder, one compiled program).
+- HART "old" path (float32, attention as float32 einsums materialising all scores at once, KV cache grown by
+  concatenation), same two batch sizes (`old_path=0` skips it).
+- DiT: the same-size transformer on an f8 latent for `dit_steps` DDIM steps, same two batch sizes.
+Prints the table, the ratios (DiT / HART time, old / new), analytic MACs and their ratio. `memory=1` adds the peak
+memory of the whole 1024px program (text + generation + decoding, bfloat16) from XLA's `memory_analysis()` of the
+program compiled on this device for abstract inputs (nothing allocated) at two batch sizes, and the largest batch
+that fits 16 GB (TPU v5e-1) and 80 GB (one GPU) by linear extrapolation in the batch.
 
-Defaults are a reduced size for CPU; `preset=full` is 1024px at the released size (GPU/TPU).
-Overrides: key=value for width, depth, heads, context, batch, dit_steps, repeats, preset (reduced|full).
+Presets: `smoke` (default; tiny, for CPU: timings there are ratios only), `reduced` (a mid-size model, still CPU),
+`full` (1024px at the released size with a Qwen2-1.5B-sized text encoder: GPU / TPU). Overrides: key=<int> for
+the integer options of the preset (see PRESETS), e.g. `python -m benchmarks.hart preset=full repeats=10`.
 """
 
 from __future__ import annotations
@@ -21,43 +32,150 @@ from flax import nnx
 from benchmarks import best_time, parse_preset
 from jaxeff.hart.dit import DiT, DiTConfig, ddim_sample_jit
 from jaxeff.hart.macs import dit_macs, hart_macs
+from jaxeff.hart.pipeline import generate_images
+from jaxeff.hart.text import SYSTEM_PROMPT
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.transformer import HARTConfig, HARTTransformer, SampleOptions, generate_fhat_jit
+from jaxeff.models.llama import Llama, LlamaConfig
 
+_QWEN2_1_5B = {"text_layers": 28, "text_hidden": 1536, "text_heads": 12, "text_kv_heads": 2, "text_ffn": 8960,
+               "text_vocab": 151936}
+_SCALES_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 PRESETS = {
-    "reduced": {"width": 512, "depth": 8, "heads": 8, "context": 32, "batch": 1, "dit_steps": 20, "repeats": 2,
-                "scales": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "diff_width": 256, "diff_depth": 3},
-    "full": {"width": 1536, "depth": 16, "heads": 24, "context": 300, "batch": 1, "dit_steps": 20, "repeats": 5,
-             "scales": (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64), "diff_width": 1024, "diff_depth": 6},
+    "smoke": {"width": 64, "depth": 2, "heads": 4, "context": 16, "throughput_batch": 2, "dit_steps": 20,
+              "repeats": 2, "scales": (1, 2, 3, 4, 6, 8), "diff_width": 64, "diff_depth": 2, "old_path": 1,
+              "memory": 0, "text_layers": 2, "text_hidden": 64, "text_heads": 4, "text_kv_heads": 2,
+              "text_ffn": 128, "text_vocab": 512, "tok_ch": 16, "tok_levels": 5},
+    "reduced": {"width": 512, "depth": 8, "heads": 8, "context": 32, "throughput_batch": 4, "dit_steps": 20,
+                "repeats": 2, "scales": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "diff_width": 256, "diff_depth": 3,
+                "old_path": 1, "memory": 0, "text_layers": 4, "text_hidden": 512, "text_heads": 8,
+                "text_kv_heads": 2, "text_ffn": 1024, "text_vocab": 4096, "tok_ch": 32, "tok_levels": 5},
+    "full": {"width": 1536, "depth": 16, "heads": 24, "context": 300, "throughput_batch": 8, "dit_steps": 20,
+             "repeats": 5, "scales": _SCALES_1024, "diff_width": 1024, "diff_depth": 6, "old_path": 1, "memory": 1,
+             **_QWEN2_1_5B, "tok_ch": 160, "tok_levels": 5},
 }
+SYS_TOKENS = len(SYSTEM_PROMPT) // 4  # an estimate of the system prompt's Qwen2 token count (~4 characters a token)
+GB = 1e9
+
+
+def configs(o: dict) -> tuple[HARTConfig, TokenizerConfig, DiTConfig, LlamaConfig]:
+    pns = o["scales"]
+    hcfg = HARTConfig(embed_dim=o["width"], depth=o["depth"], num_heads=o["heads"], context_token=o["context"],
+                      context_dim=o["text_hidden"], patch_nums=pns, diff_width=o["diff_width"],
+                      diff_depth=o["diff_depth"])
+    mult = (1, 1, 2, 2, 4)[: o["tok_levels"]] if o["tok_ch"] == 160 else (1,) * o["tok_levels"]
+    tcfg = TokenizerConfig(patch_nums=pns, ch=o["tok_ch"], ch_mult=mult, norm_groups=min(32, o["tok_ch"]))
+    dcfg = DiTConfig(hidden=o["width"], depth=o["depth"], num_heads=o["heads"], latent_size=pns[-1] * 2,
+                     context_token=o["context"], context_dim=o["text_hidden"])  # f8 latent of the same image size
+    lcfg = LlamaConfig(vocab_size=o["text_vocab"], hidden_size=o["text_hidden"], intermediate_size=o["text_ffn"],
+                       num_hidden_layers=o["text_layers"], num_attention_heads=o["text_heads"],
+                       num_key_value_heads=o["text_kv_heads"], rope_theta=1e6, attention_bias=True,
+                       tie_word_embeddings=True, model_type="qwen2")
+    return hcfg, tcfg, dcfg, lcfg
+
+
+def build(o: dict, dtype, abstract: bool = False):
+    """(text encoder, HART transformer, tokenizer, DiT) with random weights in `dtype` (tokenizer float32)."""
+    hcfg, tcfg, dcfg, lcfg = configs(o)
+    dt = {"dtype": dtype, "param_dtype": dtype}
+    make = nnx.eval_shape if abstract else (lambda f: f())
+    return (make(lambda: Llama(lcfg, rngs=nnx.Rngs(3), **dt)),
+            make(lambda: HARTTransformer(hcfg, rngs=nnx.Rngs(0), **dt)),
+            make(lambda: HARTTokenizer(tcfg, rngs=nnx.Rngs(1))), make(lambda: DiT(dcfg, rngs=nnx.Rngs(2), **dt)))
+
+
+def inputs(o: dict, b: int):
+    """Random context [b, T, D] + positions, and random prompt tokens [b, SYS_TOKENS + T] (all valid)."""
+    t, d = o["context"], o["text_hidden"]
+    ctx = jax.random.normal(jax.random.key(0), (b, t, d))
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    tokens = jax.random.randint(jax.random.key(1), (b, SYS_TOKENS + t), 0, o["text_vocab"])
+    return ctx, pos, tokens, jnp.ones(tokens.shape, bool)
+
+
+def memory_rows(o: dict, batches=(1, 2)) -> list[dict]:
+    """Peak bytes of the whole bfloat16 program (text + generation + decoding) from the compiled program's
+    memory_analysis() at `batches`, and the largest batch for 16 GB / 80 GB by linear extrapolation."""
+    enc, model, tok, _ = build(o, jnp.bfloat16, abstract=True)
+    gd, st = nnx.split((enc, model, tok))
+    peaks = []
+    for b in batches:
+        _, _, tokens, valid = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs(o, b))
+        lowered = generate_images.lower(gd, st, (tokens, valid), jax.random.key(0), SampleOptions(), SYS_TOKENS)
+        m = lowered.compile().memory_analysis()
+        peaks.append(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                     - m.alias_size_in_bytes)
+    per_image = (peaks[-1] - peaks[0]) / (batches[-1] - batches[0])
+    fixed = peaks[0] - per_image * batches[0]
+    rows = [{"batch": b, "peak GB (memory_analysis)": p / GB} for b, p in zip(batches, peaks)]
+    for name, cap in (("TPU v5e-1, 16 GB", 16 * GB), ("GPU, 80 GB", 80 * GB)):
+        rows.append({"batch": f"max for {name}", "peak GB (memory_analysis)":
+                     int((cap - fixed) // per_image) if per_image > 0 else "n/a"})
+    return rows
 
 
 def main(argv):
-    o = parse_preset(argv, PRESETS)
-    pns = o["scales"]
-    hcfg = HARTConfig(embed_dim=o["width"], depth=o["depth"], num_heads=o["heads"], context_token=o["context"],
-                      context_dim=o["width"], patch_nums=pns, diff_width=o["diff_width"], diff_depth=o["diff_depth"])
-    tcfg = TokenizerConfig(patch_nums=pns, ch=32, ch_mult=(1, 1), num_res_blocks=1)  # only the quantizer is used
-    latent = pns[-1] * 2  # f8 latent of the same image size as HART's f16 latent
-    dcfg = DiTConfig(hidden=o["width"], depth=o["depth"], num_heads=o["heads"], latent_size=latent,
-                     context_token=o["context"], context_dim=o["width"])
-    b = o["batch"]
-    ctx = jax.random.normal(jax.random.key(0), (b, o["context"], o["width"]))
-    pos = jnp.broadcast_to(jnp.arange(o["context"]), (b, o["context"]))
-    hart = nnx.split((HARTTransformer(hcfg, rngs=nnx.Rngs(0)), HARTTokenizer(tcfg, rngs=nnx.Rngs(1)).quantize))
-    dit = nnx.split(DiT(dcfg, rngs=nnx.Rngs(2)))
-    opts = SampleOptions(cfg=4.5)
-    key, reps = jax.random.key(1), o["repeats"]
-    t_hart = best_time(lambda: generate_fhat_jit(*hart, ctx, pos, key, opts), repeats=reps) / b
-    t_dit = best_time(lambda: ddim_sample_jit(*dit, ctx, key, steps=o["dit_steps"]), repeats=reps) / b
-    m_h, m_d = hart_macs(hcfg)["total"], dit_macs(dcfg, steps=o["dit_steps"])["total"]
-    dev = jax.devices()[0].device_kind
-    print(f"HART vs DiT ({pns[-1] * 16}px, width {o['width']}, depth {o['depth']}, {o['dit_steps']} DiT steps, "
-          f"CFG, batch {b}, device {dev})")
-    print(f"{'model':<10}{'s / image':>12}{'GMACs / image':>16}")
-    print(f"{'HART':<10}{t_hart:>12.4f}{m_h / 1e9:>16.1f}")
-    print(f"{'DiT':<10}{t_dit:>12.4f}{m_d / 1e9:>16.1f}")
-    print(f"speed-up (DiT time / HART time): {t_dit / t_hart:.2f}x; MAC ratio (DiT / HART): {m_d / m_h:.2f}x")
+    o = parse_preset(argv, PRESETS, default="smoke")
+    hcfg, _, dcfg, lcfg = configs(o)
+    bt, reps, steps = o["throughput_batch"], o["repeats"], o["dit_steps"]
+    opts, key = SampleOptions(cfg=4.5), jax.random.key(1)
+    enc, model, tok, dit = build(o, jnp.bfloat16)
+    hart_new = nnx.split((model, tok.quantize))
+    whole = nnx.split((enc, model, tok))
+    dit_g, dit_s = nnx.split(dit)
+
+    def new(ctx, pos, tokens, valid):
+        return generate_fhat_jit(*hart_new, ctx, pos, key, opts)
+
+    def whole_program(ctx, pos, tokens, valid):
+        return generate_images(*whole, (tokens, valid), key, opts, SYS_TOKENS)
+
+    def dit_sample(ctx, pos, tokens, valid):
+        return ddim_sample_jit(dit_g, dit_s, ctx, key, steps=steps)
+
+    programs = {"new": new, "whole": whole_program, "dit": dit_sample}
+    if o["old_path"]:  # float32 weights, float32 einsum attention, concatenated cache
+        m32 = nnx.split((HARTTransformer(hcfg, rngs=nnx.Rngs(0)), tok.quantize))
+
+        def old(ctx, pos, tokens, valid):
+            return generate_fhat_jit(*m32, ctx, pos, key, opts, cache="concat", implementation="xla", q_chunk=None)
+
+        programs["old"] = old
+    rows, times = [], {}
+    for b in (1, bt):
+        args = inputs(o, b)
+        for name, fn in programs.items():
+            if name != "whole" or b == 1:
+                times[name, b] = best_time(fn, *args, repeats=reps) / b
+    m_h, m_d = hart_macs(hcfg)["total"], dit_macs(dcfg, steps=steps)["total"]
+    labels = {"new": "HART (bf16, front door, prealloc cache)", "whole": "HART whole program (text + gen + decode)",
+              "old": "HART old path (fp32 einsum, concat cache)", "dit": f"DiT ({steps} steps, bf16)"}
+    for name, label in labels.items():
+        if (name, 1) not in times:
+            continue
+        tb = times.get((name, bt))
+        rows.append((label, times[name, 1], None if tb is None else 1 / tb))
+    dev = jax.devices()[0]
+    print(f"HART vs DiT: {hcfg.patch_nums[-1] * 16}px, width {o['width']}, depth {o['depth']}, heads {o['heads']}, "
+          f"{o['context']} text tokens, CFG 4.5 (doubled batch); text encoder {lcfg.num_hidden_layers} layers x "
+          f"{lcfg.hidden_size} on {SYS_TOKENS}+{o['context']} tokens; device {dev.platform} / {dev.device_kind}")
+    print(f"{'program':<44}{'s / image (batch 1)':>21}{f'images / s (batch {bt})':>22}")
+    for label, t1, ips in rows:
+        print(f"{label:<44}{t1:>21.4f}{'' if ips is None else f'{ips:.3f}':>22}")
+    print(f"DiT / HART time (AR + diffusion, text encoder and decoder excluded): batch 1 "
+          f"{times['dit', 1] / times['new', 1]:.2f}x, batch {bt} {times['dit', bt] / times['new', bt]:.2f}x")
+    print(f"text encoder + decoder share of the whole program at batch 1: "
+          f"{1 - times['new', 1] / times['whole', 1]:.1%}")
+    if o["old_path"]:
+        print(f"old / new HART path time: batch 1 {times['old', 1] / times['new', 1]:.2f}x, batch {bt} "
+              f"{times['old', bt] / times['new', bt]:.2f}x")
+    print(f"analytic MACs per image (CFG, text encoder and decoders excluded): HART {m_h / 1e9:.1f} G, DiT "
+          f"{m_d / 1e9:.1f} G, DiT / HART {m_d / m_h:.2f}x")
+    if o["memory"]:
+        print(f"memory of the whole bf16 program (compiled for {dev.platform}, abstract inputs):")
+        for r in memory_rows(o):
+            v = r["peak GB (memory_analysis)"]
+            print(f"  batch {r['batch']}: " + (f"{v:.2f} GB peak" if isinstance(v, float) else str(v)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.transformer import HARTConfig, HARTTransformer
@@ -187,8 +187,8 @@ def official_state_dict(module, kind: str) -> dict[str, np.ndarray]:
     """Every parameter of a HARTTransformer / HARTTokenizer under its official key, in torch layout, float32."""
     levels = len(module.cfg.ch_mult) if kind == "tokenizer" else 0
     out = {}
-    for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        arr = np.asarray(jnp.asarray(v[...] if hasattr(v, "value") else v, jnp.float32))
+    for path, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(module, nnx.Param))).items():
+        arr = np.asarray(jnp.asarray(v, jnp.float32))
         out[official_key(path, kind, levels)] = np.ascontiguousarray(to_torch(arr, str(path[-1])))
     return out
 

@@ -167,7 +167,7 @@ class Attention(nnx.Module):
         if cfg.attn_l2_norm:
             self.scale_mul_1H11 = nnx.Param(jnp.full((1, cfg.num_heads, 1, 1), math.log(4.0)))
 
-    def __call__(self, x, cos, sin, positions=None, past=None, start=None, implementation=None):
+    def __call__(self, x, cos, sin, positions=None, past=None, start=None, implementation=None, q_chunk=None):
         """x [B, L, C]. Returns (out [B, L, C], (k, v)).
 
         - positions (q [B, L], kv [B, L_kv]) int: block-causal attention over this call's tokens (key visible iff
@@ -175,7 +175,10 @@ class Attention(nnx.Module):
         - past (k, v) [B, L_past or T_max, H, D]: a KV cache. With `start` (static int) it is preallocated: the new
           k/v are written at slots start..start+L-1 and the queries attend to slots [0, start+L); the returned
           (k, v) are the updated buffers. Without `start` the new k/v are concatenated after it.
-        - implementation: passed to `jaxeff.nn.attention` (None picks per backend; "xla" materialises the scores)."""
+        - implementation: passed to `jaxeff.nn.attention` (None picks per backend; "xla" materialises the scores).
+        - q_chunk: with every key visible (positions None) and L a multiple of it larger than it, the queries are
+          attended `q_chunk` at a time in a `lax.map`, so an implementation that materialises the scores holds
+          [B, H, q_chunk, L_kv] instead of [B, H, L, L_kv] (the last 1024px scale: 4096 x 9750 per head)."""
         b, n, c = x.shape
         h, d = self.cfg.num_heads, self.cfg.head_dim
         bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
@@ -201,8 +204,16 @@ class Attention(nnx.Module):
                        for p, a in zip(past, (k, v), strict=True))
             k_att, v_att = (a[:, :start + n].astype(self.dtype) for a in kv)
         q_pos, kv_pos = (None, None) if positions is None else positions
-        o = attention(q, k_att, v_att, q_positions=q_pos, kv_positions=kv_pos, causal=positions is not None,
-                      scale=scale, implementation=implementation)
+
+        def attend(q):
+            return attention(q, k_att, v_att, q_positions=q_pos, kv_positions=kv_pos, causal=positions is not None,
+                             scale=scale, implementation=implementation)
+
+        if positions is None and q_chunk and n > q_chunk and n % q_chunk == 0:
+            chunks = q.reshape(b, n // q_chunk, q_chunk, h, d).swapaxes(0, 1)
+            o = jax.lax.map(attend, chunks).swapaxes(0, 1).reshape(b, n, h, d)
+        else:
+            o = attend(q)
         return self.proj(o.reshape(b, n, c).astype(self.dtype)), kv
 
 
@@ -238,11 +249,13 @@ class Block(nnx.Module):
         self.ada_lin = nnx.Linear(c, 6 * c, kernel_init=_ada_init(c, 6), rngs=rngs, dtype=dtype,
                                   param_dtype=param_dtype)
 
-    def __call__(self, x, cond, cos, sin, positions=None, past=None, start=None, implementation=None):
+    def __call__(self, x, cond, cos, sin, positions=None, past=None, start=None, implementation=None,
+                 q_chunk=None):
         """x [B, L, C] (the residual stream keeps x's dtype: float32 in the pipeline); cond: pooled condition
         [B, C]; the rest as `Attention.__call__`."""
         g1, g2, s1, s2, b1, b2 = jnp.split(self.ada_lin(jax.nn.silu(cond))[:, None], 6, axis=-1)
-        a, kv = self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, cos, sin, positions, past, start, implementation)
+        a, kv = self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, cos, sin, positions, past, start, implementation,
+                          q_chunk)
         x = x + a * g1
         x = x + self.ffn(self.ln_wo_grad(x) * (1 + s2) + b2) * g2
         return x, kv
@@ -294,11 +307,13 @@ class HARTTransformer(nnx.Module):
         """word_embed(vectors [B, n, Cvae]) + the level embedding of scale `level`, float32 [B, n, C]."""
         return self.word_embed(vectors).astype(jnp.float32) + self.lvl_embed(jnp.full((1,), level))[None]
 
-    def run_blocks(self, x, cond, cos, sin, positions=None, past=None, start=None, implementation=None):
+    def run_blocks(self, x, cond, cos, sin, positions=None, past=None, start=None, implementation=None,
+                   q_chunk=None):
         """All blocks (arguments as `Block.__call__`; past: one (k, v) per layer). Returns (h, [(k, v)] per layer)."""
         kvs = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, cond, cos, sin, positions, None if past is None else past[i], start, implementation)
+            x, kv = blk(x, cond, cos, sin, positions, None if past is None else past[i], start, implementation,
+                        q_chunk)
             kvs.append(kv)
         return x, kvs
 
@@ -417,15 +432,18 @@ def _code_vectors(logits, idx, codebook, ratio: float, more_smooth: bool, key):
 
 
 def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts: SampleOptions,
-                  cache: str = "prealloc", return_tokens: bool = False, mar_order=None, implementation=None):
+                  cache: str = "prealloc", return_tokens: bool = False, mar_order=None, implementation=None,
+                  q_chunk: int | None = 1024):
     """Sample the final latent f_hat [B, h, w, Cvae] for a batch of encoded prompts.
 
     context [B, T, Dctx], ctx_pos [B, T]. CFG always runs on a doubled batch (uncond: zero context, zero
     positions), like `autoregressive_infer_cfg`. `cache`: "prealloc" (one [2B, seq_len, H, D] buffer per layer
     written in place), "concat" (grown by concatenation) or "none" (recompute the whole prefix at every scale with
     block-causal positions: the check for the KV cache); all three give the same numbers. `implementation`: the
-    `jaxeff.nn.attention` implementation (None: per backend). `return_tokens` also returns the sampled indices and
-    the guided logits of every scale (the last scale in raster order). Raises ValueError for an unknown `cache`.
+    `jaxeff.nn.attention` implementation (None: per backend); `q_chunk`: queries per attention call with the cache
+    (`Attention.__call__`; bounds the score memory of the last scales, None = all at once). `return_tokens` also
+    returns the sampled indices and the guided logits of every scale (the last scale in raster order). Raises
+    ValueError for an unknown `cache`.
 
     The last scale runs `opts.num_maskgit_iters` MAR iterations (`maskgit_schedule`): each predicts its tokens
     from the last scale's input at those positions, attending to the earlier scales and, through the KV cache, the
@@ -454,7 +472,7 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
         nonlocal past, filled
         if cache != "none":
             start = filled if cache == "prealloc" else None
-            h, past = model.run_blocks(x, cond, cos, sin, None, past, start, implementation)
+            h, past = model.run_blocks(x, cond, cos, sin, None, past, start, implementation, q_chunk)
             filled += x.shape[1]
             return h
         prefix.append((x, cos, sin))
@@ -525,12 +543,13 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
     return (f_hat, tokens, all_logits) if return_tokens else f_hat
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "cache", "implementation"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "cache", "implementation", "q_chunk"))
 def generate_fhat_jit(graphdef, state, context, ctx_pos, key, opts: SampleOptions, cache: str = "prealloc",
-                      implementation=None):
+                      implementation=None, q_chunk: int | None = 1024):
     """One compiled program for the whole multi-scale generation. graphdef/state = nnx.split((model, quantizer))."""
     model, quantizer = nnx.merge(graphdef, state)
-    return generate_fhat(model, quantizer, context, ctx_pos, key, opts, cache, implementation=implementation)
+    return generate_fhat(model, quantizer, context, ctx_pos, key, opts, cache, implementation=implementation,
+                         q_chunk=q_chunk)
 
 
 def sample_keep_mask(key, batch: int, n_last: int, min_keep: int = 32):
