@@ -21,8 +21,9 @@ that `resume=true` can continue.
 Multi-process (`jax.distributed`, see docs/multihost.md): every process runs the same experiment; process 0 picks
 (or, with `resume=true`, finds) the run directory and broadcasts its name, and only process 0 creates it and writes
 `config.json`, `metrics.jsonl`, `results.md`, arrays, plots and progress bars (`Run.is_main`). `Run.mesh` is a
-data-parallel mesh over every process's devices (`Run.data_mesh(batch)`: over those a batch divides among). From the command line, an exception on any process stops all
-processes with a message naming the failing one. `runs_root` must be a filesystem every host sees (checkpoints).
+data-parallel mesh over every process's devices (`Run.data_mesh(batch)`: over those a batch divides among). From
+the command line, an exception on any process stops all processes with a message naming the failing one.
+`runs_root` must be a filesystem every host sees (checkpoints).
 """
 
 from __future__ import annotations
