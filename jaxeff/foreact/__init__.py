@@ -7,6 +7,10 @@
 - `sampling`: 3-way / 2-way CFG sampling in one compiled program.
 - `training`: the rectified-flow loss and the official CFG dropout.
 - `weights`: the released `VisualForesight` layout (`transformer.*`, `view_embedding.*`, `vae.*`, `mllm_backbone.*`).
+- `text`: the official caption features (chat prompt, left padding, 256 tokens, Gemma-2 hidden states + final cap).
+- `planner`: the control loop (`Agent`, `ScriptedPlanner`, `VLMPlanner`, `GeneratorForesight`).
+- `tabletop`: the toy world of experiments/foreact_tabletop.py.
+See README.md in this folder for the official quirks kept and what is not done.
 """
 
 from jaxeff.foreact.config import PRESETS, SANA_1600M_512, SanaConfig, preset
