@@ -10,8 +10,8 @@ submanifold / strided / transposed conv (one kernel map per conv, `torchsparse.n
 is K = 1.
 
 Implementations (one dispatch point, `implementation=None|"pallas"|"xla"`):
-- `gather_matmul_reference` (the XLA path): pad one zero row, gather the [M, K, Cin] im2col tensor, one einsum.
-  XLA materialises the gathered tensor in memory (K times the input features).
+- `gather_matmul_reference` (the XLA path): pad one zero row; per offset k, gather the rows table[:, k] and
+  multiply by weight[k], accumulating in float32.
 - Pallas, TPU (Mosaic) style: the table is scalar-prefetched into SMEM; each grid step takes `block_rows` output
   rows, copies their K neighbour rows from the VMEM-resident features into a [block_rows, K*Cin] VMEM scratch
   (row-by-row dynamic-slice loads; absent neighbours write zeros) and does one MXU matmul with weight reshaped to
@@ -56,13 +56,19 @@ def _check(features, table, weight):
 
 
 def gather_matmul_reference(features, table, weight):
-    """Plain-JAX reference: out[m] = sum_k features[table[m, k]] @ weight[k], negative entries contribute 0."""
+    """Plain-JAX reference: out[m] = sum_k features[table[m, k]] @ weight[k], negative entries contribute 0.
+
+    One row gather and one matmul per offset, accumulated in float32: on the XLA CPU backend this measured about
+    7x faster than gathering the whole [M, K, Cin] tensor and contracting it with one einsum (15k rows,
+    16 -> 16 channels, 2-core CPU)."""
     _check(features, table, weight)
     n = features.shape[0]
     padded = jnp.concatenate([features, jnp.zeros((1, features.shape[1]), features.dtype)])
     idx = jnp.where(table < 0, n, table).astype(jnp.int32)
-    out = jnp.einsum("mkc,kcd->md", padded[idx], weight.astype(features.dtype),
-                     preferred_element_type=jnp.float32)
+    w = weight.astype(features.dtype)
+    out = jnp.zeros((table.shape[0], weight.shape[2]), jnp.float32)
+    for k in range(table.shape[1]):
+        out = out + jnp.dot(padded[idx[:, k]], w[k], preferred_element_type=jnp.float32)
     return out.astype(features.dtype)
 
 

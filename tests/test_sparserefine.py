@@ -38,7 +38,7 @@ from pallas_kernels.sparse_conv import gather_matmul_reference
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = RefinerConfig(num_classes=4, unet=UNetConfig(planes=(4, 6, 8), reps=1), tau=0.6, capacity=400,
+    cfg = RefinerConfig(num_classes=4, unet=UNetConfig(planes=(4, 6), reps=1), tau=0.6, capacity=400,
                         coarse_ratio=1.0)
     rng = np.random.default_rng(4)
     img = jnp.asarray(rng.normal(size=(2, 12, 15, 3)), jnp.float32)
@@ -176,7 +176,8 @@ def test_capacity_overflow_raises_clear_error(tiny):
     with pytest.raises(CapacityError, match="level 1"):
         check_capacity(pyr.overflow, pyr.counts, (64, 2))
     cfg, img, logits = tiny
-    model = SparseRefiner(dataclasses.replace(cfg, capacity=20), rngs=nnx.Rngs(0))
+    one_level = UNetConfig(planes=(4,), reps=1)  # cheapest compile; the pyramid cases above cover coarse levels
+    model = SparseRefiner(dataclasses.replace(cfg, unet=one_level, capacity=20), rngs=nnx.Rngs(0))
     out = _apply(model, img, logits)  # under jit: a flag, then a host-side check
     assert bool(out["overflow"])
     with pytest.raises(CapacityError, match="level 0"):
