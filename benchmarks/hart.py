@@ -93,15 +93,17 @@ def inputs(o: dict, b: int):
     return ctx, pos, tokens, jnp.ones(tokens.shape, bool)
 
 
-def memory_rows(o: dict, batches=(1, 2)) -> list[dict]:
-    """Peak bytes of the whole bfloat16 program (text + generation + decoding) from the compiled program's
-    memory_analysis() at `batches`, and the largest batch for 16 GB / 80 GB by linear extrapolation."""
+def memory_rows(o: dict, batches=(1, 2), q_chunk: int | None = 1024) -> list[dict]:
+    """Peak bytes of the whole bfloat16 program (text + generation + decoding; `q_chunk` as `generate_fhat`) from
+    the compiled program's memory_analysis() at `batches`, and the largest batch for 16 GB / 80 GB by linear
+    extrapolation."""
     enc, model, tok, _ = build(o, jnp.bfloat16, abstract=True)
     gd, st = nnx.split((enc, model, tok))
     peaks = []
     for b in batches:
         _, _, tokens, valid = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs(o, b))
-        lowered = generate_images.lower(gd, st, (tokens, valid), jax.random.key(0), SampleOptions(), SYS_TOKENS)
+        lowered = generate_images.lower(gd, st, (tokens, valid), jax.random.key(0), SampleOptions(), SYS_TOKENS,
+                                        q_chunk=q_chunk)
         m = lowered.compile().memory_analysis()
         peaks.append(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                      - m.alias_size_in_bytes)

@@ -22,21 +22,23 @@ from jaxeff.hart.tokenizer import HARTTokenizer
 from jaxeff.hart.transformer import HARTTransformer, SampleOptions, generate_fhat
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "n_sys", "implementation"))
-def generate_images(graphdef, state, inputs, key, opts: SampleOptions, n_sys: int = 0, implementation=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "n_sys", "implementation", "q_chunk"))
+def generate_images(graphdef, state, inputs, key, opts: SampleOptions, n_sys: int = 0, implementation=None,
+                    q_chunk: int | None = 1024):
     """One compiled program: images [B, H, W, 3] in [0, 1].
 
     graphdef/state = nnx.split((text_encoder_model, transformer, tokenizer)) with `inputs` = (tokens, valid)
     [B, n_sys + T] (`TextEncoder.token_inputs`): text encoding + generation + decoding; or
     nnx.split((transformer, tokenizer)) with `inputs` = (context [B, T, D], positions [B, T]): generation +
-    decoding."""
+    decoding. `implementation` / `q_chunk`: as `generate_fhat`."""
     parts = nnx.merge(graphdef, state)
     if len(parts) == 3:
         encoder, model, tok = parts
         context, ctx_pos = encode_tokens(encoder, *inputs, n_sys)
     else:
         (model, tok), (context, ctx_pos) = parts, inputs
-    f_hat = generate_fhat(model, tok.quantize, context, ctx_pos, key, opts, implementation=implementation)
+    f_hat = generate_fhat(model, tok.quantize, context, ctx_pos, key, opts, implementation=implementation,
+                          q_chunk=q_chunk)
     return (tok.decode(f_hat) + 1) / 2
 
 
