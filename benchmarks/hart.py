@@ -14,7 +14,8 @@ compile + warm-up call, best of `repeats`:
 Prints the table, the ratios (DiT / HART time, old / new), analytic MACs and their ratio. `memory=1` adds the peak
 memory of the whole 1024px program (text + generation + decoding, bfloat16) from XLA's `memory_analysis()` of the
 program compiled on this device for abstract inputs (nothing allocated) at two batch sizes, and the largest batch
-that fits 16 GB (TPU v5e-1) and 80 GB (one GPU) by linear extrapolation in the batch.
+that fits 16 GiB (TPU v5e-1) and 80 GiB (an 80 GB GPU) by linear extrapolation in the batch (a CPU-compiled
+program is only an estimate for another backend: its buffer assignment and attention kernels differ).
 
 Presets: `smoke` (default; tiny, for CPU: timings there are ratios only), `reduced` (a mid-size model, still CPU),
 `full` (1024px at the released size with a Qwen2-1.5B-sized text encoder: GPU / TPU). Overrides: key=<int> for
@@ -95,7 +96,7 @@ def inputs(o: dict, b: int):
 
 def memory_rows(o: dict, batches=(1, 2), q_chunk: int | None = 1024) -> list[dict]:
     """Peak bytes of the whole bfloat16 program (text + generation + decoding; `q_chunk` as `generate_fhat`) from
-    the compiled program's memory_analysis() at `batches`, and the largest batch for 16 GB / 80 GB by linear
+    the compiled program's memory_analysis() at `batches`, and the largest batch for 16 GiB / 80 GiB by linear
     extrapolation."""
     enc, model, tok, _ = build(o, jnp.bfloat16, abstract=True)
     gd, st = nnx.split((enc, model, tok))
@@ -110,7 +111,7 @@ def memory_rows(o: dict, batches=(1, 2), q_chunk: int | None = 1024) -> list[dic
     per_image = (peaks[-1] - peaks[0]) / (batches[-1] - batches[0])
     fixed = peaks[0] - per_image * batches[0]
     rows = [{"batch": b, "peak GB (memory_analysis)": p / GB} for b, p in zip(batches, peaks)]
-    for name, cap in (("TPU v5e-1, 16 GB", 16 * GB), ("GPU, 80 GB", 80 * GB)):
+    for name, cap in (("TPU v5e-1, 16 GiB", 16 * 2**30), ("GPU, 80 GiB", 80 * 2**30)):
         rows.append({"batch": f"max for {name}", "peak GB (memory_analysis)":
                      int((cap - fixed) // per_image) if per_image > 0 else "n/a"})
     return rows
