@@ -128,15 +128,23 @@ def _train_refiner(images, logits, labels, cfg: Config, rcfg: RefinerConfig, run
     opt_state = tx.init(params)
     rng = np.random.default_rng(cfg.seed + 11)
     tau = min(cfg.taus)
+    redrawn = 0
     for i in run.progress(range(cfg.refiner_steps), desc="refiner"):
-        img, lg, lab = _crops(rng, (images, logits, labels), cfg.refiner_batch, cfg.refiner_crop)
-        lg = jnp.asarray(lg)
-        batch = {"image": jnp.asarray(img), "logits": lg, "label": jnp.asarray(lab, jnp.int32),
-                 "mask": entropy_select(lg, tau)}
+        while True:  # a batch selecting more points than the static capacity is redrawn, not truncated
+            img, lg, lab = _crops(rng, (images, logits, labels), cfg.refiner_batch, cfg.refiner_crop)
+            lg = jnp.asarray(lg)
+            mask = entropy_select(lg, tau)
+            if int(mask.sum()) <= rcfg.capacity:
+                break
+            redrawn += 1
+            if redrawn > 10 * cfg.refiner_steps:
+                raise ValueError(f"most training crops select more than capacity_fraction "
+                                 f"({cfg.capacity_fraction}) of their pixels; raise it or the smallest tau")
+        batch = {"image": jnp.asarray(img), "logits": lg, "label": jnp.asarray(lab, jnp.int32), "mask": mask}
         params, stats, opt_state, m = step(params, stats, opt_state, batch)
         if bool(m["overflow"]):
-            raise ValueError(f"refiner training batch overflowed the static capacity at step {i}; raise "
-                             f"capacity_fraction (now {cfg.capacity_fraction}) or the smallest tau")
+            raise ValueError(f"refiner training batch overflowed a coarse level's static capacity at step {i}; "
+                             f"raise capacity_fraction (now {cfg.capacity_fraction})")
         if i % 100 == 0 or i == cfg.refiner_steps - 1:
             run.log(i, model="refiner", loss=float(m["loss"]), ce_o=float(m["ce_o"]), ce_e=float(m["ce_e"]),
                     points=int(m["points"]))
@@ -145,6 +153,7 @@ def _train_refiner(images, logits, labels, cfg: Config, rcfg: RefinerConfig, run
     # Same last batch through the model with BN running statistics: shows any train/eval-mode gap.
     _, m_eval = refiner_loss(nnx.jit(lambda mdl, b: mdl(b["image"], b["logits"], b["mask"]))(model, batch),
                              batch["label"])
+    run.print(f"{redrawn} training batches redrawn (selection above the static capacity)")
     run.print(f"refiner last batch CE (o / e): train mode {float(m['ce_o']):.3f} / {float(m['ce_e']):.3f}, "
               f"eval mode {float(m_eval['ce_o']):.3f} / {float(m_eval['ce_e']):.3f}")
     return model
@@ -158,7 +167,7 @@ def _flops(fn, *args) -> float:
 
 @register("sparserefine_synth", Config, presets={
     "smoke": {"height": 256, "width": 256, "train_images": 32, "eval_images": 4, "base_width": 16,
-              "base_steps": 150, "refiner_steps": 150, "refiner_crop": 128, "refiner_planes": (16, 32),
+              "base_steps": 150, "refiner_steps": 450, "refiner_crop": 128, "refiner_planes": (16, 32),
               "repeats": 3},
     "full": {},
 })
