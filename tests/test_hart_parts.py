@@ -125,19 +125,18 @@ def test_diffusion_sampler_shapes_and_seed():
 
 
 def test_kv_cache_layouts_equal_recomputation(model, tok):
-    """The preallocated cache (dynamic_update_slice), the concatenated one and recomputing the prefix with
-    block-causal positions give the same sample; an unknown layout is refused."""
+    """The preallocated cache (dynamic_update_slice), the concatenated one (with chunked queries) and recomputing
+    the prefix with block-causal positions give the same sample; an unknown layout is refused."""
     ctx = jax.random.normal(jax.random.key(0), (2, 3, 12))
     pos = jnp.tile(jnp.arange(3)[None], (2, 1))
     opts = SampleOptions(cfg=2.0, more_smooth=True)
     gd, st = nnx.split((model, tok.quantize))
     a = generate_fhat_jit(gd, st, ctx, pos, jax.random.key(3), opts, cache="prealloc")
     assert a.shape == (2, 4, 4, 8)
-    for layout in ("concat", "none"):
-        np.testing.assert_allclose(a, generate_fhat_jit(gd, st, ctx, pos, jax.random.key(3), opts, cache=layout),
-                                   atol=1e-4, err_msg=layout)
-    # queries attended 4 at a time (the 4x4 last scale in a lax.map; 9 tokens are not a multiple: one call)
-    np.testing.assert_allclose(a, generate_fhat_jit(gd, st, ctx, pos, jax.random.key(3), opts, q_chunk=4), atol=1e-5)
+    # "concat" also attends queries 4 at a time (the 4x4 last scale in a lax.map; 9 tokens are not a multiple)
+    for layout, chunk in (("concat", 4), ("none", None)):
+        np.testing.assert_allclose(a, generate_fhat_jit(gd, st, ctx, pos, jax.random.key(3), opts, cache=layout,
+                                                        q_chunk=chunk), atol=1e-4, err_msg=layout)
     c = generate_fhat_jit(gd, st, ctx, pos, jax.random.key(4), opts, cache="prealloc")
     assert float(jnp.abs(a - c).max()) > 1e-3  # the seed matters
     with pytest.raises(ValueError, match="cache layout"):
