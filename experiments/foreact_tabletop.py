@@ -21,6 +21,7 @@ goal-conditioned policies are trained with ground-truth goals):
 - subtask: the current subtask text;
 - subtask+gen: subtask + generated foresight as an extra image (channel-concatenated);
 - subtask+true: subtask + the true subtask-end frame (the expert run forward on a copy of the simulator).
+The BC data is augmented with all 6 colour permutations (label-preserving; `augment=false` turns it off).
 Metrics: success over seeded evaluation episodes (the same layouts for every condition) with Wilson 95% intervals,
 vs the number of demos; foresight PSNR to the true end frame (next to copying the current frame); milliseconds per
 foresight (one frame, 8 steps x 3 CFG branches, after compilation).
@@ -66,6 +67,7 @@ class Config:
     policy_steps: int = 1500
     policy_batch: int = 64
     policy_lr: float = 1e-3
+    augment: bool = True  # BC data under all 6 colour permutations (without it the policies memorised the demos)
     eval_episodes: int = 200
     max_steps_per_subtask: int = 40
     sample_steps: int = 8
@@ -114,6 +116,34 @@ def bc_arrays(episodes: list[dict]) -> dict[str, np.ndarray]:
     f32 = lambda x: np.asarray(x, np.float32)
     return {"obs": f32(obs), "goal": f32(goal), "action": np.asarray(act, np.int32),
             "task": np.asarray(task, np.int32), "subtask": np.asarray(sub, np.int32)}
+
+
+def permute_colours(data: dict[str, np.ndarray], perm: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """The BC arrays with block / pad colour i renamed perm[i] in the frames, goals, subtasks and tasks (a
+    label-preserving augmentation: the expert's actions do not depend on which colour is which)."""
+    def recolour(frames):
+        out = frames.copy()
+        for table in (T._BLOCK_RGB, T._PAD_RGB):
+            rgb = table / 127.5 - 1.0
+            masks = [np.all(np.abs(frames - rgb[i]) < 1e-4, axis=-1) for i in range(3)]
+            for i, m in enumerate(masks):
+                out[m] = rgb[perm[i]]
+        return out
+
+    def rename(text):
+        words = text.split()
+        return " ".join(T.COLOURS[perm[T.COLOURS.index(w)]] if w in T.COLOURS else w for w in words)
+
+    sub_map = np.array([T.SUBTASKS.index(rename(s)) for s in T.SUBTASKS], np.int32)
+    task_map = np.array([T.TASKS.index((kind, tuple(perm[i] for i in order))) for kind, order in T.TASKS], np.int32)
+    return {"obs": recolour(data["obs"]), "goal": recolour(data["goal"]), "action": data["action"],
+            "task": task_map[data["task"]], "subtask": sub_map[data["subtask"]]}
+
+
+def augmented(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`data` under all 6 colour permutations, concatenated."""
+    parts = [permute_colours(data, perm) for perm in T.ORDERS]
+    return {k: np.concatenate([p[k] for p in parts]) for k in data}
 
 
 def to_latent(frames):
@@ -379,7 +409,7 @@ def run(cfg: Config, run: Run) -> None:
     rows = []
     for frac in cfg.demo_fractions:
         n = max(1, round(frac * cfg.demos))
-        data = bc_arrays(demos[:n])
+        data = augmented(bc_arrays(demos[:n])) if cfg.augment else bc_arrays(demos[:n])
         trained = {}
         for condition in CONDITIONS:
             # the goal-conditioned policy is trained once, on true end frames (as the released scripts), and
