@@ -40,6 +40,19 @@ def test_attention_positions_window_and_gqa(impl):
     np.testing.assert_allclose(np.asarray(out), _naive_attention(q, k, v, allowed), atol=2e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_dot_product_without_positions_equals_xla(causal):
+    # Default positions take the mask-free `is_causal` path of dot_product: it must equal the masked reference.
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(2, 7, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8)])
+    ref = attention(q, k, v, causal=causal, implementation="xla")
+    out = attention(q, k, v, causal=causal, implementation="dot_product")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+    if causal:  # Sq < Sk keeps the explicit (bottom-right aligned) mask
+        np.testing.assert_allclose(np.asarray(attention(q[:, 3:], k, v, implementation="dot_product")),
+                                   np.asarray(ref[:, 3:]), atol=2e-5)
+
+
 def test_attention_rejects_bad_shapes_and_rows_without_keys_are_zero():
     q = jnp.ones((1, 2, 3, 4))
     with pytest.raises(ValueError, match="multiple of key/value heads"):

@@ -12,7 +12,8 @@ row, forward or backward.
 
 `implementation`:
 - "xla": einsum + float32 softmax; exact reference, runs everywhere (CPU default).
-- "dot_product": `jax.nn.dot_product_attention` (XLA picks cuDNN flash attention on GPU where it can).
+- "dot_product": `jax.nn.dot_product_attention` (XLA picks cuDNN flash attention on GPU where it can); with
+  default positions, no window and (if causal) Sq == Sk it passes no mask array (`is_causal` instead).
 - "pallas": `pallas_kernels.hybrid_attention` with every head dense; needs contiguous positions
   (`q_positions = offset + arange`, `kv_positions = arange`).
 - None: "xla" on CPU, "dot_product" on GPU/TPU.
@@ -124,6 +125,10 @@ def attention(
         return pallas_kernels.hybrid_attention(
             q, k, v, streaming_heads=np.zeros((k.shape[2],), bool), sink=0, local=1, q_offset=sk - sq, scale=scale
         )
+    if implementation == "dot_product" and logit_softcap is None and contiguous and sliding_window is None and (
+            not causal or sq == sk):
+        # No empty slot and no ragged mask: no mask array, so cuDNN can take its flash path.
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal)
     mask = make_mask(q_positions, kv_positions, causal=causal, sliding_window=sliding_window)
     k, v = zero_empty_slots(k, kv_positions), zero_empty_slots(v, kv_positions)
     if implementation == "dot_product" and logit_softcap is None:
