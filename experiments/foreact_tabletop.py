@@ -21,7 +21,8 @@ goal-conditioned policies are trained with ground-truth goals):
 - subtask: the current subtask text;
 - subtask+gen: subtask + generated foresight as an extra image (channel-concatenated);
 - subtask+true: subtask + the true subtask-end frame (the expert run forward on a copy of the simulator).
-The BC data is augmented with all 6 colour permutations (label-preserving; `augment=false` turns it off).
+The BC data is augmented with all 6 colour permutations (label-preserving; `augment=false` turns it off), and the
+policy demos inject random moves with probability `expert_noise` (labels stay the expert's) so they show recovery.
 Metrics: success over seeded evaluation episodes (the same layouts for every condition) with Wilson 95% intervals,
 vs the number of demos; foresight PSNR to the true end frame (next to copying the current frame); milliseconds per
 foresight (one frame, 8 steps x 3 CFG branches, after compilation).
@@ -67,6 +68,7 @@ class Config:
     policy_steps: int = 1500
     policy_batch: int = 64
     policy_lr: float = 1e-3
+    expert_noise: float = 0.2  # DART-style: random moves executed during the policy demos, expert labels kept
     augment: bool = True  # BC data under all 6 colour permutations (without it the policies memorised the demos)
     eval_episodes: int = 200
     max_steps_per_subtask: int = 40
@@ -91,8 +93,9 @@ class Config:
 # data
 
 
-def expert_episodes(n: int, seed: int) -> list[dict]:
-    """n expert episodes: per subtask, frames before each action, actions and the end frame."""
+def expert_episodes(n: int, seed: int, noise: float = 0.0) -> list[dict]:
+    """n expert episodes: per subtask, frames before each action, the expert's actions and the end frame; `noise`:
+    probability of executing a random move instead (the label stays the expert's)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -100,7 +103,7 @@ def expert_episodes(n: int, seed: int) -> list[dict]:
         env = T.Tabletop().reset(rng, task)
         parts = []
         for sub in T.subtasks(task):
-            frames, actions = T.rollout_subtask(env, sub)
+            frames, actions = T.rollout_subtask(env, sub, 128, noise=noise, rng=rng)
             parts.append({"subtask": sub, "frames": frames, "actions": actions, "end": env.render()})
         out.append({"task": task, "parts": parts})
     return out
@@ -404,7 +407,7 @@ def run(cfg: Config, run: Run) -> None:
     run.savez("foresight_examples.npz", frames=frames[:16], generated=generated[:16], true=ends[:16])
     _example_plot(run, frames[:8], generated[:8], ends[:8], [h[1] for h in held[:8]])
 
-    demos = expert_episodes(cfg.demos, cfg.seed + 6)
+    demos = expert_episodes(cfg.demos, cfg.seed + 6, cfg.expert_noise)
     held_out = bc_arrays(expert_episodes(max(cfg.demos // 5, 4), cfg.seed + 7))  # held-out expert frames
     rows = []
     for frac in cfg.demo_fractions:

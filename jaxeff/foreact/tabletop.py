@@ -156,16 +156,20 @@ def expert_action(env: Tabletop, subtask: str) -> int:
     return 4 if env.held < 0 else 5
 
 
-def rollout_subtask(env: Tabletop, subtask: str, max_steps: int = 64) -> tuple[list[np.ndarray], list[int]]:
-    """Run the expert on `env` (in place) until `subtask` is done: (frames before each action, actions); the end
-    frame is `env.render()` afterwards. Raises RuntimeError if the expert does not finish within max_steps."""
+def rollout_subtask(env: Tabletop, subtask: str, max_steps: int = 64, *, noise: float = 0.0,
+                    rng: np.random.Generator | None = None) -> tuple[list[np.ndarray], list[int]]:
+    """Run the expert on `env` (in place) until `subtask` is done: (frames before each action, the expert's actions);
+    the end frame is `env.render()` afterwards. With `noise` > 0 a random move replaces the executed action with
+    that probability while the expert's action stays the label (DART-style noise injection: demos that show how to
+    recover). Raises RuntimeError if the subtask is not done within max_steps."""
     frames, actions = [], []
     while not env.done(subtask):
         if len(actions) >= max_steps:
             raise RuntimeError(f"expert did not finish {subtask!r} in {max_steps} steps")
         frames.append(env.render())
         actions.append(expert_action(env, subtask))
-        env.step(actions[-1])
+        perturb = noise > 0 and rng is not None and rng.random() < noise
+        env.step(int(rng.integers(4)) if perturb else actions[-1])
     return frames, actions
 
 
