@@ -281,7 +281,7 @@ def train_policy(cfg: Config, run: Run, data: dict, condition: str, tag: str) ->
     step_fn = make_train_step(graphdef, loss_fn, tx)
     rng = np.random.default_rng(cfg.seed + 4)
     n = len(data["action"])
-    for step in run.progress(range(1, cfg.policy_steps + 1), desc=f"policy {tag}", leave=False):
+    for _ in run.progress(range(1, cfg.policy_steps + 1), desc=f"policy {tag}", leave=False):
         idx = rng.integers(n, size=cfg.policy_batch)
         state, metrics = step_fn(state, {"obs": data["obs"][idx], "goal": data["goal"][idx],
                                          "cond": data[cond_key][idx], "action": data["action"][idx]})
@@ -401,7 +401,8 @@ def run(cfg: Config, run: Run) -> None:
     single = dataclasses.replace(foresight, chunk=1, calls=0)
     ms = 1000 * best_time(lambda: single(frames[:1], [held[0][1]]), repeats=5)
     quality = [{"metric": "foresight PSNR (dB), generated vs true end frame", "value": float(gen_psnr.mean())},
-               {"metric": "PSNR (dB), current frame vs true end frame (copy baseline)", "value": float(copy_psnr.mean())},
+               {"metric": "PSNR (dB), current frame vs true end frame (copy baseline)",
+                "value": float(copy_psnr.mean())},
                {"metric": f"ms per foresight (1 frame, {cfg.sample_steps} steps x 3 CFG branches, CPU)", "value": ms}]
     run.results(quality, title="Foresight generator")
     run.savez("foresight_examples.npz", frames=frames[:16], generated=generated[:16], true=ends[:16])

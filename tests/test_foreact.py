@@ -3,12 +3,10 @@ README), and the Flow-DPM-Solver++ vs diffusers' `DPMSolverMultistepScheduler` d
 
 Tolerances are the README's ("What counts as a match", float32 on CPU). Latents are NCHW there, NHWC here."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
-
+import numpy as np
+import pytest
 from flax import nnx
 
 from jaxeff.foreact import scheduler, training
@@ -16,7 +14,6 @@ from jaxeff.foreact.config import SanaConfig, preset
 from jaxeff.foreact.sampling import combine_guidance, sample
 from jaxeff.foreact.weights import config_for, generator_from_tensors, read_tensors, split_released
 from jaxeff.io.state_dict import CheckpointMismatchError
-
 
 forward = nnx.jit(lambda m, *a, **k: m(*a, **k), static_argnames=("view_ids", "return_internals"))
 

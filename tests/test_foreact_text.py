@@ -1,6 +1,7 @@
 """ForeAct's caption features vs the official recipe run in transformers: chat prompt with the system prompt in the
 user turn, left padding, truncation, Gemma-2 with `lm_head = Identity` (so the final soft-cap lands on the hidden
-states) and no attention-logit cap (the official SDPA numerics), on a tiny random Gemma-2 and a word-level tokenizer carrying Gemma's chat template."""
+states) and no attention-logit cap (the official SDPA numerics), on a tiny random Gemma-2 and a word-level tokenizer
+carrying Gemma's chat template."""
 
 import numpy as np
 import pytest

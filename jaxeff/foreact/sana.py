@@ -213,7 +213,8 @@ class SanaEditTransformer(nnx.Module):
                                  f"[{b}, h, w, {cfg.in_channels}] (NHWC)")
         if jnp.shape(timestep) != (b,):
             raise ValueError(f"timestep must be [{b}], got {jnp.shape(timestep)}")
-        if caption.shape[0] != b or caption.shape[-1] != cfg.caption_channels or caption_mask.shape != caption.shape[:2]:
+        if (caption.shape[0] != b or caption.shape[-1] != cfg.caption_channels
+                or caption_mask.shape != caption.shape[:2]):
             raise ValueError(f"caption {caption.shape} / mask {caption_mask.shape} must be [{b}, L, "
                              f"{cfg.caption_channels}] / [{b}, L]")
         if view_embeds is not None and view_embeds.shape != (len(targets), cfg.inner_dim):

@@ -49,7 +49,8 @@ def _lambda(sigma):
     return jnp.log(1.0 - sigma) - jnp.log(sigma)  # log alpha - log sigma, +inf at sigma = 0
 
 
-def dpm_solver_step(x: jax.Array, v: jax.Array, x0_prev: jax.Array, i, sigmas: jax.Array) -> tuple[jax.Array, jax.Array]:
+def dpm_solver_step(x: jax.Array, v: jax.Array, x0_prev: jax.Array, i,
+                    sigmas: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One Flow-DPM-Solver++(2M, midpoint) step of diffusers' `DPMSolverMultistepScheduler.step`.
 
     x: sample at sigmas[i]; v: the (guided) flow prediction; x0_prev: the previous step's data prediction (ignored

@@ -100,7 +100,8 @@ def load_vae(tensors: dict[str, np.ndarray], config: str = "dc-ae-f32c32-sana-1.
     return model
 
 
-def load_released(source: str | Path = RELEASED, *, config: SanaConfig | None = None, vae_config="dc-ae-f32c32-sana-1.0",
+def load_released(source: str | Path = RELEASED, *, config: SanaConfig | None = None,
+                  vae_config="dc-ae-f32c32-sana-1.0",
                   dtype=jnp.float32):
     """(generator, DC-AE or None, `mllm_backbone.*` tensors (prefix removed; for `TextEncoder.from_pretrained(...,
     tensors=...)`)) of a released `VisualForesight` checkpoint; the VAE is None when the checkpoint has no `vae.*`."""
