@@ -39,14 +39,7 @@ EOF
   fi
 fi
 
-step() {  # step NAME SECONDS command...
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$LOG"
-  local start=$SECONDS
-  timeout "$limit" "$@" >>"$LOG" 2>&1
-  echo "=== $name: exit $? after $((SECONDS - start)) s" | tee -a "$LOG"
-}
+source scripts/step.sh
 
 latest_results() {  # copy the newest run's results.md of an experiment next to the log
   local dir

@@ -29,14 +29,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export HART_WEIGHTS_DIR=${HART_WEIGHTS_DIR:-$OUT/hart-random}
 
-step() {  # step NAME SECONDS command...
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$LOG"
-  local start=$SECONDS
-  timeout "$limit" "$@" >>"$LOG" 2>&1
-  echo "=== $name: exit $? after $((SECONDS - start)) s" | tee -a "$LOG"
-}
+source scripts/step.sh
 
 step env 60 $PY -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"
 step bench 420 $PY -m benchmarks.hart preset=full

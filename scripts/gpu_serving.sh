@@ -16,14 +16,7 @@ OUT=$OUT bash scripts/gpu_check.sh env >>"$LOG" 2>&1
 [ -d /tmp/site ] && export PYTHONPATH=$PWD:${PYTHONPATH:-}:/tmp/site || export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 
-step() {  # step NAME SECONDS command...
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$LOG"
-  local start=$SECONDS
-  timeout "$limit" "$@" >>"$LOG" 2>&1
-  echo "=== $name: exit $? after $((SECONDS - start)) s" | tee -a "$LOG"
-}
+source scripts/step.sh
 
 step device_tests 300 env JAX_PLATFORMS= $PY -m pytest -q -rs -p no:cacheprovider tests/test_pallas_device.py --durations=10
 for ctx in ${*:-32768}; do
