@@ -38,8 +38,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxeff.models.llama import LAYER_TYPES, LlamaAttention, check_inputs, rope_from_hf, stop_id_tuple
-from jaxeff.nn import ContiguousKVCache, GeGLU, GemmaRMSNorm, RopeScaling, attention, inv_frequencies, soft_cap
+from jaxeff.models.llama import LAYER_TYPES, Llama, LlamaAttention, check_inputs, rope_from_hf, stop_id_tuple
+from jaxeff.nn import GeGLU, GemmaRMSNorm, RopeScaling, attention, inv_frequencies, soft_cap
 
 ACTIVATIONS = ("gelu_pytorch_tanh",)
 # transformers' Gemma2Config defaults (gemma-2-2b's shape) for keys a config.json may leave out
@@ -246,7 +246,4 @@ class Gemma2(nnx.Module):
         out = x if output == "hidden" else self.logits(x)
         return (out, cache) if cache is not None else out
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> ContiguousKVCache:
-        cfg = self.config
-        return ContiguousKVCache.init(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
-                                      dtype or self.dtype)
+    init_cache = Llama.init_cache  # the same cache fields (layers, KV heads, head_dim, dtype)
