@@ -15,7 +15,7 @@ was run.
 
 from jaxeff.dcae.config import CONFIGS, DCAEConfig, get_config
 from jaxeff.dcae.model import DCAE, jit_method, pixel_shuffle, pixel_unshuffle
-from jaxeff.dcae.weights import WHERE_TO_GET, original_to_diffusers, torch_state
+from jaxeff.dcae.weights import WHERE_TO_GET, load_torch_state, original_to_diffusers, torch_state
 
 __all__ = [
     "CONFIGS",
@@ -24,6 +24,7 @@ __all__ = [
     "WHERE_TO_GET",
     "get_config",
     "jit_method",
+    "load_torch_state",
     "original_to_diffusers",
     "pixel_shuffle",
     "pixel_unshuffle",

@@ -91,8 +91,7 @@ def state_dict(model: ForesightGenerator) -> dict[str, np.ndarray]:
 def load_vae(tensors: dict[str, np.ndarray], config: str = "dc-ae-f32c32-sana-1.0", *, dtype=jnp.float32):
     """The DC-AE of a released checkpoint from its `vae.*` tensors (prefix removed, diffusers `AutoencoderDC` names;
     SANA-1600M-512's VAE is dc-ae-f32c32-sana-1.0, scaling factor 0.41407), as a `jaxeff.dcae.DCAE`."""
-    from jaxeff.dcae import DCAE, get_config
-    from jaxeff.dcae.weights import load_torch_state
+    from jaxeff.dcae import DCAE, get_config, load_torch_state
 
     cfg = get_config(config) if isinstance(config, str) else config
     model = nnx.eval_shape(lambda: DCAE(cfg, rngs=nnx.Rngs(0), dtype=dtype))
