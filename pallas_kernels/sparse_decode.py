@@ -5,7 +5,8 @@ Every implementation reads page lists (`decode_page_lists`), one per list head: 
 the list: dense decode, streaming heads, the shared-list option) or a query head (LServe's per-query-head
 selection, omniserve decoderMaskedMultiheadAttentionTemplate.hpp:927: query head h reads its own pages of KV
 head h // group), and masks tokens exactly: position < length, and for streaming heads (position < sink or
-length - 1 - position < local).
+length - 1 - position < local). The values of slots at or past the length (a partial page's unwritten tail)
+are zeroed with a select, not only given zero weight: 0 * a stale NaN / inf is NaN.
 - `_xla_decode`: gathers the listed pages; with static `streaming_heads` the two head types get lists of their
   own width, so streaming heads read only sink + local pages.
 - `_pallas_tpu_decode`: grid (B, list heads, list slots), physical page ids in scalar prefetch so the pipeline
@@ -106,6 +107,7 @@ def sparse_paged_decode_reference(q, k_pages, v_pages, page_table, lengths, sele
         chosen = jnp.repeat(onehot, ps, axis=-1).reshape(b, hkv, -1, max_pages * ps)
     qpos = (lengths - 1)[:, None, None, None]
     mask = token_mask(qpos, pos, stream, sink, local) & (stream | chosen)  # [B, Hkv, 1 or G, T]
+    v = jnp.where((pos < lengths[:, None])[None, :, :, None], v, 0.0)  # a weight of 0 times a stale NaN is NaN
     s = jnp.einsum("bhgd,hbkd->bhgk", q.astype(jnp.float32).reshape(b, hkv, g, d), k) * default_scale(scale, d)
     o = jnp.einsum("bhgk,hbkd->bhgd", masked_softmax(s, mask), v)
     return o.reshape(b, hq, d).astype(q.dtype)
@@ -123,6 +125,7 @@ def _xla_decode_group(q, k_pages, v_pages, page_table, lengths, lists, stream, c
     pos = lists[..., None] * ps + jnp.arange(ps)
     qpos = (lengths - 1)[:, None, None, None, None]
     mask = (lists[..., None] >= 0) & (pos < lengths[:, None, None, None, None])
+    v = jnp.where(mask[..., None], v, jnp.zeros((), v.dtype))  # padded slots of a partial page: 0 * NaN is NaN
     mask &= token_mask(qpos, pos, jnp.asarray(stream)[None, :, None, None, None], cfg.sink, cfg.local)
     qr = q.reshape(b, h, r, g // r, d)
     s = jnp.einsum("bhrgd,bhrwpd->bhrgwp", qr, k, preferred_element_type=jnp.float32) * cfg.scale
@@ -175,10 +178,16 @@ def _physical_lists(page_table, lists):
     return jnp.take_along_axis(page_table[:, None, :], logical, axis=2).astype(jnp.int32)
 
 
-def _decode_step(q, k, v, m, l, acc, pos, length, stream, cfg: _DecodeCfg):
-    """Online-softmax update with one page: q [G, D], k/v [ps, D], pos [G, ps] token positions."""
+def _decode_step(q, k, v, m, l, acc, page, length, stream, cfg: _DecodeCfg):
+    """Online-softmax update with logical page `page` (< 0: a skipped slot, nothing visible): q [G, D],
+    k/v [ps, D]. Values of tokens at or past `length` (the unwritten tail of a partial page, or a skipped slot's
+    stand-in page) are zeroed with a select: their weight is 0, but 0 * a stale NaN / inf would still be NaN."""
+    ps = cfg.page_size
+    pos = page * ps + lax.broadcasted_iota(jnp.int32, (q.shape[0], ps), 1)
+    vpos = page * ps + lax.broadcasted_iota(jnp.int32, (ps, 1), 0)
+    v = jnp.where((page >= 0) & (vpos < length), v, jnp.zeros((), v.dtype))
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * cfg.scale
-    mask = (pos >= 0) & (pos < length) & token_mask(length - 1, pos, stream, cfg.sink, cfg.local)
+    mask = (page >= 0) & (pos < length) & token_mask(length - 1, pos, stream, cfg.sink, cfg.local)
     s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
@@ -210,9 +219,8 @@ def _pallas_tpu_decode(q, k_pages, v_pages, page_table, lengths, lists, flags, c
 
         @pl.when(page >= 0)
         def _step():
-            pos = page * ps + lax.broadcasted_iota(jnp.int32, (rows, ps), 1)
             m, l_, acc = _decode_step(q_ref[...], k_ref[...], v_ref[...], m_scr[...], l_scr[...], acc_scr[...],
-                                      pos, len_ref[bi], flag_ref[h] != 0, cfg)
+                                      page, len_ref[bi], flag_ref[h] != 0, cfg)
             m_scr[...], l_scr[...], acc_scr[...] = m, l_, acc
 
         @pl.when(t == w - 1)
@@ -271,8 +279,7 @@ def _pallas_gpu_decode(q, k_pages, v_pages, page_table, lengths, lists, flags, c
 
         def body(t, carry):
             page, pid = lists_ref[t], phys_ref[t]
-            pos = jnp.where(page >= 0, page * ps + lax.broadcasted_iota(jnp.int32, (gp, ps), 1), -1)
-            return _decode_step(q_blk, k_ref[pid], v_ref[pid], *carry, pos, length, stream, cfg)
+            return _decode_step(q_blk, k_ref[pid], v_ref[pid], *carry, page, length, stream, cfg)
 
         carry = (jnp.full((gp, 1), MASK_VALUE, jnp.float32), jnp.zeros((gp, 1), jnp.float32),
                  jnp.zeros((gp, d), jnp.float32))

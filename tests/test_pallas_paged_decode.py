@@ -239,3 +239,45 @@ def test_pallas_sparse_paged_decode_empty_slot_gives_zeros(filled):
         np.testing.assert_allclose(out[[0, 2]], np.asarray(full)[[0, 2]], atol=2e-5, err_msg=name)
     with pytest.raises(ValueError, match=r"must be in \[0, "):
         pk.sparse_paged_decode(*args[:4], lengths.at[0].set(-1), None, **kw, implementation="xla")
+
+
+def test_pallas_sparse_paged_decode_ignores_nan_in_padded_slots(filled):
+    """NaN / inf in unwritten slots (the tail of each partial last page, spare pool pages) must not reach the
+    output: zero weight times NaN is NaN, so every path selects the values away. Output equals the clean one."""
+    cache, _, _ = filled
+    table = np.asarray(cache.page_table)
+    written = np.zeros(cache.k_pages.shape[1:3], bool)  # [pool pages, slots]
+    for b, n in enumerate(LENGTHS):
+        for t in range(n):
+            written[table[b, t // PAGE], t % PAGE] = True
+    assert (~written[table[np.arange(B), (LENGTHS - 1) // PAGE]]).any(axis=1).all()  # every last page is partial
+    pad = jnp.asarray(~written)[None, :, :, None]
+    dirty_k = jnp.where(pad, jnp.inf, cache.k_pages)
+    dirty_v = jnp.where(pad, jnp.nan, cache.v_pages)
+    stream = np.array([True, False])
+    q = jax.random.normal(jax.random.key(7), (B, 4, D))
+    scores = pk.page_scores(q, cache.kmin, cache.kmax, cache.page_table, cache.lengths, logical_page_size=LPAGE,
+                            per_query_head=True)
+    selected = pk.select_pages(scores, cache.lengths, budget=3 * PAGE, page_size=PAGE)
+    kw = dict(streaming_heads=stream, sink=3, local=20)
+    lists = pk.decode_page_lists(cache.page_table, cache.lengths, selected, stream, sink=3, local=20, page_size=PAGE)
+    cfg = _DecodeCfg(3, 20, D**-0.5, PAGE)
+
+    def run_all(kp, vp):
+        args = (q, kp, vp, cache.page_table, cache.lengths, selected)
+        return {
+            "reference": pk.sparse_paged_decode_reference(*args, **kw),
+            "xla": pk.sparse_paged_decode(*args, **kw, implementation="xla"),
+            "pallas interpret": pk.sparse_paged_decode(*args, **kw, implementation="pallas", interpret=True),
+            "pallas gpu-style": _pallas_gpu_decode(q, kp, vp, cache.page_table, cache.lengths, lists,
+                                                   jnp.asarray(stream, jnp.int32), cfg, True),
+        }
+
+    clean = np.asarray(pk.sparse_paged_decode_reference(q, cache.k_pages, cache.v_pages, cache.page_table,
+                                                        cache.lengths, selected, **kw))
+    for name, out in run_all(dirty_k, dirty_v).items():
+        out = np.asarray(out)
+        assert np.isfinite(out).all(), name
+        np.testing.assert_allclose(out, clean, atol=2e-5, rtol=2e-5, err_msg=name)
+        if name == "reference":
+            np.testing.assert_array_equal(out, clean)
