@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxeff.models.llama import is_stop, num_generated, pad_prompts, stop_id_tuple
+from jaxeff.models.sharding import shard_cache_like
 from jaxeff.nn import attention, make_mask, xla_attention
 
 WINDOWS = ("official", "token")
@@ -225,6 +226,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
       window: "official" (default) or "token", see the module docstring.
       eos_id: None, one stop id or several (as `jaxeff.models.llama.generate`): a row stops after the first it
         generates and is `pad_id` after it.
+    A model placed by `jaxeff.models.sharding.shard_model` runs tensor-parallel (GSPMD) with its cache sharded
+    as `jaxeff.models.sharding.cache_specs` says.
     Returns `DuoGenerateOutput`. ValueError for a pattern of another shape, an unknown protocol / window, a prompt
     not longer than decode_simulation, a cache too short, or non-positive sizes.
     """
@@ -264,8 +267,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
     pre_tokens = np.pad(tokens, ((0, 0), (0, max(n_chunks * chunk - tokens.shape[1], 0))),
                         constant_values=pad_id)[:, : n_chunks * chunk]
     positions = np.where(cols < dense_len[:, None], cols, -1).astype(np.int32)
-    cache = DualKVCache.init(mask, len(prompts), max_len, mc.head_dim, sink=sink, recent=recent, dtype=model.dtype,
-                             window=window)
+    # On a model placed by `jaxeff.models.sharding.shard_model` the cache starts sharded on its mesh, not replicated.
+    cache = shard_cache_like(DualKVCache.init(mask, len(prompts), max_len, mc.head_dim, sink=sink, recent=recent,
+                                              dtype=model.dtype, window=window), model)
     graphdef, state = nnx.split(model)
     first_logits = None
     for c in range(n_chunks):

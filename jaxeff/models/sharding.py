@@ -1,0 +1,227 @@
+"""Tensor parallelism (Megatron-style) for the shared decoders (`Llama` for Llama / Mistral / Qwen2, `Gemma2`) and
+their KV caches, by placing arrays with `NamedSharding`s and letting XLA's GSPMD partition the unchanged model
+code under `jax.jit` (Shoeybi et al. 2019, "Megatron-LM", section 3: column-parallel then row-parallel linears).
+
+Layout over one mesh axis of size n (`axis`, default "model"); every other mesh axis holds replicas:
+- q_proj / gate_proj / up_proj kernels [in, out] split by columns (whole heads: `num_attention_heads % n == 0`;
+  ffn: `intermediate_size % n == 0`), their biases alike; o_proj / down_proj kernels split by rows, so each
+  device computes its heads and its slice of the MLP and GSPMD adds the partial outputs (one all-reduce each);
+- k_proj / v_proj and the KV cache split by KV heads when `num_key_value_heads % n == 0`, otherwise REPLICATED
+  when `n % num_key_value_heads == 0` (fewer KV heads than devices, e.g. Llama-3-8B's 8 on 16 devices: each
+  device then holds every KV head and attends its query heads to theirs); anything else raises ValueError;
+- embed_tokens [vocab, hidden] and lm_head [hidden, vocab] split over the vocabulary when `vocab % n == 0`
+  (GSPMD turns the embedding gather into a masked lookup plus all-reduce and gives logits sharded over the
+  vocabulary), otherwise replicated; norms replicated.
+
+Caches (`shard_cache`): `ContiguousKVCache` k/v [B, T, Hkv, D] like k_proj (heads or replicated); DuoAttention's
+`DualKVCache` full (retrieval) caches [B, T, n_retrieval, D] by heads where a layer's retrieval-head count is a
+multiple of n, else over the sequence T when T is (the per-layer head split rarely divides n), else replicated;
+its streaming rings (sink + recent slots) replicated.
+
+Attention under GSPMD: the front door's "xla" and "dot_product" implementations are plain XLA ops (cuDNN's fused
+attention has its own partitioning rule in jax), so they partition as above. Every KV cache calls the front door
+with implementation "pallas" turned into the default, so generation never runs a Pallas kernel. A cache-free
+forward with `implementation="pallas"` on sharded arrays would hand a custom call to GSPMD, which cannot split
+it; `attention_fn(mesh)` runs the front door per device under `jax.shard_map` over the head shards instead.
+
+`per_device_nbytes` counts what one device holds of a tree of sharded arrays or sharded `jax.ShapeDtypeStruct`s
+(`abstract_model`, `abstract_cache` on a `jax.sharding.AbstractMesh`), so memory is planned for a model that is
+never built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
+
+_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # kernel [in, out]: split `out`
+_ROW = ("o_proj", "down_proj")  # kernel [in, out]: split `in`; bias [out] replicated
+_KV = ("k_proj", "v_proj")
+
+
+def _axis_size(mesh, axis: str) -> int:
+    if axis not in mesh.shape:
+        raise ValueError(f"mesh has axes {tuple(mesh.shape)}, not {axis!r}")
+    return mesh.shape[axis]
+
+
+def plan(cfg, n: int) -> dict[str, bool]:
+    """Which parts are split over n devices: {"kv_heads": bool, "vocab": bool} for a decoder config (`LlamaConfig`
+    or `Gemma2Config`). ValueError when the query heads or the MLP width do not divide among n devices, or the KV
+    heads neither divide among them nor divide n (so they cannot be replicated per device group either)."""
+    hq, hkv, ffn = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    if n < 1:
+        raise ValueError(f"mesh axis size must be >= 1, got {n}")
+    if hq % n:
+        raise ValueError(f"cannot shard {hq} attention heads over {n} devices: num_attention_heads must be a "
+                         f"multiple of the mesh axis size")
+    if ffn % n:
+        raise ValueError(f"cannot shard intermediate_size {ffn} over {n} devices: it must be a multiple of the "
+                         "mesh axis size")
+    if hkv % n and n % hkv:
+        raise ValueError(f"cannot shard {hkv} key/value heads over {n} devices: num_key_value_heads must be a "
+                         f"multiple of the mesh axis size (split) or divide it (replicated)")
+    return {"kv_heads": hkv % n == 0, "vocab": cfg.vocab_size % n == 0}
+
+
+def _param_spec(path: tuple, ndim: int, parts: dict[str, bool], axis: str) -> PartitionSpec:
+    module, leaf = str(path[-2]), str(path[-1])
+    split = not (module in _KV and not parts["kv_heads"])
+    if module in _COLUMN and leaf in ("kernel", "bias"):
+        if not split:
+            return PartitionSpec()
+        return PartitionSpec(None, axis) if leaf == "kernel" else PartitionSpec(axis)
+    if module in _ROW and leaf in ("kernel", "bias"):
+        return PartitionSpec(axis, None) if leaf == "kernel" else PartitionSpec()
+    if module == "embed_tokens" and leaf == "embedding":
+        return PartitionSpec(axis, None) if parts["vocab"] else PartitionSpec()
+    if module == "lm_head" and leaf == "kernel":
+        return PartitionSpec(None, axis) if parts["vocab"] else PartitionSpec()
+    if leaf == "weight" and ndim == 1 and "norm" in module:
+        return PartitionSpec()
+    raise ValueError(f"no tensor-parallel rule for parameter {'.'.join(map(str, path))} (ndim {ndim})")
+
+
+def param_specs(model: nnx.Module, n: int, axis: str = "model") -> dict:
+    """{path tuple: PartitionSpec} for every `nnx.Param` of a Llama / Gemma2 model (paths as in
+    `nnx.to_pure_dict`, e.g. ("layers", 0, "self_attn", "q_proj", "kernel")). ValueError as in `plan`, or for a
+    parameter with no rule."""
+    parts = plan(model.config, n)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return {path: _param_spec(path, len(x.shape), parts, axis) for path, x in flat.items()}
+
+
+def shard_model(model: nnx.Module, mesh, axis: str = "model") -> nnx.Module:
+    """Place `model`'s parameters on `mesh` split over `axis` (module docstring), in place; returns `model`.
+
+    `model` may live anywhere (e.g. loaded on the host CPU with `jax.default_device` when it fits no single
+    accelerator); each parameter is copied straight into its shards. Afterwards `jaxeff.models.llama.generate`,
+    `jaxeff.duo_attention.generate` and `model(...)` under `jax.jit` run partitioned by GSPMD and give the
+    one-device result up to float summation order (row-parallel partial sums). A mesh axis of size 1 is a valid
+    no-op layout (one code path for one device and many). ValueError as in `param_specs`."""
+    _axis_size(mesh, axis)
+    specs = param_specs(model, mesh.shape[axis], axis)
+    state = nnx.state(model, nnx.Param)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    placed = {path: jax.device_put(x, NamedSharding(mesh, specs[path])) for path, x in flat.items()}
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(placed))
+    nnx.update(model, state)
+    return model
+
+
+def model_mesh(model: nnx.Module) -> tuple[Any, str] | None:
+    """(mesh, axis) of a model placed by `shard_model` (read from its first q_proj kernel), or None when the model
+    is not on a mesh."""
+    kernel = model.layers[0].self_attn.q_proj.kernel[...]
+    sharding = getattr(kernel, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or len(sharding.spec) < 2 or sharding.spec[1] is None:
+        return None
+    return sharding.mesh, sharding.spec[1]
+
+
+def _heads_spec(heads: int, length: int, n: int, axis: str, by_sequence: bool) -> PartitionSpec:
+    if heads % n == 0:
+        return PartitionSpec(None, None, axis, None)
+    if by_sequence and length % n == 0:
+        return PartitionSpec(None, axis, None, None)
+    return PartitionSpec()
+
+
+def cache_specs(cache, n: int, axis: str = "model"):
+    """A pytree of PartitionSpecs matching `cache` (module docstring): a `jaxeff.nn.ContiguousKVCache` or a
+    DuoAttention `DualKVCache` (recognised by its full_* / ring_* fields, so this shared module imports no
+    system). TypeError for another cache type."""
+    from jaxeff.nn import ContiguousKVCache
+
+    if isinstance(cache, ContiguousKVCache):
+        specs = tuple(_heads_spec(x.shape[2], x.shape[1], n, axis, by_sequence=False) for x in cache.k)
+        return cache.replace(k=specs, v=specs)
+    if all(hasattr(cache, f) for f in ("full_k", "full_v", "ring_k", "ring_v", "ring_pos")):
+        full = tuple(_heads_spec(x.shape[2], x.shape[1], n, axis, by_sequence=True) for x in cache.full_k)
+        ring = tuple(PartitionSpec() for _ in cache.ring_k)
+        return cache.replace(full_k=full, full_v=full, ring_k=ring, ring_v=ring, ring_pos=ring)
+    raise TypeError(f"no tensor-parallel layout for a {type(cache).__name__}")
+
+
+def shard_cache(cache, mesh, axis: str = "model"):
+    """`cache` placed on `mesh` as `cache_specs` says (device_put of every array)."""
+    specs = cache_specs(cache, _axis_size(mesh, axis), axis)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), cache, specs)
+
+
+def shard_cache_like(cache, model: nnx.Module):
+    """`shard_cache` on the model's mesh when `model` was placed by `shard_model`, else `cache` unchanged; what a
+    generate loop calls right after building its cache, so the cache starts sharded instead of replicated."""
+    where = model_mesh(model)
+    return cache if where is None else shard_cache(cache, *where)
+
+
+def attention_fn(mesh, axis: str = "model", implementation: str | None = None):
+    """An `attention_fn` for `Llama.__call__` (cache-free forwards) that runs the attention front door on each
+    device's own heads under `jax.shard_map` (q [B, S, Hq, D] split over heads; k, v split alike or replicated
+    when there are fewer KV heads than devices), so `implementation="pallas"` runs per shard instead of as one
+    custom call GSPMD cannot split. With "pallas" the positions must be the default `arange` ones (the front
+    door's Pallas path takes none); layer windows are refused by the model (see `Llama.__call__`)."""
+    from jaxeff.nn import attention
+
+    n = _axis_size(mesh, axis)
+
+    def fn(layer, q, k, v, *, q_positions, kv_positions):
+        del layer
+        if q.shape[2] % n:
+            raise ValueError(f"{q.shape[2]} query heads do not split over {n} devices")
+        kv_split = k.shape[2] % n == 0
+        if not kv_split and n % k.shape[2]:
+            raise ValueError(f"{k.shape[2]} key/value heads neither split over nor divide {n} devices")
+        heads, rep = PartitionSpec(None, None, axis, None), PartitionSpec()
+        kv = heads if kv_split else rep
+
+        def local(q, k, v, qp, kp):
+            if not kv_split:  # n % Hkv == 0: this device's query heads all belong to KV head d * Hkv // n
+                head = jax.lax.axis_index(axis) * k.shape[2] // n
+                k = jax.lax.dynamic_slice_in_dim(k, head, 1, axis=2)
+                v = jax.lax.dynamic_slice_in_dim(v, head, 1, axis=2)
+            if implementation == "pallas":  # the kernel takes no positions: the default (arange) ones
+                return attention(q, k, v, causal=True, implementation="pallas")
+            return attention(q, k, v, q_positions=qp, kv_positions=kp, causal=True, implementation=implementation)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(heads, kv, kv, rep, rep), out_specs=heads,
+                             check_vma=False)(q, k, v, q_positions, kv_positions)
+
+    return fn
+
+
+def abstract_model(cfg, mesh, axis: str = "model", dtype=None) -> dict:
+    """The parameters of the decoder of `cfg` (`LlamaConfig` / `Gemma2Config`, default bfloat16) as
+    `jax.ShapeDtypeStruct`s carrying their shardings on `mesh` (a `jax.sharding.AbstractMesh` will do), without
+    allocating anything: {path: ShapeDtypeStruct}, for `per_device_nbytes`."""
+    import jax.numpy as jnp
+
+    from jaxeff.io.hf import decoder_class
+
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    model = nnx.eval_shape(lambda: decoder_class(cfg)(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+    specs = param_specs(model, _axis_size(mesh, axis), axis)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, specs[path]))
+            for path, x in flat.items()}
+
+
+def abstract_cache(make_cache, mesh, axis: str = "model"):
+    """`jax.eval_shape(make_cache)` (e.g. `lambda: DualKVCache.init(...)`) with every leaf carrying the
+    `cache_specs` sharding on `mesh` (an AbstractMesh will do); nothing is allocated."""
+    shapes = jax.eval_shape(make_cache)
+    specs = cache_specs(shapes, _axis_size(mesh, axis), axis)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                        shapes, specs)
+
+
+def per_device_nbytes(tree) -> int:
+    """Bytes of one device's shard (`sharding.shard_shape`) summed over a pytree of `jax.Array`s or sharded
+    `jax.ShapeDtypeStruct`s (shards are equal: `shard_model` / `shard_cache` only split evenly)."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
