@@ -52,7 +52,7 @@ def test_logits_and_greedy_match_transformers(kind, tmp_path):
     with torch.no_grad():
         ref_ids = hf.generate(torch.tensor(prompt[None]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
                               pad_token_id=0)[0, 7:].numpy()
-    out = generate(ours, [prompt.tolist()], 32)
+    out = generate(ours, [prompt.tolist()], 32, eos_id=None)  # min_new_tokens: transformers does not stop either
     np.testing.assert_array_equal(out.tokens[0], ref_ids)
 
 
@@ -232,3 +232,41 @@ def test_several_stop_ids_stop_where_transformers_stops(tmp_path):
         assert (out.tokens[0, expected:] == 0).all()
     save_pretrained(ours, tmp_path / "ours")
     assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").eos_token_id == stops
+
+
+def test_generate_stops_at_generation_config_eos_like_transformers(tmp_path):
+    """Released layout: generation_config.json's eos ids (a list) override config.json's and are `generate`'s
+    default stop; transformers' default `generate` on the same checkpoint stops at the same tokens."""
+    import json
+
+    hf = _hf_model("llama", tmp_path)
+    prompts = [[5, 9, 40, 3, 77, 12, 8], [60, 1, 33, 90]]
+    with torch.no_grad():
+        free = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                            eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    a = free[0][2]  # row 0 stops at its third token, row 1 at the first later token that is neither a nor earlier
+    j = next(i for i in range(1, 8) if free[1][i] != a and a not in free[1][:i + 1] and free[1][i] not in free[0][:3]
+             and free[1][i] not in free[1][:i])
+    b = free[1][j]
+    assert a not in free[0][:2] and hf.config.eos_token_id not in free[0][:3] + free[1][:j + 1]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [b, a]}))
+
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        ref = [ref_model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(p):]
+               .tolist() for p in prompts]
+    assert ref == [free[0][:3], free[1][:j + 1]]  # the checkpoint's ids, not config.json's, stopped transformers
+
+    ours = from_pretrained(tmp_path)
+    assert ours.config.generation_eos_token_id == (b, a) and ours.config.eos_token_id == hf.config.eos_token_id
+    out = generate(ours, prompts, 8, pad_id=0)
+    for row, want in enumerate(ref):
+        assert out.num_generated[row] == len(want)
+        np.testing.assert_array_equal(out.tokens[row, :len(want)], want)
+        assert (out.tokens[row, len(want):] == 0).all()
+    np.testing.assert_array_equal(generate(ours, prompts, 8, eos_id=None).tokens, free)  # None: never stop
+    explicit = generate(ours, prompts, 8, eos_id=[free[0][0], free[1][0]])  # explicit ids win (same compile)
+    assert explicit.num_generated.tolist() == [1, 1]
+    save_pretrained(ours, tmp_path / "ours")  # the ids survive a save / load round trip, in their own file
+    assert from_pretrained(tmp_path / "ours").config.generation_eos_token_id == (b, a)
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "ours").eos_token_id == [b, a]

@@ -16,11 +16,12 @@ from jaxeff.io import hub
 from jaxeff.io.safetensors import load_checkpoint_dir, save_checkpoint_dir
 from jaxeff.io.state_dict import load_mapped
 from jaxeff.models.gemma2 import Gemma2, Gemma2Config
-from jaxeff.models.llama import Llama, LlamaConfig
+from jaxeff.models.llama import Llama, LlamaConfig, stop_id_tuple
 
 Decoder = Llama | Gemma2
 DecoderConfig = LlamaConfig | Gemma2Config
 
+GENERATION_CONFIG = "generation_config.json"
 # Buffers some exporters write that carry no learned weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -45,10 +46,18 @@ def config_from_hf(d: dict) -> DecoderConfig:
 
 
 def load_config(directory: str | Path) -> DecoderConfig:
+    """config.json -> config; a generation_config.json beside it (the released layout) sets
+    `generation_eos_token_id` to its `eos_token_id` (`()` when it has none), the ids transformers' `generate`
+    stops at (transformers `GenerationMixin` loads that file over config.json's ids)."""
     path = Path(directory) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-    return config_from_hf(json.loads(path.read_text()))
+    cfg = config_from_hf(json.loads(path.read_text()))
+    gen = Path(directory) / GENERATION_CONFIG
+    if gen.exists():
+        cfg = dataclasses.replace(cfg, generation_eos_token_id=stop_id_tuple(
+            json.loads(gen.read_text()).get("eos_token_id")))
+    return cfg
 
 
 def decoder_class(cfg: DecoderConfig) -> type[Decoder]:
@@ -109,7 +118,8 @@ def state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
 
 
 def save_pretrained(model: Decoder, directory: str | Path, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json + safetensors (sharded with an index when larger than `max_shard_bytes`)."""
+    """Write config.json + safetensors (sharded with an index when larger than `max_shard_bytes`), and a
+    generation_config.json with the stop ids when the config has `generation_eos_token_id`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state_dict(model, dtype)
@@ -119,3 +129,8 @@ def save_pretrained(model: Decoder, directory: str | Path, dtype=None, max_shard
     cfg = model.config.to_hf() | {"torch_dtype": torch_dtype}
     save_checkpoint_dir(tensors, directory, "model", max_shard_bytes=max_shard_bytes)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen_eos = model.config.generation_eos_token_id
+    if gen_eos is not None:
+        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": list(gen_eos) if isinstance(
+            gen_eos, tuple) else gen_eos}
+        (directory / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2))

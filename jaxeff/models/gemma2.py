@@ -38,7 +38,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxeff.models.llama import LAYER_TYPES, Llama, LlamaAttention, check_inputs, rope_from_hf, stop_id_tuple
+from jaxeff.models.llama import LAYER_TYPES, Llama, LlamaAttention, check_inputs, normalize_eos_fields, rope_from_hf
 from jaxeff.nn import GeGLU, GemmaRMSNorm, RopeScaling, attention, inv_frequencies, soft_cap
 
 ACTIVATIONS = ("gelu_pytorch_tanh",)
@@ -83,6 +83,7 @@ class Gemma2Config:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | tuple[int, ...] | None = 1
+    generation_eos_token_id: int | tuple[int, ...] | None = None  # as in `LlamaConfig`
 
     model_type = "gemma2"  # a class constant, not a field
 
@@ -111,8 +112,7 @@ class Gemma2Config:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0{' or None' if 'soft' in name else ''}, got {value}")
-        if isinstance(self.eos_token_id, (list, tuple)):
-            object.__setattr__(self, "eos_token_id", stop_id_tuple(self.eos_token_id))
+        normalize_eos_fields(self)
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
@@ -150,7 +150,7 @@ class Gemma2Config:
 
     def to_hf(self) -> dict:
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
-        skip = ("rope_scaling", "layer_types", "eos_token_id")
+        skip = ("rope_scaling", "layer_types", "eos_token_id", "generation_eos_token_id")  # the last: its own file
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"} | d | {
             "rope_scaling": self.rope_scaling.to_hf() if self.rope_scaling else None,

@@ -55,6 +55,24 @@ def stop_id_tuple(ids: int | Sequence[int] | None) -> tuple[int, ...]:
     return tuple(int(i) for i in arr.reshape(-1))
 
 
+def normalize_eos_fields(cfg) -> None:
+    """In a frozen config's `__post_init__`: list-valued `eos_token_id` / `generation_eos_token_id` -> tuples."""
+    for name in ("eos_token_id", "generation_eos_token_id"):
+        if isinstance(getattr(cfg, name), (list, tuple)):
+            object.__setattr__(cfg, name, stop_id_tuple(getattr(cfg, name)))
+
+
+def generation_stop_ids(cfg) -> tuple[int, ...]:
+    """The ids `generate` stops at by default: `generation_eos_token_id` (the checkpoint's generation_config.json)
+    when set, else `eos_token_id` (transformers' order)."""
+    ids = cfg.generation_eos_token_id
+    return stop_id_tuple(cfg.eos_token_id if ids is None else ids)
+
+
+# `generate(eos_id=CONFIG_EOS)` (the default): stop at `generation_stop_ids(model.config)`; `eos_id=None`: never stop.
+CONFIG_EOS = "config"
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """The computation-changing fields of a transformers Llama / Mistral / Qwen2 config.
@@ -63,7 +81,10 @@ class LlamaConfig:
     Mistral, and on Llama they also bias o_proj; `mlp_bias` exists on Llama only. `layer_types` says per layer
     whether `sliding_window` applies ("sliding_attention") or not ("full_attention"); None = every layer when
     `sliding_window` is set (Mistral), Qwen2's `use_sliding_window` / `max_window_layers` are turned into it.
-    `eos_token_id` is one id or a tuple of ids (Llama-3 Instruct lists several).
+    `eos_token_id` is one id or a tuple of ids (Llama-3 Instruct lists several). `generation_eos_token_id` is
+    generation_config.json's `eos_token_id` (what transformers' `generate` stops at; `()` when that file gives none),
+    set by `jaxeff.io.from_pretrained`; None (no such file, or a config built in code) means `eos_token_id`, as
+    transformers' `GenerationConfig.from_model_config`. `generate` stops at `generation_stop_ids(config)` by default.
     """
 
     vocab_size: int
@@ -87,6 +108,7 @@ class LlamaConfig:
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    generation_eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -122,8 +144,7 @@ class LlamaConfig:
         if self.sliding_window is not None and self.model_type == "llama":
             raise ValueError("llama has no sliding window (transformers' Llama ignores it); use model_type "
                              "'mistral' or 'qwen2'")
-        if isinstance(self.eos_token_id, (list, tuple)):
-            object.__setattr__(self, "eos_token_id", stop_id_tuple(self.eos_token_id))
+        normalize_eos_fields(self)
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
@@ -475,7 +496,7 @@ def generate(
     inputs_embeds: jnp.ndarray | None = None,
     prompt_lens: Sequence[int] | None = None,
     sampling: SamplingConfig = SamplingConfig(),
-    eos_id: int | Sequence[int] | None = None,
+    eos_id: int | Sequence[int] | None | str = CONFIG_EOS,
     pad_id: int = 0,
     seed: int = 0,
     implementation: str | None = None,
@@ -486,15 +507,18 @@ def generate(
 
     The prompt is either `prompts` (lists of token ids) or, with `prompts=None`, `inputs_embeds` [B, S, hidden]
     (e.g. a VLM's text and visual embeddings; rows right-padded, real lengths `prompt_lens`, default S).
-    eos_id: None (never stop), one stop id or several (e.g. `model.config.eos_token_id` of a Llama-3 Instruct
-    config); a row stops after the first of them it generates and is `pad_id` after it."""
+    eos_id: `CONFIG_EOS` ("config", the default) stops at the checkpoint's ids, `generation_stop_ids(model.config)`
+    (generation_config.json's `eos_token_id`, else config.json's, as transformers' `generate`); None never stops;
+    one id or several (a list, e.g. Llama-3 Instruct's) replace them. A row stops after the first stop id it
+    generates and is `pad_id` after it."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     if (prompts is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of prompts (token ids) or inputs_embeds")
     if prompt_lens is not None and inputs_embeds is None:
         raise ValueError("prompt_lens goes with inputs_embeds (token prompts carry their own lengths)")
-    stops = stop_id_tuple(eos_id)
+    stops = generation_stop_ids(model.config) if isinstance(eos_id, str) and eos_id == CONFIG_EOS else \
+        stop_id_tuple(eos_id)
     if prompts is not None:
         tokens, lengths = pad_prompts(prompts, pad_id, multiple=16)
         tokens, shape = jnp.asarray(tokens), tokens.shape
