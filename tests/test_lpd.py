@@ -238,3 +238,48 @@ def test_generate_images_is_orders_then_decoding_then_the_vq():
     np.testing.assert_array_equal(again["images"], out["images"])
     with pytest.raises(ValueError, match="no official 256px schedule with 7 steps"):
         generate_images(lpd, vq, [1, 4], steps=7)
+
+
+class _NotAllowed:  # a pickled object the safe loader must refuse
+    pass
+
+
+def test_safe_pickle_loader_takes_training_args_and_refuses_other_objects(model, tmp_path):
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    from jaxeff.lpd.weights import load_lpd, read_state_dict, state_dict
+
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in state_dict(model).items()}
+    # the official training-checkpoint layout (util/misc.py save_model): args is an argparse.Namespace
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95)}]},
+                "epoch": 3, "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="lpd_l", blr=1e-4)},
+               tmp_path / "ckpt.pth")
+    loaded = load_lpd(tmp_path / "ckpt.pth", num_heads=CFG.num_heads)  # weights_only=True by default
+    np.testing.assert_array_equal(loaded.pos_embed[...], model.pos_embed[...])
+    torch.save({"model": sd, "extra": _NotAllowed()}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="(?s)_NotAllowed.*weights_only=False only for a file you trust"):
+        read_state_dict(tmp_path / "odd.pth")
+    assert set(read_state_dict(tmp_path / "odd.pth", weights_only=False)) == set(sd)
+
+
+def test_pos_embed_interpolation_is_torchs_bicubic_and_load_lpd_applies_it(model, tmp_path):
+    torch = pytest.importorskip("torch")
+    from jaxeff.io.safetensors import save_file
+    from jaxeff.lpd.weights import interpolate_pos_embed, load_lpd, state_dict
+
+    pe = np.random.default_rng(0).normal(size=(1, 17, 6)).astype(np.float32)  # 4x4 grid + class slot
+    for new in (8, 3, 7):
+        grid = torch.from_numpy(pe[0, 1:]).reshape(1, 4, 4, 6).permute(0, 3, 1, 2)
+        ref = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic").permute(0, 2, 3, 1)
+        out = interpolate_pos_embed(pe, new)
+        np.testing.assert_allclose(out[0, 1:], ref.reshape(new * new, 6).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out[:, :1], pe[:, :1])
+    with pytest.raises(ValueError, match="square grid|g\\*g"):
+        interpolate_pos_embed(pe[:, :16], 8)
+
+    save_file(state_dict(model), tmp_path / "m.safetensors")
+    big = dataclasses.replace(CFG, grid_size=8)  # e.g. a 256px checkpoint into a 512px model
+    loaded = load_lpd(tmp_path / "m.safetensors", big)
+    np.testing.assert_allclose(loaded.pos_embed[...], interpolate_pos_embed(model.pos_embed[...], 8), rtol=1e-6)
+    np.testing.assert_array_equal(loaded.head.kernel[...], model.head.kernel[...])

@@ -43,26 +43,43 @@ def resolve(source: str | Path) -> Path:
     return files[0]
 
 
+def _torch_load(path: Path, weights_only: bool):
+    """torch.load on the CPU. With `weights_only` the safe unpickler also accepts `argparse.Namespace` (the `args`
+    that official training checkpoints carry, `util/misc.py:306-319`; its fields are plain values), so those load
+    without running arbitrary pickle code; anything else non-tensor is refused with the global named."""
+    import argparse
+
+    import torch
+
+    if not weights_only:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError subclasses that differ between versions
+        raise ValueError(
+            f"{path}: the safe loader (torch.load weights_only=True, argparse.Namespace allowed) refused it: {e}\n"
+            "Pass weights_only=False only for a file you trust (e.g. downloaded from the official mit-han-lab/lpd_* "
+            "or FoundationVision/LlamaGen repos): it runs the pickle's code.") from e
+
+
 def read_state_dict(path: str | Path, *, weights_only: bool = True) -> dict[str, np.ndarray]:
     """Official tensors of a `.safetensors` file or a torch pickle (`{"model": sd}` or a bare state dict); `path`
     may be `hf:...` (see `resolve`).
 
-    Pickles load with `weights_only=True` unless you pass False for a file you trust (real training checkpoints
-    carry an argparse `args` object that the safe loader refuses)."""
+    Pickles load with torch's safe unpickler (`weights_only=True`), which here also accepts the `argparse.Namespace`
+    `args` of official training checkpoints; a file holding other objects raises ValueError naming them, and
+    `weights_only=False` (arbitrary code: trusted files only) reads it anyway."""
     path = resolve(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return load_file(path)
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError as e:
         raise ImportError(f"{path} is a torch pickle; install torch to read it (or convert it to safetensors)") from e
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # torch raises UnpicklingError subclasses that differ between versions
-        raise ValueError(f"{path}: torch.load(weights_only={weights_only}) failed ({e}); if the file is trusted and "
-                         "holds non-tensor objects (training args), pass weights_only=False") from e
+    ckpt = _torch_load(path, weights_only)
     sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(sd).__name__}")
@@ -99,13 +116,50 @@ def lpd_config_from_state_dict(tensors: dict, *, num_heads: int | None = None, *
                      num_classes=tensors["class_emb.weight"].shape[0], grid_size=grid, **overrides)
 
 
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of torch's bicubic resize (`F.interpolate(mode="bicubic", align_corners=False)`:
+    source x = (i + 0.5) * n_in / n_out - 0.5, Keys cubic with A = -0.75, edge indices clamped)."""
+    a = -0.75
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        x = (i + 0.5) * n_in / n_out - 0.5
+        x0 = int(np.floor(x))
+        t = x - x0
+        for off, c in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+            w[i, min(max(x0 + off, 0), n_in - 1)] += c
+    return w
+
+
+def interpolate_pos_embed(pos_embed, grid_size: int) -> np.ndarray:
+    """Resize a `pos_embed` [1, g*g + 1, D] to [1, grid_size**2 + 1, D] as the official fine-tuning does when a
+    checkpoint's grid differs from the model's (256px -> 512px: 16x16 -> 32x32; `main.py:132-153, 277-279`):
+    row 0 (class slot) kept, the grid rows resized bicubically (torch's kernel, A = -0.75, align_corners=False).
+    float32 out. Raises ValueError if the rows are not 1 + a square grid."""
+    pe = np.asarray(pos_embed, np.float64)
+    n = pe.shape[1] - 1
+    g = int(round(n**0.5))
+    if pe.ndim != 3 or pe.shape[0] != 1 or g * g != n or grid_size < 1:
+        raise ValueError(f"pos_embed must be [1, g*g + 1, D] and grid_size >= 1, got {pe.shape} and {grid_size}")
+    w = _bicubic_matrix(g, grid_size)
+    grid = np.einsum("ai,bj,ijd->abd", w, w, pe[0, 1:].reshape(g, g, -1)).reshape(1, grid_size**2, -1)
+    return np.concatenate([pe[:, :1], grid], axis=1).astype(np.float32)
+
+
 def load_lpd(path: str | Path, config=None, *, num_heads: int | None = None, weights_only: bool = True,
              dtype=jnp.float32, **overrides):
     """An `LPD` model from a released checkpoint (`.pth` pickle or `.safetensors`); the config comes from the
-    tensor shapes unless given (`overrides` e.g. proj_dropout=0.0 go into the inferred config)."""
+    tensor shapes unless given (`overrides` e.g. proj_dropout=0.0 go into the inferred config). A `config` whose
+    grid differs from the checkpoint's gets the checkpoint's `pos_embed` resized bicubically, as the official
+    `--pretrained_ckpt` path does (`interpolate_pos_embed`; how L-512 / XL-512 were fine-tuned from 256px). The
+    released 512px files were fine-tuned at 32x32 (`scripts/train/lpd_*_512.sh`), so their 1025 rows should load
+    as they are, grid read off the shapes (not yet checked on the real files: no network here)."""
     from jaxeff.lpd.model import LPD
 
     tensors = read_state_dict(path, weights_only=weights_only)
     cfg = config or lpd_config_from_state_dict(tensors, num_heads=num_heads, **overrides)
+    if "pos_embed" in tensors and tensors["pos_embed"].shape[1] != cfg.num_tokens + 1:
+        tensors = tensors | {"pos_embed": interpolate_pos_embed(tensors["pos_embed"], cfg.grid_size)}
     model = nnx.eval_shape(lambda: LPD(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     return load_into(model, tensors, source=str(path), dtype=dtype)
