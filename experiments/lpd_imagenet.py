@@ -1,6 +1,7 @@
 """lpd_imagenet: the released LPD generator and the LlamaGen VQ-f16 tokenizer, class-conditional 256px samples in
 20 parallel steps (locality-aware orders, official CFG), latency at batch 1 and throughput at a large batch next to
-the paper's A100 figures (L-256 / 20 steps: 0.28 s, 139.11 img/s; bf16 there, float32 here unless `dtype`).
+the paper's A100 figures (L-256 / 20 steps: 0.28 s, 139.11 img/s; bf16 there, float32 here).
+`model=lpd_l_512 steps=48` (or xl) runs the 512px release with its official CFG (7.3 / 6.0) and rho = 4.
 
 `full` downloads `hf:mit-han-lab/lpd_l_256` and `hf:FoundationVision/LlamaGen/vq_ds16_c2i.pt` (a GPU/TPU run).
 `smoke` builds a tiny random model and tokenizer (no download) and only exercises the pipeline: its images are
@@ -25,10 +26,12 @@ from jaxeff.lpd.training import cosine_group_sizes
 from jaxeff.lpd.vq import VQConfig, VQModel, load_vq, to_uint8
 
 PAPER = {("lpd_l_256", 20): (0.28, 139.11), ("lpd_xl_256", 20): (0.41, 75.20), ("lpd_xxl_256", 20): (0.55, 45.07),
-         ("lpd_l_256", 32): (0.46, 110.34), ("lpd_xl_256", 32): (0.66, 61.24)}
+         ("lpd_l_256", 32): (0.46, 110.34), ("lpd_xl_256", 32): (0.66, 61.24), ("lpd_l_512", 48): (0.69, 35.16),
+         ("lpd_xl_512", 48): (1.01, 18.18)}
 EVAL_CFG = {("lpd_l_256", 20): 4.8, ("lpd_xl_256", 20): 4.9, ("lpd_xxl_256", 20): 5.9, ("lpd_l_256", 32): 5.4,
-            ("lpd_xl_256", 32): 5.0}
-RHO = {("lpd_xxl_256", 20): 3.0}  # run_lpd_order.sh: 2 for 256px, 3 for XXL / 20 steps
+            ("lpd_xl_256", 32): 5.0, ("lpd_l_512", 48): 7.3, ("lpd_xl_512", 48): 6.0}
+# run_lpd_order.sh / scripts/eval: 2 for 256px, 3 for XXL / 20 steps, 4 for 512px / 48 steps
+RHO = {("lpd_xxl_256", 20): 3.0, ("lpd_l_512", 48): 4.0, ("lpd_xl_512", 48): 4.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Config:
     model: str = "lpd_l_256"
     steps: int = 20
     random_weights: bool = False  # smoke: a tiny random model and tokenizer instead of the download
-    weights_only: bool = True  # torch.load(weights_only=...) for the pickles; False only for files you trust
+    weights_only: bool = True  # safe torch.load (takes the official args Namespace); False only for trusted files
     classes: tuple[int, ...] = (207, 360, 387, 974, 88, 979, 417, 279)
     throughput_batch: int = 64
     repeats: int = 3
