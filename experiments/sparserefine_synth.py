@@ -36,11 +36,13 @@ from jaxeff.sparserefine import (
     RefinerConfig,
     SparseRefiner,
     UNetConfig,
+    bucket_capacities,
     entropy_select,
     epoch_cosine_schedule,
     make_train_step,
     normalize_image,
     paste,
+    pyramid_counts,
     refiner_loss,
     unet_flops,
     upsample_nearest,
@@ -195,40 +197,55 @@ def run(cfg: Config, run: Run) -> None:
 
     tr_logits = np.concatenate([np.asarray(lo_logits(lo_net, jnp.asarray(tr_x[i:i + 4])))
                                 for i in range(0, len(tr_x), 4)])
-    # Static eval capacity per tau: 1.25x the largest per-image selection on the training images (128-aligned).
-    counts = {tau: np.asarray(jax.jit(lambda lg, t: entropy_select(lg, t).sum((1, 2)))(jnp.asarray(tr_logits),
-                                                                                      jnp.float32(tau)))
-              for tau in cfg.taus}
-    eval_caps = {tau: min(h * w, 128 * math.ceil(1.25 * max(int(c.max()), 1) / 128)) for tau, c in counts.items()}
+    sel_share = {tau: float(jax.jit(lambda lg, t: entropy_select(lg, t).mean())(jnp.asarray(tr_logits),
+                                                                                jnp.float32(tau)))
+                 for tau in cfg.taus}
     for tau in cfg.taus:
-        run.print(f"tau {tau}: {100 * counts[tau].mean() / (h * w):.1f}% of training pixels selected, eval "
-                  f"capacity {eval_caps[tau]}")
+        run.print(f"tau {tau}: {100 * sel_share[tau]:.1f}% of training pixels selected")
     rcfg = RefinerConfig(num_classes=K, unet=UNetConfig(planes=cfg.refiner_planes, reps=cfg.refiner_reps,
                                                         downsample=cfg.downsample_mode),
                          capacity=math.ceil(cfg.capacity_fraction * cfg.refiner_batch * cfg.refiner_crop ** 2))
     refiner = _train_refiner(tr_x, tr_logits, tr_lab, cfg, rcfg, run)
-    eval_refiners = {}  # same weights, one whole image, the calibrated capacity of each tau
-    for tau in cfg.taus:
-        eval_refiners[tau] = nnx.clone(refiner)
-        eval_refiners[tau].cfg = dataclasses.replace(rcfg, capacity=eval_caps[tau])
+    levels, mode = rcfg.unet.num_levels, rcfg.unet.downsample
 
     @nnx.jit
     def dense_pred(net, x):
         return jnp.argmax(net(x), -1)
 
+    # Inference in two compiled stages with a host read in between, as static shapes require: (1) low-res model,
+    # selector and the site count of every pyramid level; (2) the refiner at capacities bucketed from those counts
+    # (`bucket_capacities`: at most 25% padding, one program per bucket), instead of one worst-case capacity.
     @nnx.jit
-    def sparse_pred(lo, ref, x, tau):
+    def select(lo, x, tau):
         logits = lo_logits(lo, x)
-        out = ref(x, logits, entropy_select(logits, tau))
+        mask = entropy_select(logits, tau)
+        return logits, mask, pyramid_counts(mask, levels, mode)
+
+    @nnx.jit(static_argnames="caps")
+    def refine_pred(ref, x, logits, mask, caps):
+        out = ref(x, logits, mask, capacities=caps)
         ent = paste(logits, out, EntropyEnsembler()(out["logits/i/mask"], out["logits/o/mask"]))
         return {"o": jnp.argmax(out["logits/o/full"], -1), "e": jnp.argmax(out["logits/e/full"], -1),
-                "ent": jnp.argmax(ent, -1), "low": jnp.argmax(logits, -1), "mask": out["mask"],
-                "overflow": out["overflow"], "counts": out["counts"]}
+                "ent": jnp.argmax(ent, -1), "low": jnp.argmax(logits, -1), "overflow": out["overflow"],
+                "counts": out["counts"]}
 
-    @nnx.jit
-    def sparse_timed(lo, ref, x, tau):  # what the speed-up times: low-res model + refiner + gated ensembler
-        logits = lo_logits(lo, x)
-        return jnp.argmax(ref(x, logits, entropy_select(logits, tau))["logits/e/full"], -1)
+    @nnx.jit(static_argnames="caps")
+    def refine_timed(ref, x, logits, mask, caps):  # the gated (official) output only
+        return jnp.argmax(ref(x, logits, mask, capacities=caps)["logits/e/full"], -1)
+
+    def caps_of(counts):
+        return bucket_capacities(np.asarray(counts), (1, h, w))
+
+    def sparse_pred(x, tau):
+        logits, mask, counts = select(lo_net, x, jnp.float32(tau))
+        caps = caps_of(counts)
+        out = refine_pred(refiner, x, logits, mask, caps)
+        refiner.check({**out, "mask": mask}, caps)
+        return {**out, "mask": mask}
+
+    def sparse_timed(x, tau):  # what the speed-up times: both stages and the host read between them
+        logits, mask, counts = select(lo_net, x, tau)
+        return refine_timed(refiner, x, logits, mask, caps_of(counts))
 
     conf = {"dense high-res": np.zeros((K, K), np.int64), "low-res": np.zeros((K, K), np.int64)}
     sel = {tau: {**{f"conf_{k}": np.zeros((K, K), np.int64) for k in ("o", "e", "ent")}, "selected": 0,
@@ -237,8 +254,7 @@ def run(cfg: Config, run: Run) -> None:
         x, lab = jnp.asarray(ev_x[i:i + 1]), ev_lab[i:i + 1]
         conf["dense high-res"] += confusion(dense_pred(hi_net, x), lab, K)
         for tau in cfg.taus:
-            out = sparse_pred(lo_net, eval_refiners[tau], x, jnp.float32(tau))
-            eval_refiners[tau].check({"overflow": out["overflow"], "counts": out["counts"], "mask": out["mask"]})
+            out = sparse_pred(x, tau)
             s = sel[tau]
             if tau == cfg.taus[0]:
                 conf["low-res"] += confusion(out["low"], lab, K)
@@ -254,7 +270,7 @@ def run(cfg: Config, run: Run) -> None:
 
     x1 = jnp.asarray(ev_x[:1])
     mid = cfg.taus[len(cfg.taus) // 2]
-    ex = sparse_pred(lo_net, eval_refiners[mid], x1, jnp.float32(mid))
+    ex = sparse_pred(x1, mid)
     panels = [ev_img[0], ev_lab[0], np.asarray(dense_pred(hi_net, x1))[0], np.asarray(ex["low"])[0],
               np.asarray(ex["mask"])[0], np.asarray(ex["e"])[0]]
     fig, axes = plt.subplots(1, 6, figsize=(15, 2.8))
@@ -284,8 +300,7 @@ def run(cfg: Config, run: Run) -> None:
         s = sel[tau]
         counts = np.mean(s["counts"], axis=0)
         sparse = unet_flops(rcfg.unet, counts) + head_flops * counts[0]
-        t = best_time(lambda tau=tau: sparse_timed(lo_net, eval_refiners[tau], x1, jnp.float32(tau)),
-                      repeats=cfg.repeats)
+        t = best_time(sparse_timed, x1, jnp.float32(tau), repeats=cfg.repeats)
         for branch, label in (("e", "gated"), ("ent", "entropy ensembler"), ("o", "refined only")):
             rows.append({"method": f"low-res + SparseRefine tau={tau} ({label})",
                          **metrics(s[f"conf_{branch}"]), "selected %": 100 * s["selected"] / pixels,

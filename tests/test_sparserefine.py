@@ -17,6 +17,7 @@ from jaxeff.sparserefine import (
     RefinerConfig,
     SparseRefiner,
     UNetConfig,
+    bucket_capacities,
     build_pyramid,
     check_capacity,
     coarse_mask,
@@ -28,6 +29,7 @@ from jaxeff.sparserefine import (
     make_train_step,
     normalize_image,
     official_optimizer,
+    pyramid_counts,
     refiner_loss,
     upsample_nearest,
 )
@@ -50,7 +52,7 @@ SHAPES = [(1, 7, 9), (2, 13, 6)]
 # jitted once per shape: op-by-op dispatch of the table builders is far slower than one compiled program
 _level = jax.jit(level_from_mask, static_argnums=1)
 _subm = jax.jit(subm_table)
-_coarse = jax.jit(coarse_mask, static_argnums=(1, 2))
+_coarse = jax.jit(coarse_mask, static_argnums=1)
 _down, _up = jax.jit(down_table), jax.jit(up_table)
 _conv = jax.jit(gather_matmul_reference)
 _pyramid = jax.jit(build_pyramid, static_argnums=(1, 2))
@@ -122,12 +124,12 @@ def test_stride2_sites_follow_spconv_rule_and_conv_equals_dense(shape):
     for density in (0.0, 0.05, 0.5):
         mask = _mask(rng, shape, density)
         fine = _level(jnp.asarray(mask), int(np.prod(shape)))
-        cmask = _coarse(fine, shape, "spconv")
+        cmask = _coarse(jnp.asarray(mask), "spconv")
         assert {tuple(int(v) for v in p) for p in np.argwhere(np.asarray(cmask))} == _spconv_sites(mask)
         _, ho, wo = coarse_shape(shape)
         floor = {(int(b), int(y) // 2, int(x) // 2) for b, y, x in np.argwhere(mask)}
         floor = {s for s in floor if s[1] < ho and s[2] < wo}
-        assert {tuple(int(v) for v in p) for p in np.argwhere(np.asarray(_coarse(fine, shape, "floor")))} == floor
+        assert {tuple(int(v) for v in p) for p in np.argwhere(np.asarray(_coarse(jnp.asarray(mask), "floor")))} == floor
         if shape[1] < 3:
             continue
         coarse = _level(cmask, int(np.prod(coarse_shape(shape))))
@@ -252,18 +254,32 @@ def test_point_batch_norm_uses_active_rows_only():
 
 def test_refiner_output_independent_of_capacity_padding(tiny):
     cfg, img, logits = tiny
-    outs = []
-    for cap, ratio in ((400, 1.0), (450, 1.5)):
-        model = SparseRefiner(dataclasses.replace(cfg, capacity=cap, coarse_ratio=ratio), rngs=nnx.Rngs(0))
-        outs.append(_apply(model, img, logits))
-        model.check(outs[-1])
-    a, b = outs
+    model = SparseRefiner(cfg, rngs=nnx.Rngs(0))
+    a = _apply(model, img, logits)
+    model.check(a)
+    # Per-call capacities bucketed from host-side counts (the inference path of the experiment).
+    counts = np.asarray(jax.jit(pyramid_counts, static_argnums=(1, 2))(a["mask"], 2, "spconv"))
+    np.testing.assert_array_equal(counts, a["counts"])
+    caps = bucket_capacities(counts, a["mask"].shape, minimum=16, growth=1.5, align=8)
+    assert all(n <= c for n, c in zip(counts, caps)) and caps != cfg.capacities(a["mask"].shape)
+    b = nnx.jit(lambda m, i, lg: m(i, lg, capacities=caps))(model, img, logits)
+    model.check(b, caps)
     n = int(a["counts"][0])
-    assert 0 < n < 360 and int(b["counts"][0]) == n
+    assert 0 < n < 360 and int(b["counts"][0]) == n and b["valid"].shape == (caps[0],)
     np.testing.assert_allclose(a["logits/e/mask"][:n], b["logits/e/mask"][:n], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(a["logits/e/full"], b["logits/e/full"], rtol=2e-4, atol=2e-5)
     keep = ~np.asarray(a["mask"])
     np.testing.assert_array_equal(np.asarray(a["logits/o/full"])[keep], np.asarray(logits)[keep])
+    with pytest.raises(ValueError, match="capacities must be"):
+        model(img, logits, capacities=(400,))
+
+
+def test_bucket_capacities_ladder():
+    caps = bucket_capacities([0, 1024, 1025, 5000], (1, 4096, 4096))
+    assert caps == (1024, 1024, 1280, 5632)  # rungs 1024, 1280, 1664, 2176, 2816, 3584, 4480, 5632 (128-aligned)
+    assert bucket_capacities([900, 900], (1, 30, 30)) == (900, 196)  # at most the grid: 30x30, then 14x14
+    with pytest.raises(ValueError, match="growth"):
+        bucket_capacities([1], (1, 8, 8), growth=1.0)
 
 
 def test_train_step_updates_params_and_bn_stats(tiny):

@@ -29,17 +29,20 @@ from jaxeff.sparserefine.sparse import (
     CapacityError,
     Level,
     Pyramid,
+    bucket_capacities,
     build_pyramid,
     check_capacity,
     coarse_mask,
     level_capacities,
     level_from_mask,
+    level_masks,
+    pyramid_counts,
 )
 from jaxeff.sparserefine.unet import OFFICIAL_UNET, TINY_UNET, SparseUNet, UNetConfig, unet_flops
 
 __all__ = ["DOWNSAMPLE_MODES", "ENSEMBLERS", "MEAN", "OFFICIAL_UNET", "STD", "TAU", "TINY_UNET", "CapacityError",
            "EntropyEnsembler", "GatedEnsembler", "Level", "Pyramid", "RefinerConfig", "SparseRefiner", "SparseUNet",
-           "UNetConfig", "build_pyramid", "check_capacity", "coarse_mask", "entropy", "entropy_select",
-           "epoch_cosine_schedule", "level_capacities", "level_from_mask", "load_prediction", "logits_from_prediction",
-           "make_train_step", "normalize_image", "official_optimizer", "paste", "refiner_loss", "unet_flops",
-           "upsample_nearest"]
+           "UNetConfig", "bucket_capacities", "build_pyramid", "check_capacity", "coarse_mask", "entropy",
+           "entropy_select", "epoch_cosine_schedule", "level_capacities", "level_from_mask", "level_masks",
+           "load_prediction", "logits_from_prediction", "make_train_step", "normalize_image", "official_optimizer",
+           "paste", "pyramid_counts", "refiner_loss", "unet_flops", "upsample_nearest"]

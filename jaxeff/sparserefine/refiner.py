@@ -103,6 +103,9 @@ class SparseRefiner(nnx.Module):
       "valid" are padding); "coords" int32 [cap, 3] (b, y, x); "valid" bool [cap];
     - "logits/{o,e}/full" [B, H, W, C]: logits with the selected pixels replaced;
     - "mask", "overflow" (bool []), "counts" (int32 [levels]: wanted sites per level).
+    `capacities` (static ints, one per U-Net level) overrides `cfg.capacities(shape)` for this call: choose them
+    on the host from `pyramid_counts(mask, ...)` with `bucket_capacities` to size each image's program to its
+    selection instead of the worst case (the official TorchSparse code has dynamic shapes).
     Outside jit a capacity overflow raises `CapacityError`; under jit call `check_capacity(out["overflow"], ...)`
     on the result (`SparseRefiner.check`)."""
 
@@ -113,7 +116,7 @@ class SparseRefiner(nnx.Module):
         self.ensembler = GatedEnsembler(cfg.num_classes, rngs=rngs) if cfg.ensembler == "gated" \
             else EntropyEnsembler()
 
-    def __call__(self, image, logits, mask=None):
+    def __call__(self, image, logits, mask=None, *, capacities: tuple[int, ...] | None = None):
         cfg = self.cfg
         if image.ndim != 4 or image.shape[-1] != cfg.unet.in_channels:
             raise ValueError(f"image must be [B, H, W, {cfg.unet.in_channels}], got {image.shape}")
@@ -124,7 +127,9 @@ class SparseRefiner(nnx.Module):
             mask = entropy_select(logits, cfg.tau)
         elif mask.shape != image.shape[:3]:
             raise ValueError(f"mask must be {image.shape[:3]}, got {mask.shape}")
-        caps = cfg.capacities(tuple(mask.shape))
+        caps = cfg.capacities(tuple(mask.shape)) if capacities is None else tuple(capacities)
+        if len(caps) != cfg.unet.num_levels or min(caps) < 1:
+            raise ValueError(f"capacities must be {cfg.unet.num_levels} ints >= 1, got {caps}")
         pyr = build_pyramid(mask.astype(bool), caps, cfg.unet.downsample)
         lv = pyr.levels[0]
         b, y, x = lv.coords.T
@@ -138,12 +143,14 @@ class SparseRefiner(nnx.Module):
         for name, val in (("o", yo), ("e", ye)):
             out[f"logits/{name}/full"] = paste(logits, out, val)
         if not isinstance(out["overflow"], jax.core.Tracer):
-            self.check(out)
+            self.check(out, caps)
         return out
 
-    def check(self, out) -> None:
-        """Raises `CapacityError` if the call that produced `out` dropped sites (call outside jit)."""
-        check_capacity(out["overflow"], out["counts"], self.cfg.capacities(tuple(out["mask"].shape)))
+    def check(self, out, capacities: tuple[int, ...] | None = None) -> None:
+        """Raises `CapacityError` if the call that produced `out` dropped sites (call outside jit); pass the
+        call's `capacities` if it overrode the config's."""
+        caps = self.cfg.capacities(tuple(out["mask"].shape)) if capacities is None else capacities
+        check_capacity(out["overflow"], out["counts"], caps)
 
 
 def paste(logits, out, values):

@@ -23,6 +23,8 @@ dropped, and `check_capacity` turns it into a `CapacityError` (ValueError) on th
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,29 +102,45 @@ def coarse_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return b, max((h - 3) // 2 + 1, 1), max((w - 3) // 2 + 1, 1)
 
 
-def coarse_mask(level: Level, shape: tuple[int, int, int], mode: str = "spconv") -> jax.Array:
-    """bool [B, Ho, Wo] of the coarse sites of `level` (grid `shape` = [B, H, W]) under `mode`."""
+def coarse_mask(mask, mode: str = "spconv") -> jax.Array:
+    """bool [B, Ho, Wo] (`coarse_shape`) of the coarse sites of the active sites of `mask` bool [B, H, W].
+
+    Computed densely (a 3x3 stride-2 window OR for "spconv", 2x2 for "floor") rather than by scattering each
+    point's candidate sites: the same set, cheaper at high resolution, and it needs no capacity, so the counts of
+    every level are known before any capacity is chosen (`pyramid_counts`)."""
     if mode not in DOWNSAMPLE_MODES:
         raise ValueError(f"downsample mode must be one of {DOWNSAMPLE_MODES}, got {mode!r}")
-    bo, ho, wo = coarse_shape(shape)
-    b, y, x = level.coords.T
-    valid = level.valid
-    occ = jnp.zeros((bo * ho * wo,), bool)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be [B, H, W], got shape {mask.shape}")
+    _, h, w = mask.shape
+    _, ho, wo = coarse_shape(mask.shape)
+    mask = mask.astype(bool)
+    # spconv: o gathers x = 2o + k, k in {0, 1, 2} (window 3, stride 2); floor: o = x // 2 (window 2, stride 2).
+    win = 3 if mode == "spconv" else 2
+    need_h, need_w = 2 * ho + win - 2, 2 * wo + win - 2  # rows / cols the Ho x Wo windows read
+    m = jnp.pad(mask[:, :need_h, :need_w], ((0, 0), (0, max(need_h - h, 0)), (0, max(need_w - w, 0))))
+    occ = jax.lax.reduce_window(m, False, jax.lax.bitwise_or, (1, win, win), (1, 2, 2), "VALID")
     if mode == "floor":
-        oy, ox = y // 2, x // 2
-        ok = valid & (oy < ho) & (ox < wo)
-        flat = jnp.where(ok, (b * ho + oy) * wo + ox, bo * ho * wo)
-        return occ.at[flat].set(True, mode="drop").reshape(bo, ho, wo)
-    # spconv: bounds from the largest active coordinate per axis, over the whole batch (coords_max).
-    ymax = (jnp.max(jnp.where(valid, y, -1)) - 2) // 2
-    xmax = (jnp.max(jnp.where(valid, x, -1)) - 2) // 2
-    ky, kx = _offsets(STRIDED_OFFSETS)
-    dy, dx = y[:, None] - ky, x[:, None] - kx
-    oy, ox = dy // 2, dx // 2
-    ok = valid[:, None] & (dy % 2 == 0) & (dx % 2 == 0) & (oy >= 0) & (ox >= 0) & (oy <= ymax) & (ox <= xmax)
-    ok = ok & (oy < ho) & (ox < wo)
-    flat = jnp.where(ok, (b[:, None] * ho + oy) * wo + ox, bo * ho * wo)
-    return occ.at[flat.reshape(-1)].set(True, mode="drop").reshape(bo, ho, wo)
+        return occ
+    # spconv bound o <= (x_max - 2) // 2 per axis, x_max the largest active coordinate over the batch (coords_max).
+    ymax = (jnp.max(jnp.where(jnp.any(mask, axis=(0, 2)), jnp.arange(h), -1)) - 2) // 2
+    xmax = (jnp.max(jnp.where(jnp.any(mask, axis=(0, 1)), jnp.arange(w), -1)) - 2) // 2
+    inside = (jnp.arange(ho)[:, None] <= ymax) & (jnp.arange(wo)[None, :] <= xmax)
+    return occ & inside[None]
+
+
+def level_masks(mask, num_levels: int, mode: str = "spconv") -> tuple[jax.Array, ...]:
+    """The dense site masks of every level, finest first: mask, coarse_mask(mask), ... (`num_levels` of them)."""
+    masks = [mask.astype(bool)]
+    for _ in range(num_levels - 1):
+        masks.append(coarse_mask(masks[-1], mode))
+    return tuple(masks)
+
+
+def pyramid_counts(mask, num_levels: int, mode: str = "spconv") -> jax.Array:
+    """int32 [num_levels]: active sites per level of the pyramid `build_pyramid` makes from `mask` bool [B, H, W]
+    (needs no capacity; read it on the host to choose capacities, e.g. with `bucket_capacities`)."""
+    return jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in level_masks(mask, num_levels, mode)])
 
 
 def down_table(fine: Level, coarse: Level) -> jax.Array:
@@ -174,15 +192,35 @@ def level_capacities(capacity: int, num_levels: int, shape: tuple[int, int, int]
     return tuple(caps)
 
 
+def bucket_capacities(counts, shape: tuple[int, int, int], *, minimum: int = 1024, growth: float = 1.25,
+                      align: int = 128) -> tuple[int, ...]:
+    """Static capacity per level from host-side site counts (`pyramid_counts`): the smallest rung >= count of the
+    ladder minimum * growth^i (rounded up to `align`), at most the level's grid. A static-shape program is compiled
+    once per rung, so a stream of images with varying selections compiles a few programs and pads at most
+    `growth` - 1 (25%) instead of sizing every call for the worst case.
+
+    Raises ValueError on minimum < 1, growth <= 1 or align < 1."""
+    if minimum < 1 or growth <= 1 or align < 1:
+        raise ValueError(f"need minimum >= 1, growth > 1, align >= 1; got {minimum}, {growth}, {align}")
+    caps, grid = [], tuple(shape)
+    for i, count in enumerate(np.asarray(counts).tolist()):
+        if i:
+            grid = coarse_shape(grid)
+        cap = minimum
+        while cap < count:
+            cap = align * math.ceil(cap * growth / align)
+        caps.append(min(cap, int(np.prod(grid))))
+    return tuple(caps)
+
+
 def build_pyramid(mask, capacities: tuple[int, ...], mode: str = "spconv") -> Pyramid:
-    """All levels and tables of a U-Net with len(capacities) levels, from the selection mask bool [B, H, W]."""
-    levels = [level_from_mask(mask, capacities[0])]
-    shape = tuple(mask.shape)
-    for cap in capacities[1:]:
-        levels.append(level_from_mask(coarse_mask(levels[-1], shape, mode), cap))
-        shape = coarse_shape(shape)
+    """All levels and tables of a U-Net with len(capacities) levels, from the selection mask bool [B, H, W].
+
+    Coarse sites come from the whole mask (`level_masks`), so when a level overflows, the coarser ones still
+    hold the sites of the dropped points; an overflow is an error anyway (`check_capacity`)."""
+    levels = tuple(level_from_mask(m, cap) for m, cap in zip(level_masks(mask, len(capacities), mode), capacities))
     pairs = list(zip(levels[:-1], levels[1:]))
-    return Pyramid(tuple(levels), tuple(subm_table(lv) for lv in levels),
+    return Pyramid(levels, tuple(subm_table(lv) for lv in levels),
                    tuple(down_table(f, c) for f, c in pairs), tuple(up_table(f, c) for f, c in pairs))
 
 
@@ -200,5 +238,5 @@ def check_capacity(overflow, counts=None, capacities=None) -> None:
 
 
 __all__ = ["DOWNSAMPLE_MODES", "SUBM_OFFSETS", "STRIDED_OFFSETS", "CapacityError", "Level", "Pyramid",
-           "build_pyramid", "check_capacity", "coarse_mask", "coarse_shape", "down_table", "level_capacities",
-           "level_from_mask", "subm_table", "up_table"]
+           "bucket_capacities", "build_pyramid", "check_capacity", "coarse_mask", "coarse_shape", "down_table",
+           "level_capacities", "level_from_mask", "level_masks", "pyramid_counts", "subm_table", "up_table"]
