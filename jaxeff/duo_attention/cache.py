@@ -227,7 +227,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
       eos_id: None, one stop id or several (as `jaxeff.models.llama.generate`): a row stops after the first it
         generates and is `pad_id` after it.
     A model placed by `jaxeff.models.sharding.shard_model` runs tensor-parallel (GSPMD) with its cache sharded
-    as `jaxeff.models.sharding.cache_specs` says.
+    as `jaxeff.models.sharding.cache_specs` says (give a `max_len` that is a multiple of the mesh size, so layers
+    whose retrieval-head count does not split over it split their cache over the sequence instead).
     Returns `DuoGenerateOutput`. ValueError for a pattern of another shape, an unknown protocol / window, a prompt
     not longer than decode_simulation, a cache too short, or non-positive sizes.
     """
