@@ -21,9 +21,12 @@ from jaxeff.sparserefine import (
     build_pyramid,
     check_capacity,
     coarse_mask,
+    dice_loss,
     entropy,
     entropy_select,
     epoch_cosine_schedule,
+    feature_channels,
+    featurize,
     level_from_mask,
     logits_from_prediction,
     make_train_step,
@@ -339,3 +342,65 @@ def test_cityscapes_tfds_loader_with_mock_data():
     np.testing.assert_array_equal(to_train_ids(np.asarray([[[26], [1]]], np.uint8)), [[13, 255]])
     with pytest.raises(ValueError, match="split"):
         CityscapesSource("val")
+
+
+def test_featurizer_options_and_dice_loss(tiny):
+    cfg, img, logits = tiny
+    rng = np.random.default_rng(6)
+    coords = jnp.asarray([[0, 3, 4], [1, 11, 14], [0, 0, 0]], jnp.int32)
+    valid = jnp.asarray([True, True, False])
+    got = np.asarray(featurize(img, logits, coords, valid, ("rgb", "xy", "p", "p>0.3")))
+    p = np.asarray(jax.nn.softmax(logits[coords[:, 0], coords[:, 1], coords[:, 2]], -1))
+    want = np.concatenate([np.asarray(img)[[0, 1, 0], [3, 11, 0], [4, 14, 0]], [[3 / 12, 4 / 15], [11 / 12, 14 / 15],
+                                                                                [0, 0]], p, p > 0.3], -1)
+    want[2] = 0
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert feature_channels(("rgb", "xy", "p", "p>0.3"), 4) == 13
+    with pytest.raises(ValueError, match="unknown feature"):
+        featurize(img, logits, coords, valid, ("depth",))
+    with pytest.raises(ValueError, match="input channels"):
+        RefinerConfig(num_classes=4, features=("rgb", "xy"))
+    # Dice (losses/dice.py) written out over the kept points; padding and label 255 excluded.
+    lg = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    lab = np.asarray([0, 2, 2, 255, 1, 0])
+    keep = np.asarray([True, True, True, True, True, False])
+    k = keep & (lab != 255)
+    pk = np.asarray(jax.nn.softmax(lg, -1))[k]
+    t = np.eye(4)[lab[k]]
+    want = 1 - np.mean(2 * (pk * t).sum(0) / ((pk + t).sum(0) + 1e-5))
+    np.testing.assert_allclose(dice_loss(lg, jnp.asarray(np.where(k, lab, 0)), jnp.asarray(k)), want, rtol=1e-5)
+    out = {"coords": jnp.asarray([[0, 0, i] for i in range(6)], jnp.int32), "valid": jnp.asarray(keep),
+           "logits/o/mask": lg, "logits/e/mask": lg * 0.5}
+    labels = jnp.asarray(lab[None, None])
+    total, m = refiner_loss(out, labels, losses=("xent", "dice"))
+    np.testing.assert_allclose(m["dice_o"], want, rtol=1e-5)
+    np.testing.assert_allclose(total, m["ce_o"] + m["ce_e"] + m["dice_o"] + m["dice_e"], rtol=1e-6)
+    np.testing.assert_allclose(refiner_loss(out, labels, losses=("dice",))[0], m["dice_o"] + m["dice_e"], rtol=1e-6)
+
+
+def test_learnable_selector_matches_torch_and_drives_the_refiner(tiny):
+    torch = pytest.importorskip("torch")
+    cfg, img, logits = tiny
+    cfg = dataclasses.replace(cfg, selector="learnable", tau=0.5, features=("rgb", "xy", "p"),
+                              unet=UNetConfig(in_channels=9, planes=(4,), reps=1))
+    model = SparseRefiner(cfg, rngs=nnx.Rngs(2))
+    sel = model.selector
+    # The official module (learnableSelector.py) rebuilt in torch with the same weights.
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())
+    mlp = torch.nn.Sequential(torch.nn.Linear(4 + 16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        for tl, jl in ((conv[0], sel.conv1), (conv[2], sel.conv2)):
+            tl.weight.copy_(torch.from_numpy(np.asarray(jl.kernel[...]).transpose(3, 2, 0, 1).copy()))
+            tl.bias.copy_(torch.from_numpy(np.asarray(jl.bias[...])))
+        for tl, jl in zip((mlp[0], mlp[2], mlp[4]), (sel.mlp1, sel.mlp2, sel.mlp3)):
+            tl.weight.copy_(torch.from_numpy(np.asarray(jl.kernel[...]).T.copy()))
+            tl.bias.copy_(torch.from_numpy(np.asarray(jl.bias[...])))
+        feats = conv(torch.from_numpy(np.asarray(img)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        score = torch.sigmoid(mlp(torch.cat([torch.from_numpy(np.asarray(logits)), feats], -1)).squeeze(-1))
+    np.testing.assert_allclose(sel.score(img, logits), score.numpy(), rtol=1e-4, atol=1e-5)
+    want = score.numpy() > 0.5
+    out = _apply(model, img, logits)
+    np.testing.assert_array_equal(out["mask"], want)
+    assert int(out["counts"][0]) == want.sum() and out["logits/e/full"].shape == logits.shape

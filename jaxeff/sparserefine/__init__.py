@@ -11,14 +11,20 @@ from jaxeff.sparserefine.data import (
 )
 from jaxeff.sparserefine.refiner import (
     ENSEMBLERS,
+    LOSSES,
+    SELECTORS,
     TAU,
     EntropyEnsembler,
     GatedEnsembler,
+    LearnableSelector,
     RefinerConfig,
     SparseRefiner,
+    dice_loss,
     entropy,
     entropy_select,
     epoch_cosine_schedule,
+    feature_channels,
+    featurize,
     make_train_step,
     official_optimizer,
     paste,
@@ -40,9 +46,10 @@ from jaxeff.sparserefine.sparse import (
 )
 from jaxeff.sparserefine.unet import OFFICIAL_UNET, TINY_UNET, SparseUNet, UNetConfig, unet_flops
 
-__all__ = ["DOWNSAMPLE_MODES", "ENSEMBLERS", "MEAN", "OFFICIAL_UNET", "STD", "TAU", "TINY_UNET", "CapacityError",
-           "EntropyEnsembler", "GatedEnsembler", "Level", "Pyramid", "RefinerConfig", "SparseRefiner", "SparseUNet",
-           "UNetConfig", "bucket_capacities", "build_pyramid", "check_capacity", "coarse_mask", "entropy",
-           "entropy_select", "epoch_cosine_schedule", "level_capacities", "level_from_mask", "level_masks",
-           "load_prediction", "logits_from_prediction", "make_train_step", "normalize_image", "official_optimizer",
-           "paste", "pyramid_counts", "refiner_loss", "unet_flops", "upsample_nearest"]
+__all__ = ["DOWNSAMPLE_MODES", "ENSEMBLERS", "LOSSES", "MEAN", "OFFICIAL_UNET", "SELECTORS", "STD", "TAU",
+           "TINY_UNET", "CapacityError", "EntropyEnsembler", "GatedEnsembler", "LearnableSelector", "Level",
+           "Pyramid", "RefinerConfig", "SparseRefiner", "SparseUNet", "UNetConfig", "bucket_capacities",
+           "build_pyramid", "check_capacity", "coarse_mask", "dice_loss", "entropy", "entropy_select",
+           "epoch_cosine_schedule", "feature_channels", "featurize", "level_capacities", "level_from_mask",
+           "level_masks", "load_prediction", "logits_from_prediction", "make_train_step", "normalize_image",
+           "official_optimizer", "paste", "pyramid_counts", "refiner_loss", "unet_flops", "upsample_nearest"]

@@ -21,6 +21,8 @@ from jaxeff.sparserefine.unet import TINY_UNET, SparseUNet, UNetConfig, uniform_
 # Entropy thresholds of the official experiment configs (configs/experiment/*.yaml), by low-res base model.
 TAU = {"hrnet_w48": 0.3, "segformer_b5": 0.1, "segnext_l": 0.1, "mask2former_t": 0.05, "mask2former_l": 0.005}
 ENSEMBLERS = ("gated", "entropy")
+SELECTORS = ("entropy", "learnable")
+LOSSES = ("xent", "dice")
 IGNORE_INDEX = 255
 
 
@@ -62,16 +64,93 @@ class EntropyEnsembler(nnx.Module):
         return jnp.where((entropy(l1) < entropy(l2))[..., None], l1, l2)
 
 
+def _torch_init(fan_in):
+    """torch's default Linear / Conv2d init: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype=jnp.float32: uniform_init(key, shape, bound).astype(dtype)
+
+
 def _linear(din, dout, rngs):
-    bound = din ** -0.5
-    init = lambda key, shape, dtype=jnp.float32: uniform_init(key, shape, bound).astype(dtype)  # noqa: E731
+    init = _torch_init(din)
     return nnx.Linear(din, dout, kernel_init=init, bias_init=init, rngs=rngs)
+
+
+class LearnableSelector(nnx.Module):
+    """`LearnableSelector` (`models/selectors/learnableSelector.py:10-39`), an option (no official experiment
+    config uses it): f = ReLU(conv(ReLU(conv(image)))) (3 -> 16 -> 16, 3x3, padding 1), then
+    mask = sigmoid(MLP([logits, f])) > threshold, MLP (C + 16) -> 32 -> 32 -> 1 with ReLUs.
+    image float [B, H, W, 3], logits [B, H, W, C] -> bool [B, H, W]. As in the official code the mask is hard
+    (no gradient reaches the selector through the refiner loss) and its unused `percentage` argument is dropped.
+    Weights torch-style U(-1/sqrt(fan_in), 1/sqrt(fan_in)); `conv*.kernel` is HWIO (torch OIHW transposed)."""
+
+    def __init__(self, num_classes: int, threshold: float, *, rngs: nnx.Rngs):
+        self.threshold = threshold
+        conv = lambda a, b: nnx.Conv(a, b, (3, 3), padding=1, kernel_init=_torch_init(9 * a),  # noqa: E731
+                                     bias_init=_torch_init(9 * a), rngs=rngs)
+        self.conv1, self.conv2 = conv(3, 16), conv(16, 16)
+        self.mlp1, self.mlp2, self.mlp3 = _linear(num_classes + 16, 32, rngs), _linear(32, 32, rngs), \
+            _linear(32, 1, rngs)
+
+    def score(self, image, logits):
+        """The pre-threshold probability sigmoid(MLP(...)) float32 [B, H, W]."""
+        f = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(image.astype(jnp.float32)))))
+        h = jnp.concatenate([logits.astype(jnp.float32), f], -1)
+        h = self.mlp3(jax.nn.relu(self.mlp2(jax.nn.relu(self.mlp1(h)))))
+        return jax.nn.sigmoid(h[..., 0])
+
+    def __call__(self, image, logits):
+        return self.score(image, logits) > self.threshold
+
+
+def feature_channels(features: tuple[str, ...], num_classes: int) -> int:
+    """Input channels of the U-Net for featurizer `features`: rgb 3, xy 2, p and p>t C each."""
+    return sum(3 if f == "rgb" else 2 if f == "xy" else num_classes for f in _check_features(features))
+
+
+def _check_features(features):
+    for f in features:
+        if f not in ("rgb", "xy", "p") and not (f.startswith("p>") and _is_float(f[2:])):
+            raise ValueError(f"unknown feature {f!r}; features are 'rgb', 'xy', 'p' and 'p>t' (t a float)")
+    if not features:
+        raise ValueError("features must not be empty")
+    return features
+
+
+def _is_float(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def featurize(image, logits, coords, valid, features: tuple[str, ...] = ("rgb",)):
+    """Point features [cap, channels] of the sites coords int32 [cap, 3] (b, y, x), concatenated in `features`
+    order (`TorchSparseFeaturizer`, `models/featurizers/ts_sparse.py:16-42`): "rgb" the image values, "xy"
+    (y / H, x / W), "p" softmax(logits), "p>t" (softmax(logits) > t) as 0 / 1. Rows where `valid` is False are 0.
+    image [B, H, W, 3], logits [B, H, W, C]. Official default: ("rgb",)."""
+    b, y, x = coords.T
+    h, w = image.shape[1:3]
+    out = []
+    for f in _check_features(features):
+        if f == "rgb":
+            out.append(image[b, y, x].astype(jnp.float32))
+        elif f == "xy":
+            out.append(jnp.stack([y / h, x / w], -1).astype(jnp.float32))
+        else:
+            p = jax.nn.softmax(logits[b, y, x].astype(jnp.float32), -1)
+            out.append(p if f == "p" else (p > float(f[2:])).astype(jnp.float32))
+    return jnp.where(valid[:, None], jnp.concatenate(out, -1), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class RefinerConfig:
-    """num_classes: 19 on Cityscapes. tau: entropy threshold (`TAU` presets). capacity: static number of selected
-    points per batch at level 0 (None: every pixel, never overflows); coarse_ratio: see `level_capacities`."""
+    """num_classes: 19 on Cityscapes. tau: the selector's threshold (entropy: `TAU` presets; learnable: on the
+    sigmoid). capacity: static number of selected points per batch at level 0 (None: every pixel, never
+    overflows); coarse_ratio: see `level_capacities`. selector: "entropy" (official configs) or "learnable"
+    (`LearnableSelector`). features: featurizer inputs (`featurize`; official ("rgb",)); `unet.in_channels` must
+    equal `feature_channels(features, num_classes)`. losses: terms of `refiner_loss` ("xent" official default,
+    "dice" the `configs/losses/dice.yaml` variant)."""
 
     num_classes: int = 19
     unet: UNetConfig = TINY_UNET
@@ -79,6 +158,9 @@ class RefinerConfig:
     tau: float = 0.3
     capacity: int | None = None
     coarse_ratio: float = 1.0
+    selector: str = "entropy"
+    features: tuple[str, ...] = ("rgb",)
+    losses: tuple[str, ...] = ("xent",)
 
     def __post_init__(self):
         if self.ensembler not in ENSEMBLERS:
@@ -87,6 +169,14 @@ class RefinerConfig:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.capacity is not None and self.capacity < 1:
             raise ValueError(f"capacity must be >= 1 or None, got {self.capacity}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if not self.losses or set(self.losses) - set(LOSSES):
+            raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
+        want = feature_channels(tuple(self.features), self.num_classes)
+        if self.unet.in_channels != want:
+            raise ValueError(f"features {self.features} give {want} input channels but unet.in_channels is "
+                             f"{self.unet.in_channels}")
 
     def capacities(self, shape: tuple[int, int, int]) -> tuple[int, ...]:
         cap = int(np.prod(shape)) if self.capacity is None else self.capacity
@@ -94,11 +184,13 @@ class RefinerConfig:
 
 
 class SparseRefiner(nnx.Module):
-    """Selector -> featurizer (RGB of the selected pixels) -> sparse U-Net -> Linear(planes[0] -> C) -> ensembler.
+    """Selector -> featurizer (`cfg.features` of the selected pixels) -> sparse U-Net -> Linear(planes[0] -> C)
+    -> ensembler.
 
     `__call__(image, logits, mask=None)`: image float [B, H, W, 3] (normalised), logits float [B, H, W, C]
     (the low-res model's logits already resized to H x W, see `jaxeff.sparserefine.data`), mask bool [B, H, W]
-    (default: `entropy_select(logits, cfg.tau)`). Returns a dict (`SparseRefiner.forward`, refiner.py):
+    (default: the selector's, `entropy_select(logits, cfg.tau)` or `LearnableSelector`). Returns a dict
+    (`SparseRefiner.forward`, refiner.py):
     - "logits/{i,o,e}/mask" [cap, C]: input, refined and ensembled logits of the selected points (rows past
       "valid" are padding); "coords" int32 [cap, 3] (b, y, x); "valid" bool [cap];
     - "logits/{o,e}/full" [B, H, W, C]: logits with the selected pixels replaced;
@@ -115,16 +207,18 @@ class SparseRefiner(nnx.Module):
         self.classifier = _linear(cfg.unet.planes[0], cfg.num_classes, rngs)
         self.ensembler = GatedEnsembler(cfg.num_classes, rngs=rngs) if cfg.ensembler == "gated" \
             else EntropyEnsembler()
+        self.selector = LearnableSelector(cfg.num_classes, cfg.tau, rngs=rngs) if cfg.selector == "learnable" \
+            else None
 
     def __call__(self, image, logits, mask=None, *, capacities: tuple[int, ...] | None = None):
         cfg = self.cfg
-        if image.ndim != 4 or image.shape[-1] != cfg.unet.in_channels:
-            raise ValueError(f"image must be [B, H, W, {cfg.unet.in_channels}], got {image.shape}")
+        if image.ndim != 4 or image.shape[-1] != 3:
+            raise ValueError(f"image must be [B, H, W, 3], got {image.shape}")
         if logits.shape != image.shape[:3] + (cfg.num_classes,):
             raise ValueError(f"logits must be {image.shape[:3] + (cfg.num_classes,)} (upsample the low-res logits "
                              f"to the image size first), got {logits.shape}")
         if mask is None:
-            mask = entropy_select(logits, cfg.tau)
+            mask = entropy_select(logits, cfg.tau) if self.selector is None else self.selector(image, logits)
         elif mask.shape != image.shape[:3]:
             raise ValueError(f"mask must be {image.shape[:3]}, got {mask.shape}")
         caps = cfg.capacities(tuple(mask.shape)) if capacities is None else tuple(capacities)
@@ -133,8 +227,7 @@ class SparseRefiner(nnx.Module):
         pyr = build_pyramid(mask.astype(bool), caps, cfg.unet.downsample)
         lv = pyr.levels[0]
         b, y, x = lv.coords.T
-        valid = lv.valid[:, None]
-        feats = jnp.where(valid, image[b, y, x].astype(jnp.float32), 0.0)
+        feats = featurize(image, logits, lv.coords, lv.valid, cfg.features)
         yo = self.classifier(self.unet(feats, pyr))
         yi = logits[b, y, x].astype(jnp.float32)
         ye = self.ensembler(yi, yo)
@@ -161,10 +254,23 @@ def paste(logits, out, values):
     return logits.at[drop_b, y, x].set(values.astype(logits.dtype), mode="drop")
 
 
-def refiner_loss(out, labels, ignore_index: int = IGNORE_INDEX):
-    """Cross-entropy (ignore `ignore_index`, mean over the kept points) of the refined and of the ensembled logits
-    at the selected points, summed with weight 1 (`configs/losses/xent.yaml`). labels int [B, H, W].
-    Returns (loss, {"ce_o", "ce_e", "points"})."""
+def dice_loss(logits, labels, keep, eps: float = 1e-5):
+    """`DiceLoss` (`sparserefine/losses/dice.py`): 1 - mean_c 2 sum(p t) / (sum(p + t) + eps) over the kept points,
+    p = softmax(logits), t = one_hot(labels); every class counts in the mean, present or not (official).
+    logits [N, C], labels int [N], keep bool [N] -> float32 []."""
+    p = jax.nn.softmax(logits.astype(jnp.float32), -1) * keep[:, None]
+    t = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32) * keep[:, None]
+    return 1 - jnp.mean(2 * jnp.sum(p * t, 0) / (jnp.sum(p + t, 0) + eps))
+
+
+def refiner_loss(out, labels, ignore_index: int = IGNORE_INDEX, losses: tuple[str, ...] = ("xent",)):
+    """The official loss collection at the selected points, every term weight 1, on the refined ("o") and the
+    ensembled ("e") logits: "xent" cross-entropy (ignore `ignore_index`, mean over the kept points,
+    `configs/losses/xent.yaml`, the default) and / or "dice" (`dice_loss`, `configs/losses/dice.yaml`).
+    labels int [B, H, W]. Returns (loss, metrics): "ce_o", "ce_e" (always reported), "dice_o", "dice_e" (with
+    "dice"), "points"."""
+    if not losses or set(losses) - set(LOSSES):
+        raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {losses}")
     b, y, x = out["coords"].T
     lab = labels[b, y, x].astype(jnp.int32)
     keep = out["valid"] & (lab != ignore_index)
@@ -174,8 +280,12 @@ def refiner_loss(out, labels, ignore_index: int = IGNORE_INDEX):
     def ce(logits):
         return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, safe) * keep) / n
 
-    ce_o, ce_e = ce(out["logits/o/mask"]), ce(out["logits/e/mask"])
-    return ce_o + ce_e, {"ce_o": ce_o, "ce_e": ce_e, "points": jnp.sum(keep)}
+    metrics = {"ce_o": ce(out["logits/o/mask"]), "ce_e": ce(out["logits/e/mask"]), "points": jnp.sum(keep)}
+    loss = metrics["ce_o"] + metrics["ce_e"] if "xent" in losses else 0.0
+    if "dice" in losses:
+        metrics["dice_o"], metrics["dice_e"] = (dice_loss(out[f"logits/{k}/mask"], safe, keep) for k in "oe")
+        loss = loss + metrics["dice_o"] + metrics["dice_e"]
+    return loss, metrics
 
 
 def epoch_cosine_schedule(lr: float, steps_per_epoch: int, epochs: int):
@@ -201,14 +311,15 @@ def official_optimizer(steps_per_epoch: int, epochs: int = 500, lr: float = 3e-4
 def make_train_step(graphdef, tx, labels_key: str = "label"):
     """Jitted `step(params, stats, opt_state, batch) -> (params, stats, opt_state, metrics)` for a refiner split
     as `graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)`: the BN running statistics are
-    updated too. batch: {"image", "logits", labels_key, optional "mask"}. A capacity overflow does not raise
-    under jit: metrics["overflow"] says whether sites were dropped (check it on the host)."""
+    updated too. batch: {"image", "logits", labels_key, optional "mask"}; the loss terms are `cfg.losses`. A
+    capacity overflow does not raise under jit: metrics["overflow"] says whether sites were dropped (check it on
+    the host)."""
 
     def loss_fn(params, stats, batch):
         stats = jax.tree.map(jnp.asarray, stats)  # fresh BatchStat variables at this trace level (BN mutates them)
         model = nnx.merge(graphdef, params, stats)
         out = model(batch["image"], batch["logits"], batch.get("mask"))
-        loss, metrics = refiner_loss(out, batch[labels_key])
+        loss, metrics = refiner_loss(out, batch[labels_key], losses=model.cfg.losses)
         return loss, (nnx.state(model, nnx.BatchStat), dict(metrics, overflow=out["overflow"]))
 
     @jax.jit
