@@ -175,3 +175,59 @@ def test_works_with_and_without_nnx_tree_mode(graph_mode):
         assert generate(merge(graphdef, state), [[1, 2, 3]], 4).tokens.shape == (1, 4)
     finally:
         flax_config.update("nnx_graph_mode", previous)
+
+
+def test_relu_linear_attention_matches_quadratic_formula():
+    """The factorised sums against the quadratic form relu(q) relu(k)^T v / rowsum, float64 numpy; cross-attention
+    lengths (N != M), values wider than keys, mixed-sign inputs (the ReLU matters), a bfloat16 input."""
+    from jaxeff.nn import relu_linear_attention
+
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 7, 3, 5)), rng.standard_normal((2, 11, 3, 5))
+    v = rng.standard_normal((2, 11, 3, 6))
+    w = np.einsum("bnhd,bmhd->bhnm", np.maximum(q, 0), np.maximum(k, 0))
+    want = np.einsum("bhnm,bmhe->bnhe", w, v) / (w.sum(-1).transpose(0, 2, 1)[..., None] + 1e-6)
+    got = relu_linear_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), eps=1e-6)
+    assert got.dtype == jnp.float32 and got.shape == (2, 7, 3, 6)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    half = relu_linear_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), eps=1e-6)
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(half), want, rtol=5e-2, atol=5e-2)
+    # a query whose ReLU features are all zero meets no key: 0 / eps = 0, not NaN
+    zero = relu_linear_attention(-jnp.abs(jnp.asarray(q, jnp.float32)), jnp.asarray(k), jnp.asarray(v))
+    np.testing.assert_array_equal(np.asarray(zero), 0.0)
+    with pytest.raises(ValueError, match="must match"):
+        relu_linear_attention(jnp.asarray(q), jnp.asarray(k[:, :, :2]), jnp.asarray(v))
+
+
+def test_glu_mbconv_and_depthwise_conv_match_direct_convs():
+    """The shared GLU-MBConv core (1x1 matmuls, shifted-sum depthwise, glu_silu) against XLA's direct convs;
+    odd map size, biases on and off; both depthwise implementations against the grouped conv."""
+    from jaxeff.nn import depthwise_conv, glu_mbconv
+
+    rng = np.random.default_rng(1)
+    b, h, w, c, f, cout = 2, 5, 7, 6, 4, 3
+    arr = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)
+    x, wi, bi, wd, bd, wp, bp = arr(b, h, w, c), arr(1, 1, c, 2 * f), arr(2 * f), arr(3, 3, 1, 2 * f), arr(2 * f), \
+        arr(1, 1, f, cout), arr(cout)
+
+    def conv(x, k, groups=1):
+        p = k.shape[0] // 2
+        return jax.lax.conv_general_dilated(x, k, (1, 1), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=groups, precision="highest")
+
+    y = conv(jax.nn.silu(conv(x, wi) + bi), wd, groups=2 * f) + bd
+    want = conv(y[..., :f] * jax.nn.silu(y[..., f:]), wp) + bp
+    np.testing.assert_allclose(glu_mbconv(x, wi, bi, wd, bd, wp, bp), want, rtol=1e-5, atol=1e-5)
+    no_bias = conv(jax.nn.silu(conv(x, wi)), wd, groups=2 * f)
+    np.testing.assert_allclose(glu_mbconv(x, wi, None, wd, None, wp),
+                               conv(no_bias[..., :f] * jax.nn.silu(no_bias[..., f:]), wp), rtol=1e-5, atol=1e-5)
+    for k in (3, 5):
+        wk = arr(k, k, 1, c)
+        for impl in ("shifted", "xla", None):
+            np.testing.assert_allclose(depthwise_conv(x, wk, implementation=impl), conv(x, wk, groups=c),
+                                       rtol=1e-5, atol=1e-5, err_msg=f"k={k} {impl}")
+    with pytest.raises(ValueError, match="odd k"):
+        depthwise_conv(x, arr(2, 2, 1, c))
+    with pytest.raises(ValueError, match="glu_mbconv weights"):
+        glu_mbconv(x, wi, bi, wd[..., :-1], bd, wp)

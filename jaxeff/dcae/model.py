@@ -21,7 +21,9 @@ from flax import nnx
 from jaxeff.dcae import weights
 from jaxeff.dcae.config import DCAEConfig
 from jaxeff.io import hub
-from pallas_kernels import channel_rms_norm, glu_silu
+from jaxeff.nn import depthwise_conv, glu_mbconv, relu_linear_attention
+from jaxeff.nn.conv import depthwise_conv_shifted  # noqa: F401 (re-exported: tests/test_dcae.py imports it here)
+from pallas_kernels import channel_rms_norm
 
 _ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": jax.nn.relu, "silu": jax.nn.silu, "relu6": jax.nn.relu6}
 
@@ -93,15 +95,6 @@ def _winograd_pays(x: jax.Array, w: jax.Array) -> bool:
     return jax.default_backend() == "cpu" and x.dtype == jnp.float32 and pixels >= 128 * 128 and min(w.shape[2:]) >= 256
 
 
-def depthwise_conv_shifted(x: jax.Array, w: jax.Array) -> jax.Array:
-    """'Same' depthwise kxk conv [B, H, W, C] x [k, k, 1, C] as k*k shifted multiply-adds that XLA fuses into one
-    loop: XLA:CPU's grouped conv was 10-20x slower than this (and than torch) on the 512px GLUMBConv shapes."""
-    k, p = w.shape[0], w.shape[0] // 2
-    h, wd = x.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    return sum(xp[:, i : i + h, j : j + wd] * w[i, j, 0] for i in range(k) for j in range(k))
-
-
 def _bound(fan_in: int) -> float:
     # torch's default init for conv/linear weights and biases: kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
     return 1.0 / np.sqrt(fan_in)
@@ -134,8 +127,8 @@ class Conv2d(nnx.Module):
                 wg = w[0, 0].reshape(cin_g, g, cout // g).transpose(1, 0, 2)
                 xg = x.reshape(*x.shape[:-1], g, cin_g)
                 y = jnp.einsum("...gi,gio->...go", xg, wg).reshape(*x.shape[:-1], cout)
-        elif self.groups == w.shape[3] and w.shape[2] == 1 and self.stride == 1 and jax.default_backend() == "cpu":
-            y = depthwise_conv_shifted(x, w)  # GPU/TPU take the native grouped conv below
+        elif self.groups == w.shape[3] and w.shape[2] == 1 and self.stride == 1:
+            y = depthwise_conv(x, w)  # shifted sum on CPU, the native grouped conv on GPU/TPU
         elif self.kernel_size == 3 and self.stride == 1 and self.groups == 1 and _winograd_pays(x, w):
             y = winograd_conv3x3(x, w)
         else:
@@ -243,7 +236,8 @@ class LiteMLA(nnx.Module):
 
     `to_q`/`to_k`/`to_v` are the thirds of the original fused qkv conv; the heads read their q, k and v from the
     concatenation in a head-interleaved layout ([q_h, k_h, v_h] per 3*head_dim channels), as the original does.
-    Maps with H*W <= head_dim use quadratic ReLU attention, larger ones linear attention in float32."""
+    Maps with H*W <= head_dim use quadratic ReLU attention, larger ones linear attention in float32
+    (`jaxeff.nn.relu_linear_attention`, shared with SANA)."""
 
     def __init__(self, channels: int, head_dim: int, norm_type: str, kernel_sizes: tuple[int, ...], *,
                  rngs: nnx.Rngs, dtype=jnp.float32, eps: float = 1e-15):
@@ -265,17 +259,12 @@ class LiteMLA(nnx.Module):
         qkv = x @ wqkv
         qkv = jnp.concatenate([qkv] + [proj(qkv) for proj in self.to_qkv_multiscale], axis=-1)
         d = self.head_dim
-        linear = h * w > d
-        if linear:
-            qkv = qkv.astype(jnp.float32)
         qkv = qkv.reshape(b, h * w, -1, 3, d)
-        q, k, v = jax.nn.relu(qkv[..., 0, :]), jax.nn.relu(qkv[..., 1, :]), qkv[..., 2, :]
-        if linear:
-            kv = jnp.einsum("bmhd,bmhe->bhde", k, v)
-            num = jnp.einsum("bnhd,bhde->bnhe", q, kv)
-            den = jnp.einsum("bnhd,bhd->bnh", q, k.sum(axis=1))
-            out = num / (den[..., None] + self.eps)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        if h * w > d:
+            out = relu_linear_attention(q, k, v, self.eps)
         else:
+            q, k = jax.nn.relu(q), jax.nn.relu(k)
             scores = jnp.einsum("bmhd,bnhd->bhmn", k, q).astype(jnp.float32)
             scores = scores / (scores.sum(axis=2, keepdims=True) + self.eps)
             out = jnp.einsum("bmhe,bhmn->bnhe", v, scores.astype(v.dtype))
@@ -284,7 +273,8 @@ class LiteMLA(nnx.Module):
 
 
 class GLUMBConv(nnx.Module):
-    """x + rms(conv1x1(a * silu(gate))), [a, gate] = dwconv3x3(silu(conv1x1(x))), expansion 4."""
+    """x + rms(conv1x1(a * silu(gate))), [a, gate] = dwconv3x3(silu(conv1x1(x))), expansion 4; the core without
+    the residual and norm is `jaxeff.nn.glu_mbconv` (shared with SANA)."""
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32, expand_ratio: int = 4):
         hidden = expand_ratio * channels
@@ -294,8 +284,10 @@ class GLUMBConv(nnx.Module):
         self.norm = RMSNorm2d(channels, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.conv_depth(jax.nn.silu(self.conv_inverted(x)))
-        return self.norm(self.conv_point(glu_silu(y)), residual=x)
+        inv, depth = self.conv_inverted, self.conv_depth
+        y = glu_mbconv(x, inv.weight[...], inv.bias[...], depth.weight[...], depth.bias[...],
+                       self.conv_point.weight[...])
+        return self.norm(y, residual=x)
 
 
 class EfficientViTBlock(nnx.Module):

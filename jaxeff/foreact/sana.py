@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.foreact.config import SanaConfig
+from jaxeff.nn import glu_mbconv, relu_linear_attention
 from jaxeff.nn.norms import RMSNorm
 
 TIMESTEP_CHANNELS = 256
@@ -82,7 +83,8 @@ class AdaLayerNormSingle(nnx.Module):
 
 class LinearSelfAttention(nnx.Module):
     """SANA's ReLU linear attention over all tokens (diffusers `SanaLinearAttnProcessor2_0`):
-    out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps), q, k <- relu; float32; no 1/sqrt(d)."""
+    out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps), q, k <- relu; float32; no 1/sqrt(d)
+    (`jaxeff.nn.relu_linear_attention`, shared with DC-AE's LiteMLA)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
         inner = heads * head_dim
@@ -94,13 +96,9 @@ class LinearSelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, _ = x.shape
-        split = lambda y: y.astype(jnp.float32).reshape(b, n, self.heads, -1)
-        q, k, v = jax.nn.relu(split(self.to_q(x))), jax.nn.relu(split(self.to_k(x))), split(self.to_v(x))
-        kv = jnp.einsum("bmhd,bmhe->bhde", k, v)
-        num = jnp.einsum("bnhd,bhde->bnhe", q, kv)
-        den = jnp.einsum("bnhd,bhd->bnh", q, k.sum(axis=1))
-        out = (num / (den[..., None] + self.eps)).reshape(b, n, -1).astype(x.dtype)
-        return self.to_out[0](out)
+        split = lambda y: y.reshape(b, n, self.heads, -1)
+        out = relu_linear_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)), self.eps)
+        return self.to_out[0](out.reshape(b, n, -1).astype(x.dtype))
 
 
 class CrossAttention(nnx.Module):
@@ -127,7 +125,8 @@ class CrossAttention(nnx.Module):
 
 class GLUMBConv(nnx.Module):
     """1x1 conv D->2F, SiLU, depthwise 3x3 (zero padding), value * SiLU(gate), 1x1 conv F->D without bias
-    (diffusers `GLUMBConv(residual_connection=False)`, as SANA's feed-forward); input [B, H, W, D]."""
+    (diffusers `GLUMBConv(residual_connection=False)`, as SANA's feed-forward); input [B, H, W, D]. nnx.Conv
+    modules keep the parameter names; the computation is `jaxeff.nn.glu_mbconv` (shared with DC-AE)."""
 
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
@@ -136,9 +135,9 @@ class GLUMBConv(nnx.Module):
         self.conv_point = nnx.Conv(hidden, dim, (1, 1), use_bias=False, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.conv_depth(jax.nn.silu(self.conv_inverted(x)))
-        value, gate = jnp.split(y, 2, axis=-1)
-        return self.conv_point(value * jax.nn.silu(gate))
+        inv, depth = self.conv_inverted, self.conv_depth
+        return glu_mbconv(x, inv.kernel[...], inv.bias[...], depth.kernel[...], depth.bias[...],
+                          self.conv_point.kernel[...])
 
 
 class SanaBlock(nnx.Module):
