@@ -5,7 +5,8 @@ Random weights (timing does not depend on them). The dense model is `jaxeff.spar
 "+ SparseRefine" adds the entropy selector, the sparse U-Net (`planes`, `reps`) on the selected pixels and the
 gated ensembler. Random weights give near-uniform logits, so the selection is set directly: the pixels within
 `band` px of a class boundary of a procedural scene (`synth.make_scene`), about the share an entropy selector
-picks on real models; the share is printed. The static capacity is the selected count rounded up to 128.
+picks on real models; the share is printed. Static capacities per level: `bucket_capacities` of the host-side
+`pyramid_counts` (as the experiment's inference path).
 Prints seconds per image (best of `repeats` after a compile + warm-up call), FLOPs (XLA's count for the dense
 parts; analytic, active sites only, for the sparse U-Net) and both ratios to dense high-res.
 
@@ -16,7 +17,6 @@ width, factor, band, reps, repeats.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import jax
@@ -25,7 +25,15 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import best_time, parse_preset
-from jaxeff.sparserefine import RefinerConfig, SparseRefiner, UNetConfig, unet_flops, upsample_nearest
+from jaxeff.sparserefine import (
+    RefinerConfig,
+    SparseRefiner,
+    UNetConfig,
+    bucket_capacities,
+    pyramid_counts,
+    unet_flops,
+    upsample_nearest,
+)
 from jaxeff.sparserefine.synth import CLASSES, DenseSegNet, downsample, make_scene
 
 PRESETS = {
@@ -56,8 +64,9 @@ def main(argv):
                                  (1, 1, 1), "SAME")
     count = int(mask.sum())
     net = DenseSegNet(k, o["width"], rngs=nnx.Rngs(0))
-    rcfg = RefinerConfig(num_classes=k, unet=UNetConfig(planes=tuple(o["planes"]), reps=o["reps"]),
-                         capacity=128 * math.ceil(count / 128), coarse_ratio=1.25)
+    unet = UNetConfig(planes=tuple(o["planes"]), reps=o["reps"])
+    caps = bucket_capacities(np.asarray(pyramid_counts(mask, unet.num_levels, unet.downsample)), mask.shape)
+    rcfg = RefinerConfig(num_classes=k, unet=unet, capacity=caps[0])
     refiner = SparseRefiner(rcfg, rngs=nnx.Rngs(1))
     refiner.eval()
 
@@ -69,11 +78,11 @@ def main(argv):
 
     @nnx.jit
     def refined(m, r, x, mask):
-        out = r(x, low(m, x), mask)
+        out = r(x, low(m, x), mask, capacities=caps)
         return jnp.argmax(out["logits/e/full"], -1), out["overflow"], out["counts"]
 
     _, overflow, counts = refined(net, refiner, x, mask)
-    refiner.check({"overflow": overflow, "counts": counts, "mask": mask})
+    refiner.check({"overflow": overflow, "counts": counts, "mask": mask}, caps)
     gd, st = nnx.split(net)
     fl_dense = _flops(lambda x: nnx.merge(gd, st)(x), x)
     fl_low = _flops(lambda x: nnx.merge(gd, st)(downsample(x, f)), x)
@@ -84,7 +93,8 @@ def main(argv):
     t_ref = best_time(lambda: refined(net, refiner, x, mask)[0], repeats=o["repeats"])
     print(f"SparseRefine benchmark, {h}x{w}, dense width {o['width']}, low-res 1/{f}, U-Net planes "
           f"{rcfg.unet.planes} x{rcfg.unet.reps}, selected {100 * count / (h * w):.1f}% of pixels "
-          f"(sites per level {np.asarray(counts).tolist()}), device {jax.devices()[0].device_kind}")
+          f"(sites per level {np.asarray(counts).tolist()}, capacities {list(caps)}), "
+          f"device {jax.devices()[0].device_kind}")
     print(f"{'method':<26}{'s / image':>12}{'GFLOPs':>10}{'speed-up':>10}{'FLOPs ratio':>13}")
     for name, t, fl in (("dense high-res", t_dense, fl_dense), ("low-res", t_low, fl_low),
                         ("low-res + SparseRefine", t_ref, fl_low + fl_sparse)):
