@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxeff.models.llama import is_stop, num_generated, pad_prompts, stop_id_tuple
-from jaxeff.models.sharding import shard_cache_like
+from jaxeff.models.sharding import init_cache
 from jaxeff.nn import attention, make_mask, xla_attention
 
 WINDOWS = ("official", "token")
@@ -268,9 +268,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
     pre_tokens = np.pad(tokens, ((0, 0), (0, max(n_chunks * chunk - tokens.shape[1], 0))),
                         constant_values=pad_id)[:, : n_chunks * chunk]
     positions = np.where(cols < dense_len[:, None], cols, -1).astype(np.int32)
-    # On a model placed by `jaxeff.models.sharding.shard_model` the cache starts sharded on its mesh, not replicated.
-    cache = shard_cache_like(DualKVCache.init(mask, len(prompts), max_len, mc.head_dim, sink=sink, recent=recent,
-                                              dtype=model.dtype, window=window), model)
+    # On a model placed by `jaxeff.models.sharding.shard_model` the cache is built in its shards.
+    cache = init_cache(lambda: DualKVCache.init(mask, len(prompts), max_len, mc.head_dim, sink=sink, recent=recent,
+                                                dtype=model.dtype, window=window), model)
     graphdef, state = nnx.split(model)
     first_logits = None
     for c in range(n_chunks):

@@ -18,11 +18,14 @@ Caches (`shard_cache`): `ContiguousKVCache` k/v [B, T, Hkv, D] like k_proj (head
 multiple of n, else over the sequence T when T is (the per-layer head split rarely divides n), else replicated;
 its streaming rings (sink + recent slots) replicated.
 
-Attention under GSPMD: the front door's "xla" and "dot_product" implementations are plain XLA ops (cuDNN's fused
-attention has its own partitioning rule in jax), so they partition as above. Every KV cache calls the front door
-with implementation "pallas" turned into the default, so generation never runs a Pallas kernel. A cache-free
-forward with `implementation="pallas"` on sharded arrays would hand a custom call to GSPMD, which cannot split
-it; `attention_fn(mesh)` runs the front door per device under `jax.shard_map` over the head shards instead.
+Attention under GSPMD: the front door's "xla" implementation (and "dot_product" where it is XLA, as on TPU) is
+plain XLA ops, so it partitions as above; jax gives its cuDNN attention a partitioning rule (untested here). The
+contiguous and DuoAttention caches turn implementation "pallas" into the default, so their generation never runs
+a Pallas kernel. A Pallas call on sharded arrays (a cache-free forward with `implementation="pallas"`, LServe's
+kernels) is a custom call GSPMD cannot split: XLA gathers its inputs and runs it whole on every device (correct,
+but neither memory nor work is split; jax-ml/jax-triton#163); on CPU the interpreted kernel is plain XLA and
+splits. `attention_fn(mesh)` runs the front door per device under `jax.shard_map` over the head shards instead,
+and LServe takes `implementation="xla"` on a sharded model.
 
 `per_device_nbytes` counts what one device holds of a tree of sharded arrays or sharded `jax.ShapeDtypeStruct`s
 (`abstract_model`, `abstract_cache` on a `jax.sharding.AbstractMesh`), so memory is planned for a model that is
@@ -153,11 +156,17 @@ def shard_cache(cache, mesh, axis: str = "model"):
     return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), cache, specs)
 
 
-def shard_cache_like(cache, model: nnx.Module):
-    """`shard_cache` on the model's mesh when `model` was placed by `shard_model`, else `cache` unchanged; what a
-    generate loop calls right after building its cache, so the cache starts sharded instead of replicated."""
+def init_cache(make_cache, model: nnx.Module):
+    """`make_cache()` (e.g. `lambda: model.init_cache(batch, length)`), built straight into its `cache_specs`
+    shards when `model` was placed by `shard_model` (one jitted program with those output shardings, so no
+    device ever holds the whole cache), else called as is. What a generate loop calls to build its cache."""
     where = model_mesh(model)
-    return cache if where is None else shard_cache(cache, *where)
+    if where is None:
+        return make_cache()
+    mesh, axis = where
+    specs = cache_specs(jax.eval_shape(make_cache), mesh.shape[axis], axis)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.jit(make_cache, out_shardings=shardings)()
 
 
 def attention_fn(mesh, axis: str = "model", implementation: str | None = None):

@@ -51,6 +51,11 @@ def test_parameters_are_split(qwen_pair, mesh):
     assert _spec(model.embed_tokens.embedding[...]) == PartitionSpec("model", None)
     assert _spec(model.lm_head.kernel[...]) == model_axis
     assert attn.q_proj.kernel[...].addressable_shards[0].data.shape == (64, 64 // 8)
+    cache = tp.init_cache(lambda: model.init_cache(2, 32), model)  # built in its shards
+    assert _spec(cache.v[1]) == PartitionSpec(None, None, "model", None)
+    assert cache.v[1].addressable_shards[0].data.shape == (2, 32, 1, 8)
+    one_device = tp.init_cache(lambda: qwen_pair[0].init_cache(2, 32), qwen_pair[0])
+    assert len(one_device.k[0].sharding.device_set) == 1
     params = nnx.state(model, nnx.Param)
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     norms = 5 * 64 * 4  # 2 per layer + final, replicated
@@ -62,8 +67,8 @@ def test_kv_heads_fewer_than_devices_are_replicated(mesh):
     attn = model.layers[0].self_attn
     assert _spec(attn.k_proj.kernel[...]) == PartitionSpec() and _spec(attn.q_proj.kernel[...]) == PartitionSpec(
         None, "model")
-    cache = tp.shard_cache(model.init_cache(2, 32), mesh)
-    assert _spec(cache.k[0]) == PartitionSpec()
+    cache = tp.init_cache(lambda: model.init_cache(2, 32), model)
+    assert _spec(cache.k[0]) == PartitionSpec() and len(cache.k[0].sharding.device_set) == 8
 
 
 def test_llama_generate_sharded_equals_one_device(mesh):
