@@ -14,6 +14,7 @@ from jaxeff.distributed import make_mesh
 from jaxeff.models import sharding as tp
 from jaxeff.models.gemma2 import Gemma2, Gemma2Config
 from jaxeff.models.llama import Llama, LlamaConfig, generate
+from jaxeff.nn import ContiguousKVCache
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/multidevice conftest)")
 
@@ -132,13 +133,20 @@ def test_bad_mesh_is_refused(n, kw, match):
         tp.shard_model(model, make_mesh((1,), ("model",)), axis="tensor")
 
 
-def test_gemma2_tied_embeddings_split_over_vocab():
+def test_gemma2_sharded_logits_match(mesh):
+    """Tied embeddings split over the vocabulary, 2 KV heads replicated on 8 devices, windows and soft-caps."""
     cfg = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    specs = tp.param_specs(nnx.eval_shape(lambda: Gemma2(cfg, rngs=nnx.Rngs(0))), 4)
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=4)
+    one = Gemma2(cfg, rngs=nnx.Rngs(0))
+    specs = tp.param_specs(one, 8)
     assert specs[("embed_tokens", "embedding")] == PartitionSpec("model", None)
     assert specs[("layers", 0, "pre_feedforward_layernorm", "weight")] == PartitionSpec()
-    assert specs[("layers", 0, "self_attn", "v_proj", "kernel")] == PartitionSpec()  # 2 KV heads on 4: replicated
+    assert specs[("layers", 0, "self_attn", "v_proj", "kernel")] == PartitionSpec()
+    tokens = jnp.asarray([PROMPTS[0][:10]])
+    forward = jax.jit(lambda m, t: m(t))
+    ref = forward(one, tokens)
+    out = forward(tp.shard_model(Gemma2(cfg, rngs=nnx.Rngs(0)), mesh), tokens)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
 
 
 def test_llama3_8b_per_device_bytes():
@@ -152,9 +160,7 @@ def test_llama3_8b_per_device_bytes():
     assert n_params == 8_030_261_248  # Meta-Llama-3-8B
     replicated = 65 * 4096 * 2  # RMSNorm weights
     assert tp.per_device_nbytes(params) == (n_params * 2 - replicated) // 8 + replicated
-    dense = tp.abstract_cache(lambda: Llama.init_cache(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0),
-                                                                                    dtype=jnp.bfloat16)), 1, 32768),
-                              mesh8)
+    dense = tp.abstract_cache(lambda: ContiguousKVCache.init(32, 1, 32768, 8, 128, jnp.bfloat16), mesh8)
     assert tp.per_device_nbytes(dense) == 32 * 2 * 32768 * 8 * 128 * 2 // 8  # 512 MiB of 4 GiB
     heads = np.zeros((32, 8), bool)
     heads[:, :4] = True
