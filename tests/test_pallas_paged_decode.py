@@ -256,8 +256,7 @@ def test_pallas_sparse_paged_decode_ignores_nan_in_padded_slots(filled):
     dirty_v = jnp.where(pad, jnp.nan, cache.v_pages)
     stream = np.array([True, False])
     q = jax.random.normal(jax.random.key(7), (B, 4, D))
-    scores = pk.page_scores(q, cache.kmin, cache.kmax, cache.page_table, cache.lengths, logical_page_size=LPAGE,
-                            per_query_head=True)
+    scores = pk.page_scores(q, cache.kmin, cache.kmax, cache.page_table, cache.lengths, logical_page_size=LPAGE)
     selected = pk.select_pages(scores, cache.lengths, budget=3 * PAGE, page_size=PAGE)
     kw = dict(streaming_heads=stream, sink=3, local=20)
     lists = pk.decode_page_lists(cache.page_table, cache.lengths, selected, stream, sink=3, local=20, page_size=PAGE)
