@@ -12,10 +12,12 @@ compile + warm-up call, best of `repeats`:
   concatenation), same two batch sizes (`old_path=0` skips it).
 - DiT: the same-size transformer on an f8 latent for `dit_steps` DDIM steps, same two batch sizes.
 Prints the table, the ratios (DiT / HART time, old / new), analytic MACs and their ratio. `memory=1` adds the peak
-memory of the whole 1024px program (text + generation + decoding, bfloat16) from XLA's `memory_analysis()` of the
-program compiled on this device for abstract inputs (nothing allocated) at two batch sizes, and the largest batch
-that fits 16 GiB (TPU v5e-1) and 80 GiB (an 80 GB GPU) by linear extrapolation in the batch (a CPU-compiled
-program is only an estimate for another backend: its buffer assignment and attention kernels differ).
+memory per stage (text encoder, AR + diffusion, tokenizer decoder, each with its own weights) and of the whole
+1024px program (bfloat16) at batch 1 / 2 / 4 from XLA's `memory_analysis()` of programs compiled on this device
+for abstract inputs (nothing allocated), and the largest batch that fits 16 GiB (TPU v5e-1) and 80 GiB (an 80 GB
+GPU) (`jaxeff.hart.pipeline.largest_batch`). A CPU-compiled program is only an estimate for another backend: it
+upcasts bfloat16 matmuls to float32 and its buffer assignment and attention kernels differ; it is compiled with
+XLA's memory-optimised CPU scheduler (`memory_compiler_options`).
 
 Presets: `smoke` (default; tiny, for CPU: timings there are ratios only), `reduced` (a mid-size model, still CPU),
 `full` (1024px at the released size with a Qwen2-1.5B-sized text encoder: GPU / TPU). Overrides: key=<int> for
@@ -24,6 +26,7 @@ the integer options of the preset (see PRESETS), e.g. `python -m benchmarks.hart
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import jax
@@ -33,10 +36,10 @@ from flax import nnx
 from benchmarks import best_time, parse_preset
 from jaxeff.hart.dit import DiT, DiTConfig, ddim_sample_jit
 from jaxeff.hart.macs import dit_macs, hart_macs
-from jaxeff.hart.pipeline import generate_images
-from jaxeff.hart.text import SYSTEM_PROMPT
+from jaxeff.hart.pipeline import generate_images, largest_batch, memory_compiler_options, peak_bytes, program_peak_bytes
+from jaxeff.hart.text import SYSTEM_PROMPT, encode_tokens
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
-from jaxeff.hart.transformer import HARTConfig, HARTTransformer, SampleOptions, generate_fhat_jit
+from jaxeff.hart.transformer import HARTConfig, HARTTransformer, SampleOptions, generate_fhat, generate_fhat_jit
 from jaxeff.models.llama import Llama, LlamaConfig
 
 _QWEN2_1_5B = {"text_layers": 28, "text_hidden": 1536, "text_heads": 12, "text_kv_heads": 2, "text_ffn": 8960,
@@ -94,27 +97,34 @@ def inputs(o: dict, b: int):
     return ctx, pos, tokens, jnp.ones(tokens.shape, bool)
 
 
-def memory_rows(o: dict, batches=(1, 2), q_chunk: int | None = 1024) -> list[dict]:
-    """Peak bytes of the whole bfloat16 program (text + generation + decoding; `q_chunk` as `generate_fhat`) from
-    the compiled program's memory_analysis() at `batches`, and the largest batch for 16 GiB / 80 GiB by linear
-    extrapolation."""
+def memory_rows(o: dict, batches=(1, 2, 4)) -> tuple[list[dict], dict]:
+    """Peak GB of each stage of the bfloat16 program (each with its own weights) and of the whole program
+    (`program_peak_bytes`: text encoder, AR + diffusion, decoder as one program, default chunk options) at
+    `batches`, from memory_analysis() of programs compiled on this device for abstract inputs (nothing allocated;
+    on CPU with `memory_compiler_options`), and the largest batch for 16 GiB / 80 GiB (`largest_batch`)."""
     enc, model, tok, _ = build(o, jnp.bfloat16, abstract=True)
-    gd, st = nnx.split((enc, model, tok))
-    peaks = []
+    (ge, se), (gm, sm), (gt, stt) = nnx.split(enc), nnx.split((model, tok.quantize)), nnx.split(tok)
+    pn, key = model.cfg.patch_nums[-1], jax.random.key(0)
+
+    def stage(fn, *args):
+        return peak_bytes(jax.jit(fn).lower(*args).compile(compiler_options=memory_compiler_options())) / GB
+
+    whole = functools.cache(lambda b: program_peak_bytes(enc, model, tok, b, SYS_TOKENS))
+    rows = []
     for b in batches:
-        _, _, tokens, valid = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs(o, b))
-        lowered = generate_images.lower(gd, st, (tokens, valid), jax.random.key(0), SampleOptions(), SYS_TOKENS,
-                                        q_chunk=q_chunk)
-        m = lowered.compile().memory_analysis()
-        peaks.append(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                     - m.alias_size_in_bytes)
-    per_image = (peaks[-1] - peaks[0]) / (batches[-1] - batches[0])
-    fixed = peaks[0] - per_image * batches[0]
-    rows = [{"batch": b, "peak GB (memory_analysis)": p / GB} for b, p in zip(batches, peaks)]
-    for name, cap in (("TPU v5e-1, 16 GiB", 16 * 2**30), ("GPU, 80 GiB", 80 * 2**30)):
-        rows.append({"batch": f"max for {name}", "peak GB (memory_analysis)":
-                     int((cap - fixed) // per_image) if per_image > 0 else "n/a"})
-    return rows
+        ctx, pos, tokens, valid = jax.eval_shape(lambda b=b: inputs(o, b))
+        f_hat = jax.ShapeDtypeStruct((b, pn, pn, model.cfg.cvae), jnp.float32)
+        rows.append({
+            "batch": b,
+            "text encoder": stage(lambda s, t, v: encode_tokens(nnx.merge(ge, s), t, v, SYS_TOKENS), se, tokens,
+                                  valid),
+            "AR + diffusion": stage(lambda s, c, p: generate_fhat(*nnx.merge(gm, s), c, p, key, SampleOptions()), sm,
+                                    ctx, pos),
+            "decoder": stage(lambda s, f: nnx.merge(gt, s).decode(f, 1), stt, f_hat),
+            "whole program": whole(b) / GB})
+    fits = {name: largest_batch(whole, cap) for name, cap in (("TPU v5e-1, 16 GiB", 16 * 2**30),
+                                                               ("GPU, 80 GiB", 80 * 2**30))}
+    return rows, fits
 
 
 def main(argv):
@@ -175,10 +185,13 @@ def main(argv):
     print(f"analytic MACs per image (CFG, text encoder and decoders excluded): HART {m_h / 1e9:.1f} G, DiT "
           f"{m_d / 1e9:.1f} G, DiT / HART {m_d / m_h:.2f}x")
     if o["memory"]:
-        print(f"memory of the whole bf16 program (compiled for {dev.platform}, abstract inputs):")
-        for r in memory_rows(o):
-            v = r["peak GB (memory_analysis)"]
-            print(f"  batch {r['batch']}: " + (f"{v:.2f} GB peak" if isinstance(v, float) else str(v)))
+        rows, fits = memory_rows(o)
+        print(f"peak memory, GB (memory_analysis of the bf16 programs compiled for {dev.platform}, abstract inputs; "
+              "each stage with its own weights):")
+        print("".join(f"{k:>16}" for k in rows[0]))
+        for r in rows:
+            print(f"{r['batch']:>16}" + "".join(f"{v:>16.2f}" for k, v in r.items() if k != "batch"))
+        print("largest batch of the whole program: " + ", ".join(f"{k}: {v}" for k, v in fits.items()))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class Config:
     cfg: float = 4.5
     more_smooth: bool = True
     num_maskgit_iters: int = 1  # MAR iterations of the last scale (1: the released default, all tokens at once)
-    batch: int = 1
+    batch: int = 0  # prompts per call; 0: the largest that fits the device (HART.max_batch; 1 on CPU)
     dtype: str = "bfloat16"  # transformer + text encoder compute / weights (float32 norms, softmax, sampler)
     timed_runs: int = 3
     dit_steps: int = 20
@@ -66,8 +66,8 @@ class Config:
                 raise FileNotFoundError(f"{p} is not a directory")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
-        if self.batch < 1 or self.timed_runs < 1 or self.dit_steps < 1 or self.num_maskgit_iters < 1:
-            raise ValueError("batch, timed_runs, dit_steps and num_maskgit_iters must be >= 1")
+        if self.batch < 0 or self.timed_runs < 1 or self.dit_steps < 1 or self.num_maskgit_iters < 1:
+            raise ValueError("timed_runs, dit_steps and num_maskgit_iters must be >= 1 and batch >= 0")
 
 
 def _xla_macs(fn, *abstract_args) -> float:
@@ -123,23 +123,36 @@ def _architecture(cfg: Config, run: Run):
     return hm, dm
 
 
+def _auto_batch(hart, opts: SampleOptions, n_prompts: int, run: Run) -> int:
+    """The largest batch (<= the number of prompts) whose compiled program fits the device's memory; 1 where the
+    device reports no limit (CPU) or nothing fits."""
+    if not (jax.devices()[0].memory_stats() or {}).get("bytes_limit"):
+        return 1
+    b = hart.max_batch(opts=opts, limit=n_prompts)
+    run.print(f"hart_1024: batch {max(b, 1)} (largest that fits {jax.devices()[0].device_kind} by the compiled "
+              f"program's memory analysis{'; even batch 1 does not fit' if b == 0 else ''})")
+    return max(b, 1)
+
+
 def _with_weights(cfg: Config, run: Run, ckpt: Path, text_encoder: Path):
     from jaxeff.hart import HART
 
     hart = HART.from_pretrained(ckpt, text_encoder=text_encoder, dtype=jnp.dtype(cfg.dtype))
     prompts = list(cfg.prompts or DEFAULT_PROMPTS)
     opts = SampleOptions(cfg=cfg.cfg, more_smooth=cfg.more_smooth, num_maskgit_iters=cfg.num_maskgit_iters)
+    batch = cfg.batch or _auto_batch(hart, opts, len(prompts), run)
     out_dir = run.dir / "images"
     from PIL import Image
 
     t0 = time.time()
-    jax.block_until_ready(hart.generate(prompts[: cfg.batch], seed=cfg.seed, opts=opts))
+    padded = prompts[:batch] + prompts[-1:] * (batch - len(prompts[:batch]))
+    jax.block_until_ready(hart.generate(padded, seed=cfg.seed, opts=opts))
     compile_s = time.time() - t0
     images, times = [], []
     for rep in run.progress(range(cfg.timed_runs), desc="generate"):
-        for i in range(0, len(prompts), cfg.batch):
-            chunk = prompts[i:i + cfg.batch]
-            padded = chunk + chunk[-1:] * (cfg.batch - len(chunk))  # one batch shape: no recompilation
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            padded = chunk + chunk[-1:] * (batch - len(chunk))  # one batch shape: no recompilation
             t = time.time()
             # prompt encoding is inside the timed region, as in the reference latency_profile.py
             imgs = np.asarray(hart.generate(padded, seed=cfg.seed + i, opts=opts))[: len(chunk)]
@@ -154,7 +167,7 @@ def _with_weights(cfg: Config, run: Run, ckpt: Path, text_encoder: Path):
     run.savefig(image_grid(np.clip(images, 0, 1), 1, len(images)), "grid.png")
     total_t, total_n = sum(t for t, _ in times), sum(n for _, n in times)
     m = hart_macs(hart.transformer.cfg)
-    run.results([{"images": len(images), "batch": cfg.batch, "latency s / batch": total_t / len(times),
+    run.results([{"images": len(images), "batch": batch, "latency s / batch": total_t / len(times),
                   "images / s": total_n / total_t, "first call (compile) s": compile_s,
                   "TMACs / image (analytic)": m["total"] / 1e12, "device": jax.devices()[0].device_kind}],
                 title="hart_1024: generation with the released weights",

@@ -10,10 +10,13 @@ import pytest
 from flax import nnx
 
 from jaxeff.hart import diffusion as diff
+from jaxeff.hart.chunks import even_chunk
+from jaxeff.hart.pipeline import largest_batch
 from jaxeff.hart.resample import resize
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.train import ClassConditionedHART, drop_condition, hart_loss
 from jaxeff.hart.transformer import (
+    MIN_Q_CHUNK,
     HARTConfig,
     HARTTransformer,
     SampleOptions,
@@ -22,6 +25,7 @@ from jaxeff.hart.transformer import (
     generate_fhat,
     generate_fhat_jit,
     maskgit_schedule,
+    query_chunk,
     sample_keep_mask,
     scale_coords,
 )
@@ -133,7 +137,7 @@ def test_kv_cache_layouts_equal_recomputation(model, tok):
     gd, st = nnx.split((model, tok.quantize))
     a = generate_fhat_jit(gd, st, ctx, pos, jax.random.key(3), opts, cache="prealloc")
     assert a.shape == (2, 4, 4, 8)
-    # "concat" also attends queries 4 at a time (the 4x4 last scale in a lax.map; 9 tokens are not a multiple)
+    # "concat" also attends queries at most 4 at a time (lax.map: 16 tokens in 4 chunks, 9 in 3 chunks of 3)
     for layout, chunk in (("concat", 4), ("none", None)):
         np.testing.assert_allclose(a, generate_fhat_jit(gd, st, ctx, pos, jax.random.key(3), opts, cache=layout,
                                                         q_chunk=chunk), atol=1e-4, err_msg=layout)
@@ -281,3 +285,28 @@ def test_condition_dropout_rules(model, tok):
     cc = ClassConditionedHART(model, 3, rngs=nnx.Rngs(0))
     shares = {rule: float(hart_loss(cc, batch, cond_drop=rule)[1]["cond_drop"]) for rule in ("official", "uniform")}
     assert shares["official"] > 0.3 and shares["uniform"] < 0.25, shares
+
+
+def test_memory_chunking_keeps_results(model, tok):
+    """The memory options change memory, not results: the diffusion head 2 tokens at a time and the decoder one
+    image at a time equal the unchunked calls; chunk sizes are even; "auto" query chunks follow the score budget;
+    a bad q_chunk is refused; largest_batch fits a peak curve and steps down where the linear fit overshoots."""
+    assert (even_chunk(2304, 1024), even_chunk(4096, 1024), even_chunk(9, 4), even_chunk(3, 8)) == (768, 1024, 3, 3)
+    with pytest.raises(ValueError, match="chunk size"):
+        even_chunk(5, 0)
+    # the last 1024px scale (24 heads, 9750 keys): 256 queries per call at batch 1 with CFG, 32 at batch 8
+    assert (query_chunk("auto", 2, 24, 9750), query_chunk("auto", 16, 24, 9750)) == (256, 32)
+    assert query_chunk("auto", 4096, 24, 9750) == MIN_Q_CHUNK and query_chunk(None, 2, 24, 9750) is None
+    ctx, pos = jnp.zeros((1, 3, 12)), jnp.zeros((1, 3), jnp.int32)
+    with pytest.raises(ValueError, match="q_chunk"):
+        generate_fhat(model, tok.quantize, ctx, pos, jax.random.key(0), SampleOptions(), q_chunk="big")
+    net = model.diffloss
+    z = jax.random.normal(jax.random.key(1), (5, TR.embed_dim))
+    sched = diff.Schedule.make(1000, 4)
+    whole, chunked = (diff.sample(net, sched, z, jax.random.key(2), z_uncond=-z, cfg=1.5, token_chunk=c)
+                      for c in (None, 2))
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    f = jax.random.normal(jax.random.key(3), (3, 4, 4, TOK.z_channels))
+    np.testing.assert_allclose(tok.decode(f, 1), tok.decode(f), atol=1e-5)
+    assert largest_batch(lambda b: 10 + 3 * b, 25) == 5 and largest_batch(lambda b: 10 + 3 * b, 12) == 0
+    assert largest_batch(lambda b: 10 + 3 * b + 100 * (b > 3), 40) == 3

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff.hart.chunks import map_chunks
+
 VAE_SCALE = 0.6  # residual targets are divided by this before diffusion (DiffLoss.vae_scale)
 
 
@@ -180,21 +182,34 @@ def guided_output(net: SimpleMLPAdaLN, x, t, z, z_uncond=None, cfg=0.0):
 
 
 def sample(net: SimpleMLPAdaLN, sched: Schedule, z, key, *, z_uncond=None, cfg=0.0, temperature: float = 1.0,
-           scale: float = VAE_SCALE, noise=None):
+           scale: float = VAE_SCALE, noise=None, token_chunk: int | None = None):
     """Ancestral sampling of residual tokens [N, Cvae] (already multiplied back by `scale`).
 
     With `z_uncond`, the network output is `guided_output`'s. `noise`: the initial x_T [N, Cvae] (default drawn
-    from `key`; the later steps' noise always comes from `key`)."""
+    from `key`; the later steps' noise always comes from `key`). `token_chunk`: denoise at most this many tokens
+    at a time (`jaxeff.hart.chunks.map_chunks`; the noise is drawn for all N first, so the result is the same),
+    which bounds the head's activation memory (8 steps x depth of [2 x tokens, 3 x width] adaLN outputs) at any
+    batch; None: all at once."""
     n, cv = z.shape[0], net.in_channels
     key, k0 = jax.random.split(key)
     x = jax.random.normal(k0, (n, cv), jnp.float32) if noise is None else jnp.asarray(noise, jnp.float32)
-    for i in reversed(range(sched.num_steps)):
-        t = jnp.full((n,), i, jnp.int32)
-        out = guided_output(net, x, jnp.full((n,), int(sched.timestep_map[i]), jnp.int32), z, z_uncond, cfg)
-        mean, log_var, _ = sched.p_mean_logvar(out, x, t)
+    step_noise = []
+    for _ in range(sched.num_steps):
         key, kn = jax.random.split(key)
-        step_noise = jax.random.normal(kn, x.shape, jnp.float32)
-        x = mean + (0.0 if i == 0 else 1.0) * jnp.exp(0.5 * log_var) * step_noise * temperature
+        step_noise.append(jax.random.normal(kn, (n, cv), jnp.float32))
+
+    def denoise(x, z, z_uncond, step_noise):
+        for j, i in enumerate(reversed(range(sched.num_steps))):
+            t = jnp.full((x.shape[0],), i, jnp.int32)
+            t_net = jnp.full((x.shape[0],), int(sched.timestep_map[i]), jnp.int32)
+            out = guided_output(net, x, t_net, z, z_uncond, cfg)
+            mean, log_var, _ = sched.p_mean_logvar(out, x, t)
+            x = mean + (0.0 if i == 0 else 1.0) * jnp.exp(0.5 * log_var) * step_noise[:, j] * temperature
+        return x
+
+    unc = z if z_uncond is None else z_uncond  # a placeholder row-aligned with z when there is no guidance
+    x = map_chunks(lambda x, z, u, e: denoise(x, z, None if z_uncond is None else u, e),
+                   (x, z, unc, jnp.stack(step_noise, 1)), token_chunk)
     return x * scale
 
 

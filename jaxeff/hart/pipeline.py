@@ -22,15 +22,20 @@ from jaxeff.hart.tokenizer import HARTTokenizer
 from jaxeff.hart.transformer import HARTTransformer, SampleOptions, generate_fhat
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "n_sys", "implementation", "q_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "n_sys", "implementation", "q_chunk",
+                                             "diffusion_chunk", "decode_chunk"))
 def generate_images(graphdef, state, inputs, key, opts: SampleOptions, n_sys: int = 0, implementation=None,
-                    q_chunk: int | None = 1024):
+                    q_chunk: int | str | None = "auto", diffusion_chunk: int | None = 4096,
+                    decode_chunk: int | None = 1):
     """One compiled program: images [B, H, W, 3] in [0, 1].
 
     graphdef/state = nnx.split((text_encoder_model, transformer, tokenizer)) with `inputs` = (tokens, valid)
     [B, n_sys + T] (`TextEncoder.token_inputs`): text encoding + generation + decoding; or
     nnx.split((transformer, tokenizer)) with `inputs` = (context [B, T, D], positions [B, T]): generation +
-    decoding. `implementation` / `q_chunk`: as `generate_fhat`."""
+    decoding. `implementation` / `q_chunk` / `diffusion_chunk`: as `generate_fhat`; `decode_chunk`: images per
+    tokenizer-decoder call (`HARTTokenizer.decode`'s `chunk`). The three chunk sizes bound the peak memory of the
+    last scales, the diffusion head and the decoder (see jaxeff/hart/README.md, "Memory"); they do not change
+    the numbers beyond float reassociation."""
     parts = nnx.merge(graphdef, state)
     if len(parts) == 3:
         encoder, model, tok = parts
@@ -38,8 +43,48 @@ def generate_images(graphdef, state, inputs, key, opts: SampleOptions, n_sys: in
     else:
         (model, tok), (context, ctx_pos) = parts, inputs
     f_hat = generate_fhat(model, tok.quantize, context, ctx_pos, key, opts, implementation=implementation,
-                          q_chunk=q_chunk)
-    return (tok.decode(f_hat) + 1) / 2
+                          q_chunk=q_chunk, diffusion_chunk=diffusion_chunk)
+    return (tok.decode(f_hat, decode_chunk) + 1) / 2
+
+
+def memory_compiler_options() -> dict:
+    """Compiler options for a memory estimate on this backend: on CPU, XLA's memory-optimised scheduler (the
+    default CPU scheduler starts independent work early, e.g. every float32 upcast of a bfloat16 weight, and
+    reports several GB more than the program needs); nothing elsewhere (GPU / TPU schedule under their memory)."""
+    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if jax.default_backend() == "cpu" else {}
+
+
+def peak_bytes(compiled) -> int:
+    """Peak device bytes of a compiled program from XLA's memory analysis: arguments (the weights) + outputs +
+    temporaries - aliased."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def program_peak_bytes(encoder, transformer, tokenizer, batch: int, n_sys: int, opts: SampleOptions | None = None,
+                       **chunks) -> int:
+    """Peak bytes of `generate_images` (text encoder `encoder` = a Qwen2 `Llama`, here possibly abstract from
+    nnx.eval_shape) for `batch` prompts of n_sys + context_token tokens, from the program compiled on the default
+    backend for abstract inputs (nothing is allocated or run). `chunks`: generate_images' chunk options. On CPU it
+    is an estimate for another device (`memory_compiler_options`; its attention and buffer assignment differ)."""
+    gd, st = nnx.split((encoder, transformer, tokenizer))
+    shape = (batch, n_sys + transformer.cfg.context_token)
+    inputs = (jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.bool_))
+    lowered = generate_images.lower(gd, st, inputs, jax.random.key(0), opts or SampleOptions(), n_sys, **chunks)
+    return peak_bytes(lowered.compile(compiler_options=memory_compiler_options()))
+
+
+def largest_batch(peak_fn, capacity: int, limit: int = 256) -> int:
+    """The largest batch b <= limit with peak_fn(b) <= capacity bytes (0 if batch 1 does not fit): a linear fit
+    through peak_fn(1) and peak_fn(2), then checked (and stepped down) with peak_fn itself."""
+    p1 = peak_fn(1)
+    if p1 > capacity:
+        return 0
+    slope = peak_fn(2) - p1
+    b = limit if slope <= 0 else min(limit, 1 + int((capacity - p1) // slope))
+    while b > 1 and peak_fn(b) > capacity:
+        b -= 1
+    return b
 
 
 @dataclasses.dataclass
@@ -97,3 +142,18 @@ class HART:
         graphdef, state = nnx.split((self.transformer, self.tokenizer))
         return generate_images(graphdef, state, (jnp.asarray(context, jnp.float32), jnp.asarray(ctx_pos)), key,
                                opts)
+
+    def max_batch(self, capacity: int | None = None, opts: SampleOptions | None = None, limit: int = 256) -> int:
+        """The largest prompt batch (<= limit) whose `generate(prompts)` program fits `capacity` bytes (default: the
+        first device's `bytes_limit`), from compiled programs' memory analysis (`largest_batch`: 2-4 compiles,
+        nothing run); 0 if batch 1 does not fit. Raises ValueError without a text encoder or when the device
+        reports no limit (CPU)."""
+        if self.text_encoder is None:
+            raise ValueError("max_batch needs a text encoder (it sizes the whole prompts -> images program)")
+        if capacity is None:
+            capacity = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+            if capacity is None:
+                raise ValueError(f"{jax.devices()[0]} reports no memory limit; pass capacity= in bytes")
+        n_sys = self.text_encoder.token_inputs([""])[2]
+        return largest_batch(lambda b: program_peak_bytes(self.text_encoder.model, self.transformer, self.tokenizer,
+                                                          b, n_sys, opts), capacity, limit)

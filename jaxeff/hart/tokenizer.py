@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff.hart.chunks import map_chunks
 from jaxeff.hart.resample import resize
 from jaxeff.nn.vqgan import Decoder, Encoder, conv
 
@@ -205,9 +206,11 @@ class HARTTokenizer(nnx.Module):
             raise ValueError(f"image is {img.shape[1]}x{img.shape[2]}, tokenizer expects {self.cfg.image_size}")
         return self.quant_conv(self.encoder(img))
 
-    def decode(self, f_hat):
-        """latent [B, h, w, Cvae] -> image [B, H, W, 3] clamped to [-1, 1]."""
-        return jnp.clip(self.decoder(self.post_quant_conv(f_hat)), -1.0, 1.0)
+    def decode(self, f_hat, chunk: int | None = None):
+        """latent [B, h, w, Cvae] -> image [B, H, W, 3] clamped to [-1, 1]. `chunk`: decode at most this many
+        images at a time (`jaxeff.hart.chunks.map_chunks`): the full-resolution float32 activations (about 2 GB
+        per 1024px image in XLA's memory analysis) are then held for `chunk` images, not B; None: all at once."""
+        return map_chunks(lambda f: jnp.clip(self.decoder(self.post_quant_conv(f)), -1.0, 1.0), (f_hat,), chunk)
 
     def __call__(self, img, skip_continuous):
         """Training forward: (reconstruction, vq_loss)."""

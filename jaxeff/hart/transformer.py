@@ -34,9 +34,25 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.hart import diffusion as diff
+from jaxeff.hart.chunks import map_chunks
 from jaxeff.nn.attention import attention
 
 CACHE_LAYOUTS = ("prealloc", "concat", "none")
+SCORE_BUDGET = 2**29  # bytes of float32 attention scores one call may hold under q_chunk="auto" (512 MiB)
+MIN_Q_CHUNK = 16
+
+
+def query_chunk(q_chunk: int | str | None, batch: int, heads: int, kv_len: int) -> int | None:
+    """Queries per attention call: `q_chunk` itself (int or None), or for "auto" the largest power of two (at
+    least MIN_Q_CHUNK) whose float32 scores [batch, heads, q, kv_len] fit SCORE_BUDGET, so the score memory of a
+    scale stays bounded as the batch grows (the last 1024px scale: 256 queries at batch 1 with CFG, 32 at 8).
+    Raises ValueError for anything else."""
+    if q_chunk == "auto":
+        fit = SCORE_BUDGET // (batch * heads * kv_len * 4)
+        return max(MIN_Q_CHUNK, 2 ** int(math.log2(max(fit, 1))))
+    if q_chunk is None or (isinstance(q_chunk, int) and q_chunk >= 1):
+        return q_chunk
+    raise ValueError(f'q_chunk must be an int >= 1, None or "auto", got {q_chunk!r}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,9 +192,10 @@ class Attention(nnx.Module):
           k/v are written at slots start..start+L-1 and the queries attend to slots [0, start+L); the returned
           (k, v) are the updated buffers. Without `start` the new k/v are concatenated after it.
         - implementation: passed to `jaxeff.nn.attention` (None picks per backend; "xla" materialises the scores).
-        - q_chunk: with every key visible (positions None) and L a multiple of it larger than it, the queries are
-          attended `q_chunk` at a time in a `lax.map`, so an implementation that materialises the scores holds
-          [B, H, q_chunk, L_kv] instead of [B, H, L, L_kv] (the last 1024px scale: 4096 x 9750 per head)."""
+        - q_chunk: with every key visible (positions None), the queries are attended at most `q_chunk` at a time
+          (int, or "auto": `query_chunk`) in a `lax.map` (`jaxeff.hart.chunks.map_chunks`, equal chunks), so an
+          implementation that materialises the scores (XLA on CPU and TPU) holds [B, H, chunk, L_kv] float32
+          instead of [B, H, L, L_kv] (the last 1024px scale: 4096 x 9750 per head); None: one call."""
         b, n, c = x.shape
         h, d = self.cfg.num_heads, self.cfg.head_dim
         bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
@@ -209,9 +226,8 @@ class Attention(nnx.Module):
             return attention(q, k_att, v_att, q_positions=q_pos, kv_positions=kv_pos, causal=positions is not None,
                              scale=scale, implementation=implementation)
 
-        if positions is None and q_chunk and n > q_chunk and n % q_chunk == 0:
-            chunks = q.reshape(b, n // q_chunk, q_chunk, h, d).swapaxes(0, 1)
-            o = jax.lax.map(attend, chunks).swapaxes(0, 1).reshape(b, n, h, d)
+        if positions is None and q_chunk is not None:
+            o = map_chunks(attend, (q,), query_chunk(q_chunk, b, h, k_att.shape[1]), axis=1)
         else:
             o = attend(q)
         return self.proj(o.reshape(b, n, c).astype(self.dtype)), kv
@@ -433,7 +449,7 @@ def _code_vectors(logits, idx, codebook, ratio: float, more_smooth: bool, key):
 
 def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts: SampleOptions,
                   cache: str = "prealloc", return_tokens: bool = False, mar_order=None, implementation=None,
-                  q_chunk: int | None = 1024):
+                  q_chunk: int | str | None = "auto", diffusion_chunk: int | None = 4096):
     """Sample the final latent f_hat [B, h, w, Cvae] for a batch of encoded prompts.
 
     context [B, T, Dctx], ctx_pos [B, T]. CFG always runs on a doubled batch (uncond: zero context, zero
@@ -441,9 +457,11 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
     written in place), "concat" (grown by concatenation) or "none" (recompute the whole prefix at every scale with
     block-causal positions: the check for the KV cache); all three give the same numbers. `implementation`: the
     `jaxeff.nn.attention` implementation (None: per backend); `q_chunk`: queries per attention call with the cache
-    (`Attention.__call__`; bounds the score memory of the last scales, None = all at once). `return_tokens` also
-    returns the sampled indices and the guided logits of every scale (the last scale in raster order). Raises
-    ValueError for an unknown `cache`.
+    (int, "auto" = `query_chunk`'s budget, None = all at once; bounds the score memory of the last scales);
+    `diffusion_chunk`: last-scale tokens per call of the diffusion head (`diffusion.sample`'s `token_chunk`).
+    Both change memory, not the numbers (up to float reassociation). `return_tokens` also returns the sampled
+    indices and the guided logits of every scale (the last scale in raster order). Raises ValueError for an
+    unknown `cache` or a bad `q_chunk`.
 
     The last scale runs `opts.num_maskgit_iters` MAR iterations (`maskgit_schedule`): each predicts its tokens
     from the last scale's input at those positions, attending to the earlier scales and, through the KV cache, the
@@ -453,6 +471,7 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
     reference draws it with numpy)."""
     if cache not in CACHE_LAYOUTS:
         raise ValueError(f"unknown cache layout {cache!r}; choose from {CACHE_LAYOUTS}")
+    query_chunk(q_chunk, 1, 1, 1)  # refuses a bad value before tracing anything
     cfg = model.cfg
     pns = cfg.patch_nums
     n_s = len(pns)
@@ -533,7 +552,7 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
             m = b * count
             # cfg exactly 1 takes the reference's unguided branch of DiffLoss.sample
             res = diff.sample(model.diffloss, sched, z[:m], k_d, z_uncond=None if t == 1.0 else z[m:], cfg=t,
-                              temperature=opts.temperature, scale=cfg.vae_scale)
+                              temperature=opts.temperature, scale=cfg.vae_scale, token_chunk=diffusion_chunk)
             vec = vec + res.reshape(b, count, -1)
         rows = jnp.arange(b)[:, None]
         out_vec, out_idx, out_lg = (o.at[rows, sel].set(v) for o, v in ((out_vec, vec), (out_idx, idx),
@@ -543,13 +562,14 @@ def generate_fhat(model: HARTTransformer, quantizer, context, ctx_pos, key, opts
     return (f_hat, tokens, all_logits) if return_tokens else f_hat
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "cache", "implementation", "q_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "cache", "implementation", "q_chunk",
+                                             "diffusion_chunk"))
 def generate_fhat_jit(graphdef, state, context, ctx_pos, key, opts: SampleOptions, cache: str = "prealloc",
-                      implementation=None, q_chunk: int | None = 1024):
+                      implementation=None, q_chunk: int | str | None = "auto", diffusion_chunk: int | None = 4096):
     """One compiled program for the whole multi-scale generation. graphdef/state = nnx.split((model, quantizer))."""
     model, quantizer = nnx.merge(graphdef, state)
     return generate_fhat(model, quantizer, context, ctx_pos, key, opts, cache, implementation=implementation,
-                         q_chunk=q_chunk)
+                         q_chunk=q_chunk, diffusion_chunk=diffusion_chunk)
 
 
 def sample_keep_mask(key, batch: int, n_last: int, min_keep: int = 32):
