@@ -18,7 +18,8 @@ are zeroed with a select, not only given zero weight: 0 * a stale NaN / inf is N
   ran on 8 of an H200's 132 SMs (155 GB/s reading every page).
 Backends actually executed: CPU (XLA; both kernels in interpret mode, the TPU-style one also under
 `pltpu.force_tpu_interpret_mode()`) and an NVIDIA H200 (the Triton-style kernel compiled, against the reference
-in tests/test_pallas_device.py, per-KV-head lists only: the per-query-head lists have not run on a GPU yet).
+in tests/test_pallas_device.py, per-KV-head lists only: the per-query-head lists have not run on a GPU yet;
+the select that zeroes padded-slot values was added after that run and has run in interpret mode only).
 The TPU-style kernel lowers for TPU (Pallas -> Mosaic) through `jax.export` but
 has not run on a TPU.
 """
