@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff.models import sharding
 from jaxeff.nn import ContiguousKVCache, RMSNorm, RopeScaling, SwiGLU, apply_rope, attention, inv_frequencies
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -525,7 +526,8 @@ def generate(
     else:
         inputs_embeds, lengths = _pad_embeds(inputs_embeds, prompt_lens, model.config.hidden_size, multiple=16)
         tokens, shape = None, inputs_embeds.shape[:2]
-    cache = model.init_cache(shape[0], shape[1] + max_new_tokens)
+    # a model placed by `jaxeff.models.sharding.shard_model` gets its cache built straight into its shards
+    cache = sharding.init_cache(lambda: model.init_cache(shape[0], shape[1] + max_new_tokens), model)
     graphdef, state = nnx.split(model)
     out = _generate_jit(graphdef, state, tokens, inputs_embeds, jnp.asarray(lengths), cache, jax.random.key(seed),
                         jnp.asarray(stops, jnp.int32), max_new_tokens=max_new_tokens, sampling=sampling,
