@@ -274,7 +274,7 @@ def chance(data: dict) -> dict[str, float]:
     # smoke: the equal-token pair (64 visual LLM tokens each) and S2 at fewer tokens (36)
     "smoke": {"modes": ("low-none", "s2-2x2", "s2-3x3"), "train_images": 2048, "eval_images": 600, "steps": 300,
               "eval_every": 100},
-    "full": {"train_images": 8192, "eval_images": 1500, "steps": 1200, "eval_every": 200},
+    "full": {"train_images": 8192, "eval_images": 1500, "steps": 800, "eval_every": 200},
 })
 def run(cfg: Config, run: Run) -> None:
     """Tiny VLM on synthetic image questions: accuracy vs compression and S2 at equal LLM tokens."""
