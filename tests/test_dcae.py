@@ -258,7 +258,8 @@ def test_dcae_released_configs():
 
 def test_dcae_conv_paths_match_direct_conv():
     """The CPU conv rewrites (Winograd F(4x4,3x3), shifted-sum depthwise) against XLA's direct convolution."""
-    from jaxeff.dcae.model import Conv2d, _winograd_pays, depthwise_conv_shifted, winograd_conv3x3
+    from jaxeff.dcae.model import Conv2d, _winograd_pays, winograd_conv3x3
+    from jaxeff.nn import depthwise_conv_shifted
 
     rng = np.random.default_rng(0)
 

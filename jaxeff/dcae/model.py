@@ -22,7 +22,6 @@ from jaxeff.dcae import weights
 from jaxeff.dcae.config import DCAEConfig
 from jaxeff.io import hub
 from jaxeff.nn import depthwise_conv, glu_mbconv, relu_linear_attention
-from jaxeff.nn.conv import depthwise_conv_shifted  # noqa: F401 (re-exported: tests/test_dcae.py imports it here)
 from pallas_kernels import channel_rms_norm
 
 _ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": jax.nn.relu, "silu": jax.nn.silu, "relu6": jax.nn.relu6}
