@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxeff.hart import HART, HARTConfig, HARTTokenizer, HARTTransformer, SampleOptions, TokenizerConfig
 from jaxeff.hart.loading import CheckpointMismatchError, load_hart, save_hart
+from jaxeff.hart.pipeline import program_peak_bytes
 from jaxeff.hart.text import SYSTEM_PROMPT, TextEncoder
 from jaxeff.io.safetensors import save_file
 
@@ -284,6 +285,12 @@ def test_one_program_equals_encode_then_generate(ckpt, model_dir):
     ctx, pos = hart.encode(prompts)
     np.testing.assert_allclose(hart.generate(prompts, seed=2, opts=opts),
                                hart.generate(context=ctx, ctx_pos=pos, seed=2, opts=opts), atol=1e-5)
+    # its memory analysis (abstract inputs): batch 1 holds the weights and more; a smaller capacity fits no batch
+    n_sys = hart.text_encoder.token_inputs(prompts)[2]
+    peak = program_peak_bytes(hart.text_encoder.model, hart.transformer, hart.tokenizer, 1, n_sys, opts)
+    parts = (hart.text_encoder.model, hart.transformer, hart.tokenizer)
+    assert peak > sum(x.nbytes for x in jax.tree.leaves(nnx.state(parts)))
+    assert hart.max_batch(capacity=peak - 1, opts=opts) == 0
 
 
 def test_hart_1024_with_weights_end_to_end(ckpt, model_dir, tmp_path):

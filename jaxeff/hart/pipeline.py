@@ -54,24 +54,28 @@ def memory_compiler_options() -> dict:
     return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if jax.default_backend() == "cpu" else {}
 
 
-def peak_bytes(compiled) -> int:
-    """Peak device bytes of a compiled program from XLA's memory analysis: arguments (the weights) + outputs +
-    temporaries - aliased."""
+def peak_bytes(compiled, resident: int | None = None) -> int:
+    """Peak device bytes of a compiled program from XLA's memory analysis: arguments + outputs + temporaries -
+    aliased. `resident`: the bytes held on the device anyway (all the weights, read or not), replacing the
+    arguments, which count only what the program reads (jit drops unused inputs, e.g. the tokenizer's encoder)."""
     m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    args = m.argument_size_in_bytes if resident is None else resident
+    return args + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
 def program_peak_bytes(encoder, transformer, tokenizer, batch: int, n_sys: int, opts: SampleOptions | None = None,
                        **chunks) -> int:
     """Peak bytes of `generate_images` (text encoder `encoder` = a Qwen2 `Llama`, here possibly abstract from
     nnx.eval_shape) for `batch` prompts of n_sys + context_token tokens, from the program compiled on the default
-    backend for abstract inputs (nothing is allocated or run). `chunks`: generate_images' chunk options. On CPU it
-    is an estimate for another device (`memory_compiler_options`; its attention and buffer assignment differ)."""
+    backend for abstract inputs (nothing is allocated or run), with every weight of the three modules resident.
+    `chunks`: generate_images' chunk options. On CPU it is an estimate for another device
+    (`memory_compiler_options`; its attention and buffer assignment differ)."""
     gd, st = nnx.split((encoder, transformer, tokenizer))
     shape = (batch, n_sys + transformer.cfg.context_token)
     inputs = (jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.bool_))
     lowered = generate_images.lower(gd, st, inputs, jax.random.key(0), opts or SampleOptions(), n_sys, **chunks)
-    return peak_bytes(lowered.compile(compiler_options=memory_compiler_options()))
+    resident = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves((st, inputs)))
+    return peak_bytes(lowered.compile(compiler_options=memory_compiler_options()), resident)
 
 
 def largest_batch(peak_fn, capacity: int, limit: int = 256) -> int:
