@@ -15,17 +15,28 @@ def test_expert_solves_every_task():
         env = T.Tabletop().reset(rng, task)
         assert not env.success()
         for sub in T.subtasks(task):
-            frames, actions = T.rollout_subtask(env, sub)
-            assert len(frames) == len(actions) > 0 and env.done(sub)
+            before = env.render()
+            env.step(*T.expert_action(env, sub))
+            assert env.done(sub) and not np.array_equal(before, env.render())
         assert env.success()
         frame = env.render()
         assert frame.shape == (T.SIZE, T.SIZE, 3) and frame.min() >= -1 and frame.max() <= 1
 
 
-def test_world_bad_input():
-    env = T.Tabletop().reset(np.random.default_rng(0), 0)
-    with pytest.raises(ValueError, match="action"):
-        env.step(9)
+def test_world_primitives_and_bad_input():
+    env = T.Tabletop().reset(np.random.default_rng(0), 9)  # a stack task
+    a, b, _ = T.TASKS[9][1]
+    (cell_a, _), (cell_b, _) = env.where(a), env.where(b)
+    env.step(cell_b, cell_a)  # b onto a: a is covered now
+    assert env.where(b) == (cell_a, 1) and env.gripper == cell_a and cell_b not in env.stacks
+    with pytest.raises(ValueError, match="covered"):
+        T.expert_action(env, T.SUBTASKS[a])
+    empty = next(c for c in range(T.CELLS) if c not in env.stacks)
+    stacks = {k: list(v) for k, v in env.stacks.items()}
+    env.step(empty, cell_b)  # picking an empty cell only moves the gripper
+    assert env.stacks == stacks and env.gripper == cell_b
+    with pytest.raises(ValueError, match="place cell"):
+        env.step(0, T.CELLS)
     with pytest.raises(ValueError, match="subtask"):
         env.done("put the cup on the table")
     with pytest.raises(ValueError, match="vocabulary"):
@@ -42,7 +53,7 @@ def test_agent_with_oracle_foresight_and_expert_policy():
         out = []
         for i, text in zip(ids, texts):
             env = envs[i].copy()
-            T.rollout_subtask(env, text)
+            env.step(*T.expert_action(env, text))
             out.append(env.render())
         seen.append(len(ids))
         return np.asarray(out)
@@ -53,14 +64,15 @@ def test_agent_with_oracle_foresight_and_expert_policy():
         return np.array([T.expert_action(envs[i], t) for i, t in zip(live, texts)])
 
     agent = Agent(planner, policy, oracle)
-    for _ in range(200):
+    for _ in range(4):
         actions, plans = agent.act(np.stack([e.render() for e in envs]), [""] * 3)
+        assert actions.shape == (3, 2)
         if all(p is None for p in plans):
             break
-        for env, a in zip(envs, actions):
-            if a >= 0:
-                env.step(int(a))
-    assert all(e.success() for e in envs)
+        for env, a, p in zip(envs, actions, plans):
+            if p is not None:
+                env.step(*a)
+    assert all(e.success() for e in envs) and (actions == -1).all()
     assert sum(seen) == 9  # one foresight per subtask, only when the subtask changes
     assert len(agent.plan_seconds) == len(seen)
 

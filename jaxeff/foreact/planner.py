@@ -10,7 +10,8 @@ Everything is batched over B environments (B = 1 for a single robot). The pieces
 - `foresight(observations [b, H, W, 3], subtasks list[str], env_ids list[int]) -> images [b, H, W, 3]`, called
   only for the environments whose subtask changed (`GeneratorForesight` wraps the generator and ignores env_ids;
   an oracle reading the simulators, or None, also fit).
-- `policy(observations [B, ...], subtasks list[str], foresight [B, ...] | None) -> actions [B]`.
+- `policy(observations [B, ...], subtasks list[str], foresight [B, ...] | None) -> actions [B, ...]`, one row
+  per environment (the toy's are [B, 2] pick-and-place cells).
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ class VLMPlanner:
 
 @dataclasses.dataclass
 class Agent:
-    """Planner + foresight + policy over B environments. `act(observations, instructions)` -> (actions [B] (-1
-    where the task is done), subtasks); foresight is refreshed for an environment when its subtask changes and kept
+    """Planner + foresight + policy over B environments. `act(observations, instructions)` -> (actions [B, ...]
+    (the policy's actions, e.g. [B] discrete moves or [B, 2] pick-and-place cells; -1 rows where the task is done),
+    subtasks); foresight is refreshed for an environment when its subtask changes and kept
     until the next change. `plan_seconds` records (batch size, seconds) per foresight call."""
 
     planner: Planner
@@ -88,6 +90,7 @@ class Agent:
     subtasks: list = dataclasses.field(default_factory=list)
     goals: np.ndarray | None = None
     plan_seconds: list = dataclasses.field(default_factory=list)
+    action_shape: tuple = ()
 
     def act(self, observations: np.ndarray, instructions: Sequence[str]) -> tuple[np.ndarray, list[str | None]]:
         b = len(observations)
@@ -104,10 +107,13 @@ class Agent:
             self.goals[changed] = new
         self.subtasks = list(plans)
         live = [i for i in range(b) if plans[i] is not None]
-        actions = np.full(b, -1, np.int64)
-        if live:
-            goals = None if self.foresight is None else self.goals[live]
-            actions[live] = np.asarray(self.policy(np.asarray(observations)[live], [plans[i] for i in live], goals))
+        if not live:
+            return np.full((b, *self.action_shape), -1, np.int64), plans
+        goals = None if self.foresight is None else self.goals[live]
+        out = np.asarray(self.policy(np.asarray(observations)[live], [plans[i] for i in live], goals))
+        self.action_shape = out.shape[1:]
+        actions = np.full((b, *self.action_shape), -1, out.dtype)
+        actions[live] = out
         return actions, plans
 
 
@@ -119,7 +125,7 @@ class GeneratorForesight:
     inference) or "black" (-1, what training dropped to); None = 2-way text guidance. Frames are sampled in chunks
     of `chunk` (the last one padded), so one compiled program serves every batch size."""
 
-    generator: ForesightGenerator
+    generator: ForesightGenerator  # or any module with its call signature (the toy's CellGenerator)
     encode: Callable[[jax.Array], jax.Array]
     decode: Callable[[jax.Array], jax.Array]
     encode_text: Callable[[list[str]], tuple[jax.Array, jax.Array]]

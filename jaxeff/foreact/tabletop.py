@@ -1,16 +1,20 @@
 """A small rendered tabletop world for ForeAct's mechanism at toy scale (experiments/foreact_tabletop.py).
 
 An 8x8 grid drawn at 4 pixels per cell (32x32 RGB, floats in [-1, 1]): a table, three coloured target pads, three
-blocks of the same colours and a gripper. Actions: 0 up, 1 down, 2 left, 3 right, 4 grasp (the top block of the
-gripper's cell), 5 release (onto the top of that cell's stack). Drawing: the top block of a stack fills the cell's
-centre 2x2, the block under it the bottom row, a third one the top row; the gripper is two dark "fingers" (left and
-right columns of the cell's middle rows), with the held block in its centre.
+blocks of the same colours and a gripper. Drawing: the top block of a stack fills the cell's centre 2x2, the block
+under it the bottom row, a third one the top row; the gripper is two dark "fingers" (left and right columns of the
+cell's middle rows).
+
+Action space: one action is a whole pick-and-place primitive `(pick, place)`, two cell indices `row * GRID + col`.
+The gripper goes to `pick`, grasps the top block there (if any), goes to `place` and releases it on top of that
+cell's stack; it rests at `place` afterwards. An empty `pick` cell only moves the gripper. One correct action
+completes one subtask, so a policy's errors cannot compound over dozens of low-level steps.
 
 Tasks (instruction -> subtasks, each with an oracle completion check):
 - sort (order a, b, c): "put the a block on the a pad", then b, then c;
 - stack (a, b, c): "put the a block on the a pad", "put the b block on the a block", "put the c block on the b
   block".
-`expert_action` is a scripted expert (walk to the block row-first, grasp, walk to the target, release).
+`expert_action` is the scripted expert: the block's cell and the target cell.
 """
 
 from __future__ import annotations
@@ -22,13 +26,12 @@ import numpy as np
 
 GRID, CELL = 8, 4
 SIZE = GRID * CELL
+CELLS = GRID * GRID
 COLOURS = ("red", "green", "blue")
-_BLOCK_RGB = np.array([[220, 40, 40], [40, 170, 60], [50, 80, 220]], np.float32)
-_PAD_RGB = np.array([[250, 180, 180], [180, 240, 180], [180, 200, 250]], np.float32)
+BLOCK_RGB = np.array([[220, 40, 40], [40, 170, 60], [50, 80, 220]], np.float32)
+PAD_RGB = np.array([[250, 180, 180], [180, 240, 180], [180, 200, 250]], np.float32)
 _TABLE_RGB = np.array([200, 190, 170], np.float32)
 _GRIPPER_RGB = np.array([30, 30, 30], np.float32)
-ACTIONS = ("up", "down", "left", "right", "grasp", "release")
-_MOVES = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}
 ORDERS = tuple(itertools.permutations(range(3)))
 TASKS = tuple((kind, order) for kind in ("sort", "stack") for order in ORDERS)  # task id = index
 SUBTASKS = tuple([f"put the {c} block on the {c} pad" for c in COLOURS]
@@ -62,115 +65,88 @@ def parse_subtask(text: str) -> tuple[int, str, int]:
 
 @dataclasses.dataclass
 class Tabletop:
-    """One environment. `reset(rng, task_id)`, `render()`, `step(action)`, `done(subtask)`, `success()`."""
+    """One environment. `reset(rng, task_id)`, `render()`, `step(pick, place)`, `done(subtask)`, `success()`."""
 
-    gripper: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2, np.int64))
-    pads: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((3, 2), np.int64))
-    stacks: dict = dataclasses.field(default_factory=dict)  # (row, col) -> [block ids, bottom first]
-    held: int = -1
+    gripper: int = 0  # cell index
+    pads: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3, np.int64))  # cell index per colour
+    stacks: dict = dataclasses.field(default_factory=dict)  # cell -> [block ids, bottom first]
     task_id: int = 0
 
     def reset(self, rng: np.random.Generator, task_id: int) -> Tabletop:
-        cells = rng.choice(GRID * GRID, 7, replace=False)
-        rc = np.stack([cells // GRID, cells % GRID], 1)
-        self.pads, self.gripper = rc[:3].copy(), rc[6].copy()
-        self.stacks = {tuple(rc[3 + i]): [i] for i in range(3)}
-        self.held, self.task_id = -1, task_id
+        """Pads, blocks and gripper on 7 distinct random cells."""
+        cells = rng.choice(CELLS, 7, replace=False)
+        self.pads, self.gripper = cells[:3].astype(np.int64), int(cells[6])
+        self.stacks = {int(cells[3 + i]): [i] for i in range(3)}
+        self.task_id = task_id
         return self
 
     def copy(self) -> Tabletop:
-        return Tabletop(self.gripper.copy(), self.pads.copy(), {k: list(v) for k, v in self.stacks.items()},
-                        self.held, self.task_id)
+        return Tabletop(self.gripper, self.pads.copy(), {k: list(v) for k, v in self.stacks.items()}, self.task_id)
 
-    def where(self, block: int) -> tuple[tuple[int, int], int] | None:
-        """(cell, level) of a block on the table, None while held."""
+    def where(self, block: int) -> tuple[int, int]:
+        """(cell, level) of a block."""
         for cell, stack in self.stacks.items():
             if block in stack:
                 return cell, stack.index(block)
-        return None
+        raise AssertionError(f"block {block} is nowhere")
 
-    def step(self, action: int) -> None:
-        cell = tuple(self.gripper)
-        if action in _MOVES:
-            self.gripper = np.clip(self.gripper + _MOVES[action], 0, GRID - 1)
-        elif action == 4 and self.held < 0 and self.stacks.get(cell):
-            self.held = self.stacks[cell].pop()
-            if not self.stacks[cell]:
-                del self.stacks[cell]
-        elif action == 5 and self.held >= 0:
-            self.stacks.setdefault(cell, []).append(self.held)
-            self.held = -1
-        elif action not in range(len(ACTIONS)):
-            raise ValueError(f"action must be in 0..{len(ACTIONS) - 1}, got {action}")
+    def step(self, pick: int, place: int) -> None:
+        """One pick-and-place primitive; ValueError for a cell outside 0..CELLS-1."""
+        for name, cell in (("pick", pick), ("place", place)):
+            if not 0 <= int(cell) < CELLS:
+                raise ValueError(f"{name} cell must be in 0..{CELLS - 1}, got {cell}")
+        pick, place = int(pick), int(place)
+        if self.stacks.get(pick):
+            block = self.stacks[pick].pop()
+            if not self.stacks[pick]:
+                del self.stacks[pick]
+            self.stacks.setdefault(place, []).append(block)
+        self.gripper = place
 
-    def target(self, subtask: str) -> tuple[tuple[int, int], int]:
+    def target(self, subtask: str) -> tuple[int, int]:
         """(cell, level) where the subtask's block must end up."""
         block, kind, other = parse_subtask(subtask)
         if kind == "pad":
-            return tuple(self.pads[other]), 0
-        place = self.where(other)
-        return (None, -1) if place is None else (place[0], place[1] + 1)
+            return int(self.pads[other]), 0
+        if other == block:
+            raise ValueError(f"a block cannot go on itself: {subtask!r}")
+        cell, level = self.where(other)
+        return cell, level + 1
 
     def done(self, subtask: str) -> bool:
-        block = parse_subtask(subtask)[0]
-        place = self.where(block)
-        return place is not None and place == self.target(subtask)
+        return self.where(parse_subtask(subtask)[0]) == self.target(subtask)
 
     def success(self) -> bool:
         return all(self.done(s) for s in subtasks(self.task_id))
 
     def render(self) -> np.ndarray:
+        """[SIZE, SIZE, 3] float32 in [-1, 1]."""
         img = np.broadcast_to(_TABLE_RGB, (SIZE, SIZE, 3)).copy()
-        for i, (r, c) in enumerate(self.pads):
-            img[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL] = _PAD_RGB[i]
-        for (r, c), stack in self.stacks.items():
+        for i, cell in enumerate(self.pads):
+            r, c = divmod(int(cell), GRID)
+            img[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL] = PAD_RGB[i]
+        for cell, stack in self.stacks.items():
+            r, c = divmod(cell, GRID)
             y, x = r * CELL, c * CELL
             if len(stack) >= 2:
-                img[y + CELL - 1, x : x + CELL] = _BLOCK_RGB[stack[-2]]
+                img[y + CELL - 1, x : x + CELL] = BLOCK_RGB[stack[-2]]
             if len(stack) >= 3:
-                img[y, x : x + CELL] = _BLOCK_RGB[stack[-3]]
-            img[y + 1 : y + 3, x + 1 : x + 3] = _BLOCK_RGB[stack[-1]]
-        y, x = self.gripper * CELL
+                img[y, x : x + CELL] = BLOCK_RGB[stack[-3]]
+            img[y + 1 : y + 3, x + 1 : x + 3] = BLOCK_RGB[stack[-1]]
+        r, c = divmod(self.gripper, GRID)
+        y, x = r * CELL, c * CELL
         img[y + 1 : y + 3, x] = img[y + 1 : y + 3, x + CELL - 1] = _GRIPPER_RGB
-        if self.held >= 0:
-            img[y + 1 : y + 3, x + 1 : x + 3] = _BLOCK_RGB[self.held]
-        return img / 127.5 - 1.0
+        return (img / 127.5 - 1.0).astype(np.float32)
 
 
-def expert_action(env: Tabletop, subtask: str) -> int:
-    """The scripted expert's next action for `subtask` (row first, then column)."""
+def expert_action(env: Tabletop, subtask: str) -> tuple[int, int]:
+    """The scripted expert's primitive for `subtask`: (the block's cell, the target cell). ValueError when the block
+    is covered by another one (the subtask cannot be done in one primitive)."""
     block = parse_subtask(subtask)[0]
-    if env.held >= 0 and env.held != block:
-        return 5
-    if env.held == block:
-        goal, _ = env.target(subtask)
-    else:
-        goal, _ = env.where(block)
-        if env.stacks[goal][-1] != block:
-            raise ValueError(f"block {COLOURS[block]} is covered: {subtask!r} cannot be done")
-    dr, dc = goal[0] - env.gripper[0], goal[1] - env.gripper[1]
-    if dr:
-        return 0 if dr < 0 else 1
-    if dc:
-        return 2 if dc < 0 else 3
-    return 4 if env.held < 0 else 5
-
-
-def rollout_subtask(env: Tabletop, subtask: str, max_steps: int = 64, *, noise: float = 0.0,
-                    rng: np.random.Generator | None = None) -> tuple[list[np.ndarray], list[int]]:
-    """Run the expert on `env` (in place) until `subtask` is done: (frames before each action, the expert's actions);
-    the end frame is `env.render()` afterwards. With `noise` > 0 a random move replaces the executed action with
-    that probability while the expert's action stays the label (DART-style noise injection: demos that show how to
-    recover). Raises RuntimeError if the subtask is not done within max_steps."""
-    frames, actions = [], []
-    while not env.done(subtask):
-        if len(actions) >= max_steps:
-            raise RuntimeError(f"expert did not finish {subtask!r} in {max_steps} steps")
-        frames.append(env.render())
-        actions.append(expert_action(env, subtask))
-        perturb = noise > 0 and rng is not None and rng.random() < noise
-        env.step(int(rng.integers(4)) if perturb else actions[-1])
-    return frames, actions
+    cell, _ = env.where(block)
+    if env.stacks[cell][-1] != block:
+        raise ValueError(f"block {COLOURS[block]} is covered: {subtask!r} cannot be done")
+    return cell, env.target(subtask)[0]
 
 
 def encode_words(texts: list[str], length: int = 9) -> tuple[np.ndarray, np.ndarray]:
