@@ -6,17 +6,17 @@ three pads; 12 multi-step tasks (sort onto pads / stack, in every order), 3 subt
 action is a whole pick-and-place primitive (pick cell, place cell), so one correct action completes a subtask.
 Planner: `ScriptedPlanner`, an oracle subtask decomposer and monitor reading the simulator. **No VLM is involved.**
 
-Generator: ForeAct's own image-edit SANA transformer (`jaxeff.foreact.ForesightGenerator`, tiny config) trained
-here with the official recipe (rectified flow, uniform t, official CFG dropout to the empty caption / a black
-source) to predict the subtask-end frame from the subtask-start frame and the subtask text, on `gen_episodes`
-action-free expert episodes (many more than the policy's demos: the paper's generator is pretrained on broad video,
-its policy has few demos). "Latents" are the pixels, space-to-depth by 4 (one token per cell, 8x8x48, lossless)
-plus `latent_coords` fixed coordinate channels (SANA has no positional embedding; at 8x8 tokens and a few layers
-the padding of its depthwise convolutions alone did not tell a token where it is, see the package README). The
-caption features are frozen random word embeddings (standing in for the frozen Gemma-2), always starting with a
-start token (the official prompts keep their system prompt when the caption is empty). Sampling: the official
-Flow-DPM-Solver++ (8 steps) with 3-way CFG; the null source is the official mid-grey (`null_frame=grey`) or the
-black image training dropped to (`null_frame=black`).
+Generator: trained here with the official recipe (rectified flow, uniform t, the official CFG dropout to the
+empty caption / a black source) to predict the subtask-end frame from the subtask-start frame and the subtask text,
+on `gen_episodes` action-free expert episodes (many more than the policy's demos: the paper's generator is
+pretrained on broad video, its policy has few demos), and sampled with the official Flow-DPM-Solver++ (8 steps) and
+3-way CFG; the null source is the official mid-grey (`null_frame=grey`) or the black image training dropped to
+(`null_frame=black`, what the presets use). `generator=cells` (default): `CellGenerator`, a per-cell flow network
+with the generator's call signature; `generator=sana`: ForeAct's own image-edit SANA transformer, tiny config,
+which did not learn at this scale (no positional embedding; `latent_coords` adds fixed coordinate channels to the
+latents; see the package README). "Latents" are the pixels, space-to-depth by 4 (one token per cell, 8x8x48,
+lossless). The caption features are frozen random word embeddings (standing in for the frozen Gemma-2), always
+starting with a start token (the official prompts keep their system prompt when the caption is empty).
 
 Policy: a per-cell network (1x1 convolutions over the 8x8 cells: translation-equivariant) with two heads, a pick
 and a place logit per cell; the text enters as a learned embedding per distinct string, by FiLM together with a
@@ -68,10 +68,10 @@ class Config:
     gen_episodes: int = 4000
     gen_steps: int = 6000
     gen_batch: int = 64
-    gen_lr: float = 1e-3
+    gen_lr: float = 2e-3
     gen_dim: int = 128
     gen_layers: int = 3
-    latent_coords: int = 8
+    latent_coords: int = 0  # coordinate channels in the latents (for generator=sana: it has no positions)
     policy_steps: int = 400
     policy_batch: int = 64
     policy_lr: float = 3e-3
@@ -437,10 +437,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @register("foreact_tabletop", Config, presets={
-    "smoke": {"demos": (1, 3, 10), "gen_episodes": 1000, "gen_steps": 1500, "gen_lr": 2e-3, "latent_coords": 0,
-              "null_frame": "black",
+    "smoke": {"demos": (1, 3, 10), "gen_episodes": 1000, "gen_steps": 1500, "null_frame": "black",
               "policy_steps": 200, "eval_episodes": 100, "psnr_cases": 64},
-    "full": {"generator": "sana", "gen_dim": 256, "gen_layers": 8, "gen_steps": 20000},
+    "full": {"null_frame": "black"},
 })
 def run(cfg: Config, run: Run) -> None:
     """Policy success with / without (generated or true) visual foresight on a toy tabletop."""
