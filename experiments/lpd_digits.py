@@ -16,7 +16,7 @@ Measured:
   host overhead, not the memory-bound regime of a GPU).
 Plots: NLL vs steps per order; sample grids per step count.
 
-Presets (measured on a 2-core CPU shared with other jobs, load 12-16): `smoke`, one model, 600 steps: held-out
+Presets (measured on a 2-core CPU shared with other jobs, load 10-16): `smoke`, one model, 600 steps: held-out
 1.895 bits/token at 64 random steps vs 2.189 for per-pixel class-conditional frequencies, 182 CPU-seconds, 7 min 50 s
 wall; `full`, both models, 1000 steps each: 967 s of training wall (results in `jaxeff/lpd/README.md`).
 
