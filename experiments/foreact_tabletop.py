@@ -437,7 +437,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @register("foreact_tabletop", Config, presets={
-    "smoke": {"demos": (1, 3, 10), "gen_episodes": 1000, "gen_steps": 1500, "null_frame": "black",
+    "smoke": {"demos": (1, 3, 10), "gen_episodes": 2000, "gen_steps": 3000, "null_frame": "black",
               "policy_steps": 200, "eval_episodes": 100, "psnr_cases": 64},
     "full": {"null_frame": "black"},
 })
