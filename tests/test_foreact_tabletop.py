@@ -46,8 +46,8 @@ def test_latent_codec_generators_and_augmentation():
     assert len(np.unique(coords.round(5), axis=0)) == T.CELLS  # every cell has its own code
     caption, mask = E.ToyText(0)(list(T.SUBTASKS[:2]))
     cfg = E.Config(gen_dim=32, gen_layers=1, latent_coords=8)
-    sana = E.build_generator(dataclasses.replace(cfg, generator="sana"), caption.shape[1:])
-    assert sana.config.in_channels == sana.config.out_channels == lat.shape[-1]  # its forward: tests/test_foreact.py
+    sana = E.gen_config(dataclasses.replace(cfg, generator="sana"))  # SANA's forward: tests/test_foreact.py
+    assert sana.in_channels == sana.out_channels == lat.shape[-1] and sana.caption_channels == caption.shape[-1]
     (v,) = E.build_generator(cfg, caption.shape[1:])([lat[2:4]], [lat[:2]], np.array([999, 500]), caption, mask)
     # the untrained cell generator predicts the source frame: its velocity is (x_t - source) / sigma
     np.testing.assert_allclose(np.asarray(v), (lat[2:4] - lat[:2]) / np.array([0.999, 0.5])[:, None, None, None],
