@@ -240,7 +240,7 @@ def wilson(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p = right / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
-    return centre - half, centre + half
+    return min(centre - half, p), max(centre + half, p)  # contains p, also where rounding says otherwise
 
 
 def make_eval(graphdef, data: dict):
