@@ -290,7 +290,8 @@ def test_condition_dropout_rules(model, tok):
 def test_memory_chunking_keeps_results(model, tok):
     """The memory options change memory, not results: the diffusion head 2 tokens at a time and the decoder one
     image at a time equal the unchunked calls; chunk sizes are even; "auto" query chunks follow the score budget;
-    a bad q_chunk is refused; largest_batch fits a peak curve and steps down where the linear fit overshoots."""
+    a bad q_chunk is refused; largest_batch finds the largest fitting batch in a few calls, also where the
+    peak jumps."""
     assert (even_chunk(2304, 1024), even_chunk(4096, 1024), even_chunk(9, 4), even_chunk(3, 8)) == (768, 1024, 3, 3)
     with pytest.raises(ValueError, match="chunk size"):
         even_chunk(5, 0)
@@ -308,5 +309,7 @@ def test_memory_chunking_keeps_results(model, tok):
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
     f = jax.random.normal(jax.random.key(3), (3, 4, 4, TOK.z_channels))
     np.testing.assert_allclose(tok.decode(f, 1), tok.decode(f), atol=1e-5)
-    assert largest_batch(lambda b: 10 + 3 * b, 25) == 5 and largest_batch(lambda b: 10 + 3 * b, 12) == 0
+    calls = []
+    assert largest_batch(lambda b: calls.append(b) or 10 + 3 * b, 25) == 5 and calls == [1, 2, 5, 6]
+    assert largest_batch(lambda b: 10 + 3 * b, 12) == 0 and largest_batch(lambda b: 10 + 3 * b, 10**6, limit=7) == 7
     assert largest_batch(lambda b: 10 + 3 * b + 100 * (b > 3), 40) == 3

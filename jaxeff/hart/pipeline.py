@@ -79,16 +79,24 @@ def program_peak_bytes(encoder, transformer, tokenizer, batch: int, n_sys: int, 
 
 
 def largest_batch(peak_fn, capacity: int, limit: int = 256) -> int:
-    """The largest batch b <= limit with peak_fn(b) <= capacity bytes (0 if batch 1 does not fit): a linear fit
-    through peak_fn(1) and peak_fn(2), then checked (and stepped down) with peak_fn itself."""
+    """The largest batch b <= limit with peak_fn(b) <= capacity bytes (0 if batch 1 does not fit), assuming the
+    peak grows with the batch: each guess extends the line through peak_fn(1) and the last batch tried, kept
+    strictly between the largest batch known to fit and the smallest known not to, until they are adjacent (a few
+    calls of peak_fn, each a compile)."""
     p1 = peak_fn(1)
     if p1 > capacity:
         return 0
-    slope = peak_fn(2) - p1
-    b = limit if slope <= 0 else min(limit, 1 + int((capacity - p1) // slope))
-    while b > 1 and peak_fn(b) > capacity:
-        b -= 1
-    return b
+    lo, hi, b = 1, limit + 1, 2
+    while hi - lo > 1:
+        b = min(max(b, lo + 1), hi - 1)
+        p = peak_fn(b)
+        if p <= capacity:
+            lo = b
+        else:
+            hi = b
+        slope = (p - p1) / (b - 1)
+        b = hi - 1 if slope <= 0 else 1 + int((capacity - p1) // slope)
+    return lo
 
 
 @dataclasses.dataclass
