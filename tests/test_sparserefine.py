@@ -397,8 +397,8 @@ def test_learnable_selector_matches_torch_and_drives_the_refiner(tiny):
         for tl, jl in zip((mlp[0], mlp[2], mlp[4]), (sel.mlp1, sel.mlp2, sel.mlp3)):
             tl.weight.copy_(torch.from_numpy(np.asarray(jl.kernel[...]).T.copy()))
             tl.bias.copy_(torch.from_numpy(np.array(jl.bias[...])))
-        feats = conv(torch.from_numpy(np.asarray(img)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        score = torch.sigmoid(mlp(torch.cat([torch.from_numpy(np.asarray(logits)), feats], -1)).squeeze(-1))
+        feats = conv(torch.from_numpy(np.array(img)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        score = torch.sigmoid(mlp(torch.cat([torch.from_numpy(np.array(logits)), feats], -1)).squeeze(-1))
     np.testing.assert_allclose(sel.score(img, logits), score.numpy(), rtol=1e-4, atol=1e-5)
     want = score.numpy() > 0.5
     out = _apply(model, img, logits)
