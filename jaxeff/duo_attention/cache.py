@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import PartitionSpec
 
 from jaxeff.models.llama import is_stop, num_generated, pad_prompts, stop_id_tuple
-from jaxeff.models.sharding import init_cache
+from jaxeff.models.sharding import heads_spec, init_cache
 from jaxeff.nn import attention, make_mask, xla_attention
 
 WINDOWS = ("official", "token")
@@ -85,6 +86,14 @@ class DualKVCache:
     @property
     def max_len(self) -> int:
         return self.full_k[0].shape[1]
+
+    def partition_specs(self, n: int, axis: str) -> DualKVCache:
+        """Tensor-parallel layout over n devices (`jaxeff.models.sharding.cache_specs`): each layer's full
+        (retrieval) cache split by heads where its retrieval-head count divides n evenly, else over the sequence
+        when max_len does, else replicated; the small streaming rings replicated."""
+        full = tuple(heads_spec(x.shape[2], x.shape[1], n, axis, by_sequence=True) for x in self.full_k)
+        ring = tuple(PartitionSpec() for _ in self.ring_k)
+        return self.replace(full_k=full, full_v=full, ring_k=ring, ring_v=ring, ring_pos=ring)
 
     def kv_nbytes(self) -> int:
         """Bytes of stored keys and values (the slot positions, 4 bytes per ring slot and layer, excluded)."""

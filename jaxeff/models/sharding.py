@@ -13,10 +13,9 @@ Layout over one mesh axis of size n (`axis`, default "model"); every other mesh 
   (GSPMD turns the embedding gather into a masked lookup plus all-reduce and gives logits sharded over the
   vocabulary), otherwise replicated; norms replicated.
 
-Caches (`shard_cache`): `ContiguousKVCache` k/v [B, T, Hkv, D] like k_proj (heads or replicated); DuoAttention's
-`DualKVCache` full (retrieval) caches [B, T, n_retrieval, D] by heads where a layer's retrieval-head count is a
-multiple of n, else over the sequence T when T is (the per-layer head split rarely divides n), else replicated;
-its streaming rings (sink + recent slots) replicated.
+Caches (`shard_cache`): `ContiguousKVCache` k/v [B, T, Hkv, D] like k_proj (heads or replicated); any other cache
+declares its layout with a `partition_specs(n, axis)` method built from `heads_spec` (DuoAttention's
+`DualKVCache`: full caches by heads, else over the sequence, else replicated; streaming rings replicated).
 
 Attention under GSPMD: the front door's "xla" implementation (and "dot_product" where it is XLA, as on TPU) is
 plain XLA ops, so it partitions as above; jax gives its cuDNN attention a partitioning rule (untested here). The
@@ -126,7 +125,9 @@ def model_mesh(model: nnx.Module) -> tuple[Any, str] | None:
     return sharding.mesh, sharding.spec[1]
 
 
-def _heads_spec(heads: int, length: int, n: int, axis: str, by_sequence: bool) -> PartitionSpec:
+def heads_spec(heads: int, length: int, n: int, axis: str, by_sequence: bool) -> PartitionSpec:
+    """The spec of a cache array [B, T, heads, D] over n devices: split by heads when they divide evenly, else
+    (with `by_sequence`) over the sequence T when it does, else replicated."""
     if heads % n == 0:
         return PartitionSpec(None, None, axis, None)
     if by_sequence and length % n == 0:
@@ -135,18 +136,16 @@ def _heads_spec(heads: int, length: int, n: int, axis: str, by_sequence: bool) -
 
 
 def cache_specs(cache, n: int, axis: str = "model"):
-    """A pytree of PartitionSpecs matching `cache` (module docstring): a `jaxeff.nn.ContiguousKVCache` or a
-    DuoAttention `DualKVCache` (recognised by its full_* / ring_* fields, so this shared module imports no
-    system). TypeError for another cache type."""
+    """A pytree of PartitionSpecs matching `cache` (module docstring): a `jaxeff.nn.ContiguousKVCache`, or any
+    cache that declares its own layout with a `partition_specs(n, axis)` method (DuoAttention's `DualKVCache`,
+    built from `heads_spec`). TypeError for another cache type."""
     from jaxeff.nn import ContiguousKVCache
 
     if isinstance(cache, ContiguousKVCache):
-        specs = tuple(_heads_spec(x.shape[2], x.shape[1], n, axis, by_sequence=False) for x in cache.k)
+        specs = tuple(heads_spec(x.shape[2], x.shape[1], n, axis, by_sequence=False) for x in cache.k)
         return cache.replace(k=specs, v=specs)
-    if all(hasattr(cache, f) for f in ("full_k", "full_v", "ring_k", "ring_v", "ring_pos")):
-        full = tuple(_heads_spec(x.shape[2], x.shape[1], n, axis, by_sequence=True) for x in cache.full_k)
-        ring = tuple(PartitionSpec() for _ in cache.ring_k)
-        return cache.replace(full_k=full, full_v=full, ring_k=ring, ring_v=ring, ring_pos=ring)
+    if hasattr(cache, "partition_specs"):
+        return cache.partition_specs(n, axis)
     raise TypeError(f"no tensor-parallel layout for a {type(cache).__name__}")
 
 
