@@ -9,8 +9,8 @@ import pytest
 
 from jaxeff.hart import diffusion as diff
 from jaxeff.hart.loading import load_hart
-from jaxeff.hart.resample import resize
 from jaxeff.hart.transformer import SampleOptions, generate_fhat
+from jaxeff.nn.resample import resize
 
 # The README's tolerances (maximum absolute error); integer outputs must be equal.
 PARTS = 1e-5  # tokenizer and quantizer, diffusion network, single diffusion steps

@@ -12,7 +12,6 @@ from flax import nnx
 from jaxeff.hart import diffusion as diff
 from jaxeff.hart.chunks import even_chunk
 from jaxeff.hart.pipeline import largest_batch
-from jaxeff.hart.resample import resize
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
 from jaxeff.hart.train import ClassConditionedHART, drop_condition, hart_loss
 from jaxeff.hart.transformer import (
@@ -29,6 +28,7 @@ from jaxeff.hart.transformer import (
     sample_keep_mask,
     scale_coords,
 )
+from jaxeff.nn.resample import resize
 
 TOK = TokenizerConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8,
                       patch_nums=(1, 2, 3, 4))

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.hart.chunks import map_chunks
-from jaxeff.hart.resample import resize
+from jaxeff.nn.resample import resize
 from jaxeff.nn.vqgan import Decoder, Encoder, conv
 
 

@@ -21,6 +21,7 @@ from flax import nnx, traverse_util
 from jaxeff.io import hub
 from jaxeff.io.safetensors import load_file
 from jaxeff.io.state_dict import CheckpointMismatchError, load_mapped, to_torch, torch_key, torch_layout
+from jaxeff.nn.resample import bicubic_matrix
 
 _IGNORED = ("quantize.codebook_used",)
 official_key = torch_key  # our module paths are the official names
@@ -116,22 +117,6 @@ def lpd_config_from_state_dict(tensors: dict, *, num_heads: int | None = None, *
                      num_classes=tensors["class_emb.weight"].shape[0], grid_size=grid, **overrides)
 
 
-def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of torch's bicubic resize (`F.interpolate(mode="bicubic", align_corners=False)`:
-    source x = (i + 0.5) * n_in / n_out - 0.5, Keys cubic with A = -0.75, edge indices clamped)."""
-    a = -0.75
-    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
-    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
-    w = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        x = (i + 0.5) * n_in / n_out - 0.5
-        x0 = int(np.floor(x))
-        t = x - x0
-        for off, c in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
-            w[i, min(max(x0 + off, 0), n_in - 1)] += c
-    return w
-
-
 def interpolate_pos_embed(pos_embed, grid_size: int) -> np.ndarray:
     """Resize a `pos_embed` [1, g*g + 1, D] to [1, grid_size**2 + 1, D] as the official fine-tuning does when a
     checkpoint's grid differs from the model's (256px -> 512px: 16x16 -> 32x32; `main.py:132-153, 277-279`):
@@ -142,7 +127,7 @@ def interpolate_pos_embed(pos_embed, grid_size: int) -> np.ndarray:
     g = int(round(n**0.5))
     if pe.ndim != 3 or pe.shape[0] != 1 or g * g != n or grid_size < 1:
         raise ValueError(f"pos_embed must be [1, g*g + 1, D] and grid_size >= 1, got {pe.shape} and {grid_size}")
-    w = _bicubic_matrix(g, grid_size)
+    w = bicubic_matrix(g, grid_size).astype(np.float64)
     grid = np.einsum("ai,bj,ijd->abd", w, w, pe[0, 1:].reshape(g, g, -1)).reshape(1, grid_size**2, -1)
     return np.concatenate([pe[:, :1], grid], axis=1).astype(np.float32)
 

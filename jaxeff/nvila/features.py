@@ -12,19 +12,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-
-def area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """float32 [n_out, n_in] averaging matrix of `F.interpolate(mode="area")` (= adaptive average pooling) along
-    one axis: output i averages inputs floor(i*n_in/n_out) .. ceil((i+1)*n_in/n_out) - 1."""
-    if n_in < 1 or n_out < 1:
-        raise ValueError(f"sizes must be positive, got {n_in} -> {n_out}")
-    a = np.zeros((n_out, n_in), np.float64)
-    for i in range(n_out):
-        lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
-        a[i, lo:hi] = 1.0 / (hi - lo)
-    return a.astype(np.float32)
+from jaxeff.nn.resample import area_matrix
 
 
 def area_resize(x: jnp.ndarray, out_hw: tuple[int, int]) -> jnp.ndarray:

@@ -1,9 +1,10 @@
-"""PyTorch-exact `F.interpolate` modes used by the VAR/HART multi-scale quantizer, as separable matrices.
+"""PyTorch-exact `F.interpolate` modes as separable matrices: `bicubic` (align_corners=False, A=-0.75,
+edge-clamped taps) and `area` (adaptive average pooling).
 
-`bicubic` (align_corners=False, A=-0.75, edge-clamped taps) and `area` (adaptive average pooling) are both
-separable, so each is a pair of small [out, in] matrices built once in numpy and applied with one einsum. That
-keeps the quantizer bit-compatible with the reference tokenizer (jax.image.resize uses a different cubic kernel
-and edge handling). Checked against torch on CPU in tests/test_hart_tokenizer.py.
+Each is a pair of small [out, in] matrices built once in numpy and applied with one einsum, so ports stay
+bit-compatible with torch references where `jax.image.resize` is not (it uses a different cubic kernel and edge
+handling). Used by HART's multi-scale quantizer, NVILA's Dynamic-S2 scale merge and LPD's position-embedding
+interpolation; checked against torch in tests/test_hart_parts.py, tests/test_nvila.py and tests/test_lpd.py.
 """
 
 from __future__ import annotations
@@ -41,13 +42,17 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 @functools.cache
 def area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] matrix of adaptive average pooling (torch `mode="area"`) along one axis."""
-    m = np.zeros((n_out, n_in), np.float32)
+    """float32 [n_out, n_in] averaging matrix of `F.interpolate(mode="area")` (= adaptive average pooling) along
+    one axis: output i averages inputs floor(i*n_in/n_out) .. ceil((i+1)*n_in/n_out) - 1. ValueError for a size
+    < 1."""
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"sizes must be positive, got {n_in} -> {n_out}")
+    m = np.zeros((n_out, n_in), np.float64)
     for i in range(n_out):
         start = (i * n_in) // n_out
         end = -((-(i + 1) * n_in) // n_out)
         m[i, start:end] = 1.0 / (end - start)
-    return m
+    return m.astype(np.float32)
 
 
 def _apply(x, mh: np.ndarray, mw: np.ndarray):
