@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxeff.experiment import Run, best_time, register
+from jaxeff.experiment import Run, best_time, register, wilson_interval
 from jaxeff.foreact import tabletop as T
 from jaxeff.foreact.config import SanaConfig
 from jaxeff.foreact.generator import ForesightGenerator
@@ -425,14 +425,6 @@ def evaluate(cfg: Config, policy, condition: str, foresight) -> tuple[np.ndarray
     return np.array([e.success() for e in envs]), np.array(done), agent.plan_seconds
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95% interval of a binomial proportion k / n."""
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -486,7 +478,7 @@ def run(cfg: Config, run: Run) -> None:
             if key not in trained:
                 trained[key] = train_policy(cfg, run, data, condition, f"{key} {n} demos")
             succ, done, _ = evaluate(cfg, policy_fn(*trained[key], condition), condition, foresight)
-            lo, hi = wilson(int(succ.sum()), len(succ))
+            lo, hi = wilson_interval(int(succ.sum()), len(succ))
             rows.append({"condition": condition, "demos": n, "success": float(succ.mean()), "ci95_low": lo,
                          "ci95_high": hi, "subtasks_done": float(done.mean()), "episodes": len(succ)})
             run.log(0, phase="eval", **rows[-1])

@@ -48,7 +48,7 @@ import optax
 from flax import nnx
 
 from jaxeff.distributed import shard_global_batch
-from jaxeff.experiment import Run, register
+from jaxeff.experiment import Run, register, wilson_interval
 from jaxeff.models.llama import Llama, LlamaConfig, generate
 from jaxeff.models.vit import DownsampleProjector, ViT, ViTConfig
 from jaxeff.nvila import features as F
@@ -233,16 +233,6 @@ def to_batch(data: dict, idx: np.ndarray) -> dict:
             "answer": data["answer"][idx]}
 
 
-def wilson(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion right / n."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = right / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
-    return min(centre - half, p), max(centre + half, p)  # contains p, also where rounding says otherwise
-
-
 def make_eval(graphdef, data: dict):
     """-> `evaluate(state) -> {acc, acc_<question>, ci_<question>}` on `data`: the answers are generated (the shared
     `jaxeff.models.llama.generate` from the VLM's embeddings, greedy, one token), as NVILA's `generate` does."""
@@ -257,7 +247,7 @@ def make_eval(graphdef, data: dict):
         for k, q in enumerate(QUESTIONS):
             r = right[data["kind"] == k]
             out[f"acc_{q}"] = float(r.mean())
-            out[f"ci_{q}"] = wilson(int(r.sum()), len(r))
+            out[f"ci_{q}"] = wilson_interval(int(r.sum()), len(r))
         return out
 
     return evaluate

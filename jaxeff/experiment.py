@@ -243,6 +243,18 @@ def best_time(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
     return min(call_times(fn, *args, repeats=repeats))
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% for z = 1.96) of the binomial proportion k / n, widened where float rounding
+    would leave p just outside it (k = n gives an upper bound of exactly 1.0 or more); (nan, nan) for n = 0 (no
+    trials: no interval)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return min(centre - half, p), max(centre + half, p)
+
+
 def image_grid(images: Iterable[Any], rows: int, cols: int, *, cell: float = 1.1, **imshow: Any):
     """A matplotlib figure of `images` (each [H, W] or [H, W, 3], shown as given: clip or scale them first) on a
     `rows` x `cols` grid of `cell`-inch squares, axes off; `imshow` keywords (cmap, vmin, vmax) go to every image.

@@ -182,3 +182,14 @@ def test_experiments_write_files_only_through_the_runner():
              "  run.savefig(fig, 'ok')\n  ckpt.save(1, x)\n  if run.is_main:\n    open('ok', 'w')\n"
     assert [line.split(":")[0] for line in _unguarded_writes(ast.parse(sample))] == ["line 2", "line 3", "line 4",
                                                                                    "line 5"]
+
+
+def test_wilson_interval():
+    from jaxeff.experiment import wilson_interval
+
+    np.testing.assert_allclose(wilson_interval(50, 100), (0.4038, 0.5962), atol=1e-4)
+    lo, hi = wilson_interval(100, 100)
+    assert 0.96 < lo < hi == pytest.approx(1.0)
+    for n in (6, 21, 500):  # the formula rounds to just below 1 there; the interval must still hold p (error bars)
+        assert wilson_interval(n, n)[1] >= 1.0 and wilson_interval(0, n)[0] <= 0.0
+    assert all(np.isnan(wilson_interval(0, 0)))

@@ -48,16 +48,6 @@ def test_pattern_only_resolvable_at_full_resolution():
         assert ma.sum() == mb.sum() and (ma != mb).any()
 
 
-def test_wilson_interval():
-    from experiments import nvila_tiny as T
-
-    np.testing.assert_allclose(T.wilson(50, 100), (0.4038, 0.5962), atol=1e-4)
-    lo, hi = T.wilson(100, 100)
-    assert 0.96 < lo < hi == pytest.approx(1.0)
-    for n in (6, 21, 500):  # the formula rounds to just below 1 there; the interval must still hold p (error bars)
-        assert T.wilson(n, n)[1] >= 1.0 and T.wilson(0, n)[0] <= 0.0
-
-
 def test_visual_tokens_per_mode():
     from experiments import nvila_tiny as T
 
