@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
     n = opts["new_tokens"]
 
     def run_jax():
-        return generate(ours, prompts.tolist(), n).tokens
+        return generate(ours, prompts.tolist(), n, eos_id=None).tokens  # min_new_tokens=n on the torch side
 
     def run_torch():
         with torch.no_grad():

@@ -101,7 +101,7 @@ def time_lserve(model, lcfg, streaming, prompt, n, repeats):
     engine = Engine(model, lcfg, streaming)
 
     def once():
-        out = engine.generate([prompt], n)
+        out = engine.generate([prompt], n, eos_id=None)  # n tokens, as the torch side's min_new_tokens
         st = out.stats[0]
         return {"prefill s": st["prefill_s"], "decode ms/token": 1e3 * st["decode_s"] / (n - 1),
                 "KV GiB": out.kv_nbytes / 2**30, "total": st["prefill_s"] + st["decode_s"]}
@@ -129,7 +129,8 @@ def time_split(generate, n, repeats):
 def time_duo(model, retrieval, opts, prompt, n, repeats):
     def gen(k):
         out = da.generate(model, [prompt], k, retrieval_heads=retrieval, sink=opts["duo_sink"],
-                          recent=opts["duo_recent"], chunk_size=opts["duo_chunk"], max_len=len(prompt) + n)
+                          recent=opts["duo_recent"], chunk_size=opts["duo_chunk"], max_len=len(prompt) + n,
+                          eos_id=None)
         return out.kv_nbytes
 
     return time_split(gen, n, repeats)

@@ -1,5 +1,7 @@
 """DuoAttention: released patterns, pattern files, head selection, gate training, dual KV cache."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,17 @@ def test_dual_cache_generation_stops_at_any_of_several_stop_ids(model):
                       pad_id=63)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.num_generated, ref.num_generated)
+    # The checkpoint's stop ids by default (generation_config.json's over config.json's, as llama.generate); the
+    # same weights under a config that names them. eos_id=None still never stops.
+    cfg = dataclasses.replace(model.config, eos_token_id=5, generation_eos_token_id=tuple(stops))
+    eos_model = nnx.merge(nnx.graphdef(Llama(cfg, rngs=nnx.Rngs(0))), nnx.state(model))
+    kw = dict(retrieval_heads=mask, sink=4, recent=60, chunk_size=16, pad_id=63)
+    default = da.generate(eos_model, prompts, 6, **kw)
+    np.testing.assert_array_equal(default.tokens, ref.tokens)
+    np.testing.assert_array_equal(default.num_generated, ref.num_generated)
+    np.testing.assert_array_equal(da.generate(eos_model, prompts, 6, eos_id=None, **kw).tokens, free)
+    with pytest.raises(TypeError, match="eos_id"):
+        da.generate(eos_model, prompts, 6, eos_id="eos", **kw)
 
 
 def test_dual_cache_chunked_prefill_is_lambda_sparse_from_first_chunk(model):

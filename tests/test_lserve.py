@@ -1,6 +1,8 @@
 """LServe engine: exactness against the plain decoder, windows per phase, per-query-head page lists, the
 reselection schedule, page accounting, clear errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +203,12 @@ def test_engine_stops_at_any_of_several_stop_ids(setup):
     out = Engine(model, small(dynamic_sparsity=False)).generate(prompts, NEW, eos_id=list(stops), pad_id=63)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.num_generated, ref.num_generated)
+    # The checkpoint's stop ids by default (generation_config.json's over config.json's, as llama.generate); the
+    # same weights under a config that names them. eos_id=None still never stops.
+    cfg = dataclasses.replace(model.config, eos_token_id=5, generation_eos_token_id=stops)
+    engine = Engine(nnx.merge(nnx.graphdef(Llama(cfg, rngs=nnx.Rngs(0))), nnx.state(model)),
+                    small(dynamic_sparsity=False))
+    default = engine.generate(prompts, NEW, pad_id=63)
+    np.testing.assert_array_equal(default.tokens, ref.tokens)
+    np.testing.assert_array_equal(default.num_generated, ref.num_generated)
+    np.testing.assert_array_equal(engine.generate(prompts, NEW, eos_id=None, pad_id=63).tokens, free)

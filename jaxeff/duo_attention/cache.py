@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
-from jaxeff.models.llama import is_stop, num_generated, pad_prompts, stop_id_tuple
+from jaxeff.models.llama import CONFIG_EOS, is_stop, num_generated, pad_prompts, resolve_stop_ids
 from jaxeff.models.sharding import heads_spec, init_cache
 from jaxeff.nn import attention, make_mask, xla_attention
 
@@ -215,7 +215,7 @@ def _decode(graphdef, state, cache, first, start_pos, stop_ids, steps, pad_id):
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, retrieval_heads, sink: int,
              recent: int, protocol: str | None = None, chunk_size: int | None = None,
              decode_simulation: int | None = None, window: str | None = None, max_len: int | None = None,
-             eos_id: int | Sequence[int] | None = None, pad_id: int = 0) -> DuoGenerateOutput:
+             eos_id: int | Sequence[int] | None | str = CONFIG_EOS, pad_id: int = 0) -> DuoGenerateOutput:
     """Greedy generation with the dual cache: chunked prefill, optional simulated decode steps over the prompt's
     tail, then a compiled `lax.scan` decode loop.
 
@@ -233,8 +233,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
       decode_simulation: the last n prompt tokens of every row are fed one per step as decode steps (default 0);
         every prompt must be longer than n.
       window: "official" (default) or "token", see the module docstring.
-      eos_id: None, one stop id or several (as `jaxeff.models.llama.generate`): a row stops after the first it
-        generates and is `pad_id` after it.
+      eos_id: `CONFIG_EOS` (the default) stops at the checkpoint's ids (`generation_stop_ids(model.config)`:
+        generation_config.json's `eos_token_id`, else config.json's, as transformers' `generate`); None never
+        stops; one id or several replace them (`jaxeff.models.llama.resolve_stop_ids`, the rule of every
+        generate loop). A row stops after the first stop id it generates and is `pad_id` after it.
     A model placed by `jaxeff.models.sharding.shard_model` runs tensor-parallel (GSPMD) with its cache sharded
     as `jaxeff.models.sharding.cache_specs` says (give a `max_len` that is a multiple of the mesh size, so layers
     whose retrieval-head count does not split over it split their cache over the sequence instead).
@@ -259,7 +261,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
     if max_new_tokens < 1 or chunk_size < 0 or decode_simulation < 0:
         raise ValueError(f"need max_new_tokens >= 1, chunk_size >= 0 and decode_simulation >= 0, got "
                          f"{max_new_tokens}, {chunk_size}, {decode_simulation}")
-    stops = stop_id_tuple(eos_id)
+    stops = resolve_stop_ids(mc, eos_id)
     tokens, lengths = pad_prompts(prompts, pad_id)
     if lengths.min() <= decode_simulation:
         raise ValueError(f"a prompt of {int(lengths.min())} tokens is not longer than decode_simulation="

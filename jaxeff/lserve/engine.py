@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxeff.lserve.cache import LServeCache
 from jaxeff.lserve.config import LServeConfig
-from jaxeff.models.llama import is_stop, num_generated, pad_prompts, stop_id_tuple
+from jaxeff.models.llama import CONFIG_EOS, is_stop, num_generated, pad_prompts, resolve_stop_ids
 
 
 @dataclasses.dataclass
@@ -88,13 +88,16 @@ class Engine:
         self.graphdef, self.state = nnx.split(model)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                 eos_id: int | Sequence[int] | None = None, pad_id: int = 0) -> LServeOutput:
-        """Greedy tokens [B, max_new_tokens]; eos_id: None, one stop id or several (as `jaxeff.models.llama.
-        generate`): a row stops after the first it generates and is `pad_id` after it."""
+                 eos_id: int | Sequence[int] | None | str = CONFIG_EOS, pad_id: int = 0) -> LServeOutput:
+        """Greedy tokens [B, max_new_tokens]. eos_id: `CONFIG_EOS` (the default) stops at the checkpoint's ids
+        (`generation_stop_ids(model.config)`: generation_config.json's `eos_token_id`, else config.json's, as
+        transformers' `generate`); None never stops; one id or several replace them (`jaxeff.models.llama.
+        resolve_stop_ids`, the rule of every generate loop). A row stops after the first stop id it generates and
+        is `pad_id` after it. ValueError when prompt + new tokens exceed `LServeConfig.max_len`."""
         cfg, mc = self.config, self.model.config
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        stops = stop_id_tuple(eos_id)
+        stops = resolve_stop_ids(mc, eos_id)
         tokens, lengths = pad_prompts(prompts, pad_id)
         longest = int(lengths.max())
         if longest + max_new_tokens > cfg.max_len:

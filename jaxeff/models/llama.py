@@ -74,6 +74,18 @@ def generation_stop_ids(cfg) -> tuple[int, ...]:
 CONFIG_EOS = "config"
 
 
+def resolve_stop_ids(cfg, eos_id: int | Sequence[int] | None | str) -> tuple[int, ...]:
+    """The stop ids of a generate loop's `eos_id` argument, one rule for every loop (`generate` here,
+    `jaxeff.duo_attention.generate`, `jaxeff.lserve.Engine.generate`): `CONFIG_EOS` -> `generation_stop_ids(cfg)`
+    (the checkpoint's ids, as transformers' `generate`); None -> () (never stop); one id or several -> those.
+    cfg: the model's config (`LlamaConfig`, `Gemma2Config`). TypeError for another string or a non-integer id."""
+    if isinstance(eos_id, str):
+        if eos_id != CONFIG_EOS:
+            raise TypeError(f"eos_id must be {CONFIG_EOS!r}, None, an int or a sequence of ints, got {eos_id!r}")
+        return generation_stop_ids(cfg)
+    return stop_id_tuple(eos_id)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """The computation-changing fields of a transformers Llama / Mistral / Qwen2 config.
@@ -510,16 +522,16 @@ def generate(
     (e.g. a VLM's text and visual embeddings; rows right-padded, real lengths `prompt_lens`, default S).
     eos_id: `CONFIG_EOS` ("config", the default) stops at the checkpoint's ids, `generation_stop_ids(model.config)`
     (generation_config.json's `eos_token_id`, else config.json's, as transformers' `generate`); None never stops;
-    one id or several (a list, e.g. Llama-3 Instruct's) replace them. A row stops after the first stop id it
-    generates and is `pad_id` after it."""
+    one id or several (a list, e.g. Llama-3 Instruct's) replace them (`resolve_stop_ids`, shared with
+    `jaxeff.duo_attention.generate` and `jaxeff.lserve.Engine.generate`). A row stops after the first stop id it
+    generates and is `pad_id` after it. TypeError for an `eos_id` string other than `CONFIG_EOS`."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     if (prompts is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of prompts (token ids) or inputs_embeds")
     if prompt_lens is not None and inputs_embeds is None:
         raise ValueError("prompt_lens goes with inputs_embeds (token prompts carry their own lengths)")
-    stops = generation_stop_ids(model.config) if isinstance(eos_id, str) and eos_id == CONFIG_EOS else \
-        stop_id_tuple(eos_id)
+    stops = resolve_stop_ids(model.config, eos_id)
     if prompts is not None:
         tokens, lengths = pad_prompts(prompts, pad_id, multiple=16)
         tokens, shape = jnp.asarray(tokens), tokens.shape
