@@ -270,3 +270,30 @@ def test_generate_stops_at_generation_config_eos_like_transformers(tmp_path):
     save_pretrained(ours, tmp_path / "ours")  # the ids survive a save / load round trip, in their own file
     assert from_pretrained(tmp_path / "ours").config.generation_eos_token_id == (b, a)
     assert transformers.GenerationConfig.from_pretrained(tmp_path / "ours").eos_token_id == [b, a]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen2_windowed", "gemma2"])
+def test_missing_config_keys_take_transformers_class_defaults(model_type):
+    """A config.json with only the shape keys: every default jaxeff fills in (stop / bos ids, positions, KV heads,
+    windows, eps, rope theta, tied embeddings) is the transformers config class's."""
+    from jaxeff.models.gemma2 import Gemma2Config
+    from jaxeff.models.llama import LlamaConfig, generation_stop_ids
+
+    d = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=30, num_attention_heads=32,
+             model_type=model_type.split("_")[0])
+    if model_type == "qwen2_windowed":
+        d["use_sliding_window"] = True  # window 4096 from max_window_layers 28 on
+    hf = transformers.AutoConfig.for_model(**d)
+    ours = (Gemma2Config if model_type == "gemma2" else LlamaConfig).from_hf(d)
+    rope_theta = getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]  # transformers 5: the latter
+    for key in ("bos_token_id", "eos_token_id", "max_position_embeddings", "num_key_value_heads", "rms_norm_eps",
+                "tie_word_embeddings", "initializer_range"):
+        assert getattr(ours, key) == getattr(hf, key), (key, getattr(ours, key), getattr(hf, key))
+    assert ours.rope_theta == rope_theta and ours.head_dim == (getattr(hf, "head_dim", None) or 64 // 32)
+    assert generation_stop_ids(ours) == (() if hf.eos_token_id is None else (hf.eos_token_id,))
+    if model_type == "gemma2":
+        assert ours.pad_token_id == hf.pad_token_id and ours.sliding_window == hf.sliding_window
+        return
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * d["num_hidden_layers"]
+    window = getattr(hf, "sliding_window", None)
+    assert ours.layer_windows == tuple(window if t == "sliding_attention" else None for t in types)
