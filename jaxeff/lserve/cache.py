@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import PartitionSpec
 
 import pallas_kernels
 from jaxeff.lserve.config import LServeConfig
+from jaxeff.models.sharding import heads_spec
 from pallas_kernels.paged import MIN_SELECTED_PAGES
 
 
@@ -121,12 +124,17 @@ class LServeCache:
     config: LServeConfig = struct.field(pytree_node=False)
     ring: tuple = struct.field(pytree_node=False)  # (sink pages, ring pages) of the streaming pools
     prefill_offset: int = struct.field(pytree_node=False, default=-1)
+    mesh: Any = struct.field(pytree_node=False, default=None)  # tensor parallel: the model's mesh (None: none)
+    mesh_axis: str = struct.field(pytree_node=False, default="model")
 
     @classmethod
     def init(cls, streaming_heads, batch: int, head_dim: int, config: LServeConfig, dtype=jnp.float32, *,
-             group: int = 1, prefill_chunks: int = 1):
+             group: int = 1, prefill_chunks: int = 1, mesh=None, mesh_axis: str = "model"):
         """streaming_heads: bool [layers, kv_heads]; group: query heads per KV head; prefill_chunks: prefill calls
-        the prompt takes (with more than one, the streaming ring first covers the prefill window)."""
+        the prompt takes (with more than one, the streaming ring first covers the prefill window); mesh /
+        mesh_axis: the mesh a tensor-parallel model is split over (`jaxeff.models.sharding.model_mesh`), so that
+        decode runs the paged kernels per device (`partition_specs`). Place the arrays with
+        `jaxeff.models.sharding.init_cache` / `shard_cache`."""
         mask = np.asarray(streaming_heads, bool)
         ps, max_pages = config.page_size, config.max_pages
         dec = streaming_pages(config)
@@ -149,8 +157,23 @@ class LServeCache:
                 page_table=table, **kw) for s in stm),
             selected=tuple(jnp.full((batch, len(r) * rows, n_sel), -1, jnp.int32) for r in ret),
             pages_read=jnp.zeros((batch,), jnp.int32), stats_read=jnp.zeros((batch,), jnp.int32),
-            retrieval=ret, streaming=stm, config=config, ring=ring,
+            retrieval=ret, streaming=stm, config=config, ring=ring, mesh=mesh, mesh_axis=mesh_axis,
         )
+
+    def partition_specs(self, n: int, axis: str) -> LServeCache:
+        """Tensor-parallel layout over n devices (`jaxeff.models.sharding.cache_specs`): each pool's pages and key
+        statistics [heads, pages, ...] split by KV heads where the pool's head count divides n evenly (from
+        `heads_spec`), else replicated (fewer heads than devices, or a count that does not split); page tables,
+        lengths, page lists and counters replicated (small, and every device's heads read the same tables)."""
+        rep = PartitionSpec()
+
+        def pool(p):
+            h = heads_spec(p.k_pages.shape[0], 0, n, axis, by_sequence=False, head_dim=0)
+            return dataclasses.replace(p, k_pages=h, v_pages=h, kmin=h, kmax=h, page_table=rep, lengths=rep)
+
+        return self.replace(retrieval_pools=tuple(map(pool, self.retrieval_pools)),
+                            streaming_pools=tuple(map(pool, self.streaming_pools)),
+                            selected=tuple(rep for _ in self.selected), pages_read=rep, stats_read=rep)
 
     def to_decode(self) -> LServeCache:
         """After the prompt: decode mode, streaming pools shrunk to the decode window, page lists cleared (the
@@ -252,8 +275,7 @@ class LServeCache:
                 pages_read = pages_read + jnp.sum(touched[:, :, :max_pages], axis=(1, 2))
             else:
                 pages_read = pages_read + (lengths + cfg.page_size - 1) // cfg.page_size * len(ret)
-            outs.append(pallas_kernels.sparse_paged_decode(qr, pool.k_pages, pool.v_pages, pool.page_table, lengths,
-                                                           sel, streaming_heads=np.zeros(len(ret), bool), **kw))
+            outs.append(self._paged_decode(qr, pool, lengths, sel, False, kw))
             order.append(qi)
         if stm:
             pool = self.streaming_pools[layer]
@@ -261,12 +283,29 @@ class LServeCache:
             lists = pallas_kernels.decode_page_lists(pool.page_table, lengths, None, np.ones(len(stm), bool),
                                                      sink=cfg.sink, local=cfg.local, page_size=cfg.page_size)
             pages_read = pages_read + jnp.sum(lists >= 0, axis=(1, 2))
-            outs.append(pallas_kernels.sparse_paged_decode(q[:, 0, qi], pool.k_pages, pool.v_pages, pool.page_table,
-                                                           lengths, None, streaming_heads=np.ones(len(stm), bool),
-                                                           **kw))
+            outs.append(self._paged_decode(q[:, 0, qi], pool, lengths, None, True, kw))
             order.append(qi)
         out = jnp.concatenate(outs, axis=1)[:, np.argsort(np.concatenate(order))][:, None]
         return out, self.replace(selected=selected, pages_read=pages_read, stats_read=stats_read)
+
+    def _paged_decode(self, q, pool, lengths, selected, streaming: bool, kw):
+        """`sparse_paged_decode` over one pool (q [B, heads * group, D], every head streaming or none). On a mesh,
+        with the pool split by heads (`partition_specs`), it runs per device under `jax.shard_map` (its KV heads,
+        their query heads and page lists), so a Pallas kernel is not one custom call that GSPMD can only run whole
+        on gathered inputs (see `jaxeff.models.sharding`); a replicated pool runs as is."""
+        def run(q, k_pages, v_pages, page_table, lengths, *selected):
+            return pallas_kernels.sparse_paged_decode(
+                q, k_pages, v_pages, page_table, lengths, selected[0] if selected else None,
+                streaming_heads=np.full(k_pages.shape[0], streaming), **kw)
+
+        args = (q, pool.k_pages, pool.v_pages, pool.page_table, lengths) + (() if selected is None else (selected,))
+        heads = pool.k_pages.shape[0]
+        if self.mesh is None or heads_spec(heads, 0, self.mesh.shape[self.mesh_axis], self.mesh_axis,
+                                           by_sequence=False, head_dim=0) == PartitionSpec():
+            return run(*args)
+        rows, pages, rep = PartitionSpec(None, self.mesh_axis), PartitionSpec(self.mesh_axis), PartitionSpec()
+        specs = (rows, pages, pages, rep, rep) + (() if selected is None else (rows,))
+        return jax.shard_map(run, mesh=self.mesh, in_specs=specs, out_specs=rows, check_vma=False)(*args)
 
 
 def _set(items: tuple, i: int, x) -> tuple:

@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxeff.lserve.cache import LServeCache
 from jaxeff.lserve.config import LServeConfig
+from jaxeff.models import sharding
 from jaxeff.models.llama import CONFIG_EOS, is_stop, num_generated, pad_prompts, resolve_stop_ids
 
 
@@ -109,8 +110,12 @@ class Engine:
         tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])), constant_values=pad_id)
         ar = np.arange(tokens.shape[1])[None]
         positions = np.where(ar < lengths[:, None], ar, -1).astype(np.int32)
-        cache = LServeCache.init(self.streaming_heads, b, mc.head_dim, cfg, dtype=self.model.dtype,
-                                 group=mc.num_attention_heads // mc.num_key_value_heads, prefill_chunks=n_chunks)
+        # a model placed by `jaxeff.models.sharding.shard_model`: the cache is built in its shards (partition_specs)
+        mesh, axis = sharding.model_mesh(self.model) or (None, "model")
+        cache = sharding.init_cache(lambda: LServeCache.init(
+            self.streaming_heads, b, mc.head_dim, cfg, dtype=self.model.dtype,
+            group=mc.num_attention_heads // mc.num_key_value_heads, prefill_chunks=n_chunks, mesh=mesh,
+            mesh_axis=axis), self.model)
 
         t0 = time.perf_counter()
         first_logits = None

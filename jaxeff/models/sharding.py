@@ -125,13 +125,18 @@ def model_mesh(model: nnx.Module) -> tuple[Any, str] | None:
     return sharding.mesh, sharding.spec[1]
 
 
-def heads_spec(heads: int, length: int, n: int, axis: str, by_sequence: bool) -> PartitionSpec:
-    """The spec of a cache array [B, T, heads, D] over n devices: split by heads when they divide evenly, else
-    (with `by_sequence`) over the sequence T when it does, else replicated."""
+def heads_spec(heads: int, length: int, n: int, axis: str, by_sequence: bool, *, head_dim: int = 2,
+               sequence_dim: int = 1) -> PartitionSpec:
+    """The spec of a 4-d cache array over n devices, heads at `head_dim` and the sequence at `sequence_dim`
+    (default [B, T, heads, D]; LServe's page pools [heads, pages, page_size, D] pass head_dim=0): split by heads
+    when they divide evenly, else (with `by_sequence`) over the sequence when it does, else replicated."""
+    def split(dim):
+        return PartitionSpec(*(axis if i == dim else None for i in range(4)))
+
     if heads % n == 0:
-        return PartitionSpec(None, None, axis, None)
+        return split(head_dim)
     if by_sequence and length % n == 0:
-        return PartitionSpec(None, axis, None, None)
+        return split(sequence_dim)
     return PartitionSpec()
 
 

@@ -1,5 +1,6 @@
 """Tensor-parallel decoders (`jaxeff.models.sharding`) on 8 CPU devices: the sharded model gives the one-device
-tokens and logits through `jaxeff.models.llama.generate`, `jaxeff.duo_attention.generate` and a jitted forward,
+tokens and logits through `jaxeff.models.llama.generate`, `jaxeff.duo_attention.generate`, the LServe engine and a
+jitted forward,
 its parameters and caches really are split, and a mesh the heads cannot use is refused by name."""
 
 import jax
@@ -11,6 +12,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from jaxeff import duo_attention as da
 from jaxeff.distributed import make_mesh
+from jaxeff.lserve import Engine, LServeCache, LServeConfig
 from jaxeff.models import sharding as tp
 from jaxeff.models.gemma2 import Gemma2, Gemma2Config
 from jaxeff.models.llama import Llama, LlamaConfig, generate
@@ -108,6 +110,28 @@ def test_duo_attention_generate_sharded_equals_one_device(qwen_pair, mesh):
     assert [_spec(x) for x in cache.full_k] == [PartitionSpec(None, "model", None, None),
                                                 PartitionSpec(None, None, "model", None)]
     assert _spec(cache.ring_k[0]) == PartitionSpec()
+
+
+def test_lserve_engine_sharded_equals_one_device(qwen_pair, mesh):
+    """Layer 0: 8 retrieval heads (pool split by heads, page selection and decode per device under shard_map);
+    layer 1: 5 retrieval + 3 streaming heads (pools replicated). Contexts past the budget and the window."""
+    one, sharded = qwen_pair
+    streaming = np.zeros((2, 8), bool)
+    streaming[1, [1, 4, 6]] = True
+    cfg = LServeConfig(max_len=48, page_size=8, logical_page_size=4, token_budget=24, sink=4, local=8,
+                       prefill_chunk=32)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 96, n).tolist() for n in (30, 17)]
+    ref = Engine(one, cfg, streaming).generate(prompts, 6)
+    out = Engine(sharded, cfg, streaming).generate(prompts, 6)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    assert [st["kv_pages_read"] for st in out.stats] == [st["kv_pages_read"] for st in ref.stats]
+    cache = tp.init_cache(lambda: LServeCache.init(streaming, 2, 8, cfg, mesh=mesh), sharded)
+    assert [_spec(p.k_pages) for p in cache.retrieval_pools] == [PartitionSpec("model", None, None, None),
+                                                                 PartitionSpec()]
+    assert _spec(cache.streaming_pools[1].v_pages) == PartitionSpec()
+    assert cache.retrieval_pools[0].kmin.addressable_shards[0].data.shape[0] == 1
+    assert _spec(cache.retrieval_pools[0].page_table) == PartitionSpec() and _spec(cache.selected[0]) == PartitionSpec()
 
 
 def test_shard_map_attention_fn_runs_pallas_per_shard(qwen_pair, mesh):
