@@ -27,6 +27,12 @@ streaming pool does.
   head: a GQA group's query heads may pick different pages) and the min/max statistics entries read.
 Kernels: `implementation=None` dispatches to the Pallas (and cuDNN) GPU kernels on a GPU, the Pallas TPU kernels
 on a TPU and XLA on CPU. Executed on CPU only; the GPU path has not run end to end yet.
+
+Tensor parallel (`mesh` set, `partition_specs`): a pool whose KV-head count divides the mesh axis is split by
+heads and decodes per device under `jax.shard_map` (each device its heads' pages, query heads and page lists);
+other pools are replicated. A prefill runs per device (`jaxeff.models.sharding.shard_heads`) when every device gets
+the same streaming flags; a sparse prefill whose devices would get different flags stays one call under GSPMD
+(a Pallas prefill then runs whole on gathered inputs: correct, not split).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from jax.sharding import PartitionSpec
 
 import pallas_kernels
 from jaxeff.lserve.config import LServeConfig
-from jaxeff.models.sharding import heads_spec
+from jaxeff.models.sharding import heads_spec, shard_heads
 from pallas_kernels.paged import MIN_SELECTED_PAGES
 
 
@@ -226,9 +232,27 @@ class LServeCache:
         flags = np.zeros(k.shape[2], bool)
         if cfg.sparse_prefill:
             flags[list(stm)] = True
-        return pallas_kernels.hybrid_attention(q, k, v, streaming_heads=flags, sink=cfg.prefill_sink,
-                                               local=cfg.prefill_local, q_offset=off, scale=scale,
-                                               implementation=impl)
+
+        def run(q, k, v, flags=flags):
+            return pallas_kernels.hybrid_attention(q, k, v, streaming_heads=flags, sink=cfg.prefill_sink,
+                                                   local=cfg.prefill_local, q_offset=off, scale=scale,
+                                                   implementation=impl)
+
+        local = self._device_flags(flags)
+        if local is None:
+            return run(q, k, v)
+        return shard_heads(partial(run, flags=local), self.mesh, self.mesh_axis)(q, k, v)
+
+    def _device_flags(self, flags: np.ndarray) -> np.ndarray | None:
+        """On a mesh: the streaming flags of one device's KV heads in a prefill split over heads (`shard_heads`),
+        when every device has the same ones (the kernel's schedule is static, so one program serves all devices:
+        always so for a dense prefill); else None (the call stays whole under GSPMD, which runs a Pallas prefill
+        on gathered inputs)."""
+        if self.mesh is None:
+            return None
+        n, h = self.mesh.shape[self.mesh_axis], len(flags)
+        per_device = flags.reshape(n, h // n) if h % n == 0 else np.repeat(flags, n // h)[:, None]
+        return per_device[0] if (per_device == per_device[0]).all() else None
 
     def _select(self, layer, q_ret, pool, lengths):
         """Page lists of this step: reselect the rows whose history length is a multiple of reselect_every or

@@ -11,6 +11,11 @@ Kernels: with `LServeConfig.implementation=None` a GPU runs the prefill through 
 kernel otherwise) and the decode through the flash-decoding Pallas kernel (`sparse_paged_decode`); a TPU runs the
 Mosaic kernels; a CPU the XLA paths. Executed on CPU only: the GPU path has not run end to end (the kernels it
 calls ran on an H200 on their own, see pallas_kernels/sparse_decode.py).
+
+Tensor parallel: on a model placed by `jaxeff.models.sharding.shard_model` the cache is built in its shards
+(`LServeCache.partition_specs`) and the model runs under GSPMD; the paged decode kernels of pools split by heads and
+a prefill whose streaming flags are the same on every device (always so for the default dense prefill) run per
+device under `jax.shard_map`. Tested on 8 CPU devices (XLA kernels); not run on accelerators.
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ class Engine:
     """LServe serving engine for a `jaxeff.models.llama.Llama`.
 
     streaming_heads: bool [layers, kv_heads] (True = streaming head, e.g. a DuoAttention pattern selected with
-    `jaxeff.duo_attention.select_retrieval_heads`); None = every head is a retrieval head.
+    `jaxeff.duo_attention.select_retrieval_heads`); None = every head is a retrieval head. `model` may be placed on
+    a mesh by `jaxeff.models.sharding.shard_model` (module docstring: tensor parallel).
     """
 
     def __init__(self, model, config: LServeConfig | None = None, streaming_heads=None):

@@ -15,7 +15,8 @@ Layout over one mesh axis of size n (`axis`, default "model"); every other mesh 
 
 Caches (`shard_cache`): `ContiguousKVCache` k/v [B, T, Hkv, D] like k_proj (heads or replicated); any other cache
 declares its layout with a `partition_specs(n, axis)` method built from `heads_spec` (DuoAttention's
-`DualKVCache`: full caches by heads, else over the sequence, else replicated; streaming rings replicated).
+`DualKVCache`: full caches by heads, else over the sequence, else replicated; streaming rings replicated. LServe's
+`LServeCache`: each page pool by KV heads, else replicated; page tables and lengths replicated).
 
 Attention under GSPMD: the front door's "xla" implementation (and "dot_product" where it is XLA, as on TPU) is
 plain XLA ops, so it partitions as above; jax gives its cuDNN attention a partitioning rule (untested here). The
@@ -23,8 +24,9 @@ contiguous and DuoAttention caches turn implementation "pallas" into the default
 a Pallas kernel. A Pallas call on sharded arrays (a cache-free forward with `implementation="pallas"`, LServe's
 kernels) is a custom call GSPMD cannot split: XLA gathers its inputs and runs it whole on every device (correct,
 but neither memory nor work is split; jax-ml/jax-triton#163); on CPU the interpreted kernel is plain XLA and
-splits. `attention_fn(mesh)` runs the front door per device under `jax.shard_map` over the head shards instead,
-and LServe takes `implementation="xla"` on a sharded model.
+splits. `shard_heads` runs a function per device under `jax.shard_map` over the head shards instead:
+`attention_fn(mesh)` (the front door in cache-free forwards) and LServe's cache (its paged decode kernels on pools
+split by heads, and a prefill whose streaming flags are the same on every device) use it.
 
 `per_device_nbytes` counts what one device holds of a tree of sharded arrays or sharded `jax.ShapeDtypeStruct`s
 (`abstract_model`, `abstract_cache` on a `jax.sharding.AbstractMesh`), so memory is planned for a model that is
@@ -173,37 +175,54 @@ def init_cache(make_cache, model: nnx.Module):
     return jax.jit(make_cache, out_shardings=shardings)()
 
 
-def attention_fn(mesh, axis: str = "model", implementation: str | None = None):
-    """An `attention_fn` for `Llama.__call__` (cache-free forwards) that runs the attention front door on each
-    device's own heads under `jax.shard_map` (q [B, S, Hq, D] split over heads; k, v split alike or replicated
-    when there are fewer KV heads than devices), so `implementation="pallas"` runs per shard instead of as one
-    custom call GSPMD cannot split. With "pallas" the positions must be the default `arange` ones (the front
-    door's Pallas path takes none); layer windows are refused by the model (see `Llama.__call__`)."""
-    from jaxeff.nn import attention
-
+def shard_heads(fn, mesh, axis: str = "model"):
+    """`fn(q, k, v, *rest) -> out` run per device under `jax.shard_map` over the attention heads: q [B, S, Hq, D]
+    split over its heads, k, v [B, S', Hkv, D] split alike, or, when there are fewer KV heads than devices
+    (n % Hkv == 0), replicated and cut to the one KV head of this device's query heads; `rest` replicated; the
+    output [B, S, Hq, D] split like q. A Pallas kernel inside `fn` then runs on each device's heads instead of as
+    one custom call that GSPMD cannot split. Returns the wrapped function; it raises ValueError for head counts
+    that neither split over nor divide the mesh axis."""
     n = _axis_size(mesh, axis)
+    heads, rep = PartitionSpec(None, None, axis, None), PartitionSpec()
 
-    def fn(layer, q, k, v, *, q_positions, kv_positions):
-        del layer
+    def run(q, k, v, *rest):
         if q.shape[2] % n:
             raise ValueError(f"{q.shape[2]} query heads do not split over {n} devices")
         kv_split = k.shape[2] % n == 0
         if not kv_split and n % k.shape[2]:
             raise ValueError(f"{k.shape[2]} key/value heads neither split over nor divide {n} devices")
-        heads, rep = PartitionSpec(None, None, axis, None), PartitionSpec()
-        kv = heads if kv_split else rep
 
-        def local(q, k, v, qp, kp):
+        def local(q, k, v, *rest):
             if not kv_split:  # n % Hkv == 0: this device's query heads all belong to KV head d * Hkv // n
                 head = jax.lax.axis_index(axis) * k.shape[2] // n
                 k = jax.lax.dynamic_slice_in_dim(k, head, 1, axis=2)
                 v = jax.lax.dynamic_slice_in_dim(v, head, 1, axis=2)
-            if implementation == "pallas":  # the kernel takes no positions: the default (arange) ones
-                return attention(q, k, v, causal=True, implementation="pallas")
-            return attention(q, k, v, q_positions=qp, kv_positions=kp, causal=True, implementation=implementation)
+            return fn(q, k, v, *rest)
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(heads, kv, kv, rep, rep), out_specs=heads,
-                             check_vma=False)(q, k, v, q_positions, kv_positions)
+        kv = heads if kv_split else rep
+        return jax.shard_map(local, mesh=mesh, in_specs=(heads, kv, kv) + (rep,) * len(rest), out_specs=heads,
+                             check_vma=False)(q, k, v, *rest)
+
+    return run
+
+
+def attention_fn(mesh, axis: str = "model", implementation: str | None = None):
+    """An `attention_fn` for `Llama.__call__` (cache-free forwards) that runs the attention front door on each
+    device's own heads (`shard_heads`), so `implementation="pallas"` runs per shard instead of as one custom call
+    GSPMD cannot split. With "pallas" the positions must be the default `arange` ones (the front door's Pallas
+    path takes none); layer windows are refused by the model (see `Llama.__call__`)."""
+    from jaxeff.nn import attention
+
+    def local(q, k, v, qp, kp):
+        if implementation == "pallas":  # the kernel takes no positions: the default (arange) ones
+            return attention(q, k, v, causal=True, implementation="pallas")
+        return attention(q, k, v, q_positions=qp, kv_positions=kp, causal=True, implementation=implementation)
+
+    run = shard_heads(local, mesh, axis)
+
+    def fn(layer, q, k, v, *, q_positions, kv_positions):
+        del layer
+        return run(q, k, v, q_positions, kv_positions)
 
     return fn
 

@@ -114,12 +114,13 @@ def test_duo_attention_generate_sharded_equals_one_device(qwen_pair, mesh):
 
 def test_lserve_engine_sharded_equals_one_device(qwen_pair, mesh):
     """Layer 0: 8 retrieval heads (pool split by heads, page selection and decode per device under shard_map);
-    layer 1: 5 retrieval + 3 streaming heads (pools replicated). Contexts past the budget and the window."""
+    layer 1: 5 retrieval + 3 streaming heads (pools replicated). Dense prefill per device in two chunks (the second
+    reads the first from the pools); contexts past the budget and the window."""
     one, sharded = qwen_pair
     streaming = np.zeros((2, 8), bool)
     streaming[1, [1, 4, 6]] = True
     cfg = LServeConfig(max_len=48, page_size=8, logical_page_size=4, token_budget=24, sink=4, local=8,
-                       prefill_chunk=32)
+                       prefill_chunk=16)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 96, n).tolist() for n in (30, 17)]
     ref = Engine(one, cfg, streaming).generate(prompts, 6)
@@ -132,6 +133,11 @@ def test_lserve_engine_sharded_equals_one_device(qwen_pair, mesh):
     assert _spec(cache.streaming_pools[1].v_pages) == PartitionSpec()
     assert cache.retrieval_pools[0].kmin.addressable_shards[0].data.shape[0] == 1
     assert _spec(cache.retrieval_pools[0].page_table) == PartitionSpec() and _spec(cache.selected[0]) == PartitionSpec()
+    # A sparse prefill runs per device only where every device gets the same streaming flags (a static schedule)
+    assert cache._device_flags(np.zeros(8, bool)).tolist() == [False]
+    assert cache._device_flags(np.array([True, False] * 4)) is None  # stays whole under GSPMD
+    assert cache._device_flags(np.array([True, True])).tolist() == [True]  # 2 KV heads, each on 4 devices
+    assert cache._device_flags(np.array([True, False])) is None
 
 
 def test_shard_map_attention_fn_runs_pallas_per_shard(qwen_pair, mesh):
