@@ -11,9 +11,10 @@ from flax import nnx
 
 from jaxeff.hart import diffusion as diff
 from jaxeff.hart.chunks import even_chunk
+from jaxeff.hart.loading import with_dtype
 from jaxeff.hart.pipeline import largest_batch
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
-from jaxeff.hart.train import ClassConditionedHART, drop_condition, hart_loss
+from jaxeff.hart.train import ClassConditionedHART, drop_condition, hart_loss, psnr
 from jaxeff.hart.transformer import (
     MIN_Q_CHUNK,
     HARTConfig,
@@ -147,18 +148,26 @@ def test_kv_cache_layouts_equal_recomputation(model, tok):
         generate_fhat(model, tok.quantize, ctx, pos, jax.random.key(3), opts, cache="paged")
 
 
-def _as_dtype(model, dtype):
-    """The same weights in a model built with dtype=param_dtype=`dtype` (float32 norms and level embedding)."""
-    g, abstract = nnx.split(nnx.eval_shape(lambda: HARTTransformer(model.cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                                   param_dtype=dtype)))
-    return nnx.merge(g, jax.tree.map(lambda x, ref: x.astype(ref.dtype), nnx.state(model), abstract))
+def test_tokenizer_bfloat16_decode_close_to_float32(tok):
+    """The bfloat16 tokenizer (bf16 convs, weights and activations; float32 GroupNorm statistics and attention
+    softmax; float32 quantizer) decodes the same latent within 38 dB PSNR of float32 (measured 44-48 dB here and at
+    the 1024px shape, see jaxeff/hart/README.md), returns float32 images in [-1, 1], and really computes in bf16
+    (not bit-equal to float32)."""
+    t16 = with_dtype(tok, jnp.bfloat16)
+    assert t16.decoder.conv_in.kernel[...].dtype == t16.decoder.mid[1].qkv.kernel[...].dtype == jnp.bfloat16
+    assert t16.decoder.norm_out.scale[...].dtype == t16.quantize.codebook.dtype == jnp.float32
+    f = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+    r32, r16 = (jax.jit(lambda s: nnx.merge(*s).decode(f, 1))(nnx.split(t)) for t in (tok, t16))
+    assert r16.dtype == jnp.float32 and float(jnp.abs(r16).max()) <= 1.0
+    assert 38.0 < psnr(r16, r32) < 80.0
+    assert jax.eval_shape(t16.encode, jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)).dtype == jnp.float32
 
 
 def test_bfloat16_close_to_float32(model, tok):
     """bfloat16 weights and matmuls (float32 norms, softmax statistics, residual stream, sampler): the training
     forward's logits and hidden states, a guided 4-step diffusion sample and a whole generation stay finite and
     close to float32."""
-    m16 = _as_dtype(model, jnp.bfloat16)
+    m16 = with_dtype(model, jnp.bfloat16)
     assert m16.blocks[0].attn.qkv_proj.kernel[...].dtype == jnp.bfloat16
     assert m16.blocks[0].ln_wo_grad.weight[...].dtype == jnp.float32
     ctx = jax.random.normal(jax.random.key(0), (2, 3, 12))

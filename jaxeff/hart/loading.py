@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
@@ -167,8 +168,9 @@ def resolve_dirs(path: str | Path) -> tuple[Path, Path]:
 def load_hart(path: str | Path, use_ema: bool = True, dtype=jnp.float32):
     """Returns (HARTTransformer, HARTTokenizer) with the released weights (EMA weights when present).
 
-    `dtype`: the transformer's compute and weight dtype (`HARTTransformer(dtype=, param_dtype=)`; its norm weights
-    and level embedding stay float32); the tokenizer stays float32."""
+    `dtype`: compute and weight dtype of the transformer (`HARTTransformer(dtype=, param_dtype=)`; its norm weights
+    and level embedding stay float32) and of the tokenizer's autoencoder (`HARTTokenizer(dtype=, param_dtype=)`;
+    its GroupNorm weights and the quantizer stay float32)."""
     llm_dir, tok_dir = resolve_dirs(path)
     llm_cfg = _read_json(llm_dir / "config.json")
     tok_raw = _read_json(tok_dir / "config.json")
@@ -179,8 +181,19 @@ def load_hart(path: str | Path, use_ema: bool = True, dtype=jnp.float32):
     model = load_into(nnx.eval_shape(lambda: HARTTransformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)),
                       tensors, "transformer", used, dtype=None)
     tok_tensors, tok_used = read_weights(tok_dir, ("model", "pytorch_model"))
-    tok = load_into(nnx.eval_shape(lambda: HARTTokenizer(tcfg, rngs=nnx.Rngs(0))), tok_tensors, "tokenizer", tok_used)
+    tok = load_into(nnx.eval_shape(lambda: HARTTokenizer(tcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)),
+                    tok_tensors, "tokenizer", tok_used, dtype=None)
     return model, tok
+
+
+def with_dtype(module, dtype):
+    """The same weights in a module of the same class and config built with `dtype=param_dtype=dtype` (a
+    HARTTransformer or HARTTokenizer): each parameter is cast to that module's own dtype, so the float32 ones
+    (norm weights, level embedding, the tokenizer's quantizer) stay float32. E.g. a float32 and a bfloat16 copy of
+    one checkpoint for a precision comparison."""
+    g, abstract = nnx.split(nnx.eval_shape(lambda: type(module)(module.cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                                param_dtype=dtype)))
+    return nnx.merge(g, jax.tree.map(lambda x, ref: x.astype(ref.dtype), nnx.state(module), abstract))
 
 
 def official_state_dict(module, kind: str) -> dict[str, np.ndarray]:
@@ -216,5 +229,5 @@ def save_hart(model: HARTTransformer, tok: HARTTokenizer, directory: str | Path)
     return root
 
 
-__all__ = ["CheckpointMismatchError", "load_hart", "save_hart", "official_state_dict", "load_into", "official_key",
-           "bin_to_numpy", "convert_bin_dir", "load_file"]
+__all__ = ["CheckpointMismatchError", "load_hart", "save_hart", "with_dtype", "official_state_dict", "load_into",
+           "official_key", "bin_to_numpy", "convert_bin_dir", "load_file"]

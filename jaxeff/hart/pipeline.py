@@ -115,8 +115,8 @@ class HART:
     def from_pretrained(cls, path: str | Path, text_encoder: str | Path | None = None, use_ema: bool = True,
                         max_length: int | None = None, dtype=jnp.float32) -> HART:
         """`path`: the hart-0.7b-1024px directory (or its llm/); `text_encoder`: a local Qwen2(-VL) directory.
-        `dtype`: compute / weight dtype of the transformer and the text encoder (jnp.bfloat16 for speed; the
-        tokenizer stays float32)."""
+        `dtype`: compute / weight dtype of the transformer, the tokenizer's autoencoder and the text encoder
+        (jnp.bfloat16 for speed; norms, softmax statistics and the sampler stay float32, see `load_hart`)."""
         model, tok = load_hart(path, use_ema=use_ema, dtype=dtype)
         enc = None
         if text_encoder is not None:

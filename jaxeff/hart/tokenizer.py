@@ -189,30 +189,41 @@ class HybridQuantizer(nnx.Module):
 
 
 class HARTTokenizer(nnx.Module):
-    """Encoder + hybrid quantizer + decoder (the `vae` of the released tokenizer)."""
+    """Encoder + hybrid quantizer + decoder (the `vae` of the released tokenizer).
 
-    def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
+    `dtype` / `param_dtype`: compute and weight dtype of the convolutional autoencoder (encoder, decoder,
+    quant_conv, post_quant_conv; `jaxeff.nn.vqgan`: GroupNorm statistics and the attention softmax stay float32).
+    The quantizer (codebook, Phi convs) stays float32: its sums are the transformer's inputs and the residual
+    target. `encode` and `decode` return float32. Default float32 (the golden tests' mode); the official sampler
+    runs the decoder under fp16 autocast (`sample.py`)."""
+
+    def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg = cfg
         k = cfg.quant_conv_ks
-        self.encoder = Encoder(**_trunk(cfg), rngs=rngs)
-        self.decoder = Decoder(**_trunk(cfg), rngs=rngs)
-        self.quant_conv = conv(cfg.z_channels, cfg.z_channels, k, rngs)
-        self.post_quant_conv = conv(cfg.z_channels, cfg.z_channels, k, rngs)
+        dt = {"dtype": dtype, "param_dtype": param_dtype}
+        self.encoder = Encoder(**_trunk(cfg), rngs=rngs, **dt)
+        self.decoder = Decoder(**_trunk(cfg), rngs=rngs, **dt)
+        self.quant_conv = conv(cfg.z_channels, cfg.z_channels, k, rngs, **dt)
+        self.post_quant_conv = conv(cfg.z_channels, cfg.z_channels, k, rngs, **dt)
         self.quantize = HybridQuantizer(cfg, rngs)
 
     def encode(self, img):
-        """img [B, H, W, 3] in [-1, 1] -> latent f [B, h, w, Cvae]."""
+        """img [B, H, W, 3] in [-1, 1] -> latent f [B, h, w, Cvae] float32."""
         if img.shape[1] != self.cfg.image_size or img.shape[2] != self.cfg.image_size:
             raise ValueError(f"image is {img.shape[1]}x{img.shape[2]}, tokenizer expects {self.cfg.image_size}")
-        return self.quant_conv(self.encoder(img))
+        return self.quant_conv(self.encoder(img)).astype(jnp.float32)
+
+    def _decode(self, f_hat):
+        return self.decoder(self.post_quant_conv(f_hat)).astype(jnp.float32)
 
     def decode(self, f_hat, chunk: int | None = None):
-        """latent [B, h, w, Cvae] -> image [B, H, W, 3] clamped to [-1, 1]. `chunk`: decode at most this many
-        images at a time (`jaxeff.hart.chunks.map_chunks`): the full-resolution float32 activations (about 2 GB
-        per 1024px image in XLA's memory analysis) are then held for `chunk` images, not B; None: all at once."""
-        return map_chunks(lambda f: jnp.clip(self.decoder(self.post_quant_conv(f)), -1.0, 1.0), (f_hat,), chunk)
+        """latent [B, h, w, Cvae] -> image [B, H, W, 3] float32 clamped to [-1, 1]. `chunk`: decode at most this
+        many images at a time (`jaxeff.hart.chunks.map_chunks`): the full-resolution activations (about 2 GB per
+        1024px image in float32 in XLA's memory analysis) are then held for `chunk` images, not B; None: all at
+        once."""
+        return map_chunks(lambda f: jnp.clip(self._decode(f), -1.0, 1.0), (f_hat,), chunk)
 
     def __call__(self, img, skip_continuous):
-        """Training forward: (reconstruction, vq_loss)."""
+        """Training forward: (reconstruction float32, vq_loss)."""
         f_hat, vq_loss, _ = self.quantize.quantize_train(self.encode(img), skip_continuous)
-        return self.decoder(self.post_quant_conv(f_hat)), vq_loss
+        return self._decode(f_hat), vq_loss
