@@ -1,9 +1,11 @@
 """Hybrid streaming/dense block-sparse attention (DuoAttention training and prefill, LServe prefill).
 
 Every KV head is either dense (causal) or streaming (causal and Λ-shaped: `sink` first tokens plus a `local`
-window). Query i sits at position `q_offset + i` (chunked prefill). Masks are token-exact, or block-granular as
-DuoAttention's training kernel (`window_block`, `hybrid_mask`); work skips every block that the mask empties,
-so a streaming head costs O(Sq * (sink + local + block)) whatever the context.
+window); `causal=False` makes every head dense and non-causal (every real key visible: HART's attention over its
+KV cache), and the block schedule then covers all KV blocks. Query i sits at position `q_offset + i` (chunked
+prefill). Masks are token-exact, or block-granular as DuoAttention's training kernel (`window_block`,
+`hybrid_mask`); work skips every block that the mask empties, so a streaming head costs
+O(Sq * (sink + local + block)) whatever the context. Key padding up to a block multiple is always masked.
 
 Three implementations share `block_ranges` (the active KV blocks of each query block) and `hybrid_mask`:
 - `_xla_hybrid`: plain XLA. Dense heads attend per query chunk to the static causal key prefix; streaming heads
@@ -27,7 +29,9 @@ Backends actually executed: CPU (XLA path; all six Pallas kernels in interpret m
 backward also under `pltpu.force_tpu_interpret_mode()`) and an NVIDIA H200 (jax 0.11.2: the Triton-style forward
 and backward compiled, and the cuDNN split, against the reference in tests/test_pallas_device.py; timings in
 `make bench name=attention`). The TPU-style kernels lower for TPU (Pallas -> Mosaic) through `jax.export` but
-have not run on a TPU.
+have not run on a TPU. `causal=False` has run on CPU only (XLA path, the six kernels in interpret mode, the TPU-style
+ones also under `pltpu.force_tpu_interpret_mode()`) and lowers for TPU and GPU through `jax.export`; neither it
+nor the non-causal cuDNN split has run on a GPU or TPU.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class _Cfg:
     block_k: int
     static_flags: tuple[bool, ...] | None  # None when streaming_heads is traced
     window_block: int = 1  # > 1: the local window is counted from the end of the query's window block
+    causal: bool = True  # False: every real key visible to every query (dense heads only)
     num_warps: int | None = None  # Triton launch parameters (GPU only); None: chosen from the block shape
     num_stages: int | None = None
 
@@ -98,19 +103,22 @@ def hybrid_mask(qpos, kpos, streaming, sink: int, local: int, window_block: int 
 
 
 def _mask(qpos, kpos, streaming, cfg: _Cfg):
+    if not cfg.causal:  # dense heads only (make_config): every key that exists
+        return kpos < cfg.sk
     return hybrid_mask(qpos, kpos, streaming, cfg.sink, cfg.local, cfg.window_block)
 
 
-def block_ranges(xp, stream, *, sq, sk, q_offset, sink, local, block_q, block_k, window_block=1):
+def block_ranges(xp, stream, *, sq, sk, q_offset, sink, local, block_q, block_k, window_block=1, causal=True):
     """Active KV blocks of every (KV head, query block): blocks [0, u1) and [l2, hi); all [Hkv, nq] ints.
 
-    `xp` is numpy (static flags) or jax.numpy (traced flags). Dense heads get u1 = l2 = 0 (causal prefix).
+    `xp` is numpy (static flags) or jax.numpy (traced flags). Dense heads get u1 = l2 = 0 (causal prefix; with
+    causal=False every KV block, hi = nk).
     """
     nq, nk = -(-sq // block_q), -(-sk // block_k)
     i = xp.arange(nq)
     p_lo = q_offset + i * block_q
     p_hi = q_offset + xp.minimum((i + 1) * block_q, sq) - 1
-    hi = xp.minimum(p_hi // block_k + 1, nk)[None, :]
+    hi = (xp.minimum(p_hi // block_k + 1, nk) if causal else xp.full(nq, nk))[None, :]
     n_sink = min(-(-sink // block_k), nk)
     local_lo = (xp.maximum(window_pos(p_lo, window_block) - local + 1, 0) // block_k)[None, :]
     stream = xp.asarray(stream).astype(bool)[:, None]
@@ -122,15 +130,16 @@ def block_ranges(xp, stream, *, sq, sk, q_offset, sink, local, block_q, block_k,
 
 def hybrid_attention_block_count(q_len: int, kv_len: int, streaming_heads, *, sink: int, local: int,
                                  q_offset: int = 0, block_q: int = 128, block_k: int = 128,
-                                 window_block: int = 1) -> int:
+                                 window_block: int = 1, causal: bool = True) -> int:
     """Number of (query block, KV block) pairs the kernels compute, summed over KV heads, for one batch row.
 
     Each query head of a GQA group runs its KV head's blocks, so query-head work is this times Hq / Hkv.
     """
     stream = np.asarray(streaming_heads, bool)
+    _check_non_causal(causal, stream)
     sink, local = _round_up(sink, window_block), _round_up(local, window_block)
     u1, l2, hi = block_ranges(np, stream, sq=q_len, sk=kv_len, q_offset=q_offset, sink=sink, local=local,
-                              block_q=block_q, block_k=block_k, window_block=window_block)
+                              block_q=block_q, block_k=block_k, window_block=window_block, causal=causal)
     return int((u1 + np.maximum(hi - l2, 0)).sum())
 
 
@@ -138,10 +147,26 @@ def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
-def hybrid_attention_reference(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale=None, window_block=1):
+def _check_non_causal(causal: bool, static_flags) -> None:
+    """causal=False is dense attention: refuses streaming heads, and traced flags (which could hold some)."""
+    if causal:
+        return
+    if static_flags is None:
+        raise ValueError("causal=False needs concrete streaming_heads (all False), not traced ones")
+    if np.any(static_flags):
+        raise ValueError("causal=False supports dense heads only: streaming_heads must all be False (a streaming "
+                         "head's sink + local window is defined over causal positions)")
+
+
+def hybrid_attention_reference(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale=None, window_block=1,
+                               causal=True):
     """Dense masked attention in float32 (the plain-JAX reference); returns q.dtype [B, Sq, Hq, D].
 
-    window_block > 1: sink and local are rounded up to multiples of it and the mask is `hybrid_mask`'s."""
+    window_block > 1: sink and local are rounded up to multiples of it and the mask is `hybrid_mask`'s.
+    causal=False: every key visible (streaming_heads must be concrete and all False)."""
+    if not causal:
+        _check_non_causal(causal, None if isinstance(streaming_heads, jax.core.Tracer)
+                          else np.asarray(streaming_heads, bool))
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -152,7 +177,7 @@ def hybrid_attention_reference(q, k, v, *, streaming_heads, sink, local, q_offse
     kpos = jnp.arange(sk)[None, :]
     stream = jnp.asarray(streaming_heads, bool)[:, None, None, None]
     mask = hybrid_mask(qpos, kpos, stream, _round_up(sink, window_block), _round_up(local, window_block),
-                       window_block)
+                       window_block) if causal else jnp.ones((sq, sk), bool)
     s = jnp.where(mask, s, MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
@@ -175,12 +200,13 @@ def _dense_chunk(q, k, v, stream, q_start: int, cfg: _Cfg):
 
 
 def _xla_dense_group(q, k, v, stream, cfg: _Cfg):
-    """q [B, Sq, h, G, D], k/v [B, Sk, h, D], stream [h] bool: per query chunk, attend the causal key prefix."""
+    """q [B, Sq, h, G, D], k/v [B, Sk, h, D], stream [h] bool: per query chunk, attend the causal key prefix
+    (causal=False: all keys; the chunks then only bound the rematerialised backward's scores)."""
     sq = q.shape[1]
     chunk = cfg.block_q * -(-cfg.nq // _MAX_DENSE_CHUNKS)
     outs = []
     for a in range(0, sq, chunk):
-        kend = min(cfg.sk, cfg.q_offset + min(a + chunk, sq))
+        kend = min(cfg.sk, cfg.q_offset + min(a + chunk, sq)) if cfg.causal else cfg.sk
         outs.append(_dense_chunk(q[:, a:a + chunk], k[:, :kend], v[:, :kend], jnp.asarray(stream), a, cfg))
     return jnp.concatenate(outs, axis=1)
 
@@ -243,17 +269,18 @@ def _xla_hybrid(q, k, v, flags, cfg: _Cfg):
 
 def _cudnn_applies(q, cfg: _Cfg) -> bool:
     # jax's cuDNN attention: fp16/bf16, head_dim <= 128 in multiples of 8, and a causal mask aligned at query 0
-    return (jax.default_backend() == "gpu" and cfg.static_flags is not None and cfg.q_offset == 0
-            and cfg.sq == cfg.sk and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 128)
+    # (non-causal: any Sq, Sk)
+    return (jax.default_backend() == "gpu" and cfg.static_flags is not None
+            and (not cfg.causal or (cfg.q_offset == 0 and cfg.sq == cfg.sk))
+            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
 def _cudnn_hybrid(q, k, v, cfg: _Cfg):
-    """Dense heads through cuDNN's fused causal attention, streaming heads through the Triton kernel."""
+    """Dense heads through cuDNN's fused attention (causal or not), streaming heads through the Triton kernel."""
     ungroup = lambda qg: qg.reshape(*qg.shape[:2], -1, qg.shape[-1])
 
     def dense(qg, k, v):
-        return jax.nn.dot_product_attention(ungroup(qg), k, v, scale=cfg.scale, is_causal=True,
+        return jax.nn.dot_product_attention(ungroup(qg), k, v, scale=cfg.scale, is_causal=cfg.causal,
                                             implementation="cudnn").reshape(qg.shape)
 
     def streaming(qg, k, v):
@@ -287,12 +314,12 @@ def _schedule(flags, cfg: _Cfg):
     if cfg.static_flags is not None:
         u1, l2, hi = block_ranges(np, np.asarray(cfg.static_flags), sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset,
                                   sink=cfg.sink, local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k,
-                                  window_block=cfg.window_block)
+                                  window_block=cfg.window_block, causal=cfg.causal)
         steps = int((u1 + np.maximum(hi - l2, 0)).max())
         return jnp.asarray(np.stack([u1, l2, hi], -1), jnp.int32), steps
     u1, l2, hi = block_ranges(jnp, flags, sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
                               local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k,
-                              window_block=cfg.window_block)
+                              window_block=cfg.window_block, causal=cfg.causal)
     return jnp.stack([u1, l2, hi], -1).astype(jnp.int32), cfg.nk  # traced: worst case is a dense head
 
 
@@ -380,7 +407,7 @@ def _transposed_schedule(flags, cfg: _Cfg):
     stream = np.asarray(cfg.static_flags) if cfg.static_flags is not None else flags.astype(bool)
     u1, l2, hi = block_ranges(xp, stream, sq=cfg.sq, sk=cfg.sk, q_offset=cfg.q_offset, sink=cfg.sink,
                               local=cfg.local, block_q=cfg.block_q, block_k=cfg.block_k,
-                              window_block=cfg.window_block)
+                              window_block=cfg.window_block, causal=cfg.causal)
     kb = xp.arange(cfg.nk)[None, :, None]
     n_sink = xp.where(xp.asarray(stream), min(-(-cfg.sink // cfg.block_k), cfg.nk), 0)[:, None]
     qa = (hi[:, None, :] <= kb).sum(-1)
@@ -531,7 +558,7 @@ def _gpu_kv_loops(bounds_ref, i, body, carry, cfg: _Cfg):
     bk = cfg.block_k
     q_lo = cfg.q_offset + i * cfg.block_q
     q_hi = q_lo + cfg.block_q - 1
-    whole_hi = jnp.clip(jnp.minimum((q_lo + 1) // bk, cfg.sk // bk), l2, hi)
+    whole_hi = jnp.clip(jnp.minimum((q_lo + 1) // bk if cfg.causal else cfg.nk, cfg.sk // bk), l2, hi)
     whole_lo = jnp.where(stream, jnp.clip((window_pos(q_hi, cfg.window_block) - cfg.local) // bk + 1, l2, whole_hi),
                          l2)
     masked = functools.partial(body, masked=True)
@@ -695,7 +722,7 @@ def _default_block(n: int) -> int:
 
 
 def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q, block_k, num_warps=None,
-                num_stages=None, window_block=1):
+                num_stages=None, window_block=1, causal=True):
     """Validates the arguments of `hybrid_attention`; returns (int32 flags [Hkv], _Cfg)."""
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"q and k must be [batch, seq, heads, head_dim], got {q.shape} and {k.shape}")
@@ -705,11 +732,16 @@ def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q,
     sk, hkv = k.shape[1], k.shape[2]
     check_gqa(hq, hkv)
     flags, static = check_streaming_heads(streaming_heads, hkv)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a Python bool (static), got {type(causal).__name__}")
+    _check_non_causal(causal, static)
     sink, local = check_int("sink", sink, 0), check_int("local", local, 1)
     window_block = check_int("window_block", window_block, 1)
     sink, local = _round_up(sink, window_block), _round_up(local, window_block)
     q_offset = check_int("q_offset", q_offset, 0)
-    if q_offset + sq > sk:
+    if not causal and q_offset:
+        raise ValueError(f"causal=False has no query positions: q_offset must be 0, got {q_offset}")
+    if causal and q_offset + sq > sk:
         raise ValueError(f"q_offset + q_len ({q_offset} + {sq}) exceeds kv_len {sk}: queries need their own keys")
     block_q = _default_block(sq) if block_q is None else check_int("block_q", block_q, 1)
     block_k = _default_block(sk) if block_k is None else check_int("block_k", block_k, 1)
@@ -717,12 +749,14 @@ def make_config(q, k, streaming_heads, *, sink, local, q_offset, scale, block_q,
     num_warps = None if num_warps is None else check_int("num_warps", num_warps, 1)
     num_stages = None if num_stages is None else check_int("num_stages", num_stages, 1)
     return flags, _Cfg(sq, sk, q_offset, sink, local, default_scale(scale, d), block_q, block_k, static_t,
-                       window_block, num_warps, num_stages)
+                       window_block, causal, num_warps, num_stages)
 
 
 def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale=None, implementation=None,
-                     interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None, window_block=1):
-    """Causal attention where streaming KV heads see only `sink` first tokens and a `local` window.
+                     interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None, window_block=1,
+                     causal=True):
+    """Causal attention where streaming KV heads see only `sink` first tokens and a `local` window; or, with
+    causal=False, plain dense attention (every key visible to every query; HART's attention over its KV cache).
 
     Args:
       q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D] with Hq % Hkv == 0 (GQA); float32 or bfloat16; any Sq, Sk.
@@ -734,9 +768,12 @@ def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale
         rounded up to multiples of it and p - j < local is counted from the last position of p's block, so query
         block i sees sink blocks plus key blocks i - local/window_block + 1 .. i (causal); `hybrid_mask`.
       q_offset: position of query 0 (chunked prefill: Sk = q_offset + Sq); q_offset + Sq <= Sk.
+      causal: False drops the causal rule: every key j < Sk is visible to every query, any Sq and Sk, q_offset 0.
+        Dense heads only: a streaming head (or traced streaming_heads) raises ValueError.
       scale: softmax scale, default 1/sqrt(D).
       implementation: "pallas", "xla", "cudnn" (GPU: dense heads through cuDNN's fused attention, streaming
-        heads through the Pallas kernel; needs concrete flags, q_offset 0 with Sq == Sk, bf16/fp16, D <= 128) or
+        heads through the Pallas kernel; needs concrete flags, bf16/fp16, D <= 128 in multiples of 8, and when
+        causal q_offset 0 with Sq == Sk) or
         None: "cudnn" where it applies on a GPU, else Pallas on GPU/TPU and XLA elsewhere.
       interpret: run the Pallas kernel in the interpreter (CPU testing).
       block_q, block_k: block sizes (default min(128, next power of two of the length), at least 16).
@@ -746,13 +783,14 @@ def hybrid_attention(q, k, v, *, streaming_heads, sink, local, q_offset=0, scale
     """
     flags, cfg = make_config(q, k, streaming_heads, sink=sink, local=local, q_offset=q_offset, scale=scale,
                              block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                             window_block=window_block)
+                             window_block=window_block, causal=causal)
     if v.shape != k.shape:
         raise ValueError(f"v {v.shape} must have the shape of k {k.shape}")
     if implementation == "cudnn" or (implementation is None and not interpret and _cudnn_applies(q, cfg)):
         if not _cudnn_applies(q, cfg):
-            raise ValueError("implementation='cudnn' needs a GPU, concrete streaming_heads, q_offset 0 with "
-                             "q_len == kv_len, bfloat16/float16 inputs and head_dim <= 128 (a multiple of 8)")
+            raise ValueError("implementation='cudnn' needs a GPU, concrete streaming_heads, bfloat16/float16 "
+                             "inputs, head_dim <= 128 (a multiple of 8) and, when causal, q_offset 0 with "
+                             "q_len == kv_len")
         return _cudnn_hybrid(q, k, v, cfg)
     impl, flavour = resolve_implementation(implementation, interpret)
     if impl == "xla":

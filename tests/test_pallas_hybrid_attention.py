@@ -233,3 +233,154 @@ def test_pallas_hybrid_bad_input_raises(kwargs, match):
                             local=kwargs.get("local", 2), q_offset=kwargs.get("q_offset", 0),
                             implementation=kwargs.get("implementation", "xla"), num_warps=kwargs.get("num_warps"),
                             window_block=kwargs.get("window_block", 1))
+
+
+# Non-causal (HART's attention over its KV cache): (batch, Sq, Sk, Hq, Hkv, D, dtype); Sq != Sk, off the 16-blocks,
+# more queries than keys, GQA 2 and 8.
+NON_CAUSAL = {
+    "f32_gqa2_sq_lt_sk": (2, 21, 45, 4, 2, 32, jnp.float32),
+    "bf16_gqa8_sq_gt_sk": (1, 37, 19, 8, 1, 64, jnp.bfloat16),
+}
+
+
+@pytest.fixture(scope="module")
+def non_causal_case():
+    """Fresh random inputs, a cotangent and the float32 reference (output and gradients) per case, built once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            b, sq, sk, hq, hkv, d, dtype = NON_CAUSAL[name]
+            ks = jax.random.split(jax.random.key(np.random.SeedSequence().entropy % 2**31), 4)
+            q, k, v = (jax.random.normal(key, (b, n, h, d), dtype)
+                       for key, n, h in zip(ks, (sq, sk, sk), (hq, hkv, hkv), strict=False))
+            cot = jax.random.normal(ks[3], q.shape, dtype)
+            kw = dict(streaming_heads=np.zeros(hkv, bool), sink=0, local=1, causal=False)
+            ref = jax.vjp(lambda *a: pk.hybrid_attention_reference(*a, **kw), *(x.astype(jnp.float32)
+                                                                                 for x in (q, k, v)))
+            cache[name] = (q, k, v, cot, kw, ref[0], ref[1](cot.astype(jnp.float32)))
+        return cache[name]
+
+    return get
+
+
+def _fwd_bwd(f, q, k, v, cot):
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(cot)
+
+
+def _check_out_and_grads(out, grads, ref, ref_grads, dtype, name):
+    tol = 3e-2 if dtype == jnp.bfloat16 else 5e-5
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=tol, rtol=tol, err_msg=name)
+    for grad, r in zip(grads, ref_grads, strict=True):
+        assert grad.dtype == dtype
+        np.testing.assert_allclose(np.asarray(grad, np.float32), r, atol=2 * tol, rtol=2 * tol, err_msg=name)
+
+
+@pytest.mark.parametrize("name", list(NON_CAUSAL))
+def test_pallas_hybrid_non_causal_matches_reference(non_causal_case, name):
+    # Forward and gradients of the XLA path and both kernel styles (interpreter): every key visible, the padded
+    # keys of the last 16-block masked (Sk 45 and 19 are off the block multiples).
+    q, k, v, cot, kw, ref, ref_grads = non_causal_case(name)
+    flags, cfg = make_config(q, k, kw["streaming_heads"], sink=0, local=1, q_offset=0, scale=None, block_q=BLOCK,
+                             block_k=BLOCK, causal=False)
+    paths = {"xla": lambda q, k, v: pk.hybrid_attention(q, k, v, **kw, implementation="xla", block_q=BLOCK,
+                                                        block_k=BLOCK),
+             "tpu_kernels": lambda q, k, v: _pallas_hybrid(q, k, v, flags, cfg, "tpu", True),
+             "gpu_kernels": lambda q, k, v: _pallas_hybrid(q, k, v, flags, cfg, "gpu", True)}
+    for path, f in paths.items():
+        out, grads = jax.jit(lambda q, k, v, f=f: _fwd_bwd(f, q, k, v, cot))(q, k, v)
+        _check_out_and_grads(out, grads, ref, ref_grads, q.dtype, f"{name}/{path}")
+
+
+def test_pallas_hybrid_non_causal_tpu_interpret_mode(non_causal_case):
+    # The public entry point under TPU interpret mode dispatches to the TPU-style forward and backward kernels.
+    q, k, v, cot, kw, ref, ref_grads = non_causal_case("f32_gqa2_sq_lt_sk")
+    with pltpu.force_tpu_interpret_mode():
+        out, grads = jax.jit(lambda q, k, v: _fwd_bwd(lambda q, k, v: pk.hybrid_attention(
+            q, k, v, **kw, implementation="pallas", block_q=BLOCK, block_k=BLOCK), q, k, v, cot))(q, k, v)
+    _check_out_and_grads(out, grads, ref, ref_grads, q.dtype, "tpu_interpret")
+
+
+def test_pallas_hybrid_non_causal_reference_is_plain_softmax():
+    # The reference against numpy: every key visible, whatever Sq and Sk; and not the causal answer.
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, n, 2, 16)) for i, n in ((41, 5), (42, 9), (43, 9)))
+    out = pk.hybrid_attention_reference(q, k, v, streaming_heads=[False, False], sink=0, local=1, causal=False)
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("qhd,khd->hqk", qn[0], kn[0]) / 4.0
+    w = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(out[0], np.einsum("hqk,khd->qhd", w / w.sum(-1, keepdims=True), vn[0]), atol=1e-5)
+    causal = pk.hybrid_attention_reference(q, k, v, streaming_heads=[False, False], sink=0, local=1, q_offset=4)
+    assert float(jnp.abs(causal - out).max()) > 1e-2
+
+
+def test_pallas_hybrid_non_causal_block_count_covers_every_block():
+    # 100 queries over 300 keys in 32-blocks: 4 query blocks x 10 KV blocks per KV head, vs the causal triangle.
+    assert pk.hybrid_attention_block_count(100, 300, [False] * 3, sink=0, local=1, block_q=32, block_k=32,
+                                           causal=False) == 3 * 4 * 10
+    assert _brute_force_blocks(100, 300, 200, [False], 0, 1, 32, 32) < 4 * 10
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(streaming_heads=[True, False]), "dense heads only"),
+    (dict(q_offset=3), "q_offset must be 0"),
+    (dict(causal=1), "causal must be a Python bool"),
+])
+def test_pallas_hybrid_non_causal_bad_input_raises(kwargs, match):
+    q, k = jnp.zeros((1, 8, 4, 64)), jnp.zeros((1, 12, 2, 64))
+    kw = dict(streaming_heads=[False, False], sink=0, local=1, causal=False, implementation="xla") | kwargs
+    with pytest.raises(ValueError, match=match):
+        pk.hybrid_attention(q, k, k, **kw)
+
+
+def test_pallas_hybrid_non_causal_refuses_traced_flags():
+    q, k = jnp.zeros((1, 8, 4, 64)), jnp.zeros((1, 12, 2, 64))
+    with pytest.raises(ValueError, match="concrete streaming_heads"):
+        jax.jit(lambda f: pk.hybrid_attention(q, k, k, streaming_heads=f, sink=0, local=1, causal=False,
+                                              implementation="xla"))(jnp.zeros(2, bool))
+
+
+def test_pallas_front_door_non_causal_equals_xla():
+    # jaxeff.nn.attention(causal=False, implementation="pallas") through the TPU-style kernel (TPU interpret mode),
+    # default blocks (64 queries, 128 keys: 40 and 70 are off them), GQA 2.
+    from jaxeff.nn.attention import attention
+
+    ks = jax.random.split(jax.random.key(np.random.SeedSequence().entropy % 2**31), 3)
+    q = jax.random.normal(ks[0], (2, 40, 4, 64))
+    k, v = (jax.random.normal(key, (2, 70, 2, 64)) for key in ks[1:])
+    with pltpu.force_tpu_interpret_mode():
+        out = jax.jit(lambda q, k, v: attention(q, k, v, causal=False, scale=0.1, implementation="pallas"))(q, k, v)
+    ref = attention(q, k, v, causal=False, scale=0.1, implementation="xla")
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="needs default"):
+        attention(q, k, v, causal=False, sliding_window=8, implementation="pallas")
+
+
+def test_pallas_front_door_default_and_score_materialisation():
+    from jaxeff.hart.transformer import query_chunk
+    from jaxeff.nn.attention import materializes_scores, resolve_implementation
+
+    def resolve(backend, sq=4096, sk=9750, d=64, **kw):
+        return resolve_implementation(None, sq, sk, d, backend=backend, **kw)
+
+    # TPU: the kernel for HART's last scale (non-causal) and a causal prefill; XLA where the kernel is not eligible.
+    assert resolve("tpu", causal=False) == resolve("tpu", sk=4096, d=128) == "pallas"
+    for kw in (dict(sq=1), dict(sq=127), dict(d=72), dict(contiguous=False), dict(sliding_window=64),
+               dict(logit_softcap=50.0), dict(sq=200, sk=100)):
+        assert resolve("tpu", **kw) == "dot_product", kw
+    assert resolve("gpu", causal=False) == "dot_product" and resolve("cpu", causal=False) == "xla"
+    assert resolve_implementation("xla", 4096, 9750, 64, backend="tpu") == "xla"
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        resolve_implementation("flash", 8, 8, 64)
+    # jax's dot_product_attention without an implementation is XLA: it materialises on every backend.
+    for backend in ("cpu", "gpu", "tpu"):
+        assert materializes_scores("xla", 4096, 9750, 64, backend=backend)
+        assert materializes_scores("dot_product", 4096, 9750, 64, causal=False, backend=backend)
+        assert not materializes_scores("pallas", 4096, 9750, 64, causal=False, backend=backend)
+    assert not materializes_scores(None, 4096, 9750, 64, causal=False, backend="tpu")
+    assert materializes_scores(None, 4096, 9750, 64, causal=False, backend="cpu")
+    # HART's q_chunk="auto": chunks under the score budget only where the scores are materialised.
+    assert query_chunk("auto", 2, 16, 9750) == 256
+    assert query_chunk("auto", 2, 16, 9750, materializes=False) is None
+    assert query_chunk(64, 2, 16, 9750, materializes=False) == 64

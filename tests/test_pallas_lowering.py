@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from jaxeff.nn.attention import attention
 from pallas_kernels.hybrid_attention import _pallas_hybrid, make_config
 from pallas_kernels.sparse_decode import _DecodeCfg, _pallas_gpu_decode, _pallas_tpu_decode, decode_page_lists
 
@@ -67,6 +68,34 @@ def test_pallas_hybrid_attention_lowers(fake_tpu_info, platform, d, dtype):
 
     text = _lower(fwd_bwd, platform, q, k, k)
     assert text.count("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") == 3
+
+
+# HART's last 1024px scale with CFG in the batch: 4096 queries over the 9750 cached keys, 16 heads of 64, bf16.
+HART_Q = jax.ShapeDtypeStruct((2, 4096, 16, 64), jnp.bfloat16)
+HART_KV = jax.ShapeDtypeStruct((2, 9750, 16, 64), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_pallas_hybrid_attention_non_causal_lowers_at_hart_shape(fake_tpu_info, platform):
+    flags, cfg = make_config(HART_Q, HART_KV, np.zeros(16, bool), sink=0, local=1, q_offset=0, scale=None,
+                             block_q=128, block_k=128, causal=False)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda q, k, v: _pallas_hybrid(q, k, v, flags, cfg, platform, False), q, k, v)
+        return out, vjp(out)
+
+    text = _lower(fwd_bwd, platform, HART_Q, HART_KV, HART_KV)
+    assert text.count("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("q_len,kernels", [(4096, 1), (1, 0)])
+def test_pallas_front_door_default_lowers_to_the_tpu_kernel(fake_tpu_info, monkeypatch, q_len, kernels):
+    # The front door's default on a TPU backend (jax.default_backend patched: lowering runs on this CPU): HART's
+    # non-causal last-scale call takes the Pallas TPU kernel; a one-query call stays on XLA.
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    q = jax.ShapeDtypeStruct((2, q_len, 16, 64), jnp.bfloat16)
+    text = _lower(lambda q, k, v: attention(q, k, v, causal=False, scale=0.03), "tpu", q, HART_KV, HART_KV)
+    assert text.count("tpu_custom_call") == kernels
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])

@@ -36,18 +36,23 @@ from flax import nnx
 
 from jaxeff.hart import diffusion as diff
 from jaxeff.hart.chunks import map_chunks
-from jaxeff.nn.attention import attention
+from jaxeff.nn.attention import attention, materializes_scores
 
 CACHE_LAYOUTS = ("prealloc", "concat", "none")
 SCORE_BUDGET = 2**29  # bytes of float32 attention scores one call may hold under q_chunk="auto" (512 MiB)
 MIN_Q_CHUNK = 16
 
 
-def query_chunk(q_chunk: int | str | None, batch: int, heads: int, kv_len: int) -> int | None:
+def query_chunk(q_chunk: int | str | None, batch: int, heads: int, kv_len: int,
+                materializes: bool = True) -> int | None:
     """Queries per attention call: `q_chunk` itself (int or None), or for "auto" the largest power of two (at
     least MIN_Q_CHUNK) whose float32 scores [batch, heads, q, kv_len] fit SCORE_BUDGET, so the score memory of a
     scale stays bounded as the batch grows (the last 1024px scale: 256 queries at batch 1 with CFG, 32 at 8).
+    "auto" with `materializes=False` (an attention implementation that never holds the scores: the Pallas / cuDNN
+    kernels, `jaxeff.nn.attention.materializes_scores`) is None: one call, as chunks there only cost time.
     Raises ValueError for anything else."""
+    if q_chunk == "auto" and not materializes:
+        return None
     if q_chunk == "auto":
         fit = SCORE_BUDGET // (batch * heads * kv_len * 4)
         return max(MIN_Q_CHUNK, 2 ** int(math.log2(max(fit, 1))))
@@ -195,8 +200,10 @@ class Attention(nnx.Module):
         - implementation: passed to `jaxeff.nn.attention` (None picks per backend; "xla" materialises the scores).
         - q_chunk: with every key visible (positions None), the queries are attended at most `q_chunk` at a time
           (int, or "auto": `query_chunk`) in a `lax.map` (`jaxeff.hart.chunks.map_chunks`, equal chunks), so an
-          implementation that materialises the scores (XLA on CPU and TPU) holds [B, H, chunk, L_kv] float32
-          instead of [B, H, L, L_kv] (the last 1024px scale: 4096 x 9750 per head); None: one call."""
+          implementation that materialises the scores (XLA; "dot_product", which is XLA on every backend) holds
+          [B, H, chunk, L_kv] float32 instead of [B, H, L, L_kv] (the last 1024px scale: 4096 x 9750 per head);
+          "auto" is one call where `jaxeff.nn.attention.materializes_scores` says the resolved implementation
+          holds no scores ("pallas", and the default on TPU for calls of >= 128 queries); None: one call."""
         b, n, c = x.shape
         h, d = self.cfg.num_heads, self.cfg.head_dim
         bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
@@ -228,7 +235,9 @@ class Attention(nnx.Module):
                              scale=scale, implementation=implementation)
 
         if positions is None and q_chunk is not None:
-            o = map_chunks(attend, (q,), query_chunk(q_chunk, b, h, k_att.shape[1]), axis=1)
+            kv_len = k_att.shape[1]
+            chunk = query_chunk(q_chunk, b, h, kv_len, materializes_scores(implementation, n, kv_len, d, causal=False))
+            o = map_chunks(attend, (q,), chunk, axis=1)
         else:
             o = attend(q)
         return self.proj(o.reshape(b, n, c).astype(self.dtype)), kv
