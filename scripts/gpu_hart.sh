@@ -5,13 +5,20 @@
 #   bash scripts/gpu_hart.sh                 jaxeff only: python -m benchmarks.hart preset=full
 #   HART_OFFICIAL_CMD='...' bash scripts/gpu_hart.sh
 #
-# Step 1 prints s / image at batch 1 (AR + diffusion; and the whole program with a Qwen2-1.5B-sized text encoder and
-# the tokenizer decoder), images / s at batch 8, the old fp32 path, the same-size DiT, MACs and the compiled
-# program's memory at 1024px (largest batch for 16 GB / 80 GB).
+# Step 1 (bench) prints s / image at batch 1 (AR + diffusion; and the whole program with a Qwen2-1.5B-sized text
+# encoder and the bf16 tokenizer decoder), images / s at batch 8, the old fp32 path, the same-size DiT, the
+# tokenizer decoder alone in bf16 and fp32 (time ratio, PSNR of bf16 against fp32) and MACs, each time printed as
+# soon as it is measured.
 # Step 2 writes random full-size weights in the released hart-0.7b-1024px layout (llm/ + tokenizer/,
-# model.safetensors + config.json, `jaxeff.hart.loading.save_hart`) to $HART_WEIGHTS_DIR (default $OUT/hart-random)
-# and times jaxeff on them with the released defaults (bf16, batch 1 and 8, context from random features).
-# Step 3 runs $HART_OFFICIAL_CMD if set, with HART_WEIGHTS_DIR exported. Nothing of the official code is in this
+# model.safetensors + config.json, `jaxeff.hart.loading.save_hart`) to $HART_WEIGHTS_DIR (default
+# /tmp/hart-random: about 3 GB, kept out of $OUT so it does not travel back) and times jaxeff on them with the
+# released defaults (bf16 transformer and decoder, batch 1 and 8, context from random features).
+# Step 3 (memory) prints the compiled programs' memory at 1024px per stage and batch and the largest batch for
+# 16 GiB / 80 GiB (the most compiles; last, so a slow compile only cuts it short).
+# Step 4 runs $HART_OFFICIAL_CMD if set, with HART_WEIGHTS_DIR exported.
+# The limits of steps 1-3 add up to 480 s (8 minutes): give the device tool a timeout of about 540 s (step 4 has
+# its own 600 s: a second call). The limits are estimates (this script has not run on a GPU yet); a step that runs
+# out keeps what it printed. Nothing of the official code is in this
 # repository: the user provides a checkout of mit-han-lab/hart (with its hart_backend kernels built) outside it and
 # a command that times it, e.g. a script of their own that loads $HART_WEIGHTS_DIR/llm with the checkout's
 # HARTForT2I (use_ema off: the weights are in model.safetensors), builds the tokenizer from
@@ -27,13 +34,13 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_hart.log
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export HART_WEIGHTS_DIR=${HART_WEIGHTS_DIR:-$OUT/hart-random}
+export HART_WEIGHTS_DIR=${HART_WEIGHTS_DIR:-/tmp/hart-random}
 
 source scripts/step.sh
 
-step env 60 $PY -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"
-step bench 420 $PY -m benchmarks.hart preset=full
-step released_layout 300 $PY - <<'EOF'
+step env 20 $PY -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"
+step bench 240 $PY -m benchmarks.hart preset=full memory=0 repeats=3
+step released_layout 100 $PY - <<'EOF'
 import os
 import time
 
@@ -54,8 +61,9 @@ for b in (1, 8):
     ctx = jax.random.normal(jax.random.key(0), (b, cfg.context_token, cfg.context_dim))
     t = best_time(lambda: hart.generate(context=ctx, seed=0, opts=SampleOptions()), repeats=5)
     print(f"jaxeff on {root} (bf16, generation + decoding, no text encoder): batch {b}: {t / b:.4f} s / image, "
-          f"{b / t:.2f} images / s")
+          f"{b / t:.2f} images / s", flush=True)
 EOF
+step memory 120 $PY -m benchmarks.hart preset=full timing=0
 if [ -n "${HART_OFFICIAL_CMD:-}" ]; then
   step official 600 bash -c "$HART_OFFICIAL_CMD"
 else

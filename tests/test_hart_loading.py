@@ -258,7 +258,8 @@ def test_text_encoder_matches_transformers(model_dir):
 
 def test_save_hart_round_trip(tmp_path):
     """save_hart writes the released layout that load_hart reads back exactly (config and every weight); bfloat16
-    loading keeps the norm weights in float32; an existing checkpoint is not overwritten."""
+    loading (transformer and tokenizer autoencoder) keeps the norm weights and the quantizer in float32; an existing
+    checkpoint is not overwritten."""
     tcfg = TokenizerConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8,
                            patch_nums=(1, 2, 3))
     hcfg = HARTConfig(embed_dim=32, depth=1, num_heads=2, context_token=3, context_dim=12, vocab_size=64, cvae=8,
@@ -270,9 +271,10 @@ def test_save_hart_round_trip(tmp_path):
     for a, b in ((model, model2), (tok, tok2)):
         pa, pb = nnx.to_pure_dict(nnx.state(a, nnx.Param)), nnx.to_pure_dict(nnx.state(b, nnx.Param))
         jax.tree.map(np.testing.assert_array_equal, pa, pb)
-    m16, _ = load_hart(root, dtype=jnp.bfloat16)
-    assert m16.blocks[0].ffn.up_proj.kernel[...].dtype == jnp.bfloat16
-    assert m16.blocks[0].ln_wo_grad.weight[...].dtype == jnp.float32
+    m16, t16 = load_hart(root, dtype=jnp.bfloat16)
+    assert m16.blocks[0].ffn.up_proj.kernel[...].dtype == t16.decoder.conv_out.kernel[...].dtype == jnp.bfloat16
+    assert m16.blocks[0].ln_wo_grad.weight[...].dtype == t16.decoder.norm_out.scale[...].dtype == jnp.float32
+    np.testing.assert_array_equal(t16.quantize.codebook, tok.quantize.codebook)  # the quantizer stays float32
     with pytest.raises(FileExistsError):
         save_hart(model, tok, root)
 
