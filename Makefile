@@ -14,9 +14,16 @@ OVERRIDES := $(filter-out name=% preset=% resume=% PYTHON=%,$(MAKEOVERRIDES))
 
 install: $(VENV)/.installed
 
-# One recipe for both venvs: .venv from $(PYTHON), .venv313 from $(PYTHON313).
+# One recipe for both venvs: .venv from $(PYTHON), .venv313 from $(PYTHON313). jax needs Python >= 3.11: a venv
+# made by an older interpreter is recreated, and an older interpreter is refused by name.
+PY_OK = -c 'import sys; sys.exit(sys.version_info < (3, 11))'
 $(VENV)/.installed $(VENV313)/.installed: requirements.txt pyproject.toml
-	test -x $(@D)/bin/python || $(if $(filter $(VENV313),$(@D)),$(PYTHON313),$(PYTHON)) -m venv $(@D)
+	@if test -x $(@D)/bin/python && ! $(@D)/bin/python $(PY_OK); then \
+		echo "$(@D) was made with Python < 3.11: recreating it"; rm -rf $(@D); fi
+	@py="$(if $(filter $(VENV313),$(@D)),$(PYTHON313),$(PYTHON))"; test -x $(@D)/bin/python || { \
+		$$py $(PY_OK) 2>/dev/null || { echo "jaxeff needs Python >= 3.11, and '$$py' is older or missing:" \
+		"pass PYTHON=python3.11 (or newer), e.g. make exp name=hart_1024 PYTHON=python3.11"; exit 2; }; \
+		echo "$$py -m venv $(@D)"; $$py -m venv $(@D); }
 	$(@D)/bin/python -m pip install -q --upgrade pip
 	$(@D)/bin/python -m pip install -q -r requirements.txt
 	touch $@

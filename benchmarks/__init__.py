@@ -13,6 +13,10 @@ __all__ = ["best_time", "parse_preset"]  # best_time: the one timing helper, sha
 def parse_preset(argv: list[str], presets: dict[str, dict], default: str = "reduced") -> dict:
     """`preset=<name>` (default `default`) plus `key=<int>` overrides of that preset's integer options; anything else
     exits with the list of valid options."""
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"arguments are key=value, got {bad[0]!r}; usage: preset=<{'|'.join(sorted(presets))}> "
+                         f"[option=<int> ...]")
     args = dict(a.split("=", 1) for a in argv)
     preset = args.pop("preset", default)
     if preset not in presets:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import difflib
 import importlib
 import json
 import pkgutil
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 PRESETS = ("smoke", "full")
+USAGE = "usage: python -m jaxeff.run name=<experiment> [preset=smoke|full] [resume=true] [runs_root=DIR] [key=value ...]"
 
 
 class ExperimentError(ValueError):
@@ -106,7 +108,9 @@ def get(name: str) -> Experiment:
         broken = "".join(f"\n  experiments/{m}.py: {err}" for m, err in sorted(_IMPORT_ERRORS.items()))
         if broken:
             broken = "\nthese experiment files failed to import:" + broken
-        raise ExperimentError(f"unknown experiment {name!r}; known experiments:\n  {known}{broken}")
+        close = difflib.get_close_matches(name, list(registry), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ExperimentError(f"unknown experiment {name!r}{hint}; known experiments:\n  {known}{broken}")
     return registry[name]
 
 
@@ -272,13 +276,17 @@ def image_grid(images: Iterable[Any], rows: int, cols: int, *, cell: float = 1.1
 class Run:
     """Handle given to an experiment: where its files go and how it reports."""
 
-    def __init__(self, name: str, preset: str, config: Any, directory: Path, resumed: bool = False):
+    def __init__(self, name: str, preset: str, config: Any, directory: Path, resumed: bool = False,
+                 description: str = ""):
         self.name = name
+        self.description = description
         self.preset = preset
         self.config = config
         self.dir = directory
         self.resumed = resumed
         self._results: list[str] = []
+        self._figures: list[str] = []
+        self._wall: float | None = None
         self._start = time.time()
         self._mesh = None
 
@@ -340,13 +348,36 @@ class Run:
             print(block)
 
     def _write_results(self) -> None:
-        header = f"# {self.name} ({self.preset})\n\nRun directory: `{self.dir}`\n\n"
-        (self.dir / "results.md").write_text(header + "\n".join(self._results))
+        """results.md: what ran (description, preset, where, on what), the tables, then the saved figures."""
+        import jax
+
+        started = _dt.datetime.fromtimestamp(self._start, _dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        devices = jax.devices()
+        lines = [f"# {self.name} ({self.preset})", ""]
+        if self.description:
+            lines += [self.description, ""]
+        wall = "running" if self._wall is None else f"{self._wall:.0f} s wall"
+        lines += [f"Run directory: `{self.dir}`; started {started}, {wall}; jax {jax.__version__} on "
+                  f"{len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)).", ""]
+        body = "\n".join(self._results)
+        if self._figures:
+            body += "\n## Figures\n\n" + "\n\n".join(f"![{f}]({f})" for f in self._figures) + "\n"
+        (self.dir / "results.md").write_text("\n".join(lines) + "\n" + body)
+
+    def finish(self) -> None:
+        """Record the wall time in results.md (the runner calls this when the experiment returns)."""
+        self._wall = time.time() - self._start
+        if self.is_main and (self._results or self._figures):
+            self._write_results()
 
     def savefig(self, fig, filename: str) -> Path:
         path = self.dir / filename
         if self.is_main:
             fig.savefig(path, dpi=110, bbox_inches="tight")
+            if filename.endswith((".png", ".jpg", ".svg")) and filename not in self._figures:
+                self._figures.append(filename)
+                if self._results:
+                    self._write_results()
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -439,7 +470,7 @@ def run_experiment(
             chosen = "new:" + str(directory)
     kind, path = distributed.broadcast_str(chosen).split(":", 1)
     directory, resumed = Path(path), kind == "resume"
-    run = Run(name, preset, cfg, directory, resumed=resumed)
+    run = Run(name, preset, cfg, directory, resumed=resumed, description=exp.description)
     run.save_json("config.json", {"experiment": name, "preset": preset, "config": cfg})
     done = False
 
@@ -451,6 +482,7 @@ def run_experiment(
         distributed.at_failure(mark_failed)
     try:
         exp.fn(cfg, run)
+        run.finish()
     except BaseException:
         mark_failed()
         done = True
@@ -465,8 +497,10 @@ def parse_argv(argv: Sequence[str]) -> tuple[str, str | None, bool, dict[str, st
     name, preset, resume, runs_root = None, None, False, "runs"
     overrides: dict[str, str] = {}
     for arg in argv:
+        if arg in ("-h", "--help", "help"):
+            raise ExperimentError(USAGE + "\nexperiments:\n  " + "\n  ".join(sorted(load_all())))
         if "=" not in arg:
-            raise ExperimentError(f"arguments are key=value, got {arg!r}")
+            raise ExperimentError(f"arguments are key=value, got {arg!r}\n{USAGE}")
         key, value = arg.split("=", 1)
         if key == "name":
             name = value
