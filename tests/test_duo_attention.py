@@ -75,8 +75,8 @@ def test_pattern_names_download_once_into_the_cache(tmp_path, monkeypatch):
     assert da.RELEASED_PATTERNS is pattern.RELEASED_PATTERNS and da.resolve_pattern is pattern.resolve_pattern
     assert set(da.RELEASED_PATTERNS) == set(RELEASED)  # every released model has a name
     name = da.RELEASED_PATTERNS["Meta-Llama-3.1-8B-Instruct"]
-    for _ in range(2):  # the second load reads the cache
-        loaded, sink, recent = da.load_pattern(name, cache_dir=tmp_path / "cache")
+    for source in (name, "Meta-Llama-3.1-8B-Instruct"):  # the second load (by the released key) reads the cache
+        loaded, sink, recent = da.load_pattern(source, cache_dir=tmp_path / "cache")
     np.testing.assert_allclose(loaded, alpha.astype(np.float32))
     assert (sink, recent) == (128, 256)
     base = "https://raw.githubusercontent.com/mit-han-lab/duo-attention/main/attn_patterns/" \
@@ -119,7 +119,7 @@ def test_pattern_names_offline_error(tmp_path, monkeypatch):
     name = pattern.RELEASED_PATTERNS["Mistral-7B-Instruct-v0.2"]
     with pytest.raises(ConnectionError, match="seems offline.*pass the local directory"):
         da.load_pattern(name, cache_dir=tmp_path)
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written in the cache
+    assert not list(tmp_path.iterdir())  # nothing half-written in the cache, not even empty folders
 
     def hf_offline(*args, **kwargs):
         raise LocalEntryNotFoundError("cannot find the requested files in the local cache")

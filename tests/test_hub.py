@@ -87,3 +87,13 @@ def test_dcae_from_a_hub_name(tmp_path, monkeypatch):
     assert loaded.config == model.config
     np.testing.assert_array_equal(np.asarray(nnx.state(loaded, nnx.Param)["encoder"]["conv_in"]["weight"][...]),
                                   np.asarray(nnx.state(model, nnx.Param)["encoder"]["conv_in"]["weight"][...]))
+
+
+def test_hub_name_without_prefix_gets_a_hint(tmp_path, monkeypatch):
+    from jaxeff.io import from_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="for a Hugging Face Hub repo pass 'hf:meta-llama/Llama-3.2-1B'"):
+        from_pretrained("meta-llama/Llama-3.2-1B")
+    with pytest.raises(FileNotFoundError, match="does not exist$"):
+        from_pretrained(str(tmp_path / "missing"))

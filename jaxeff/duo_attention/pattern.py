@@ -67,6 +67,13 @@ def _download(url: str, dest: Path) -> None:
     tmp.replace(dest)
 
 
+def _remove_empty_dirs(path: Path, root: Path) -> None:
+    """rmdir `path` and its parents below `root` while they are empty (a failed first download leaves no folders)."""
+    while path != root and root in path.parents and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        path = path.parent
+
+
 def resolve_pattern(source: str | Path, cache_dir: str | Path | None = None) -> Path:
     """A local pattern directory for `source`: a path is returned as is; an `hf:` / `github:` name (see
     `parse_pattern_name`) is downloaded on first use. GitHub files go to `cache_dir` (default `default_cache_dir()`)
@@ -81,7 +88,8 @@ def resolve_pattern(source: str | Path, cache_dir: str | Path | None = None) -> 
                         f"name is wrong. Download {TSV_NAME} and {CONFIG_NAME} of that folder elsewhere and pass the "
                         f"local directory instead")
         ref = rev or "main"
-        local = Path(cache_dir or default_cache_dir()) / "github" / repo / ref / folder
+        root = Path(cache_dir or default_cache_dir())
+        local = root / "github" / repo / ref / folder
         local.mkdir(parents=True, exist_ok=True)
         for name in (TSV_NAME, CONFIG_NAME):
             if not (local / name).is_file():
@@ -90,6 +98,7 @@ def resolve_pattern(source: str | Path, cache_dir: str | Path | None = None) -> 
                 try:
                     _download(url, local / name)
                 except OSError as err:  # urllib's URLError/HTTPError, timeouts
+                    _remove_empty_dirs(local, root)
                     raise ConnectionError(f"{offline_hint} ({url}: {err})") from err
         return local
     return hub.resolve(source, allow_patterns=[f"{folder}/{TSV_NAME}", f"{folder}/{CONFIG_NAME}"],
@@ -99,13 +108,17 @@ def resolve_pattern(source: str | Path, cache_dir: str | Path | None = None) -> 
 def load_pattern(source: str | Path, cache_dir: str | Path | None = None) -> tuple[np.ndarray, int, int]:
     """Returns (alpha float32 [layers, kv_heads] clipped to [0, 1], sink_size, recent_size).
 
-    `source`: a pattern directory, or an `hf:` / `github:` name (downloaded and cached by `resolve_pattern`), e.g.
-    `RELEASED_PATTERNS["Meta-Llama-3.1-8B-Instruct"]`."""
+    `source`: a pattern directory, an `hf:` / `github:` name (downloaded and cached by `resolve_pattern`), e.g.
+    `RELEASED_PATTERNS["Meta-Llama-3.1-8B-Instruct"]`, or a key of `RELEASED_PATTERNS` itself (when no directory of
+    that name exists)."""
+    if isinstance(source, str) and source in RELEASED_PATTERNS and not Path(source).exists():
+        source = RELEASED_PATTERNS[source]
     directory = resolve_pattern(source, cache_dir)
     tsv, cfg_path = directory / TSV_NAME, directory / CONFIG_NAME
     for path in (tsv, cfg_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{directory} is not a DuoAttention pattern directory: {path.name} is missing")
+            raise FileNotFoundError(f"{directory} is not a DuoAttention pattern directory: {path.name} is missing "
+                                    f"(released patterns by name: {sorted(RELEASED_PATTERNS)})")
     alpha = np.loadtxt(tsv, dtype=np.float64, delimiter="\t", ndmin=2)
     if not np.isfinite(alpha).all():
         raise ValueError(f"{tsv} holds non-finite gate values")

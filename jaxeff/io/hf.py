@@ -87,7 +87,9 @@ def from_pretrained(directory: str | Path, dtype=jnp.float32, *, config_override
     override) or `CheckpointMismatchError` (naming missing / unexpected / mis-shaped keys)."""
     directory = hub.resolve(directory, allow_patterns=hub.HF_MODEL_FILES)
     if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
+        hint = (f"; for a Hugging Face Hub repo pass 'hf:{directory}'"
+                if len(directory.parts) == 2 and not directory.is_absolute() else "")
+        raise FileNotFoundError(f"model directory {directory} does not exist{hint}")
     cfg = load_config(directory)
     if config_overrides:
         unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(cfg)})
