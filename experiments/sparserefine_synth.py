@@ -18,7 +18,7 @@ for the low-res model, the selector and the site count of every level, a host re
 refiner at capacities bucketed from them (`bucket_capacities`); the timing includes both programs and the read.
 Target (paper): >= 1.5x faster than dense high-res at <= 1 mIoU point loss.
 
-`make exp name=sparserefine_synth` (smoke: 512x512 as the issue asks, width-32 base models, about 8 min on an
+`make exp name=sparserefine_synth` (smoke: 512x512, width-32 base models, about 8 min on an
 otherwise quiet 2-core CPU; it shows the paper's target there, numbers in jaxeff/sparserefine/README.md) or
 `preset=full` (1024x2048 scenes, longer training; meant for a GPU/TPU). `height=256 width=256` is a quicker run
 that misses the accuracy target (the low-res model misses more at that size).
