@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 PRESETS = ("smoke", "full")
-USAGE = "usage: python -m jaxeff.run name=<experiment> [preset=smoke|full] [resume=true] [runs_root=DIR] [key=value ...]"
+USAGE = ("usage: python -m jaxeff.run name=<experiment> [preset=smoke|full] [resume=true] [runs_root=DIR] "
+         "[key=value ...]")
 
 
 class ExperimentError(ValueError):
