@@ -9,14 +9,20 @@
    shared-list deviation), and per query head with 50% streaming heads (sink 128, local 256). "KV MiB/step" counts
    the distinct pages of each KV head (the union over its query heads); "kernel page reads" counts every list
    entry the kernel loads (per query head with per-query-head lists).
-3. GPU (only when a GPU is present), bfloat16: cuDNN dense causal attention vs the Pallas kernel with all heads
+3. Non-causal (HART's attention over its KV cache: every key visible), float32 on CPU / bfloat16 on GPU, Sq
+   queries over Sk keys (default HART's last 1024px scale, 4096 over 9750, and a quarter of it): the front door's
+   "xla" (materialises the [H, Sq, Sk] scores) and "dot_product" (`jax.nn.dot_product_attention`, XLA too), the
+   kernel entry point's XLA path (`hybrid_attention(causal=False, implementation="xla")`, per-chunk einsums), and
+   on a GPU also the front door's "pallas" (cuDNN for bf16) and the Triton-style kernel; time ratios to "xla".
+4. GPU (only when a GPU is present), bfloat16: cuDNN dense causal attention vs the Pallas kernel with all heads
    dense and with 50% streaming heads (sink 128, local 256), vs the default GPU path (dense heads through cuDNN,
    streaming heads through Pallas), forward and forward+backward; the Pallas kernel's Triton launch parameters; and
    part 2's decode comparison with the Pallas decode kernel at GPU sizes.
 
 Overrides (ints, or comma-separated ints for lists), e.g. `python -m benchmarks.attention lengths=4096,16384
 history=32768 repeats=2`. Options: lengths, heads, kv_heads, head_dim, history, decode_heads, decode_kv_heads,
-budget, repeats, gpu_lengths, gpu_history, parts (comma-separated subset of prefill,decode,gpu,gpu_decode).
+budget, repeats, gpu_lengths, gpu_history, nc_q, nc_kv (zipped), parts (comma-separated subset of
+prefill,decode,noncausal,gpu,gpu_decode).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from tqdm import tqdm
 
 import pallas_kernels as pk
 from benchmarks import best_time
+from jaxeff.nn.attention import attention
 
 SINK, LOCAL, BLOCK = 128, 256, 128  # DuoAttention's deployed window, LServe's decode window
 PREFILL_LOCAL = 8192  # LServe's prefill window (ctx_local_token)
@@ -38,7 +45,7 @@ PAGE, LOGICAL_PAGE = 64, 16
 DEFAULTS = {"lengths": [4096, 16384, 32768], "heads": 2, "kv_heads": 2, "head_dim": 64, "repeats": 2,
             "history": [32768, 131072], "decode_heads": 4, "decode_kv_heads": 2, "budget": 1024,
             "gpu_lengths": [32768, 65536, 131072], "gpu_history": [131072, 524288],
-            "parts": "prefill,decode,gpu,gpu_decode"}
+            "nc_q": [1024, 4096], "nc_kv": [2438, 9750], "parts": "prefill,decode,noncausal,gpu,gpu_decode"}
 
 
 def parse(argv):
@@ -84,6 +91,33 @@ def prefill_rows(opts):
         if n <= 8192:  # jax's own dense attention materialises [H, n, n] scores: only at short lengths
             row["jax.nn dense s"] = best_time(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=True)), q, k, v, repeats=opts["repeats"])
+        rows.append(row)
+    return rows
+
+
+def non_causal_rows(opts):
+    hq, d = opts["heads"], opts["head_dim"]
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    dense = np.zeros(hq, bool)
+    kernel = lambda impl: lambda q, k, v: pk.hybrid_attention(q, k, v, streaming_heads=dense, sink=0, local=1,
+                                                              causal=False, implementation=impl)
+    front_door = lambda impl: lambda q, k, v: attention(q, k, v, causal=False, implementation=impl)
+    fns = {"front door xla": front_door("xla"), "front door dot_product": front_door("dot_product"),
+           "kernel XLA path": kernel("xla")}
+    if on_gpu:  # the front door's "pallas" takes cuDNN for bf16; the kernel's "pallas" is the Triton-style kernel
+        fns |= {"front door pallas": front_door("pallas"), "Triton kernel": kernel("pallas")}
+    rows = []
+    for sq, sk in tqdm(list(zip(opts["nc_q"], opts["nc_kv"], strict=True)), desc="non-causal"):
+        kq, kk, kv = jax.random.split(jax.random.key(sq), 3)
+        q = jax.random.normal(kq, (1, sq, hq, d), dtype)
+        k, v = (jax.random.normal(key, (1, sk, hq, d), dtype) for key in (kk, kv))
+        row = {"queries": sq, "keys": sk, "score MiB (xla)": hq * sq * sk * 4 / 2**20}
+        base = None
+        for name, fn in fns.items():
+            t = best_time(jax.jit(fn), q, k, v, repeats=opts["repeats"])
+            base = t if base is None else base
+            row[f"{name} s"], row[f"{name} x"] = t, base / t
         rows.append(row)
     return rows
 
@@ -221,6 +255,10 @@ def main(argv):
               f"{opts['head_dim']}, 50% streaming (sink {SINK}, local {LOCAL} or {PREFILL_LOCAL}) vs all dense; "
               f"blocks {BLOCK}x{BLOCK}",
               prefill_rows(opts))
+    if "noncausal" in parts:
+        table(f"Non-causal (HART's cached attention), batch 1, {opts['heads']} heads, D {opts['head_dim']}, "
+              f"{'bfloat16' if jax.default_backend() == 'gpu' else 'float32'}; x = speed-up over the front door's "
+              "xla", non_causal_rows(opts))
     if "decode" in parts:
         table(f"Decode, XLA path, batch 1, {opts['decode_heads']} q / {opts['decode_kv_heads']} KV heads, "
               f"page {PAGE} / logical {LOGICAL_PAGE}, float32",
