@@ -98,6 +98,31 @@ def test_pallas_front_door_default_lowers_to_the_tpu_kernel(fake_tpu_info, monke
     assert text.count("tpu_custom_call") == kernels
 
 
+@pytest.mark.parametrize("backend", ["tpu", "cpu"])
+def test_pallas_hart_last_scale_attention_is_one_kernel_call_on_tpu(monkeypatch, backend):
+    # HART's released-size attention layer at the last 1024px scale (q_chunk="auto", bf16): on a TPU backend the
+    # front door's default is the Pallas kernel, so the queries are not chunked; on CPU (XLA) they are (lax.map).
+    from flax import nnx
+
+    from jaxeff.hart.transformer import Attention, HARTConfig
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    cfg = HARTConfig()
+    graph, state = nnx.split(nnx.eval_shape(lambda: Attention(cfg, nnx.Rngs(0), dtype=jnp.bfloat16,
+                                                              param_dtype=jnp.bfloat16)))
+
+    def layer(state, x, k, v):  # a fresh function per backend: make_jaxpr caches traces by function
+        cos = jnp.ones(x.shape[:2] + (cfg.head_dim,))
+        return nnx.merge(graph, state)(x, cos, jnp.zeros_like(cos), past=(k, v), q_chunk="auto")[0]
+
+    n = 4096
+    past = jax.ShapeDtypeStruct((2, cfg.seq_len - n, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(layer)(state, jax.ShapeDtypeStruct((2, n, cfg.embed_dim), jnp.bfloat16), past, past)
+    names = [e.primitive.name for e in jaxpr.eqns]
+    assert ("hybrid_attention_tpu" in str(jaxpr)) == (backend == "tpu")
+    assert ("scan" in names) == (backend == "cpu")
+
+
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 def test_pallas_sparse_paged_decode_lowers(fake_tpu_info, platform):
     b, hkv, g, d, pages, page, max_pages = 2, 2, 4, 128, 64, 64, 16
