@@ -357,29 +357,25 @@ def test_pallas_front_door_non_causal_equals_xla():
         attention(q, k, v, causal=False, sliding_window=8, implementation="pallas")
 
 
-def test_pallas_front_door_default_and_score_materialisation():
+def test_pallas_front_door_kernel_default_and_score_materialisation():
     from jaxeff.hart.transformer import query_chunk
-    from jaxeff.nn.attention import materializes_scores, resolve_implementation
+    from jaxeff.nn.attention import kernel_default, materializes_scores, resolve_implementation
 
-    def resolve(backend, sq=4096, sk=9750, d=64, **kw):
-        return resolve_implementation(None, sq, sk, d, backend=backend, **kw)
-
-    # TPU: the kernel for HART's last scale (non-causal) and a causal prefill; XLA where the kernel is not eligible.
-    assert resolve("tpu", causal=False) == resolve("tpu", sk=4096, d=128) == "pallas"
-    for kw in (dict(sq=1), dict(sq=127), dict(d=72), dict(contiguous=False), dict(sliding_window=64),
-               dict(logit_softcap=50.0), dict(sq=200, sk=100)):
-        assert resolve("tpu", **kw) == "dot_product", kw
-    assert resolve("gpu", causal=False) == "dot_product" and resolve("cpu", causal=False) == "xla"
-    assert resolve_implementation("xla", 4096, 9750, 64, backend="tpu") == "xla"
+    # The opt-in TPU kernel: HART's last scale (non-causal) and a causal prefill; None where the kernel is not taken.
+    assert kernel_default(4096, 9750, 64, causal=False, backend="tpu") == "pallas"
+    assert kernel_default(4096, 4096, 128, backend="tpu") == "pallas"
+    for sq, sk, d in ((1, 9750, 64), (127, 9750, 64), (4096, 9750, 72), (200, 100, 64)):
+        assert kernel_default(sq, sk, d, backend="tpu") is None, (sq, sk, d)
+    assert kernel_default(4096, 9750, 64, causal=False, backend="gpu") is None
+    assert kernel_default(4096, 9750, 64, causal=False, backend="cpu") is None
+    # The default of None is unchanged: XLA on CPU, jax's dot_product_attention elsewhere.
+    assert [resolve_implementation(None, b) for b in ("cpu", "gpu", "tpu")] == ["xla", "dot_product", "dot_product"]
     with pytest.raises(ValueError, match="unknown attention implementation"):
-        resolve_implementation("flash", 8, 8, 64)
+        resolve_implementation("flash")
     # jax's dot_product_attention without an implementation is XLA: it materialises on every backend.
     for backend in ("cpu", "gpu", "tpu"):
-        assert materializes_scores("xla", 4096, 9750, 64, backend=backend)
-        assert materializes_scores("dot_product", 4096, 9750, 64, causal=False, backend=backend)
-        assert not materializes_scores("pallas", 4096, 9750, 64, causal=False, backend=backend)
-    assert not materializes_scores(None, 4096, 9750, 64, causal=False, backend="tpu")
-    assert materializes_scores(None, 4096, 9750, 64, causal=False, backend="cpu")
+        assert materializes_scores("xla", backend) and materializes_scores("dot_product", backend)
+        assert materializes_scores(None, backend) and not materializes_scores("pallas", backend)
     # HART's q_chunk="auto": chunks under the score budget only where the scores are materialised.
     assert query_chunk("auto", 2, 16, 9750) == 256
     assert query_chunk("auto", 2, 16, 9750, materializes=False) is None

@@ -88,20 +88,20 @@ def test_pallas_hybrid_attention_non_causal_lowers_at_hart_shape(fake_tpu_info, 
     assert text.count("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") == 3
 
 
-@pytest.mark.parametrize("q_len,kernels", [(4096, 1), (1, 0)])
-def test_pallas_front_door_default_lowers_to_the_tpu_kernel(fake_tpu_info, monkeypatch, q_len, kernels):
-    # The front door's default on a TPU backend (jax.default_backend patched: lowering runs on this CPU): HART's
-    # non-causal last-scale call takes the Pallas TPU kernel; a one-query call stays on XLA.
+def test_pallas_front_door_non_causal_lowers_for_tpu(fake_tpu_info, monkeypatch):
+    # The front door's "pallas" at HART's last scale, dispatched as on a TPU backend (jax.default_backend patched:
+    # the lowering runs on this CPU): one Mosaic kernel; the default (None) stays on XLA.
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    q = jax.ShapeDtypeStruct((2, q_len, 16, 64), jnp.bfloat16)
-    text = _lower(lambda q, k, v: attention(q, k, v, causal=False, scale=0.03), "tpu", q, HART_KV, HART_KV)
-    assert text.count("tpu_custom_call") == kernels
+    for impl, kernels in (("pallas", 1), (None, 0)):
+        text = _lower(lambda q, k, v, impl=impl: attention(q, k, v, causal=False, scale=0.03, implementation=impl),
+                      "tpu", HART_Q, HART_KV, HART_KV)
+        assert text.count("tpu_custom_call") == kernels, impl
 
 
 @pytest.mark.parametrize("backend", ["tpu", "cpu"])
 def test_pallas_hart_last_scale_attention_is_one_kernel_call_on_tpu(monkeypatch, backend):
-    # HART's released-size attention layer at the last 1024px scale (q_chunk="auto", bf16): on a TPU backend the
-    # front door's default is the Pallas kernel, so the queries are not chunked; on CPU (XLA) they are (lax.map).
+    # HART's released-size attention layer at the last 1024px scale (q_chunk="auto", bf16): on a TPU backend it
+    # picks the Pallas kernel (`kernel_default`), so the queries are not chunked; on CPU (XLA) they are (lax.map).
     from flax import nnx
 
     from jaxeff.hart.transformer import Attention, HARTConfig

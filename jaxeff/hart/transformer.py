@@ -36,7 +36,7 @@ from flax import nnx
 
 from jaxeff.hart import diffusion as diff
 from jaxeff.hart.chunks import map_chunks
-from jaxeff.nn.attention import attention, materializes_scores
+from jaxeff.nn.attention import attention, kernel_default, materializes_scores
 
 CACHE_LAYOUTS = ("prealloc", "concat", "none")
 SCORE_BUDGET = 2**29  # bytes of float32 attention scores one call may hold under q_chunk="auto" (512 MiB)
@@ -197,13 +197,15 @@ class Attention(nnx.Module):
         - past (k, v) [B, L_past or T_max, H, D]: a KV cache. With `start` (static int) it is preallocated: the new
           k/v are written at slots start..start+L-1 and the queries attend to slots [0, start+L); the returned
           (k, v) are the updated buffers. Without `start` the new k/v are concatenated after it.
-        - implementation: passed to `jaxeff.nn.attention` (None picks per backend; "xla" materialises the scores).
+        - implementation: passed to `jaxeff.nn.attention` ("xla" materialises the scores). None: with every key
+          visible (positions None), `jaxeff.nn.attention.kernel_default` (the Pallas kernel on a TPU for >= 128
+          queries, no score matrix), else the front door's per-backend default.
         - q_chunk: with every key visible (positions None), the queries are attended at most `q_chunk` at a time
           (int, or "auto": `query_chunk`) in a `lax.map` (`jaxeff.hart.chunks.map_chunks`, equal chunks), so an
           implementation that materialises the scores (XLA; "dot_product", which is XLA on every backend) holds
           [B, H, chunk, L_kv] float32 instead of [B, H, L, L_kv] (the last 1024px scale: 4096 x 9750 per head);
-          "auto" is one call where `jaxeff.nn.attention.materializes_scores` says the resolved implementation
-          holds no scores ("pallas", and the default on TPU for calls of >= 128 queries); None: one call."""
+          "auto" is one call where `jaxeff.nn.attention.materializes_scores` says the implementation holds no
+          scores ("pallas"); None: one call."""
         b, n, c = x.shape
         h, d = self.cfg.num_heads, self.cfg.head_dim
         bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
@@ -229,14 +231,15 @@ class Attention(nnx.Module):
                        for p, a in zip(past, (k, v), strict=True))
             k_att, v_att = (a[:, :start + n].astype(self.dtype) for a in kv)
         q_pos, kv_pos = (None, None) if positions is None else positions
+        if positions is None and implementation is None:  # the Pallas kernel on a TPU where it takes the call
+            implementation = kernel_default(n, k_att.shape[1], d, causal=False)
 
         def attend(q):
             return attention(q, k_att, v_att, q_positions=q_pos, kv_positions=kv_pos, causal=positions is not None,
                              scale=scale, implementation=implementation)
 
         if positions is None and q_chunk is not None:
-            kv_len = k_att.shape[1]
-            chunk = query_chunk(q_chunk, b, h, kv_len, materializes_scores(implementation, n, kv_len, d, causal=False))
+            chunk = query_chunk(q_chunk, b, h, k_att.shape[1], materializes_scores(implementation))
             o = map_chunks(attend, (q,), chunk, axis=1)
         else:
             o = attend(q)

@@ -21,18 +21,21 @@ row, forward or backward.
   `Sk - Sq` when causal), no window, no softcap. On a GPU the kernel entry point sends bf16/fp16 calls with
   head_dim <= 128 (multiple of 8) to cuDNN's fused attention, others to its Triton-style kernel; on a TPU it runs
   its Mosaic (TPU-style) kernel. Flash-style: no [Sq, Sk] score matrix is materialised.
-- None: "xla" on CPU; "dot_product" on GPU; on TPU "pallas" when the call is eligible (`kernel_eligible`:
-  contiguous positions, no window, no softcap, Sq >= 128, Sq <= Sk when causal, head_dim 64 or 128), else
-  "dot_product". Why: on a TPU "dot_product" is XLA and materialises every float32 [B, H, Sq, Sk] score matrix
-  (HART's last 1024px scale: 4096 x 9750 per head and batch row, 152 MiB), the issue-20 ask is the Pallas
-  TPU kernel there, and the kernel's numbers are checked on CPU under `pltpu.force_tpu_interpret_mode()` (forward
-  and gradients, causal and not) and it lowers for TPU through `jax.export`, forward and backward, at HART's
-  last-scale shape and through this default (tests/test_pallas_lowering.py). Caveat: it has never been compiled
-  by Mosaic or run on a real TPU; pass `implementation="dot_product"` to opt out. Sq < 128 stays on XLA (decode
-  and short calls: their scores are small and the kernel would pad the queries to a block); head_dim is limited
-  to the widths lowered in the tests.
-  GPU stays on "dot_product" because the non-causal cuDNN split and Triton kernel have not run on a GPU yet.
-  `materializes_scores` says whether a resolved call holds the score matrix (HART sizes its query chunks by it).
+- None: "xla" on CPU, "dot_product" on GPU / TPU.
+
+The TPU kernel is opt-in: `kernel_default` names "pallas" for a call on a TPU that the kernel takes (default
+positions, no window, no softcap, Sq >= 128, Sq <= Sk when causal, head_dim 64 or 128) and None otherwise; a model
+passes it as `implementation` (HART does, for its attention over the KV cache). Why it pays there: on a TPU
+"dot_product" is XLA and materialises every float32 [B, H, Sq, Sk] score matrix (HART's last 1024px scale: 4096 x
+9750 per head and batch row, 152 MiB). Evidence for the kernel: its numbers are checked on CPU under
+`pltpu.force_tpu_interpret_mode()` (forward and gradients, causal and not), and it lowers for TPU through
+`jax.export`, forward and backward, at HART's last-scale shape (tests/test_pallas_lowering.py). Why it is not the
+default of None: it has never been compiled by Mosaic or run on a real TPU, and a Pallas call is a custom call that
+GSPMD cannot partition (jaxeff/models/sharding.py: its inputs are gathered and it runs whole on every device), so a
+sharded model relying on the default's XLA partitioning would silently lose it. Sq < 128 stays on XLA (decode and
+short calls: small scores, and the kernel would pad the queries to a block); head_dim is limited to the widths
+lowered in the tests. `materializes_scores` says whether a call holds the score matrix (HART sizes its query chunks
+by it).
 
 `logit_softcap=c` caps the scaled logits as `c * tanh(logits / c)` before masking (Gemma-2's
 `attn_logit_softcapping`, transformers' `eager_attention_forward`); "dot_product" has no cap, so a capped call
@@ -46,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = (None, "xla", "dot_product", "pallas")
-# The default (None) takes the TPU kernel from this many queries on; the head widths lowered for TPU in the tests.
+# `kernel_default` takes the TPU kernel from this many queries on, for the head widths lowered for TPU in the tests.
 KERNEL_MIN_Q_LEN = 128
 KERNEL_HEAD_DIMS = (64, 128)
 
@@ -109,41 +112,35 @@ def xla_attention(q, k, v, mask, scale, logit_softcap: float | None = None):
     return out.reshape(b, sq, hq, d).astype(q.dtype)
 
 
-def kernel_eligible(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True, contiguous: bool = True,
-                    sliding_window: int | None = None, logit_softcap: float | None = None) -> bool:
-    """Whether the default (None) may send a call to "pallas" on a TPU (see the module docstring)."""
-    return (contiguous and sliding_window is None and logit_softcap is None and q_len >= KERNEL_MIN_Q_LEN
-            and (not causal or q_len <= kv_len) and head_dim in KERNEL_HEAD_DIMS)
+def kernel_default(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True,
+                   backend: str | None = None) -> str | None:
+    """"pallas" for a call with default positions, no window and no softcap that the kernel takes on a TPU
+    (Sq >= KERNEL_MIN_Q_LEN, Sq <= Sk when causal, head_dim in KERNEL_HEAD_DIMS), else None (the per-backend
+    default); see the module docstring. `backend` defaults to `jax.default_backend()`."""
+    backend = jax.default_backend() if backend is None else backend
+    fits = q_len >= KERNEL_MIN_Q_LEN and (not causal or q_len <= kv_len) and head_dim in KERNEL_HEAD_DIMS
+    return "pallas" if backend == "tpu" and fits else None
 
 
-def resolve_implementation(implementation: str | None, q_len: int, kv_len: int, head_dim: int, *,
-                           causal: bool = True, contiguous: bool = True, sliding_window: int | None = None,
-                           logit_softcap: float | None = None, backend: str | None = None) -> str:
-    """The implementation `attention` runs for these arguments: `implementation` itself, or for None "xla" on
-    CPU, "dot_product" on GPU, and on TPU "pallas" when `kernel_eligible` else "dot_product". `backend`
-    defaults to `jax.default_backend()`. Raises ValueError for an unknown implementation."""
+def resolve_implementation(implementation: str | None, backend: str | None = None) -> str:
+    """The implementation `attention` runs: `implementation` itself, or for None "xla" on CPU and "dot_product"
+    on GPU / TPU. `backend` defaults to `jax.default_backend()`. Raises ValueError for an unknown
+    implementation."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
     if implementation is not None:
         return implementation
     backend = jax.default_backend() if backend is None else backend
-    if backend == "cpu":
-        return "xla"
-    if backend == "tpu" and kernel_eligible(q_len, kv_len, head_dim, causal=causal, contiguous=contiguous,
-                                            sliding_window=sliding_window, logit_softcap=logit_softcap):
-        return "pallas"
-    return "dot_product"
+    return "xla" if backend == "cpu" else "dot_product"
 
 
-def materializes_scores(implementation: str | None, q_len: int, kv_len: int, head_dim: int, *,
-                        causal: bool = True, backend: str | None = None) -> bool:
-    """Whether `attention` with default (contiguous) positions, no window and no softcap holds the whole
-    [B, H, Sq, Sk] float32 score matrix: True for "xla" and "dot_product" (jax's `dot_product_attention` without
-    an implementation is its XLA path, see the module docstring), False for "pallas" (flash-style kernels and
-    cuDNN's fused attention work block by block). None is resolved first (`resolve_implementation`).
-    A caller bounds its memory by chunking the queries only when this is True."""
-    return resolve_implementation(implementation, q_len, kv_len, head_dim, causal=causal,
-                                  backend=backend) != "pallas"
+def materializes_scores(implementation: str | None, backend: str | None = None) -> bool:
+    """Whether `attention` holds the whole [B, H, Sq, Sk] float32 score matrix: True for "xla" and "dot_product"
+    (jax's `dot_product_attention` without an implementation is its XLA path, see the module docstring), False for
+    "pallas" (flash-style kernels and cuDNN's fused attention work block by block); None is resolved first
+    (`resolve_implementation`), so True. A caller bounds its memory by chunking the queries only when this is
+    True."""
+    return resolve_implementation(implementation, backend) != "pallas"
 
 
 def attention(
@@ -168,8 +165,7 @@ def attention(
     sk = k.shape[1]
     scale = d**-0.5 if scale is None else scale
     contiguous = q_positions is None and kv_positions is None
-    implementation = resolve_implementation(implementation, sq, sk, d, causal=causal, contiguous=contiguous,
-                                            sliding_window=sliding_window, logit_softcap=logit_softcap)
+    implementation = resolve_implementation(implementation)
     dq, dkv = default_positions(b, sq, sk)
     q_positions = dq if q_positions is None else q_positions
     kv_positions = dkv if kv_positions is None else kv_positions
