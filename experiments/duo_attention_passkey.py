@@ -117,7 +117,10 @@ def evaluate(model, mask, cfg: Config, context: int, protocol: str, tokenizer=No
 
 
 @register("duo_attention_passkey", Config, presets={
-    "smoke": dict(steps=60, eval_examples=20, eval_batch=20, random_trials=2, eval_contexts=(512,)),
+    # 256: the context the smoke llama_passkey was trained at (exact match 1.0 there, 0.72 at 512); both keys lie
+    # outside sink 16 + recent 64 at every needle depth below 0.95; 64-token prefill chunks so that only the first
+    # quarter of the prompt is prefilled densely ("niah"), as 32K chunks are of the official 128K+ contexts
+    "smoke": dict(steps=60, eval_examples=20, eval_batch=20, random_trials=2, eval_contexts=(256,), chunk_size=64),
     # LongBench's one dense forward over 32K+ tokens needs a fused attention the dense path lacks: not in full.
     "full": dict(require_model=True, sink=64, recent=256, eval_contexts=(32768, 65536, 131072), eval_examples=10,
                  eval_batch=1, random_trials=1, chunk_size=1024, dtype="bfloat16", protocols=("niah", "efficiency")),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxeff import experiment
+from jaxeff.data import CharTokenizer
 from jaxeff.experiment import ExperimentError, make_config, run_experiment
 
 
@@ -76,7 +77,9 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
         assert (resumed.dir / name).exists(), name
     steps = [json.loads(line)["step"] for line in (resumed.dir / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 8
-    assert (tmp_path / "b" / "config.json").exists()
+    # generate's default stop ids are the export's: the tokenizer's <eos>, never a character (a digit of the key)
+    exported = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert exported["eos_token_id"] == CharTokenizer().eos_id >= 128
 
 
 def test_registry_lists_every_experiment_file_and_imports_cleanly():
