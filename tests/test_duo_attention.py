@@ -236,3 +236,20 @@ def test_passkey_experiments_check_model_and_pattern_up_front(name, tmp_path):
     check_model_and_pattern(str(tmp_path / "model"), str(tmp_path / "pattern"), require_model=True)
     assert make_config(exp, "smoke", {"model": str(tmp_path / "model")}).model == str(tmp_path / "model")
     assert resolve_model(str(tmp_path / "model"), run=None)[0] == str(tmp_path / "model")  # given: no training
+
+
+def test_lserve_needle_takes_only_a_pattern_of_its_own_checkpoint(tmp_path):
+    """lserve_needle's default pattern: the newest duo_attention_passkey pattern identified on the same model (under
+    the same runs root), never a newer one of another model with the same head count."""
+    from types import SimpleNamespace
+
+    from experiments.lserve_needle import Config, find_pattern
+
+    runs = tmp_path / "runs"
+    for stamp, model_dir, value in [("1", "ckpt/a", 0.25), ("2", "ckpt/b", 0.75)]:
+        da.save_pattern(runs / "duo_attention_passkey" / stamp / "pattern", np.full((2, 2), value), 16, 64,
+                        model_name=str(tmp_path / model_dir))
+    run = SimpleNamespace(dir=runs / "lserve_needle" / "3", is_main=True)
+    alpha, source = find_pattern(Config(), None, str(tmp_path / "ckpt" / "a"), run)
+    np.testing.assert_array_equal(alpha, np.full((2, 2), 0.25))
+    assert str(runs / "duo_attention_passkey" / "1" / "pattern") in source
