@@ -366,7 +366,11 @@ def test_pallas_front_door_kernel_default_and_score_materialisation():
     assert kernel_default(4096, 4096, 128, backend="tpu") == "pallas"
     for sq, sk, d in ((1, 9750, 64), (127, 9750, 64), (4096, 9750, 72), (200, 100, 64)):
         assert kernel_default(sq, sk, d, backend="tpu") is None, (sq, sk, d)
-    assert kernel_default(4096, 9750, 64, causal=False, backend="gpu") is None
+    assert kernel_default(4096, 9750, 64, causal=False, backend="gpu") is None  # no dtype: not known to be cuDNN's
+    assert kernel_default(4096, 9750, 64, causal=False, dtype=jnp.bfloat16, backend="gpu") == "pallas"
+    assert kernel_default(4096, 9750, 64, causal=False, dtype=jnp.float32, backend="gpu") is None
+    assert kernel_default(512, 1024, 64, dtype=jnp.bfloat16, backend="gpu") is None  # causal cuDNN needs Sq == Sk
+    assert kernel_default(4096, 9750, 160, causal=False, dtype=jnp.float16, backend="gpu") is None
     assert kernel_default(4096, 9750, 64, causal=False, backend="cpu") is None
     # The default of None is unchanged: XLA on CPU, jax's dot_product_attention elsewhere.
     assert [resolve_implementation(None, b) for b in ("cpu", "gpu", "tpu")] == ["xla", "dot_product", "dot_product"]

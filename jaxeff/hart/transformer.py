@@ -199,7 +199,8 @@ class Attention(nnx.Module):
           (k, v) are the updated buffers. Without `start` the new k/v are concatenated after it.
         - implementation: passed to `jaxeff.nn.attention` ("xla" materialises the scores). None: with every key
           visible (positions None), `jaxeff.nn.attention.kernel_default` (the Pallas kernel on a TPU for >= 128
-          queries, no score matrix), else the front door's per-backend default.
+          queries; cuDNN's fused attention on a GPU in bf16 / fp16; no score matrix), else the front door's
+          per-backend default.
         - q_chunk: with every key visible (positions None), the queries are attended at most `q_chunk` at a time
           (int, or "auto": `query_chunk`) in a `lax.map` (`jaxeff.hart.chunks.map_chunks`, equal chunks), so an
           implementation that materialises the scores (XLA; "dot_product", which is XLA on every backend) holds
@@ -231,8 +232,8 @@ class Attention(nnx.Module):
                        for p, a in zip(past, (k, v), strict=True))
             k_att, v_att = (a[:, :start + n].astype(self.dtype) for a in kv)
         q_pos, kv_pos = (None, None) if positions is None else positions
-        if positions is None and implementation is None:  # the Pallas kernel on a TPU where it takes the call
-            implementation = kernel_default(n, k_att.shape[1], d, causal=False)
+        if positions is None and implementation is None:  # a fused kernel where one takes the call (TPU; GPU bf16)
+            implementation = kernel_default(n, k_att.shape[1], d, causal=False, dtype=q.dtype)
 
         def attend(q):
             return attention(q, k_att, v_att, q_positions=q_pos, kv_positions=kv_pos, causal=positions is not None,

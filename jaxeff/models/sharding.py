@@ -18,8 +18,9 @@ declares its layout with a `partition_specs(n, axis)` method built from `heads_s
 `DualKVCache`: full caches by heads, else over the sequence, else replicated; streaming rings replicated. LServe's
 `LServeCache`: each page pool by KV heads, else replicated; page tables and lengths replicated).
 
-Attention under GSPMD: the front door's "xla" implementation (and "dot_product" where it is XLA, as on TPU) is
-plain XLA ops, so it partitions as above; jax gives its cuDNN attention a partitioning rule (untested here). The
+Attention under GSPMD: the front door's "xla" and "dot_product" implementations (jax's `dot_product_attention`
+without an implementation is XLA on every backend) are plain XLA ops, so they partition as above; jax gives its
+cuDNN attention (reached through "pallas" on a GPU) a partitioning rule (untested here). The
 contiguous and DuoAttention caches turn implementation "pallas" into the default, so their generation never runs
 a Pallas kernel. A Pallas call on sharded arrays (a cache-free forward with `implementation="pallas"`, LServe's
 kernels) is a custom call GSPMD cannot split: XLA gathers its inputs and runs it whole on every device (correct,

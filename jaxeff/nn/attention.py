@@ -23,9 +23,11 @@ row, forward or backward.
   its Mosaic (TPU-style) kernel. Flash-style: no [Sq, Sk] score matrix is materialised.
 - None: "xla" on CPU, "dot_product" on GPU / TPU.
 
-The TPU kernel is opt-in: `kernel_default` names "pallas" for a call on a TPU that the kernel takes (default
-positions, no window, no softcap, Sq >= 128, Sq <= Sk when causal, head_dim 64 or 128) and None otherwise; a model
-passes it as `implementation` (HART does, for its attention over the KV cache). Why it pays there: on a TPU
+The kernels are opt-in: `kernel_default` names "pallas" for a call on a TPU that the kernel takes (default
+positions, no window, no softcap, Sq >= 128, Sq <= Sk when causal, head_dim 64 or 128), or on a GPU for a bf16 /
+fp16 call that goes to cuDNN's fused attention (the causal cuDNN split matched the reference on an H200; the
+non-causal call has not run on a GPU), and None otherwise; a model passes it as `implementation` (HART does, for
+its attention over the KV cache). Why it pays there: on a TPU
 "dot_product" is XLA and materialises every float32 [B, H, Sq, Sk] score matrix (HART's last 1024px scale: 4096 x
 9750 per head and batch row, 152 MiB). Evidence for the kernel: its numbers are checked on CPU under
 `pltpu.force_tpu_interpret_mode()` (forward and gradients, causal and not), and it lowers for TPU through
@@ -112,12 +114,19 @@ def xla_attention(q, k, v, mask, scale, logit_softcap: float | None = None):
     return out.reshape(b, sq, hq, d).astype(q.dtype)
 
 
-def kernel_default(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True,
+def kernel_default(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True, dtype=None,
                    backend: str | None = None) -> str | None:
-    """"pallas" for a call with default positions, no window and no softcap that the kernel takes on a TPU
-    (Sq >= KERNEL_MIN_Q_LEN, Sq <= Sk when causal, head_dim in KERNEL_HEAD_DIMS), else None (the per-backend
-    default); see the module docstring. `backend` defaults to `jax.default_backend()`."""
+    """"pallas" for a call with default positions, no window and no softcap that a fused kernel takes, else None
+    (the per-backend default); see the module docstring. On a TPU: the Mosaic kernel, for Sq >= KERNEL_MIN_Q_LEN,
+    Sq <= Sk when causal, head_dim in KERNEL_HEAD_DIMS. On a GPU: only where the kernel entry hands the call to
+    cuDNN's fused attention (jax's `dot_product_attention(implementation="cudnn")`): `dtype` bfloat16 / float16,
+    head_dim <= 128 in multiples of 8, and Sq == Sk when causal; float32 stays on XLA. `backend` defaults to
+    `jax.default_backend()`."""
     backend = jax.default_backend() if backend is None else backend
+    if backend == "gpu":
+        cudnn = (dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+                 and head_dim <= 128 and (not causal or q_len == kv_len))
+        return "pallas" if cudnn else None
     fits = q_len >= KERNEL_MIN_Q_LEN and (not causal or q_len <= kv_len) and head_dim in KERNEL_HEAD_DIMS
     return "pallas" if backend == "tpu" and fits else None
 
