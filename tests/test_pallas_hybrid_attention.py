@@ -371,6 +371,7 @@ def test_pallas_front_door_kernel_default_and_score_materialisation():
     assert kernel_default(4096, 9750, 64, causal=False, dtype=jnp.float32, backend="gpu") is None
     assert kernel_default(512, 1024, 64, dtype=jnp.bfloat16, backend="gpu") is None  # causal cuDNN needs Sq == Sk
     assert kernel_default(4096, 9750, 160, causal=False, dtype=jnp.float16, backend="gpu") is None
+    assert kernel_default(64, 150, 64, causal=False, dtype=jnp.bfloat16, backend="gpu") is None  # a short scale
     assert kernel_default(4096, 9750, 64, causal=False, backend="cpu") is None
     # The default of None is unchanged: XLA on CPU, jax's dot_product_attention elsewhere.
     assert [resolve_implementation(None, b) for b in ("cpu", "gpu", "tpu")] == ["xla", "dot_product", "dot_product"]

@@ -117,15 +117,16 @@ def xla_attention(q, k, v, mask, scale, logit_softcap: float | None = None):
 def kernel_default(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True, dtype=None,
                    backend: str | None = None) -> str | None:
     """"pallas" for a call with default positions, no window and no softcap that a fused kernel takes, else None
-    (the per-backend default); see the module docstring. On a TPU: the Mosaic kernel, for Sq >= KERNEL_MIN_Q_LEN,
-    Sq <= Sk when causal, head_dim in KERNEL_HEAD_DIMS. On a GPU: only where the kernel entry hands the call to
-    cuDNN's fused attention (jax's `dot_product_attention(implementation="cudnn")`): `dtype` bfloat16 / float16,
-    head_dim <= 128 in multiples of 8, and Sq == Sk when causal; float32 stays on XLA. `backend` defaults to
+    (the per-backend default); see the module docstring. Both need Sq >= KERNEL_MIN_Q_LEN (shorter calls have
+    small scores). On a TPU: the Mosaic kernel, for Sq <= Sk when causal, head_dim in KERNEL_HEAD_DIMS. On a GPU:
+    only where the kernel entry hands the call to cuDNN's fused attention (jax's
+    `dot_product_attention(implementation="cudnn")`): `dtype` bfloat16 / float16, head_dim <= 128 in multiples of
+    8, and Sq == Sk when causal; float32 stays on XLA. `backend` defaults to
     `jax.default_backend()`."""
     backend = jax.default_backend() if backend is None else backend
     if backend == "gpu":
         cudnn = (dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
-                 and head_dim <= 128 and (not causal or q_len == kv_len))
+                 and head_dim <= 128 and (not causal or q_len == kv_len) and q_len >= KERNEL_MIN_Q_LEN)
         return "pallas" if cudnn else None
     fits = q_len >= KERNEL_MIN_Q_LEN and (not causal or q_len <= kv_len) and head_dim in KERNEL_HEAD_DIMS
     return "pallas" if backend == "tpu" and fits else None
