@@ -130,7 +130,8 @@ def memory_rows(o: dict, batches=(1, 2, 4)) -> tuple[list[dict], dict]:
                                     ctx, pos),
             "decoder": stage(lambda s, f: nnx.merge(gt, s).decode(f, 1), stt, f_hat),
             "whole program": whole(b) / GB})
-        print("  memory " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()), flush=True)
+        print(f"  memory at batch {b}, GB: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items() if k != "batch"),
+              flush=True)
     fits = {name: largest_batch(whole, cap) for name, cap in (("TPU v5e-1, 16 GiB", 16 * 2**30),
                                                                ("GPU, 80 GiB", 80 * 2**30))}
     return rows, fits
