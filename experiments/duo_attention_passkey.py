@@ -117,7 +117,7 @@ def evaluate(model, mask, cfg: Config, context: int, protocol: str, tokenizer=No
 
 
 @register("duo_attention_passkey", Config, presets={
-    # 256: the context the smoke llama_passkey was trained at (exact match 1.0 there, 0.72 at 512); both keys lie
+    # 256: the context the smoke llama_passkey was trained at (exact match 1.0, 0.26-0.72 at 512); both keys lie
     # outside sink 16 + recent 64 at every needle depth below 0.95; 64-token prefill chunks so that only the first
     # quarter of the prompt is prefilled densely ("niah"), as 32K chunks are of the official 128K+ contexts
     "smoke": dict(steps=60, eval_examples=20, eval_batch=20, random_trials=2, eval_contexts=(256,), chunk_size=64),
