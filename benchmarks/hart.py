@@ -43,8 +43,8 @@ from jaxeff.hart.loading import with_dtype
 from jaxeff.hart.macs import dit_macs, hart_macs
 from jaxeff.hart.pipeline import generate_images, largest_batch, memory_compiler_options, peak_bytes, program_peak_bytes
 from jaxeff.hart.text import SYSTEM_PROMPT, encode_tokens
-from jaxeff.hart.train import psnr
 from jaxeff.hart.tokenizer import HARTTokenizer, TokenizerConfig
+from jaxeff.hart.train import psnr
 from jaxeff.hart.transformer import HARTConfig, HARTTransformer, SampleOptions, generate_fhat, generate_fhat_jit
 from jaxeff.models.llama import Llama, LlamaConfig
 
