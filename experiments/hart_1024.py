@@ -2,8 +2,8 @@
 
 - By default `ckpt=hf:mit-han-lab/hart-0.7b-1024px text_encoder=hf:mit-han-lab/Qwen2-VL-1.5B-Instruct` (downloaded
   once into the Hugging Face cache; local directories work too): generate 1024x1024 PNGs for the prompts (HART's
-  default prompt list otherwise) on whatever device is there, a grid, and latency / images-per-second / MACs in
-  results.md.
+  default prompt list otherwise; only its first prompt for the smoke preset on a CPU) on whatever device is
+  there, a grid, and latency / images-per-second / MACs in results.md.
 - Offline (the download fails and nothing is cached), or with `ckpt=none text_encoder=none`, it says so and runs
   without weights: the full-size 1024px architecture with abstract (unallocated) random weights for the parameter
   table and MAC count, next to a DiT-style diffusion baseline of the same width at 1024px (20 steps, CFG); then
@@ -58,7 +58,8 @@ class Config:
 
     def validate(self):
         if (self.ckpt is None) != (self.text_encoder is None):
-            raise ValueError("give both ckpt= and text_encoder= (or neither for the no-weights run)")
+            raise ValueError("give both ckpt= and text_encoder=, or ckpt=none text_encoder=none for the no-weights "
+                             "run")
         for p in (self.ckpt, self.text_encoder):
             if p is not None and hub.is_hub_name(p):
                 hub.parse(p)  # a malformed name fails here; the download happens in the run
@@ -139,6 +140,9 @@ def _with_weights(cfg: Config, run: Run, ckpt: Path, text_encoder: Path):
 
     hart = HART.from_pretrained(ckpt, text_encoder=text_encoder, dtype=jnp.dtype(cfg.dtype))
     prompts = list(cfg.prompts or DEFAULT_PROMPTS)
+    if not cfg.prompts and run.preset == "smoke" and jax.default_backend() == "cpu":
+        prompts = prompts[:1]  # a 1024px image takes minutes on a CPU: one default prompt unless prompts= is given
+        run.print("hart_1024: smoke preset on a CPU: one default prompt (pass prompts=... for more)")
     opts = SampleOptions(cfg=cfg.cfg, more_smooth=cfg.more_smooth, num_maskgit_iters=cfg.num_maskgit_iters)
     batch = cfg.batch or _auto_batch(hart, opts, len(prompts), run)
     out_dir = run.dir / "images"
@@ -192,7 +196,7 @@ def run(cfg: Config, run: Run) -> None:
             return
     _architecture(cfg, run)
     if cfg.run_tiny:
-        res = run_tiny(TinyConfig(**TINY_PRESETS[run.preset]), run, label="hart_tiny")
+        run_tiny(TinyConfig(**TINY_PRESETS[run.preset]), run, label="hart_tiny")
         run.results([{"note": "The generated images (hart_tiny_samples.png) come from the TINY model trained here on "
                               "8x8 sklearn digits, not from the 1024px HART; no released weights were used."}],
-                    title="hart_1024: images", note=f"tiny-model PSNR: {res['psnr']}")
+                    title="hart_1024: images")

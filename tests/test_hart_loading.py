@@ -307,3 +307,10 @@ def test_hart_1024_with_weights_end_to_end(ckpt, model_dir, tmp_path):
     assert len(pngs) == 3 and (run.dir / "grid.png").exists()
     text = (run.dir / "results.md").read_text()
     assert "images / s" in text and "TMACs / image" in text
+
+
+def test_wrong_folder_is_named(tmp_path):
+    from jaxeff.hart.loading import resolve_dirs
+
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is not a HART checkpoint: expected llm/ and tokenizer/"):
+        resolve_dirs(tmp_path)

@@ -158,6 +158,9 @@ def resolve_dirs(path: str | Path) -> tuple[Path, Path]:
     p = hub.resolve(path)
     if not p.is_dir():
         raise FileNotFoundError(f"HART checkpoint directory {p} does not exist")
+    if not (p / "llm").is_dir() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} is not a HART checkpoint: expected llm/ and tokenizer/ folders in it (the "
+                                f"hart-0.7b-1024px layout), or pass its llm/ folder")
     llm = p / "llm" if (p / "llm").is_dir() else p
     tok = llm.parent / "tokenizer"
     if not tok.is_dir():
