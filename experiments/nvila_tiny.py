@@ -307,7 +307,8 @@ def run(cfg: Config, run: Run) -> None:
     table.append({"mode": "majority answer", "S2": "", "compression": "", "visual LLM tokens": 0,
                   "acc": float(np.mean(list(base.values()))), **base, "train s": 0.0})
     run.results(table, title=f"Eval accuracy after {cfg.steps} steps ({cfg.train_images} training images, "
-                f"{cfg.eval_images} eval images, seed {cfg.seed}; per question type: accuracy (95% Wilson interval))",
+                f"{cfg.eval_images} eval images, seed {cfg.seed}; acc: all questions; per question type: "
+                f"accuracy (95% Wilson interval))",
                 note=_note(rows, base, contrast))
     _plots(run, rows, curves, base)
 
