@@ -14,7 +14,11 @@
    "xla" (materialises the [H, Sq, Sk] scores) and "dot_product" (`jax.nn.dot_product_attention`, XLA too), the
    kernel entry point's XLA path (`hybrid_attention(causal=False, implementation="xla")`, per-chunk einsums), and
    on a GPU also the front door's "pallas" (cuDNN for bf16) and the Triton-style kernel; time ratios to "xla".
-4. GPU (only when a GPU is present), bfloat16: cuDNN dense causal attention vs the Pallas kernel with all heads
+4. The front door's reference "xla" against "dot_product" (`jax.nn.dot_product_attention`, XLA too), float32,
+   forward and forward+backward, at three CPU-sized calls: causal prefill 1 x 512 tokens, 8 q / 2 KV heads (GQA
+   4:1); decode, batch 8, one query over 2048 keys, 8 / 2 heads; HART-like non-causal 1024 queries over 2438 keys,
+   2 heads; D 64; ratios > 1 mean "xla" is faster.
+5. GPU (only when a GPU is present), bfloat16: cuDNN dense causal attention vs the Pallas kernel with all heads
    dense and with 50% streaming heads (sink 128, local 256), vs the default GPU path (dense heads through cuDNN,
    streaming heads through Pallas), forward and forward+backward; the Pallas kernel's Triton launch parameters; and
    part 2's decode comparison with the Pallas decode kernel at GPU sizes.
@@ -22,7 +26,7 @@
 Overrides (ints, or comma-separated ints for lists), e.g. `python -m benchmarks.attention lengths=4096,16384
 history=32768 repeats=2`. Options: lengths, heads, kv_heads, head_dim, history, decode_heads, decode_kv_heads,
 budget, repeats, gpu_lengths, gpu_history, nc_q, nc_kv (zipped), parts (comma-separated subset of
-prefill,decode,noncausal,gpu,gpu_decode).
+prefill,decode,noncausal,reference,gpu,gpu_decode).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ PAGE, LOGICAL_PAGE = 64, 16
 DEFAULTS = {"lengths": [4096, 16384, 32768], "heads": 2, "kv_heads": 2, "head_dim": 64, "repeats": 2,
             "history": [32768, 131072], "decode_heads": 4, "decode_kv_heads": 2, "budget": 1024,
             "gpu_lengths": [32768, 65536, 131072], "gpu_history": [131072, 524288],
-            "nc_q": [1024, 4096], "nc_kv": [2438, 9750], "parts": "prefill,decode,noncausal,gpu,gpu_decode"}
+            "nc_q": [1024, 4096], "nc_kv": [2438, 9750], "parts": "prefill,decode,noncausal,reference,gpu,gpu_decode"}
 
 
 def parse(argv):
@@ -118,6 +122,26 @@ def non_causal_rows(opts):
             t = best_time(jax.jit(fn), q, k, v, repeats=opts["repeats"])
             base = t if base is None else base
             row[f"{name} s"], row[f"{name} x"] = t, base / t
+        rows.append(row)
+    return rows
+
+
+REFERENCE_CALLS = (("causal prefill", 1, 512, 512, 8, 2, True), ("decode", 8, 1, 2048, 8, 2, True),
+                   ("HART-like non-causal", 1, 1024, 2438, 2, 2, False))
+
+
+def reference_rows(opts):
+    rows = []
+    for name, b, sq, sk, hq, hkv, causal in tqdm(REFERENCE_CALLS, desc="reference"):
+        kq, kk, kv = jax.random.split(jax.random.key(sq), 3)
+        q = jax.random.normal(kq, (b, sq, hq, opts["head_dim"]))
+        k, v = (jax.random.normal(key, (b, sk, hkv, opts["head_dim"])) for key in (kk, kv))
+        row = {"call": name, "B x Sq x Sk": f"{b}x{sq}x{sk}", "heads q/kv": f"{hq}/{hkv}"}
+        for mode, wrap in (("fwd", jax.jit), ("fwd+bwd", _fwd_bwd)):
+            t = {impl: best_time(wrap(lambda q, k, v, i=impl: attention(q, k, v, causal=causal, implementation=i)),
+                                 q, k, v, repeats=opts["repeats"] * 5) for impl in ("xla", "dot_product")}
+            row[f"xla {mode} s"], row[f"dot_product {mode} s"] = t["xla"], t["dot_product"]
+            row[f"{mode} xla x"] = t["dot_product"] / t["xla"]
         rows.append(row)
     return rows
 
@@ -259,6 +283,9 @@ def main(argv):
         table(f"Non-causal (HART's cached attention), batch 1, {opts['heads']} heads, D {opts['head_dim']}, "
               f"{'bfloat16' if jax.default_backend() == 'gpu' else 'float32'}; x = speed-up over the front door's "
               "xla", non_causal_rows(opts))
+    if "reference" in parts:
+        table(f"The front door's reference \"xla\" vs \"dot_product\" (jax's XLA attention), float32, D "
+              f"{opts['head_dim']}; x = speed-up of xla", reference_rows(opts))
     if "decode" in parts:
         table(f"Decode, XLA path, batch 1, {opts['decode_heads']} q / {opts['decode_kv_heads']} KV heads, "
               f"page {PAGE} / logical {LOGICAL_PAGE}, float32",

@@ -97,21 +97,43 @@ def soft_cap(x: jnp.ndarray, cap: float | None) -> jnp.ndarray:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def xla_attention(q, k, v, mask, scale, logit_softcap: float | None = None):
-    """Reference: grouped einsum, float32 logits and softmax; rows with no visible key return zeros."""
-    b, sq, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, sq, hkv, hq // hkv, d)
-    logits = soft_cap(jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale,
-                      logit_softcap)
-    logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+@jax.custom_jvp
+def _softmax_or_zeros(logits):
+    """Float32 softmax over the last axis of logits with -inf at masked keys; a row that is all -inf gives zeros."""
     peak = jnp.max(logits, axis=-1, keepdims=True)
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
     weights = jnp.exp(logits - peak)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, sq, hq, d).astype(q.dtype)
+    return weights / jnp.where(denom > 0, denom, 1.0)
+
+
+@_softmax_or_zeros.defjvp
+def _softmax_or_zeros_jvp(primals, tangents):
+    # The softmax's own derivative, p * (t - <p, t>), instead of autodiff through max, exp and the division
+    # (jax.nn.softmax does the same); masked keys and all-masked rows have p = 0, so their tangent is 0.
+    probs = _softmax_or_zeros(*primals)
+    (t,) = tangents
+    return probs, probs * (t - jnp.sum(probs * t, axis=-1, keepdims=True))
+
+
+def xla_attention(q, k, v, mask, scale, logit_softcap: float | None = None):
+    """Reference: float32 logits and softmax; rows with no visible key return zeros.
+
+    q [B, Sq, Hq, D], k / v [B, Sk, Hkv, D] (Hq a multiple of Hkv; K/V at empty slots already zeroed), mask bool
+    broadcastable to [B, Sq, Sk]; returns [B, Sq, Hq, D] in q.dtype."""
+    # Why this layout: the query heads of a KV group are stacked along the rows ([B, Hkv, G*Sq, D]) so both products
+    # are plain batched matmuls whose outputs are already in the order the softmax reads (a free reshape to
+    # [B, Hkv, G, Sq, Sk] applies the mask). The grouped 5-D einsum "bqhgd,bkhd->bhgqk" made XLA CPU compute the
+    # scores as [.., Sk, Sq] and transpose the whole float32 matrix twice (before the softmax and back before P.V).
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qg = q.reshape(b, sq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * sq, d)
+    logits = jnp.einsum("bhmd,bkhd->bhmk", qg, k, preferred_element_type=jnp.float32)
+    logits = soft_cap(logits * scale, logit_softcap).reshape(b, hkv, g, sq, -1)
+    probs = _softmax_or_zeros(jnp.where(mask[:, None, None], logits, -jnp.inf)).reshape(b, hkv, g * sq, -1)
+    out = jnp.einsum("bhmk,bkhd->bhmd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, hkv, g, sq, d).transpose(0, 3, 1, 2, 4).reshape(b, sq, hq, d).astype(q.dtype)
 
 
 def kernel_default(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True, dtype=None,
