@@ -16,7 +16,7 @@
 # Step 3 (memory) prints the compiled programs' memory at 1024px per stage and batch and the largest batch for
 # 16 GiB / 80 GiB (the most compiles; last, so a slow compile only cuts it short).
 # Step 4 runs $HART_OFFICIAL_CMD if set, with HART_WEIGHTS_DIR exported.
-# The limits of steps 1-3 add up to 480 s (8 minutes): give the device tool a timeout of about 540 s (step 4 has
+# The limits of steps 1-3 add up to 530 s: give the device tool its 600 s maximum (step 4 has
 # its own 600 s: a second call). The limits are estimates (this script has not run on a GPU yet); a step that runs
 # out keeps what it printed. Nothing of the official code is in this
 # repository: the user provides a checkout of mit-han-lab/hart (with its hart_backend kernels built) outside it and
@@ -40,7 +40,7 @@ source scripts/step.sh
 
 step env 20 $PY -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"
 step bench 240 $PY -m benchmarks.hart preset=full memory=0 repeats=3
-step released_layout 100 $PY - <<'EOF'
+step released_layout 150 $PY - <<'EOF'
 import os
 import time
 

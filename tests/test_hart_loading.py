@@ -277,6 +277,11 @@ def test_save_hart_round_trip(tmp_path):
     np.testing.assert_array_equal(t16.quantize.codebook, tok.quantize.codebook)  # the quantizer stays float32
     with pytest.raises(FileExistsError):
         save_hart(model, tok, root)
+    tok_json = json.loads((root / "tokenizer" / "config.json").read_text())  # what the official code keys on
+    assert (tok_json["quantizer_type"], tok_json["hybrid"], tok_json["v_patch_nums"]) == ("var_hybrid", True, [1, 2, 3])
+    (root / "tokenizer" / "config.json").write_text(json.dumps(tok_json | {"quantizer_type": "var"}))
+    with pytest.raises(ValueError, match="quantizer_type='var'"):
+        load_hart(root)
 
 
 def test_one_program_equals_encode_then_generate(ckpt, model_dir):

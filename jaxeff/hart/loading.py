@@ -141,6 +141,10 @@ def tokenizer_config(d: dict, patch_nums: tuple[int, ...]) -> TokenizerConfig:
     """TokenizerConfig from `tokenizer/config.json`; the scale list is the transformer's (as in the reference)."""
     if d.get("using_znorm", False):
         raise ValueError("tokenizer/config.json: using_znorm=True is not implemented")
+    if d.get("quantizer_type", "var_hybrid") != "var_hybrid" or not d.get("hybrid", True):
+        raise ValueError(f"tokenizer/config.json: quantizer_type={d.get('quantizer_type')!r}, "
+                         f"hybrid={d.get('hybrid')!r}; only the released hybrid quantizer ('var_hybrid') is "
+                         "implemented")
     if d.get("share_quant_resi", 4) < 2 or d.get("default_qresi_counts", 0):
         raise ValueError("tokenizer/config.json: only partially shared Phi (share_quant_resi >= 2) is implemented")
     return TokenizerConfig(
@@ -217,12 +221,16 @@ def save_hart(model: HARTTransformer, tok: HARTTokenizer, directory: str | Path)
     if (root / "llm").exists():
         raise FileExistsError(f"{root / 'llm'} exists; give an empty directory")
     c, t = model.cfg, tok.cfg
-    llm = {"model_type": "hart_transformer_t2i", "attn_type": "llama", "mlp_type": "llama",
+    llm = {"architectures": ["HARTForT2I"], "model_type": "hart_transformer_t2i", "attn_type": "llama",
+           "mlp_type": "llama",
            **{k: getattr(c, k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps", "context_token",
                                          "context_dim", "attn_l2_norm", "use_context_norm", "context_norm_scale",
                                          "cond_drop_rate", "diff_width", "diff_depth", "diffusion_batch_mul")},
            "patch_nums": list(c.patch_nums), "num_sampling_steps": str(c.num_sampling_steps)}
-    tokc = {"model_type": "hart_autoencoder_with_disc", "ch_mult": list(t.ch_mult),
+    # the released tokenizer's quantizer fields: the official code picks its quantizer class by them
+    tokc = {"architectures": ["HARTAutoEncoderWithDisc"], "model_type": "hart_autoencoder_with_disc",
+            "quantizer_type": "var_hybrid", "hybrid": True, "v_patch_nums": list(t.patch_nums),
+            "ch_mult": list(t.ch_mult),
             **{k: getattr(t, k) for k in ("vocab_size", "z_channels", "ch", "quant_conv_ks", "quant_resi",
                                           "share_quant_resi", "beta", "num_res_blocks", "norm_groups")}}
     for sub, cfg, module, kind in (("llm", llm, model, "transformer"), ("tokenizer", tokc, tok, "tokenizer")):
