@@ -138,7 +138,7 @@ def reference_rows(opts):
         k, v = (jax.random.normal(key, (b, sk, hkv, opts["head_dim"])) for key in (kk, kv))
         row = {"call": name, "B x Sq x Sk": f"{b}x{sq}x{sk}", "heads q/kv": f"{hq}/{hkv}"}
         for mode, wrap in (("fwd", jax.jit), ("fwd+bwd", _fwd_bwd)):
-            t = {impl: best_time(wrap(lambda q, k, v, i=impl: attention(q, k, v, causal=causal, implementation=i)),
+            t = {impl: best_time(wrap(lambda q, k, v, i=impl, c=causal: attention(q, k, v, causal=c, implementation=i)),
                                  q, k, v, repeats=opts["repeats"] * 5) for impl in ("xla", "dot_product")}
             row[f"xla {mode} s"], row[f"dot_product {mode} s"] = t["xla"], t["dot_product"]
             row[f"{mode} xla x"] = t["dot_product"] / t["xla"]
