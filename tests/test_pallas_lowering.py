@@ -123,6 +123,27 @@ def test_pallas_hart_last_scale_attention_is_one_kernel_call_on_tpu(monkeypatch,
     assert ("scan" in names) == (backend == "cpu")
 
 
+@pytest.mark.parametrize("backend", ["tpu", "cpu"])
+def test_pallas_dit_baseline_takes_the_same_kernel_as_hart(monkeypatch, backend):
+    # The matched DiT baseline's self-attention (4396 tokens at 1024px) makes the same `kernel_default` choice as
+    # HART's cached attention, so a HART/DiT speed ratio compares like with like.
+    from flax import nnx
+
+    from jaxeff.hart.dit import DiTBlock, DiTConfig
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    cfg = DiTConfig()
+    graph, state = nnx.split(nnx.eval_shape(lambda: DiTBlock(cfg, nnx.Rngs(0), dtype=jnp.bfloat16,
+                                                             param_dtype=jnp.bfloat16)))
+
+    def block(state, x, c):  # a fresh function per backend: make_jaxpr caches traces by function
+        return nnx.merge(graph, state)(x, c)
+
+    x = jax.ShapeDtypeStruct((2, 4396, cfg.hidden), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(block)(state, x, jax.ShapeDtypeStruct((2, cfg.hidden), jnp.bfloat16))
+    assert ("hybrid_attention_tpu" in str(jaxpr)) == (backend == "tpu")
+
+
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 def test_pallas_sparse_paged_decode_lowers(fake_tpu_info, platform):
     b, hkv, g, d, pages, page, max_pages = 2, 2, 4, 128, 64, 64, 16

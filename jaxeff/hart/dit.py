@@ -5,7 +5,7 @@ timestep + pooled text embedding, GELU MLP (ratio 4), patch size 2 on an SD-styl
 4096 image tokens). Sampling: `steps` deterministic DDIM steps on the cosine schedule with classifier-free guidance
 (batch doubled). Random weights only: it exists to be timed and counted, not to make pictures. `dtype` /
 `param_dtype` as HART's (float32 LayerNorms, residual stream and sampler); attention through `jaxeff.nn.attention`,
-like HART's, so both sides of a comparison get the same kernels. CPU-tested only.
+like HART's, with the same `kernel_default` choice, so both sides of a comparison get the same kernels. CPU-tested only.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.hart.diffusion import cosine_betas, timestep_embedding
-from jaxeff.nn.attention import attention
+from jaxeff.nn.attention import attention, kernel_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,8 @@ class DiTBlock(nnx.Module):
         b, n, d = x.shape
         s1, b1, g1, s2, b2, g2 = jnp.split(self.ada(jax.nn.silu(c))[:, None], 6, -1)
         qkv = self.qkv(self.norm1(x) * (1 + s1) + b1).reshape(b, n, 3, self.h, d // self.h)
+        if implementation is None:  # the fused kernel where HART's cached attention gets one too (kernel_default)
+            implementation = kernel_default(n, n, d // self.h, causal=False, dtype=qkv.dtype)
         a = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=False, implementation=implementation)
         x = x + g1 * self.proj(a.reshape(b, n, d))
         return x + g2 * self.fc2(jax.nn.gelu(self.fc1(self.norm2(x) * (1 + s2) + b2)))
