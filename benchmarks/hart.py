@@ -102,7 +102,7 @@ def inputs(o: dict, b: int):
     ctx = jax.random.normal(jax.random.key(0), (b, t, d))
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     tokens = jax.random.randint(jax.random.key(1), (b, SYS_TOKENS + t), 0, o["text_vocab"])
-    f_hat = jax.random.normal(jax.random.key(2), (b, pn, pn, TokenizerConfig().z_channels))
+    f_hat = jax.random.normal(jax.random.key(2), (b, pn, pn, configs(o)[1].z_channels))
     return ctx, pos, tokens, jnp.ones(tokens.shape, bool), f_hat
 
 

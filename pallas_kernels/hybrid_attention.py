@@ -164,11 +164,9 @@ def hybrid_attention_reference(q, k, v, *, streaming_heads, sink, local, q_offse
 
     window_block > 1: sink and local are rounded up to multiples of it and the mask is `hybrid_mask`'s.
     causal=False: every key visible (streaming_heads must be concrete and all False)."""
-    if not causal:
-        _check_non_causal(causal, None if isinstance(streaming_heads, jax.core.Tracer)
-                          else np.asarray(streaming_heads, bool))
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
+    _check_non_causal(causal, check_streaming_heads(streaming_heads, hkv)[1])
     g = hq // hkv
     scale = default_scale(scale, d)
     qg = q.astype(jnp.float32).reshape(b, sq, hkv, g, d)

@@ -19,8 +19,9 @@ row, forward or backward.
 - "pallas": `pallas_kernels.hybrid_attention` with every head dense, causal or not (`causal=False`: every key
   visible); needs contiguous positions (`q_positions = offset + arange`, `kv_positions = arange`; offset
   `Sk - Sq` when causal), no window, no softcap. On a GPU the kernel entry point sends bf16/fp16 calls with
-  head_dim <= 128 (multiple of 8) to cuDNN's fused attention, others to its Triton-style kernel; on a TPU it runs
-  its Mosaic (TPU-style) kernel. Flash-style: no [Sq, Sk] score matrix is materialised.
+  head_dim <= 128 (multiple of 8), and Sq == Sk when causal, to cuDNN's fused attention, others to its
+  Triton-style kernel; on a TPU it runs its Mosaic (TPU-style) kernel. Flash-style: no [Sq, Sk] score matrix is
+  materialised. On CPU it runs the kernel's XLA path (query chunks).
 - None: "xla" on CPU, "dot_product" on GPU / TPU.
 
 The kernels are opt-in: `kernel_default` names "pallas" for a call on a TPU that the kernel takes (default
@@ -169,10 +170,12 @@ def resolve_implementation(implementation: str | None, backend: str | None = Non
 def materializes_scores(implementation: str | None, backend: str | None = None) -> bool:
     """Whether `attention` holds the whole [B, H, Sq, Sk] float32 score matrix: True for "xla" and "dot_product"
     (jax's `dot_product_attention` without an implementation is its XLA path, see the module docstring), False for
-    "pallas" (flash-style kernels and cuDNN's fused attention work block by block); None is resolved first
-    (`resolve_implementation`), so True. A caller bounds its memory by chunking the queries only when this is
-    True."""
-    return resolve_implementation(implementation, backend) != "pallas"
+    "pallas" on a GPU / TPU (flash-style kernels and cuDNN's fused attention work block by block); "pallas" on CPU
+    runs the kernel's XLA path, whose query chunks XLA may all keep alive, so True there. None is resolved first
+    (`resolve_implementation`), so True. `backend` defaults to `jax.default_backend()`. A caller bounds its memory
+    by chunking the queries only when this is True."""
+    backend = jax.default_backend() if backend is None else backend
+    return resolve_implementation(implementation, backend) != "pallas" or backend not in ("gpu", "tpu")
 
 
 def attention(
