@@ -112,7 +112,7 @@ def test_duo_attention_generate_sharded_equals_one_device(qwen_pair, mesh):
     assert _spec(cache.ring_k[0]) == PartitionSpec()
 
 
-def test_lserve_engine_sharded_equals_one_device(qwen_pair, mesh):
+def test_lserve_engine_sharded_equals_one_device(qwen_pair, mesh, monkeypatch):
     """Layer 0: 8 retrieval heads (pool split by heads, page selection and decode per device under shard_map);
     layer 1: 5 retrieval + 3 streaming heads (pools replicated). Dense prefill per device in two chunks (the second
     reads the first from the pools); contexts past the budget and the window."""
@@ -124,7 +124,11 @@ def test_lserve_engine_sharded_equals_one_device(qwen_pair, mesh):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 96, n).tolist() for n in (30, 17)]
     ref = Engine(one, cfg, streaming).generate(prompts, 6)
+    per_device = []  # shard_map calls traced for the sharded engine: its kernels run per device, not whole
+    real_shard_map = jax.shard_map
+    monkeypatch.setattr(jax, "shard_map", lambda f, **kw: per_device.append(kw["mesh"].size) or real_shard_map(f, **kw))
     out = Engine(sharded, cfg, streaming).generate(prompts, 6)
+    assert per_device and set(per_device) == {8}
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     assert [st["kv_pages_read"] for st in out.stats] == [st["kv_pages_read"] for st in ref.stats]
     cache = tp.init_cache(lambda: LServeCache.init(streaming, 2, 8, cfg, mesh=mesh), sharded)
