@@ -55,8 +55,19 @@ def test_notebook_pin_has_what_it_imports(path):
         text = next((r.stdout for f in (f"{base}.py", f"{base}/__init__.py")
                      if (r := _git("show", f"{ref}:{f}")).returncode == 0), None)
         assert text is not None, f"{path.name}: {node.module} does not exist at {ref[:7]}"
+        defined = set()  # top-level names of the pinned module: defs, classes, assignments, imports
+        for top in ast.parse(text).body:
+            if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(top.name)
+            elif isinstance(top, (ast.Assign, ast.AnnAssign)):
+                targets = top.targets if isinstance(top, ast.Assign) else [top.target]
+                defined |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+                is_all = any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets)
+                if is_all and isinstance(top.value, (ast.List, ast.Tuple)):  # names served lazily, too
+                    defined |= {e.value for e in top.value.elts if isinstance(e, ast.Constant)}
+            elif isinstance(top, (ast.Import, ast.ImportFrom)):
+                defined |= {(a.asname or a.name).split(".")[0] for a in top.names}
         for alias in node.names:
             submodule = (f"{ref}:{base}/{alias.name}{f}" for f in (".py", "/__init__.py"))
-            exists = re.search(rf"\b{re.escape(alias.name)}\b", text) or any(
-                _git("cat-file", "-e", f).returncode == 0 for f in submodule)
+            exists = alias.name in defined or any(_git("cat-file", "-e", f).returncode == 0 for f in submodule)
             assert exists, f"{path.name}: {node.module}.{alias.name} does not exist at {ref[:7]}"
