@@ -88,6 +88,37 @@ def test_pallas_device_hybrid_attention_forward_and_grads(hybrid_case, name, imp
     assert max(errors.values()) < TOL[q.dtype.type], f"seed {seed}: {errors}"
 
 
+# Non-causal (every key visible; HART's attention over its KV cache): (batch, Sq, Sk, Hq, Hkv, D, dtype), ragged
+# lengths, Sq > Sk and Sq < Sk, GQA.
+NONCAUSAL_CASES = {
+    "f32_d64_gqa2_more_keys": (2, 200, 333, 4, 2, 64, jnp.float32),
+    "bf16_d64_more_queries": (1, 300, 130, 8, 8, 64, jnp.bfloat16),
+    "bf16_d128_gqa4_ragged": (1, 257, 700, 8, 2, 128, jnp.bfloat16),
+}
+NONCAUSAL_RUNS = [(name, "pallas") for name in NONCAUSAL_CASES] + [
+    (name, "cudnn") for name, case in NONCAUSAL_CASES.items() if case[-1] == jnp.bfloat16]
+
+
+@pytest.mark.parametrize("name,implementation", NONCAUSAL_RUNS)
+def test_pallas_device_non_causal_attention_forward_and_grads(name, implementation):
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        pytest.skip("cuDNN needs an NVIDIA GPU")
+    b, sq, sk, hq, hkv, d, dtype = NONCAUSAL_CASES[name]
+    seed = secrets.randbits(31)
+    kq, kk, kv, kc = jax.random.split(jax.random.key(seed), 4)
+    q, cot = jax.random.normal(kq, (b, sq, hq, d), dtype), jax.random.normal(kc, (b, sq, hq, d), dtype)
+    k, v = (jax.random.normal(key, (b, sk, hkv, d), dtype) for key in (kk, kv))
+    kw = dict(streaming_heads=np.zeros(hkv, bool), sink=0, local=1, causal=False)
+    with jax.default_matmul_precision("highest"):
+        ref, ref_grads = jax.jit(lambda *a: _fwd_bwd(partial(pk.hybrid_attention_reference, **kw), cot, *a))(
+            *(x.astype(jnp.float32) for x in (q, k, v)))
+    fn = partial(pk.hybrid_attention, **kw, implementation=implementation, interpret=INTERPRET)
+    out, grads = jax.jit(lambda *a: _fwd_bwd(fn, cot, *a))(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    errors = {"out": _rel(out, ref), **{f"d{n}": _rel(g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
+    assert max(errors.values()) < TOL[q.dtype.type], f"seed {seed}: {errors}"
+
+
 # One shape group: batch 3 with ragged lengths over a shuffled pool with spare pages, 8 query / 2 KV heads, D 128,
 # pages of 64 (logical 16). Cases: (streaming flags, sink, local, budget pages or None, per query head, dtype).
 DECODE_LENGTHS = [700, 70, 1000]
