@@ -66,7 +66,9 @@ test-py313:
 test-device: install
 	JAX_PLATFORMS= $(PY) -m pytest tests -k pallas -q -rs
 
-bench: install install-ref
+# Only the benchmarks that time the PyTorch reference (transformers / diffusers) next to jaxeff need its stack.
+BENCH_REF := dcae llama_decode serving
+bench: install $(if $(filter $(name),$(BENCH_REF)),install-ref)
 	@test -n "$(name)" || { echo "usage: make bench name=<benchmark>"; ls benchmarks | grep -v __ | sed 's/\.py$$//;s/^/  /'; exit 2; }
 	@test -f benchmarks/$(name).py || { echo "unknown benchmark '$(name)'; known benchmarks:"; \
 		ls benchmarks | grep -v __ | sed 's/\.py$$//;s/^/  /'; exit 2; }
