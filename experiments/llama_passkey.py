@@ -128,7 +128,7 @@ def evaluate_passkey(model: Llama, context: int, examples: int, *, seed: int = 1
     "full": dict(),
 })
 def run(cfg: Config, run: Run) -> None:
-    """Train a small Llama on passkey retrieval; evaluate at 256/512/1024."""
+    """Train a small Llama on passkey retrieval; evaluate at `eval_contexts` (smoke 256/512, full 256/512/1024)."""
     task = PasskeyTask(context=cfg.context)
     tok = task.tokenizer
     model = Llama(cfg.model_config(tok), rngs=nnx.Rngs(cfg.seed))

@@ -130,7 +130,8 @@ def _orders(kind, batch, sizes, seed):
     "smoke": {"steps": 600, "eval_steps": (64, 8), "sample_steps": (64, 8), "samples_per_class": 10,
               "timing_runs": 5, "ablation": False},
     "full": {},
-}, description="LPD on 8x8 digits: NLL per order and step count, mutual-visibility ablation, sample accuracy")
+}, description="LPD on 8x8 digits: NLL per order and step count, sample accuracy (full preset: also the "
+                "mutual-visibility ablation)")
 def run(cfg: Config, run: Run) -> None:
     import matplotlib.pyplot as plt
     from sklearn.linear_model import LogisticRegression

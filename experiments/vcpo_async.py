@@ -319,7 +319,11 @@ def run(cfg: Config, run: Run) -> None:
                 note=("Collapse = moving-average train reward drops "
                       f"{cfg.collapse_drop} below its running max. wall_s_method: compile + all k x seeds, "
                       "this CPU.\n\n"
-                      + "\n".join(f"- {v}" for v in verdicts)))
+                      + "\n".join(f"- {v}" for v in verdicts)
+                      + ("\n\nSmoke preset (100 steps, 1 seed): too short and too few seeds to separate the "
+                         "methods; the README's comparison comes from the longer runs in jaxeff/vcpo/README.md "
+                         "(`preset=full`)."
+                         if run.preset == "smoke" else "")))
 
     _alarm_table(cfg, run, curves, collapses)
     wallclock = _wallclock_table(cfg, run, curves)

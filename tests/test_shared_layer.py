@@ -231,3 +231,17 @@ def test_glu_mbconv_and_depthwise_conv_match_direct_convs():
         depthwise_conv(x, arr(2, 2, 1, c))
     with pytest.raises(ValueError, match="glu_mbconv weights"):
         glu_mbconv(x, wi, bi, wd[..., :-1], bd, wp)
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ([], "list of token-id lists"), ([1, 2, 3], "list of token-id lists"), ([[1], []], "at least one token"),
+    ([[1, 2], [3, 100]], "token id 100 in prompt 1 is outside the vocabulary"),
+    ([[-1]], "token id -1 in prompt 0"),
+])
+def test_bad_prompts_are_named(prompts, match):
+    from jaxeff.models.llama import pad_prompts
+
+    with pytest.raises(ValueError, match=match):
+        pad_prompts(prompts, vocab_size=100)
+    tokens, lengths = pad_prompts([[1, 2, 3], [4]], multiple=4, vocab_size=100)
+    assert tokens.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]] and lengths.tolist() == [3, 1]

@@ -1,7 +1,7 @@
 """DC-AE: deep compression autoencoders (MIT HAN Lab, arXiv 2410.10733) in Flax NNX, loading the released weights.
 
     from jaxeff.dcae import DCAE, jit_method
-    model = DCAE.from_pretrained("dc-ae-f32c32-in-1.0-diffusers")   # or an original-format dir / model.safetensors
+    model = DCAE.from_pretrained("hf:mit-han-lab/dc-ae-f32c32-in-1.0-diffusers")  # or a local diffusers / original dir
     z = jit_method(model, "encode", scaled=True)(images)            # [B, H, W, 3] in [-1, 1] -> [B, H/32, W/32, 32]
     x = jit_method(model, "decode", scaled=True)(z)
 

@@ -262,7 +262,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
         raise ValueError(f"need max_new_tokens >= 1, chunk_size >= 0 and decode_simulation >= 0, got "
                          f"{max_new_tokens}, {chunk_size}, {decode_simulation}")
     stops = resolve_stop_ids(mc, eos_id)
-    tokens, lengths = pad_prompts(prompts, pad_id)
+    tokens, lengths = pad_prompts(prompts, pad_id, vocab_size=mc.vocab_size)
     if lengths.min() <= decode_simulation:
         raise ValueError(f"a prompt of {int(lengths.min())} tokens is not longer than decode_simulation="
                          f"{decode_simulation}")

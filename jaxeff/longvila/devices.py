@@ -46,7 +46,7 @@ def _device_count() -> int:
 
 
 def _child(module: str, fn_name: str, name: str, preset: str, directory: str) -> None:
-    from jaxeff.experiment import Run
+    from jaxeff.experiment import Run, get
 
     mod = importlib.import_module(module)
     saved = json.loads((Path(directory) / "config.json").read_text())["config"]
@@ -54,7 +54,9 @@ def _child(module: str, fn_name: str, name: str, preset: str, directory: str) ->
     kwargs = {f.name: tuple(saved[f.name]) if isinstance(saved[f.name], list) else saved[f.name]
               for f in dataclasses.fields(config_cls) if f.name in saved}
     cfg = config_cls(**kwargs)
-    getattr(mod, fn_name)(cfg, Run(name, preset, cfg, Path(directory)))
+    run = Run(name, preset, cfg, Path(directory), description=get(name).description)
+    getattr(mod, fn_name)(cfg, run)
+    run.finish()  # the wall time in results.md (the parent's Run holds no results)
 
 
 if __name__ == "__main__":

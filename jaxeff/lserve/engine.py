@@ -73,8 +73,9 @@ def _decode(graphdef, state, cache, first, start_pos, stop_ids, *, steps, pad_id
 class Engine:
     """LServe serving engine for a `jaxeff.models.llama.Llama`.
 
-    streaming_heads: bool [layers, kv_heads] (True = streaming head, e.g. a DuoAttention pattern selected with
-    `jaxeff.duo_attention.select_retrieval_heads`); None = every head is a retrieval head. `model` may be placed on
+    streaming_heads: bool [layers, kv_heads] (True = streaming head); None = every head is a retrieval head. From a
+    DuoAttention pattern: `~jaxeff.duo_attention.select_retrieval_heads(...)` (that function marks RETRIEVAL heads
+    True, as `duo_attention.generate(retrieval_heads=...)` takes them). `model` may be placed on
     a mesh by `jaxeff.models.sharding.shard_model` (module docstring: tensor parallel).
     """
 
@@ -105,7 +106,7 @@ class Engine:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         stops = resolve_stop_ids(mc, eos_id)
-        tokens, lengths = pad_prompts(prompts, pad_id)
+        tokens, lengths = pad_prompts(prompts, pad_id, vocab_size=mc.vocab_size)
         longest = int(lengths.max())
         if longest + max_new_tokens > cfg.max_len:
             raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is longer than the cache "

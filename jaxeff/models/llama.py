@@ -477,10 +477,22 @@ def _generate_jit(graphdef, state, tokens, inputs_embeds, prompt_lens, cache, rn
     return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad a list of token lists to [B, S] (S rounded up to `multiple`); returns (tokens, lengths)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1,
+                vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad a list of token lists to [B, S] (S rounded up to `multiple`); returns (tokens, lengths).
+    ValueError for an empty prompt, a prompt that is not a list of ids, or (with `vocab_size`) an id outside
+    [0, vocab_size): an embedding lookup would silently clamp it."""
+    if not prompts or any(np.ndim(p) != 1 for p in prompts):
+        raise ValueError("prompts must be a list of token-id lists, e.g. [[1, 2, 3]] for one prompt")
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if vocab_size is not None:
+        for i, p in enumerate(prompts):
+            ids = np.asarray(p)
+            outside = ids[(ids < 0) | (ids >= vocab_size)]
+            if outside.size:
+                raise ValueError(f"token id {int(outside[0])} in prompt {i} is outside the vocabulary "
+                                 f"[0, {vocab_size})")
     lengths = np.array([len(p) for p in prompts], np.int32)
     s = int(-(-lengths.max() // multiple) * multiple)
     tokens = np.full((len(prompts), s), pad_id, np.int32)
@@ -533,7 +545,7 @@ def generate(
         raise ValueError("prompt_lens goes with inputs_embeds (token prompts carry their own lengths)")
     stops = resolve_stop_ids(model.config, eos_id)
     if prompts is not None:
-        tokens, lengths = pad_prompts(prompts, pad_id, multiple=16)
+        tokens, lengths = pad_prompts(prompts, pad_id, multiple=16, vocab_size=model.config.vocab_size)
         tokens, shape = jnp.asarray(tokens), tokens.shape
     else:
         inputs_embeds, lengths = _pad_embeds(inputs_embeds, prompt_lens, model.config.hidden_size, multiple=16)
