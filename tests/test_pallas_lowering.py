@@ -98,26 +98,33 @@ def test_pallas_front_door_non_causal_lowers_for_tpu(fake_tpu_info, monkeypatch)
         assert text.count("tpu_custom_call") == kernels, impl
 
 
+def _jaxpr_on(monkeypatch, backend, make_module, call, *args):
+    """The jaxpr of `call(module, *args)` for a bf16 module built abstractly, traced as on `backend`
+    (`jax.default_backend` patched)."""
+    from flax import nnx
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    graph, state = nnx.split(nnx.eval_shape(lambda: make_module(nnx.Rngs(0), dtype=jnp.bfloat16,
+                                                                param_dtype=jnp.bfloat16)))
+    # a fresh function per call: make_jaxpr caches traces by function
+    return jax.make_jaxpr(lambda state, *a: call(nnx.merge(graph, state), *a))(state, *args)
+
+
 @pytest.mark.parametrize("backend", ["tpu", "cpu"])
 def test_pallas_hart_last_scale_attention_is_one_kernel_call_on_tpu(monkeypatch, backend):
     # HART's released-size attention layer at the last 1024px scale (q_chunk="auto", bf16): on a TPU backend it
     # picks the Pallas kernel (`kernel_default`), so the queries are not chunked; on CPU (XLA) they are (lax.map).
-    from flax import nnx
-
     from jaxeff.hart.transformer import Attention, HARTConfig
 
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    cfg = HARTConfig()
-    graph, state = nnx.split(nnx.eval_shape(lambda: Attention(cfg, nnx.Rngs(0), dtype=jnp.bfloat16,
-                                                              param_dtype=jnp.bfloat16)))
+    cfg, n = HARTConfig(), 4096
 
-    def layer(state, x, k, v):  # a fresh function per backend: make_jaxpr caches traces by function
+    def layer(module, x, k, v):
         cos = jnp.ones(x.shape[:2] + (cfg.head_dim,))
-        return nnx.merge(graph, state)(x, cos, jnp.zeros_like(cos), past=(k, v), q_chunk="auto")[0]
+        return module(x, cos, jnp.zeros_like(cos), past=(k, v), q_chunk="auto")[0]
 
-    n = 4096
     past = jax.ShapeDtypeStruct((2, cfg.seq_len - n, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
-    jaxpr = jax.make_jaxpr(layer)(state, jax.ShapeDtypeStruct((2, n, cfg.embed_dim), jnp.bfloat16), past, past)
+    jaxpr = _jaxpr_on(monkeypatch, backend, lambda rngs, **dt: Attention(cfg, rngs, **dt), layer,
+                      jax.ShapeDtypeStruct((2, n, cfg.embed_dim), jnp.bfloat16), past, past)
     names = [e.primitive.name for e in jaxpr.eqns]
     assert ("hybrid_attention_tpu" in str(jaxpr)) == (backend == "tpu")
     assert ("scan" in names) == (backend == "cpu")
@@ -127,20 +134,12 @@ def test_pallas_hart_last_scale_attention_is_one_kernel_call_on_tpu(monkeypatch,
 def test_pallas_dit_baseline_takes_the_same_kernel_as_hart(monkeypatch, backend):
     # The matched DiT baseline's self-attention (4396 tokens at 1024px) makes the same `kernel_default` choice as
     # HART's cached attention, so a HART/DiT speed ratio compares like with like.
-    from flax import nnx
-
     from jaxeff.hart.dit import DiTBlock, DiTConfig
 
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
     cfg = DiTConfig()
-    graph, state = nnx.split(nnx.eval_shape(lambda: DiTBlock(cfg, nnx.Rngs(0), dtype=jnp.bfloat16,
-                                                             param_dtype=jnp.bfloat16)))
-
-    def block(state, x, c):  # a fresh function per backend: make_jaxpr caches traces by function
-        return nnx.merge(graph, state)(x, c)
-
-    x = jax.ShapeDtypeStruct((2, 4396, cfg.hidden), jnp.bfloat16)
-    jaxpr = jax.make_jaxpr(block)(state, x, jax.ShapeDtypeStruct((2, cfg.hidden), jnp.bfloat16))
+    jaxpr = _jaxpr_on(monkeypatch, backend, lambda rngs, **dt: DiTBlock(cfg, rngs, **dt), lambda m, x, c: m(x, c),
+                      jax.ShapeDtypeStruct((2, 4396, cfg.hidden), jnp.bfloat16),
+                      jax.ShapeDtypeStruct((2, cfg.hidden), jnp.bfloat16))
     assert ("hybrid_attention_tpu" in str(jaxpr)) == (backend == "tpu")
 
 
