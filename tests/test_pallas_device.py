@@ -44,7 +44,14 @@ HYBRID_CASES = {
     "bf16_d128_mixed_gqa4": (1, 384, 0, 16, 4, 128, 16, 128, [True, False, False, True], jnp.bfloat16),
 }
 # "cudnn": dense heads through cuDNN, streaming heads through the Triton kernel (GPU, q_offset 0, bf16).
-HYBRID_RUNS = [(name, "pallas") for name in HYBRID_CASES] + [("bf16_d128_mixed_gqa4", "cudnn")]
+NEEDS_GPU = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+
+
+def _cudnn(name):
+    return pytest.param(name, "cudnn", marks=NEEDS_GPU)
+
+
+HYBRID_RUNS = [(name, "pallas") for name in HYBRID_CASES] + [_cudnn("bf16_d128_mixed_gqa4")]
 
 
 def _fwd_bwd(fn, cot, *args):
@@ -78,8 +85,6 @@ def hybrid_case():
 
 @pytest.mark.parametrize("name,implementation", HYBRID_RUNS)
 def test_pallas_device_hybrid_attention_forward_and_grads(hybrid_case, name, implementation):
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        pytest.skip("cuDNN needs an NVIDIA GPU")
     seed, (q, k, v), cot, kw, (ref, ref_grads) = hybrid_case(name)
     fn = partial(pk.hybrid_attention, **kw, implementation=implementation, interpret=INTERPRET)
     out, grads = jax.jit(lambda *a: _fwd_bwd(fn, cot, *a))(q, k, v)
@@ -96,13 +101,11 @@ NONCAUSAL_CASES = {
     "bf16_d128_gqa4_ragged": (1, 257, 700, 8, 2, 128, jnp.bfloat16),
 }
 NONCAUSAL_RUNS = [(name, "pallas") for name in NONCAUSAL_CASES] + [
-    (name, "cudnn") for name, case in NONCAUSAL_CASES.items() if case[-1] == jnp.bfloat16]
+    _cudnn(name) for name, case in NONCAUSAL_CASES.items() if case[-1] == jnp.bfloat16]
 
 
 @pytest.mark.parametrize("name,implementation", NONCAUSAL_RUNS)
 def test_pallas_device_non_causal_attention_forward_and_grads(name, implementation):
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        pytest.skip("cuDNN needs an NVIDIA GPU")
     b, sq, sk, hq, hkv, d, dtype = NONCAUSAL_CASES[name]
     seed = secrets.randbits(31)
     kq, kk, kv, kc = jax.random.split(jax.random.key(seed), 4)
