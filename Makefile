@@ -10,7 +10,7 @@ export JAX_PLATFORMS ?=
 # Every `key=value` given on the command line except name/preset/resume is an experiment override.
 OVERRIDES := $(filter-out name=% preset=% resume=% PYTHON=%,$(MAKEOVERRIDES))
 
-.PHONY: install install-ref exp test test-py313 test-device test-fast bench lint notebooks clean-runs
+.PHONY: install install-ref exp test test-py313 test-device test-fast bench lint notebooks pin-notebooks clean-runs
 
 install: $(VENV)/.installed
 
@@ -79,6 +79,9 @@ lint: install
 
 notebooks: install
 	JAX_PLATFORMS=cpu JAXEFF_NOTEBOOK_SMOKE=1 $(PY) notebooks/execute.py notebooks/*.ipynb
+
+pin-notebooks:  # after the library changed: the install cells pin the last commit that changed it
+	python3 notebooks/pin.py
 
 clean-runs:
 	rm -rf runs
