@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxeff.data import psnr
 from jaxeff.experiment import Run, best_time, register, wilson_interval
 from jaxeff.foreact import tabletop as T
 from jaxeff.foreact.config import SanaConfig
@@ -293,12 +294,6 @@ def train_generator(cfg: Config, run: Run, text: ToyText, encode) -> nnx.Module:
         if step % max(cfg.gen_steps // 20, 1) == 0 or step == cfg.gen_steps:
             run.log(step, phase="generator", loss=float(metrics["loss"]))
     return merge(graphdef, state)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR (dB) of frames in [-1, 1], on the [0, 1] scale."""
-    mse = np.mean(np.square((np.asarray(a) - np.asarray(b)) / 2.0), axis=(1, 2, 3))
-    return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
 
 
 # ---------------------------------------------------------------------------------------------------------------

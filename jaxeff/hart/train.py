@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
+from jaxeff.data import psnr as image_psnr
 from jaxeff.hart import diffusion as diff
 from jaxeff.hart.transformer import HARTTransformer, filter_logits, sample_keep_mask
 
@@ -93,6 +93,6 @@ _TRAIN_SCHED = diff.Schedule.make(1000)
 
 
 def psnr(a, b) -> float:
-    """PSNR in dB of images in [-1, 1]."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float(10 * np.log10(4.0 / max(mse, 1e-12)))
+    """PSNR in dB of a batch of images in [-1, 1] with the MSE pooled over the whole batch (`jaxeff.data.psnr` of
+    the batch as one image)."""
+    return float(image_psnr(jnp.asarray(a)[None], jnp.asarray(b)[None])[0])
