@@ -1,5 +1,5 @@
 """LServe engine: exactness against the plain decoder, windows per phase, per-query-head page lists, the
-reselection schedule, page accounting, clear errors."""
+reselection schedule, page accounting, the head split given either way, clear errors."""
 
 import dataclasses
 
@@ -15,6 +15,7 @@ from jaxeff.models.llama import generate as dense_generate
 from jaxeff.nn import xla_attention
 
 NEW = 8
+EVERY_HEAD_RETRIEVAL = np.ones((2, 2), bool)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def small(**kw):
 
 def test_engine_equals_plain_decoder_with_sparsity_off(setup):
     model, prompts, ref = setup
-    out = Engine(model, small(dynamic_sparsity=False)).generate(prompts, NEW)
+    out = Engine(model, small(dynamic_sparsity=False), retrieval_heads=EVERY_HEAD_RETRIEVAL).generate(prompts, NEW)
     np.testing.assert_array_equal(out.tokens, ref)
     st = out.stats[1]
     assert st["prompt_tokens"] == 20 and st["decode_steps"] == NEW - 1
@@ -65,6 +66,39 @@ def test_sparse_engine_reads_budget_pages(setup):
             assert st["kv_bytes_per_step"] < 0.85 * st["dense_kv_bytes_per_step"], st
 
 
+def test_retrieval_heads_is_the_inverted_streaming_split(setup):
+    """A DuoAttention selection (True = retrieval) passed as retrieval_heads= serves exactly as its inverse passed
+    as streaming_heads= (the split and budget of test_sparse_engine_reads_budget_pages: compiled once)."""
+    model, prompts, _ = setup
+    cfg = small(token_budget=24, reselect_every=4)
+    retrieval = np.array([[True, False], [False, True]])
+    by_retrieval = Engine(model, cfg, retrieval_heads=retrieval)
+    np.testing.assert_array_equal(by_retrieval.streaming_heads, ~retrieval)
+    out = by_retrieval.generate(prompts, NEW)
+    ref = Engine(model, cfg, streaming_heads=~retrieval).generate(prompts, NEW)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    assert [st["kv_pages_read"] for st in out.stats] == [st["kv_pages_read"] for st in ref.stats]
+    assert out.kv_nbytes == ref.kv_nbytes < out.dense_kv_nbytes
+    # streaming_heads=None (positional too, as benchmarks/serving.py passes it): no streaming head
+    assert not Engine(model, cfg, None).streaming_heads.any()
+
+
+def test_head_split_errors(setup):
+    model, _, _ = setup
+    with pytest.raises(TypeError, match=r"exactly one of retrieval_heads= .* got neither"):
+        Engine(model, small())
+    with pytest.raises(TypeError, match="got retrieval_heads and streaming_heads"):
+        Engine(model, small(), np.zeros((2, 2), bool), retrieval_heads=np.ones((2, 2), bool))
+    with pytest.raises(ValueError, match=r"expected shape \(2, 2\).*belongs to another model"):
+        Engine(model, small(), retrieval_heads=np.ones((2, 3), bool))
+    with pytest.raises(ValueError, match="retrieval_heads must be a bool array of shape .*not alpha"):
+        Engine(model, small(), retrieval_heads=np.full((2, 2), 0.7))  # gate values, not a selection
+    with pytest.raises(ValueError, match="retrieval_heads must be a bool array of shape .*got None"):
+        Engine(model, small(), retrieval_heads=None)
+    with pytest.raises(ValueError, match="streaming_heads must be a bool array .*got int64"):
+        Engine(model, small(), np.zeros((2, 2), np.int64))
+
+
 def test_ring_page_table_maps_local_pages_to_distinct_slots():
     table = ring_page_table(2, 10, n_sink=1, n_ring=3)
     assert table[0].tolist() == [0, 1, 2, 3, 1, 2, 3, 1, 2, 3]
@@ -80,7 +114,7 @@ def test_clear_errors(setup):
     with pytest.raises(ValueError, match="multiple of reselect_every"):
         small(reselect_every=3)
     with pytest.raises(ValueError, match="longer than the cache"):
-        Engine(model, small(max_len=40)).generate(prompts, NEW)
+        Engine(model, small(max_len=40), retrieval_heads=EVERY_HEAD_RETRIEVAL).generate(prompts, NEW)
     with pytest.raises(ValueError, match="pattern belongs to another model"):
         Engine(model, small(), streaming_heads=np.zeros((32, 8), bool))
     cache = LServeCache.init(np.zeros((2, 2), bool), 1, model.config.head_dim, small())  # group 1, model has 2
@@ -200,14 +234,15 @@ def test_engine_stops_at_any_of_several_stop_ids(setup):
     stops = (int(free[0, 2]), int(free[1, 1]))  # row 0 stops at its third token at the latest, row 1 at its second
     ref = dense_generate(model, prompts, NEW, eos_id=stops, pad_id=63)
     assert ref.num_generated[0] <= 3 and ref.num_generated[1] <= 2
-    out = Engine(model, small(dynamic_sparsity=False)).generate(prompts, NEW, eos_id=list(stops), pad_id=63)
+    engine = Engine(model, small(dynamic_sparsity=False), retrieval_heads=EVERY_HEAD_RETRIEVAL)
+    out = engine.generate(prompts, NEW, eos_id=list(stops), pad_id=63)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.num_generated, ref.num_generated)
     # The checkpoint's stop ids by default (generation_config.json's over config.json's, as llama.generate); the
     # same weights under a config that names them. eos_id=None still never stops.
     cfg = dataclasses.replace(model.config, eos_token_id=5, generation_eos_token_id=stops)
     engine = Engine(nnx.merge(nnx.graphdef(Llama(cfg, rngs=nnx.Rngs(0))), nnx.state(model)),
-                    small(dynamic_sparsity=False))
+                    small(dynamic_sparsity=False), retrieval_heads=EVERY_HEAD_RETRIEVAL)
     default = engine.generate(prompts, NEW, pad_id=63)
     np.testing.assert_array_equal(default.tokens, ref.tokens)
     np.testing.assert_array_equal(default.num_generated, ref.num_generated)

@@ -1,4 +1,4 @@
-"""`Engine(model, config, streaming_heads).generate(prompts, max_new_tokens)`: LServe on the shared decoder.
+"""`Engine(model, config, retrieval_heads=...).generate(prompts, max_new_tokens)`: LServe on the shared decoder.
 
 A batch of prompts of different lengths is right-padded into aligned chunks (padding sits at position -1 and is
 never stored); each chunk is one jitted prefill call (compiled once per chunk offset, since the block-sparse
@@ -45,6 +45,34 @@ class LServeOutput:
     dense_kv_nbytes: int  # the same for a dense cache of the same batch, max_len and dtype
 
 
+_UNSET = object()  # an argument not given (`streaming_heads=None` is a given value: no streaming head)
+
+
+def _streaming_mask(streaming_heads, retrieval_heads, shape: tuple[int, int]) -> np.ndarray:
+    """`Engine`'s head split as the streaming mask bool [layers, kv_heads] (True = streaming head)."""
+    given = {name: value for name, value in (("retrieval_heads", retrieval_heads),
+                                             ("streaming_heads", streaming_heads)) if value is not _UNSET}
+    if len(given) != 1:
+        raise TypeError(f"Engine takes exactly one of retrieval_heads= (True = retrieval head, as "
+                        f"jaxeff.duo_attention.select_retrieval_heads returns) or streaming_heads= (True = streaming "
+                        f"head), both bool [layers, kv_heads] = {shape}; got "
+                        f"{' and '.join(given) if given else 'neither'}")
+    (name, value), = given.items()
+    if name == "streaming_heads" and value is None:
+        return np.zeros(shape, bool)
+    mask = np.asarray(value)
+    if mask.dtype != bool:
+        alpha = np.issubdtype(mask.dtype, np.floating)  # gate values passed in place of a selection
+        raise ValueError(f"{name} must be a bool array of shape {shape} (layers x KV heads), got "
+                         f"{value if value is None else mask.dtype}" + (
+                             ": pass a selection such as jaxeff.duo_attention.select_retrieval_heads(alpha, "
+                             "sparsity), not alpha" if alpha else ""))
+    if mask.shape != shape:
+        raise ValueError(f"{name} has shape {mask.shape} but the model has {shape[0]} layers x {shape[1]} KV heads "
+                         f"(expected shape {shape}): the pattern belongs to another model")
+    return ~mask if name == "retrieval_heads" else mask
+
+
 @partial(jax.jit, static_argnames=("graphdef",))
 def _prefill_chunk(graphdef, state, cache, tokens, positions, last_index):
     """Logits at each row's `last_index` in this chunk (clipped) only: a 32K-token chunk's full logits would
@@ -73,26 +101,27 @@ def _decode(graphdef, state, cache, first, start_pos, stop_ids, *, steps, pad_id
 class Engine:
     """LServe serving engine for a `jaxeff.models.llama.Llama`.
 
-    streaming_heads: bool [layers, kv_heads] (True = streaming head); None = every head is a retrieval head. From a
-    DuoAttention pattern: `~jaxeff.duo_attention.select_retrieval_heads(...)` (that function marks RETRIEVAL heads
-    True, as `duo_attention.generate(retrieval_heads=...)` takes them). `model` may be placed on
-    a mesh by `jaxeff.models.sharding.shard_model` (module docstring: tensor parallel).
+    The head split: pass exactly one of (neither or both: TypeError)
+      retrieval_heads: bool [layers, kv_heads], True = retrieval head (every page kept, page selection in decode),
+        the convention of `jaxeff.duo_attention.select_retrieval_heads(alpha, sparsity)` and
+        `jaxeff.duo_attention.generate(retrieval_heads=...)`: pass a DuoAttention selection as it is;
+      streaming_heads (also the third positional argument): bool [layers, kv_heads], True = streaming head (sink +
+        local window), i.e. `~retrieval_heads`; None = no streaming head (every head a retrieval head).
+    ValueError when the split is not a bool array of shape (layers, kv_heads) of this model (alpha passed in place
+    of a selection, a pattern of another model, `retrieval_heads=None`) or the model has sliding-window layers.
+    `model` may be placed on a mesh by `jaxeff.models.sharding.shard_model` (module docstring: tensor parallel).
     """
 
-    def __init__(self, model, config: LServeConfig | None = None, streaming_heads=None):
+    def __init__(self, model, config: LServeConfig | None = None, streaming_heads=_UNSET, *,
+                 retrieval_heads=_UNSET):
         config = LServeConfig() if config is None else config
         mc = model.config
-        shape = (mc.num_hidden_layers, mc.num_key_value_heads)
-        if streaming_heads is None:
-            streaming_heads = np.zeros(shape, bool)
-        streaming_heads = np.asarray(streaming_heads, bool)
-        if streaming_heads.shape != shape:
-            raise ValueError(f"attention pattern has shape {streaming_heads.shape} but the model has {shape[0]} "
-                             f"layers x {shape[1]} KV heads: the pattern belongs to another model")
+        self.streaming_heads = _streaming_mask(streaming_heads, retrieval_heads,
+                                               (mc.num_hidden_layers, mc.num_key_value_heads))
         if any(w is not None for w in mc.layer_windows):
             raise ValueError(f"LServe Engine does not support sliding-window attention (sliding_window="
                              f"{mc.sliding_window} on layers {mc.layer_windows})")
-        self.model, self.config, self.streaming_heads = model, config, streaming_heads
+        self.model, self.config = model, config
         self.graphdef, self.state = nnx.split(model)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
