@@ -34,15 +34,13 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jaxeff.distributed import make_mesh
 from jaxeff.experiment import Run, register
-from jaxeff.longvila.attention import kv_repeat_factor, sequence_parallel_attention
+from jaxeff.longvila.attention import kv_repeat_factor
 from jaxeff.longvila.comm import analytic_attention_bytes, hlo_collective_bytes
 from jaxeff.longvila.devices import run_on_devices
 from jaxeff.longvila.layout import causal_work, layout_permutation, padded_length
+from jaxeff.longvila.measure import attention_step, factorisations, random_qkv, sp_mesh
 from jaxeff.longvila.vlm import MMSPConfig, VideoVLM, make_mmsp_loss, random_batch, tiny_config, unsplit_loss
 from jaxeff.nn import attention
 
@@ -97,23 +95,6 @@ def run(cfg: Config, run: Run) -> None:
     run_on_devices(body, cfg, run, cfg.devices)
 
 
-def factorisations(n: int) -> list[tuple[int, int]]:
-    return [(n // u, u) for u in range(1, n + 1) if n % u == 0]
-
-
-def _mesh(ring: int, uly: int, devices=None):
-    return make_mesh((ring, uly), ("ring", "ulysses"), devices=devices)
-
-
-def _attn_fn(mesh, positions=None):
-    return lambda q, k, v: sequence_parallel_attention(q, k, v, mesh=mesh, ring_axis="ring", ulysses_axis="ulysses",
-                                                       positions=positions)
-
-
-def _fwd_bwd(attn):
-    return jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
-
-
 def body(cfg: Config, run: Run) -> None:
     devices = jax.devices()[:cfg.devices]
     if len(devices) < cfg.devices:
@@ -142,9 +123,9 @@ def exactness(cfg: Config, run: Run, facts, devices) -> None:
     ref_attn = attention(q, k, v, causal=True, implementation="xla")
     rows = []
     for ring, uly in run.progress(facts, desc="exactness"):
-        mesh = _mesh(ring, uly, devices)
+        mesh = sp_mesh(ring, uly, devices)
         perm = layout_permutation(s, ring, uly, zigzag=True)
-        out = jax.jit(_attn_fn(mesh, perm))(q[:, perm], k[:, perm], v[:, perm])
+        out = attention_step(mesh, perm)(q[:, perm], k[:, perm], v[:, perm])
         loss_fn = make_mmsp_loss(graphdef, mesh, MMSPConfig())
         (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state, batch)
         grad_diff = max(jax.tree.leaves(jax.tree.map(lambda a, r: float(jnp.max(jnp.abs(a - r))), grads, ref_grads)))
@@ -176,10 +157,9 @@ def communication(cfg: Config, run: Run, facts, devices) -> None:
     for ring, uly in run.progress(facts, desc="comm"):
         if cfg.comm_heads % uly:
             continue
-        mesh = _mesh(ring, uly, devices)
-        attn = _attn_fn(mesh)
-        fwd = hlo_collective_bytes(jax.jit(attn).lower(q, kv, kv).compile().as_text())
-        fwd_bwd = hlo_collective_bytes(jax.jit(_fwd_bwd(attn)).lower(q, kv, kv).compile().as_text())
+        mesh = sp_mesh(ring, uly, devices)
+        fwd, fwd_bwd = (hlo_collective_bytes(attention_step(mesh, backward=bwd).lower(q, kv, kv).compile().as_text())
+                        for bwd in (False, True))
         ana = analytic_attention_bytes(*shape, ring, uly, dtype_bytes=dtype.itemsize)
         hlo_a2a = fwd.get("all-to-all", {}).get("wire_bytes", 0.0)
         hlo_ring = fwd.get("collective-permute", {}).get("wire_bytes", 0.0)
@@ -246,14 +226,10 @@ def throughput(cfg: Config, run: Run) -> None:
         if h % uly:
             rows.append({"scheme": name, "ring": ring, "ulysses": uly, "tokens_per_s": "n/a (heads % ulysses)"})
             continue
-        mesh = _mesh(ring, uly, devs)
-        seq = NamedSharding(mesh, P(None, ("ring", "ulysses")))
+        mesh = sp_mesh(ring, uly, devs)
         perm = layout_permutation(s, ring, uly, zigzag=True)
-        make = jax.jit(lambda key: tuple(jax.random.normal(k, (b, s, hh, d), jnp.bfloat16)
-                                         for k, hh in zip(jax.random.split(key, 3), (h, hkv, hkv))),
-                       out_shardings=(seq, seq, seq))
-        q, k, v = make(jax.random.key(cfg.seed))
-        step = jax.jit(_fwd_bwd(_attn_fn(mesh, perm)))
+        q, k, v = random_qkv(mesh, *shape, jnp.bfloat16, cfg.seed)
+        step = attention_step(mesh, perm, backward=True)
         jax.block_until_ready(step(q, k, v))
         start = time.perf_counter()
         for _ in range(cfg.thr_iters):

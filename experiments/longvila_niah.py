@@ -24,9 +24,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxeff.distributed import make_mesh, replicate, shard_global_batch, to_host
+from jaxeff.distributed import replicate, shard_global_batch, to_host
 from jaxeff.experiment import Run, register
 from jaxeff.longvila.devices import run_on_devices
+from jaxeff.longvila.measure import sp_mesh
 from jaxeff.longvila.niah import NeedleTask
 from jaxeff.longvila.vlm import MMSPConfig, VideoVLM, make_mmsp_loss, tiny_config, unsplit_loss, vlm_loss
 from jaxeff.train import OptimConfig, init_train_state, make_optimizer, make_train_step, merge
@@ -91,7 +92,7 @@ def body(cfg: Config, run: Run) -> None:
             m = to_host(metrics)
             run.log(step, loss=float(m["loss"]), acc=float(m["correct"] / m["count"]))
 
-    mesh = make_mesh((cfg.ring, cfg.ulysses), ("ring", "ulysses"))
+    mesh = sp_mesh(cfg.ring, cfg.ulysses)
     model_graph, model_state = nnx.split(merge(graphdef, state))
     model_state = replicate(model_state, mesh)  # from the data-parallel mesh onto the 2D one
     eval_fn = jax.jit(make_mmsp_loss(model_graph, mesh, MMSPConfig()))

@@ -46,6 +46,20 @@ def kv_repeat_factor(num_heads: int, num_kv_heads: int, ulysses: int) -> int:
     return ulysses // math.gcd(num_kv_heads, ulysses)
 
 
+def mesh_degrees(mesh: Mesh, ring_axis: str, ulysses_axis: str) -> tuple[int, int]:
+    """(ring degree R, Ulysses degree U): the sizes of the two named axes of `mesh`.
+
+    Raises ValueError naming the axis and the mesh's axes when the mesh has no axis of that name, or when both
+    names are the same axis (the sequence would be sharded over it twice).
+    """
+    for role, axis in (("ring_axis", ring_axis), ("ulysses_axis", ulysses_axis)):
+        if axis not in mesh.shape:
+            raise ValueError(f"{role}={axis!r} is not an axis of the mesh; its axes are {tuple(mesh.axis_names)}")
+    if ring_axis == ulysses_axis:
+        raise ValueError(f"ring_axis and ulysses_axis must be two different mesh axes, both are {ring_axis!r}")
+    return mesh.shape[ring_axis], mesh.shape[ulysses_axis]
+
+
 def _as_batch_positions(positions, batch: int, seq: int, name: str = "positions") -> jax.Array:
     if positions is None:
         positions = jnp.arange(seq, dtype=jnp.int32)
@@ -208,14 +222,14 @@ def sequence_parallel_attention(q, k, v, *, mesh: Mesh, ring_axis: str, ulysses_
     `segment_ids` ([S] or [B, S] int, optional): packed sequences; a token attends only to tokens with the same id
     (positions normally restart at 0 in each segment).
     k/v may have fewer heads (GQA). S must be divisible by the number of devices in the two axes; H by the
-    Ulysses degree.
+    Ulysses degree. ValueError for any of these, and for a `ring_axis` / `ulysses_axis` that `mesh` lacks.
     """
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"q, k, v must be [B, S, H, D] with k.shape == v.shape; got {q.shape}, {k.shape}, {v.shape}")
     b, s, h, d = q.shape
     if k.shape[:2] != (b, s) or k.shape[3] != d:
         raise ValueError(f"k/v shape {k.shape} does not match q shape {q.shape} (GQA may only reduce heads)")
-    ring_size, ulysses_size = mesh.shape[ring_axis], mesh.shape[ulysses_axis]
+    ring_size, ulysses_size = mesh_degrees(mesh, ring_axis, ulysses_axis)
     n = ring_size * ulysses_size
     if s % n:
         raise ValueError(f"sequence length {s} must be divisible by ring x ulysses = {n}; pad it first "

@@ -32,7 +32,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxeff.longvila.attention import sp_attention_local
+from jaxeff.longvila.attention import mesh_degrees, sp_attention_local
 from jaxeff.longvila.layout import layout_permutation, padded_length
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.models.vit import DownsampleProjector, ViT, ViTConfig, temporal_pool
@@ -202,9 +202,10 @@ def make_mmsp_loss(graphdef, mesh: Mesh, sp: MMSPConfig = MMSPConfig()):
 
     Differentiate it with `jax.value_and_grad(loss_fn, has_aux=True)` and wrap in `jax.jit`; `state` is
     replicated. Sequence length and frame counts come from the batch's static shapes.
+    ValueError when `mesh` lacks `sp.ring_axis` or `sp.ulysses_axis` (`attention.mesh_degrees`).
     """
     ra, ua = sp.ring_axis, sp.ulysses_axis
-    ring, uly = mesh.shape[ra], mesh.shape[ua]
+    ring, uly = mesh_degrees(mesh, ra, ua)
     n = ring * uly
     seq_spec = P(None, (ra, ua))
     frame_spec = P((ra, ua))

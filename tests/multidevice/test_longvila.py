@@ -9,6 +9,7 @@ from flax import nnx
 from jaxeff.distributed import make_mesh
 from jaxeff.longvila import causal_work, padded_length, sequence_parallel_attention, zigzag_permutation
 from jaxeff.longvila.layout import length_multiple
+from jaxeff.longvila.measure import sp_mesh
 from jaxeff.longvila.vlm import MMSPConfig, VideoVLM, make_mmsp_loss, random_batch, tiny_config, unsplit_loss
 from jaxeff.models.vit import ViT, ViTConfig, space_to_channel, temporal_pool
 from jaxeff.nn import attention
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices:
 
 
 def _mesh(ring, uly):
-    return make_mesh((ring, uly), ("ring", "ulysses"))
+    return sp_mesh(ring, uly)
 
 
 @pytest.mark.parametrize("ring,uly", [(r, u) for r in range(1, 9) for u in range(1, 9) if r * u <= 32])
@@ -51,6 +52,19 @@ def test_padding_multiple_and_bad_input():
     q = jnp.zeros((1, 16, 6, 4))
     with pytest.raises(ValueError, match="Ulysses degree"):
         sequence_parallel_attention(q, q, q, mesh=mesh, ring_axis="ring", ulysses_axis="ulysses")
+
+
+def test_mesh_axis_names_are_checked_by_name():
+    q = jnp.zeros((1, 16, 8, 4))
+    other = make_mesh((2, 4), ("data", "model"))
+    with pytest.raises(ValueError, match=r"ring_axis='ring' is not an axis of the mesh; its axes are \('data', 'mo"):
+        sequence_parallel_attention(q, q, q, mesh=other, ring_axis="ring", ulysses_axis="ulysses")
+    with pytest.raises(ValueError, match=r"ulysses_axis='heads' is not an axis .* \('ring', 'ulysses'\)"):
+        sequence_parallel_attention(q, q, q, mesh=_mesh(2, 4), ring_axis="ring", ulysses_axis="heads")
+    with pytest.raises(ValueError, match="two different mesh axes, both are 'ring'"):
+        sequence_parallel_attention(q, q, q, mesh=_mesh(2, 4), ring_axis="ring", ulysses_axis="ring")
+    with pytest.raises(ValueError, match=r"ring_axis='sp' is not an axis .* \('data', 'model'\)"):
+        make_mmsp_loss(None, other, MMSPConfig(ring_axis="sp", ulysses_axis="model"))
 
 
 def _attn_inputs(b=2, s=32, h=8, hkv=2, d=8):
