@@ -103,3 +103,19 @@ def test_dcae_uvit_token_and_flop_ratios():
     assert (r8["tokens"], r64["tokens"]) == (64, 4)
     assert r8["fwd_GFLOPs"] / r64["fwd_GFLOPs"] > 4  # 16x fewer tokens; patch-embed and output convs do not shrink
     assert r8["train_GFLOPs"] > 2 * r8["fwd_GFLOPs"]
+
+
+def test_dcae_residual_claim_verdict():
+    from experiments.dcae_residual import claim_verdict
+
+    factors = (8, 16, 32)
+    grows = np.array([[1.0, 1.2, 0.9], [3.0, 3.5, 2.8], [6.0, 7.0, 6.5]])  # [factors, seeds] gains in dB
+    assert claim_verdict(factors, grows).startswith("MET: mean gain f8 +1.03, f16 +3.10, f32 +6.50 dB")
+    assert claim_verdict(factors, grows[::-1]).startswith("NOT MET: the gain shrinks")
+    noisy = np.array([[1.0, 1.2], [3.0, 3.5], [0.5, 2.0]])
+    assert claim_verdict(factors, noisy).startswith("cannot tell: the interval includes 0")
+    bump = np.array([[1.0, 1.1, 1.2], [9.0, 9.0, 9.0], [6.0, 6.1, 6.0]])
+    assert claim_verdict(factors, bump).startswith("cannot tell: the mean gain does not rise at every factor")
+    assert "one seed gives no noise estimate" in claim_verdict(factors, grows[:, :1])
+    with pytest.raises(ValueError, match="gains must be"):
+        claim_verdict(factors, grows[:2])

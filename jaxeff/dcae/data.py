@@ -29,7 +29,10 @@ def load_image(name: str) -> np.ndarray:
 
 
 def to_signed(img: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1]."""
+    """uint8 [0, 255] -> float32 in [-1, 1]; other dtypes raise a ValueError (a float image may already be in
+    [-1, 1])."""
+    if np.asarray(img).dtype != np.uint8:
+        raise ValueError(f"to_signed expects uint8 images in [0, 255], got {np.asarray(img).dtype}")
     return img.astype(np.float32) / 127.5 - 1.0
 
 

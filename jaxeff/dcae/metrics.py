@@ -10,7 +10,8 @@ Both images go to uint8 by `(255 * (x + 1) / 2 + 0.5).clamp(0, 255)` then trunca
   weights (`jaxeff.dcae.perceptual`).
 The evaluator averages each over images. scikit-image's SSIM defaults (7x7 uniform window) give other numbers; a
 metric computed another way is not comparable with the README table. Parity with torchmetrics 1.9 is tested on CPU
-(tests/test_dcae_metrics.py). Images are [B, H, W, 3] (NHWC), any float dtype, in [-1, 1].
+(tests/test_dcae_metrics.py). Images are [B, H, W, 3] (NHWC), any float dtype, in [-1, 1]; integer images raise a
+ValueError (uint8 images: `ssim_uint8`, or convert with x / 127.5 - 1).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.data import require_float
 from jaxeff.dcae import perceptual
 
 SSIM_SIGMA, SSIM_K1, SSIM_K2 = 1.5, 0.01, 0.03
@@ -26,7 +28,9 @@ SSIM_WINDOW = int(3.5 * SSIM_SIGMA + 0.5) * 2 + 1  # torchmetrics derives the Ga
 
 
 def quantize_uint8(x: jax.Array) -> jax.Array:
-    """[-1, 1] images -> uint8 as the evaluator does: `+ 0.5` then truncation (not round-half-to-even)."""
+    """[-1, 1] float images -> uint8 as the evaluator does: `+ 0.5` then truncation (not round-half-to-even).
+    Integer input (already uint8?) raises a ValueError."""
+    require_float(x, "dcae.metrics (quantize_uint8)", convert="x / 127.5 - 1, or use ssim_uint8 for uint8 images")
     return jnp.clip(255.0 * ((x.astype(jnp.float32) + 1.0) / 2.0) + 0.5, 0.0, 255.0).astype(jnp.uint8)
 
 
@@ -97,6 +101,8 @@ def reconstruction_metrics(recons, images, lpips_weights: dict[str, np.ndarray] 
     [-1, 1], computed `batch` images at a time."""
     if np.shape(recons) != np.shape(images):
         raise ValueError(f"reconstructions {np.shape(recons)} and images {np.shape(images)} differ in shape")
+    require_float(recons, "reconstruction_metrics (reconstructions)")
+    require_float(images, "reconstruction_metrics (images)")
     out = {"PSNR": [], "SSIM": []} | ({"LPIPS": []} if lpips_weights is not None else {})
     lp = jax.jit(lpips) if lpips_weights is not None else None
     for i in range(0, len(images), batch):

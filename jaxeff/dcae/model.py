@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff.data import require_float
 from jaxeff.dcae import weights
-from jaxeff.dcae.config import DCAEConfig
+from jaxeff.dcae.config import DCAEConfig, get_config
 from jaxeff.io import hub
 from jaxeff.nn import depthwise_conv, glu_mbconv, relu_linear_attention
 from pallas_kernels import channel_rms_norm
@@ -420,7 +421,12 @@ class Decoder(nnx.Module):
 
 
 class DCAE(nnx.Module):
-    """DC-AE: `encode` [B, H, W, 3] images in [-1, 1] to [B, H/f, W/f, c] latents, `decode` back.
+    """DC-AE: `encode` [B, H, W, 3] float images in [-1, 1] to [B, H/f, W/f, c] latents, `decode` back.
+
+    Images are float (any float dtype) in [-1, 1], as the official code and diffusers take them; integer images
+    (uint8 [0, 255]) raise a ValueError saying to convert with x / 127.5 - 1 (`jaxeff.dcae.data.to_signed`),
+    latents must be float too. A float image in another range (e.g. [0, 1]) cannot be told apart by dtype and
+    gives a wrong latent.
 
     `scaled=True` multiplies latents by `config.scaling_factor` (the diffusion-model latent) on encode and divides
     on decode. Parameters are float32 unless `dtype` says otherwise; the linear attention and norms run in float32.
@@ -441,6 +447,7 @@ class DCAE(nnx.Module):
             raise ValueError(f"encode expects [B, H, W, {self.config.in_channels}] images, got shape {images.shape}")
         if images.shape[1] % f or images.shape[2] % f:
             raise ValueError(f"image size {images.shape[1:3]} must be a multiple of the compression factor {f}")
+        require_float(images, "DCAE.encode")
         z = self.encoder(images.astype(self.dtype))
         return z * self.config.scaling_factor if scaled else z
 
@@ -448,6 +455,7 @@ class DCAE(nnx.Module):
         c = self.config.latent_channels
         if latents.ndim != 4 or latents.shape[-1] != c:
             raise ValueError(f"decode expects [B, h, w, {c}] latents, got shape {latents.shape}")
+        require_float(latents, "DCAE.decode", "float latents (from encode)", "latents.astype(float32)")
         z = latents.astype(self.dtype)
         return self.decoder(z / self.config.scaling_factor if scaled else z)
 
@@ -480,7 +488,10 @@ class DCAE(nnx.Module):
         `config=`. Original-format weights carry no architecture: it comes from `config=` (a `DCAEConfig` or a
         released name such as "dc-ae-f32c32-in-1.0"), else the `model_name` in a `config.json` beside the file,
         else the directory name (for `hf:<owner>/<repo>`, downloaded by `jaxeff.io.hub.resolve`: the repo name).
-        Missing, unexpected or mis-shaped tensors raise a ValueError naming them."""
+        Missing, unexpected or mis-shaped tensors raise a ValueError naming them; so does an unknown config name,
+        before any file is read."""
+        if isinstance(config, str):
+            config = get_config(config)
         if hub.is_hub_name(path):
             repo = hub.parse(path)[0].split("/")[1]
             path = hub.resolve(path, allow_patterns=["*.json", "*.safetensors"])

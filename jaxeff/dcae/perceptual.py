@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.data import require_float
 from jaxeff.io.safetensors import load_file
 
 # Per backbone: the five LPIPS taps, each a sequence of ("pool", kernel, stride) / ("conv", features index, stride,
@@ -86,7 +87,9 @@ def _backbone(weights: dict[str, np.ndarray]) -> str:
 
 def lpips(weights: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
     """Per-image LPIPS distance of [B, H, W, 3] images in [-1, 1] -> [B] float32 (weights from
-    `load_lpips_weights`; the backbone is read off them)."""
+    `load_lpips_weights`; the backbone is read off them). Integer images raise a ValueError."""
+    require_float(x, "lpips")
+    require_float(y, "lpips")
     h = (jnp.concatenate([x, y]).astype(jnp.float32) - _SHIFT) / _SCALE
     total = 0.0
     for k, stage in enumerate(_NETS[_backbone(weights)]):
