@@ -144,7 +144,7 @@ def run(cfg: Config, run: Run) -> None:
     tokenizer = None if mc.vocab_size == PasskeyTask().tokenizer.vocab_size else load_tokenizer(model_dir)
     alpha, source = find_pattern(cfg, model, model_dir, run)
     da.check_pattern(alpha, mc.num_hidden_layers, mc.num_key_value_heads)
-    streaming = ~da.select_retrieval_heads(alpha, cfg.sparsity)
+    retrieval = da.select_retrieval_heads(alpha, cfg.sparsity)
     new_tokens = 5 if tokenizer is None else 8
 
     rows = []
@@ -157,16 +157,17 @@ def run(cfg: Config, run: Run) -> None:
                             sparse_prefill=cfg.sparse_prefill, prefill_chunk=cfg.prefill_chunk)
         static = dataclasses.replace(base, dynamic_sparsity=False)
         # the StreamingLLM baseline (every head on the window) shows what the retrieval heads are for
-        variants = [("dense", None, static, None), ("every head streaming", None, static, np.ones_like(streaming)),
-                    ("streaming heads only", None, static, streaming)]
-        variants += [("streaming + page selection", b, dataclasses.replace(base, token_budget=b), streaming)
+        variants = [("dense", None, static, np.ones_like(retrieval)),
+                    ("every head streaming", None, static, np.zeros_like(retrieval)),
+                    ("streaming heads only", None, static, retrieval)]
+        variants += [("streaming + page selection", b, dataclasses.replace(base, token_budget=b), retrieval)
                      for b in cfg.budgets]
         variants.append(("streaming + page selection, one list per KV head", max(cfg.budgets),
-                         dataclasses.replace(base, per_query_head=False), streaming))
+                         dataclasses.replace(base, per_query_head=False), retrieval))
         dense = None
         for name, budget, lcfg, heads in run.progress(variants, desc=f"context {context}"):
-            res = evaluate(Engine(model, lcfg, heads), prompts, keys, cfg.eval_batch, tokenizer, new_tokens,
-                           cfg.timing_tokens)
+            engine = Engine(model, lcfg, retrieval_heads=heads)
+            res = evaluate(engine, prompts, keys, cfg.eval_batch, tokenizer, new_tokens, cfg.timing_tokens)
             dense = dense or res
             rows.append({"context": context, "mode": name, "budget": budget, "exact match": res["exact match"],
                          "KV bytes read / dense": res["KV bytes read / dense"],
@@ -175,8 +176,8 @@ def run(cfg: Config, run: Run) -> None:
             run.log(len(rows), **{k.replace(" ", "_").replace("/", "per"): v for k, v in rows[-1].items()})
     run.results(rows, title="LServe needle retrieval vs token budget and context",
                 note=f"{model_note}; {source}; sparsity {cfg.sparsity} "
-                     f"({int(streaming.sum())}/{streaming.size} KV heads streaming), decode window sink {cfg.sink} + "
-                     f"local {cfg.local}, prefill window {cfg.prefill_sink} + {cfg.prefill_local} "
+                     f"({int((~retrieval).sum())}/{retrieval.size} KV heads streaming), decode window sink "
+                     f"{cfg.sink} + local {cfg.local}, prefill window {cfg.prefill_sink} + {cfg.prefill_local} "
                      f"({'sparse' if cfg.sparse_prefill else 'dense'} prefill), pages {cfg.page_size}/"
                      f"{cfg.logical_page_size} tokens, page lists per query head (unless said), reselected when "
                      f"the history length % {cfg.reselect_every} == 0 and at the first decode step, prefill chunk "
