@@ -43,6 +43,7 @@ from jaxeff.duo_attention.evaluation import (
     key_matches,
     load_tokenizer,
     passkey_prompts,
+    passkey_stamp,
     resolve_model,
 )
 from jaxeff.experiment import Run, register
@@ -51,7 +52,8 @@ from jaxeff.io import from_pretrained
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: str = ""  # HF-format directory; default: the llama_passkey export (trained first if there is none)
+    model: str = ""  # HF-format directory; default: the shared llama_passkey export (resolve_model: the one in
+    # checkpoints/ while it matches today's preset, else trained first and exported there)
     pattern: str = ""  # a pattern directory or an hf:/github: name (see load_pattern): skip identification
     seed: int = 0
     train_context: int = 256
@@ -155,7 +157,8 @@ def run(cfg: Config, run: Run) -> None:
         if run.is_main:
             da.save_pattern(run.dir / "pattern", alpha, cfg.sink, cfg.recent, lr=cfg.lr, num_steps=cfg.steps,
                             reg_weight=cfg.reg_weight, context_length=cfg.train_context, batch_size=batch,
-                            model_name=model_dir, streaming_attn_implementation=(
+                            model_name=model_dir, model_run=(passkey_stamp(model_dir) or {}).get("run"),
+                            streaming_attn_implementation=(
                                 "blocksparse" if cfg.streaming_mask == "block" else "sdpa"),
                             mask_block=cfg.mask_block)
         mask_note = (f"{cfg.mask_block}-token block mask" if cfg.streaming_mask == "block" else "token-exact mask")

@@ -4,8 +4,9 @@
 1.0 / 0.996 at 256 and 0.72 / 0.26 at 512 with seeds 0 / 1, after 270 s / 224 s of training on a shared 2-core CPU)
 or `preset=full` (the accuracy run on a 2-core CPU: a 128 -> 256 -> 512 length curriculum, evaluated at 256, 512
 and 1024). The trained model is exported in Hugging Face format to `export_dir` (default
-`checkpoints/llama_passkey_<preset>`), with the character tokenizer's <bos> / <eos> ids in its config, where the
-DuoAttention and LServe experiments load it.
+`checkpoints/llama_passkey_<preset>`), with the character tokenizer's <bos> / <eos> ids in its config and a stamp
+of the run that made it (`export_model`), where the DuoAttention and LServe experiments load it while it matches
+the current preset (when none does, the first of them to run trains the smoke model and exports it there).
 `resume=true` continues the newest interrupted run from its Orbax checkpoint and ends with the same parameters.
 
 Data parallel over `Run.mesh` (every device of every process): `batch_size` is the global batch, each process
@@ -119,6 +120,18 @@ def evaluate_passkey(model: Llama, context: int, examples: int, *, seed: int = 1
     return results
 
 
+def export_model(model: Llama, export: Path, run: Run) -> None:
+    """The model in Hugging Face format at `export`, stamped with what made it: `passkey_task.json` = this run's
+    config.json (experiment, preset, config) + its directory. The passkey demos take a `checkpoints/` export only
+    while its stamp matches the current preset (`jaxeff.duo_attention.evaluation.resolve_model`). The stamp is
+    removed first and written last, so an export interrupted half-way, or one from code older than the stamp, has
+    none and is never taken."""
+    stamp = export / "passkey_task.json"
+    stamp.unlink(missing_ok=True)
+    save_pretrained(model, export)
+    stamp.write_text(json.dumps(json.loads((run.dir / "config.json").read_text()) | {"run": str(run.dir)}, indent=2))
+
+
 @register("llama_passkey", Config, presets={
     # Two heads of 32 dims (not four of 16) and a 128 -> 192 -> 256 curriculum: exact match 1.0 / 0.996 at 256 and
     # 0.72 / 0.26 at 512 (seeds 0 / 1) after 270 s / 224 s on a shared 2-core CPU. In a shorter sweep, head dim 16
@@ -169,9 +182,8 @@ def run(cfg: Config, run: Run) -> None:
     model = nnx.merge(graphdef, state.params, state.frozen)
     export = Path(cfg.export_dir or f"checkpoints/llama_passkey_{run.preset}")
     if run.is_main:
-        save_pretrained(model, export)
+        export_model(model, export, run)
         save_pretrained(model, run.dir / "model")
-        (export / "passkey_task.json").write_text(json.dumps({"context": cfg.context, "run": str(run.dir)}))
 
     rows, curves = [], {}
     for context in cfg.eval_contexts:

@@ -1,20 +1,19 @@
 """lserve_needle: passkey (needle) retrieval with the LServe engine vs token budget and context length.
 
 Static sparsity comes from a DuoAttention pattern (`pattern=` directory or `hf:`/`github:` name as
-`jaxeff.duo_attention.load_pattern` takes, else the newest `duo_attention_passkey`
-pattern identified on the same checkpoint under the same runs root, else heads identified here with
-`jaxeff.duo_attention.train_gates`); dynamic sparsity is the page
-selection under a token budget. The engine follows the official LServe rules (jaxeff/lserve/README.md): page
-lists per query head, reselection when the history length is a multiple of `reselect_every` and at the first
-decode step, min(max(3, budget // page), pages) pages per list; prefill with the streaming heads on their prefill
-window (`sparse_prefill`, on as in every LServe script) and decode with the decode window. For every context:
-dense decoding (every head reads every page), every head streaming (StreamingLLM: no retrieval heads), streaming
-heads only (the pattern's retrieval heads dense), streaming heads + page selection per budget,
-and the largest budget with one page list per KV head (the shared-list ablation). Reported: exact match of the
-greedy key, KV bytes read per decode step relative to dense (distinct pages per KV head + min/max statistics), and
-prefill / decode wall-time ratios against the dense engine measured in the same process after a warm-up call (CPU
-ratios; absolute times are not meaningful on a shared CPU). Files are written by process 0 only (the runner's
-`Run` methods; the identified pattern under `run.is_main`).
+`jaxeff.duo_attention.load_pattern` takes, else the newest `duo_attention_passkey` pattern identified on the same
+checkpoint (for a `llama_passkey` export: the same training run) under the same runs root, else heads identified
+here with `jaxeff.duo_attention.train_gates`); dynamic sparsity is the page selection under a token budget. The
+engine follows the official LServe rules (jaxeff/lserve/README.md): page lists per query head, reselection when the
+history length is a multiple of `reselect_every` and at the first decode step, min(max(3, budget // page), pages)
+pages per list; prefill with the streaming heads on their prefill window (`sparse_prefill`, on as in every LServe
+script) and decode with the decode window. For every context: dense decoding (every head reads every page), every
+head streaming (StreamingLLM: no retrieval heads), streaming heads only (the pattern's retrieval heads dense),
+streaming heads + page selection per budget, and the largest budget with one page list per KV head (the shared-list
+ablation). Reported: exact match of the greedy key, KV bytes read per decode step relative to dense (distinct pages
+per KV head + min/max statistics), and prefill / decode wall-time ratios against the dense engine measured in the
+same process after a warm-up call (CPU ratios; absolute times are not meaningful on a shared CPU). Files are written
+by process 0 only (the runner's `Run` methods; the identified pattern under `run.is_main`).
 
 Windows: smoke/default scale the official ones down with the contexts (decode sink 16 + local 64, prefill sink 16
 + local 256: a quarter of a 1K context, as 8192 is of 32K; smoke, at 256 tokens: prefill local 64); `full` uses the
@@ -41,6 +40,7 @@ from jaxeff.duo_attention.evaluation import (
     key_matches,
     load_tokenizer,
     passkey_prompts,
+    passkey_stamp,
     resolve_model,
 )
 from jaxeff.experiment import Run, register
@@ -50,7 +50,7 @@ from jaxeff.lserve import Engine, LServeConfig
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: str = ""  # default: checkpoints/llama_passkey_full, else _smoke, else a fresh llama_passkey smoke run
+    model: str = ""  # default: the shared llama_passkey export (resolve_model; trained first if there is none)
     pattern: str = ""  # dir or hf:/github: name; default: the newest duo_attention_passkey pattern of this model
     # (same runs root), else identified here
     sparsity: float = 0.5
@@ -86,10 +86,14 @@ def find_pattern(cfg: Config, model, model_dir: str, run: Run) -> tuple[np.ndarr
         alpha, _, _ = da.load_pattern(cfg.pattern)
         return alpha, f"pattern `{cfg.pattern}`"
     # only a pattern identified on this very checkpoint: another model's with the same head count would load
-    # without complaint and name the wrong heads
+    # without complaint and name the wrong heads; a llama_passkey export is also told apart from an earlier one at
+    # the same path by the training run in its stamp
+    made_by = (passkey_stamp(model_dir) or {}).get("run")
     found = sorted((run.dir.parent.parent / "duo_attention_passkey").glob("*/pattern/config.json"))
     for meta in reversed(found):
-        if Path(json.loads(meta.read_text()).get("model_name", "")).resolve() == Path(model_dir).resolve():
+        info = json.loads(meta.read_text())
+        if (Path(info.get("model_name", "")).resolve() == Path(model_dir).resolve()
+                and info.get("model_run") == made_by):
             alpha, _, _ = da.load_pattern(meta.parent)
             return alpha, f"pattern `{meta.parent}`"
     task = PasskeyTask()

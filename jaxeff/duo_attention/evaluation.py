@@ -3,11 +3,15 @@
 The examples are `jaxeff.data.PasskeyTask`'s (English haystack, needle at a depth, question at the end); a prompt
 stops right before the key and a prediction is correct when the generated text starts with the key digits.
 `check_model_and_pattern` / `resolve_model`: the model and pattern arguments of the passkey experiments
-(`duo_attention_passkey`, `lserve_needle`), checked up front and resolved to a model directory.
+(`duo_attention_passkey`, `lserve_needle`), checked up front and resolved to a model directory: by default the
+`llama_passkey` export both share in `checkpoints/`, taken only while its stamp (`passkey_stamp`) matches the
+current preset.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,10 +20,11 @@ import numpy as np
 from jaxeff.data import PasskeyTask, english_corpus
 from jaxeff.data.passkey import QUESTION
 from jaxeff.duo_attention.pattern import is_pattern_name, parse_pattern_name
-from jaxeff.experiment import Run, run_experiment
+from jaxeff.experiment import Run, get, make_config, run_experiment
 
-# where `llama_passkey` exports its model (full preset first); `resolve_model` looks here when no model is given
-PASSKEY_CHECKPOINTS = ("checkpoints/llama_passkey_full", "checkpoints/llama_passkey_smoke")
+# where `llama_passkey` exports its model per preset (its default `export_dir`); `resolve_model` looks here (full
+# first) when no model is given
+PASSKEY_CHECKPOINTS = {"full": "checkpoints/llama_passkey_full", "smoke": "checkpoints/llama_passkey_smoke"}
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -83,16 +88,48 @@ def check_model_and_pattern(model: str, pattern: str, require_model: bool) -> No
         raise FileNotFoundError(f"pattern={pattern}: no full_attention_heads.tsv")
 
 
+def passkey_stamp(model_dir: str | Path) -> dict | None:
+    """The stamp `llama_passkey` writes beside an export (experiments/llama_passkey.py `export_model`): the training
+    run's config.json (experiment, preset, config) and its directory ("run"); None when there is none (another
+    model, an export from code older than the stamp, or an interrupted one)."""
+    try:
+        return json.loads((Path(model_dir) / "passkey_task.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(path: str, preset: str) -> str | None:
+    """Why the export at `path` is not what `llama_passkey` preset `preset` makes today (None: it is)."""
+    stamp = passkey_stamp(path)
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("config"), dict):
+        return "carries no stamp of the run that made it (older code, or an interrupted export)"
+    if (stamp.get("experiment"), stamp.get("preset")) != ("llama_passkey", preset):
+        return f"was made by {stamp.get('experiment')} preset {stamp.get('preset')}"
+    want = json.loads(json.dumps(dataclasses.asdict(make_config(get("llama_passkey"), preset, {}))))
+    made = stamp["config"]
+    changed = [f"{k}: {made.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(made) | set(want))
+               if made.get(k, KeyError) != want.get(k, KeyError)]
+    return f"was trained with a config other than today's {preset} preset ({'; '.join(changed)})" if changed else None
+
+
 def resolve_model(cfg_model: str, run: Run) -> tuple[str, str]:
-    """(model directory, note for results.md): `cfg_model` when given, else an existing `llama_passkey` export
-    (`PASSKEY_CHECKPOINTS`, relative to the working directory), else a fresh `llama_passkey` smoke training exported
-    into `run`'s directory (logged as its own `llama_passkey` run under the same runs root)."""
+    """(model directory, note for results.md): `cfg_model` when given, else the `llama_passkey` export in
+    `PASSKEY_CHECKPOINTS` (relative to the working directory; full preset first) whose stamp says it was trained
+    with today's config of that preset, else a fresh `llama_passkey` smoke training (its own run under the same runs
+    root) exported to `PASSKEY_CHECKPOINTS["smoke"]`, where the next passkey experiment finds it. An export that
+    does not match (no stamp, another config) is retrained over, and the note says why."""
     if cfg_model:
         return cfg_model, f"model `{cfg_model}`"
-    for path in PASSKEY_CHECKPOINTS:
-        if (Path(path) / "config.json").is_file():
-            return path, f"model `{path}`"
-    export = run.dir / "llama_passkey_smoke"
-    base = run_experiment("llama_passkey", "smoke", {"export_dir": str(export)}, runs_root=run.dir.parent.parent)
-    return str(export), (f"no llama_passkey checkpoint existed, so `llama_passkey` (smoke) was trained first "
-                         f"({base.dir}); its accuracy bounds everything below")
+    rejected = []
+    for preset, path in PASSKEY_CHECKPOINTS.items():
+        if not (Path(path) / "config.json").is_file():
+            continue
+        why = _stale(path, preset)
+        if why is None:
+            return path, f"model `{path}` (llama_passkey {preset}, trained in `{passkey_stamp(path)['run']}`)"
+        rejected.append(f"`{path}` {why}")
+    base = run_experiment("llama_passkey", "smoke", runs_root=run.dir.parent.parent)  # default export_dir
+    export = PASSKEY_CHECKPOINTS["smoke"]
+    return export, (f"{'; '.join(rejected) or 'no llama_passkey export existed'}, so `llama_passkey` (smoke) was "
+                    f"trained first ({base.dir}) and exported to `{export}`, where the other passkey experiment "
+                    f"finds it; its accuracy bounds everything below")
