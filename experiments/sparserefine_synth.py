@@ -37,6 +37,7 @@ from flax import nnx
 
 from jaxeff.experiment import Run, call_times, register
 from jaxeff.sparserefine import (
+    DOWNSAMPLE_MODES,
     EntropyEnsembler,
     RefinerConfig,
     SparseRefiner,
@@ -91,6 +92,9 @@ class Config:
             raise ValueError(f"taus must be non-negative, got {self.taus}")
         if not 0 < self.capacity_fraction <= 1:
             raise ValueError(f"capacity_fraction must be in (0, 1], got {self.capacity_fraction}")
+        if self.downsample_mode not in DOWNSAMPLE_MODES:
+            raise ValueError(f"downsample_mode={self.downsample_mode!r}; known: {DOWNSAMPLE_MODES}")
+        UNetConfig(planes=self.refiner_planes, reps=self.refiner_reps)  # raises on bad planes / reps
 
 
 def _crops(rng, arrays, batch: int, crop: int):

@@ -14,6 +14,7 @@ from jaxeff.sparserefine import (
     CapacityError,
     EntropyEnsembler,
     GatedEnsembler,
+    LearnableSelector,
     RefinerConfig,
     SparseRefiner,
     UNetConfig,
@@ -37,6 +38,7 @@ from jaxeff.sparserefine import (
     upsample_nearest,
 )
 from jaxeff.sparserefine.sparse import SUBM_OFFSETS, coarse_shape, down_table, subm_table, up_table
+from jaxeff.sparserefine.synth import DenseSegNet
 from jaxeff.sparserefine.unet import PointBatchNorm
 from pallas_kernels.sparse_conv import gather_matmul_reference
 
@@ -189,6 +191,32 @@ def test_capacity_overflow_raises_clear_error(tiny):
         model.check(out)
     with pytest.raises(ValueError, match="logits must be"):
         model(img, logits[:, :4])
+
+
+def test_integer_images_and_unknown_presets_are_refused(tiny):
+    cfg, img, logits = tiny
+    model = SparseRefiner(dataclasses.replace(cfg, unet=UNetConfig(planes=(4,), reps=1)), rngs=nnx.Rngs(0))
+    raw = jnp.full(img.shape, 128, jnp.uint8)  # an image not yet through normalize_image
+    msg = r"got uint8 values; it expects the normalised float image .*: convert with .*normalize_image\(image\)"
+    with pytest.raises(ValueError, match="SparseRefiner " + msg):
+        model(raw, logits)
+    with pytest.raises(ValueError, match="SparseRefiner got uint8"):  # under jit too (the dtype is static)
+        _apply(model, raw, logits)
+    coords, valid = jnp.zeros((3, 3), jnp.int32), jnp.ones(3, bool)
+    with pytest.raises(ValueError, match="featurize got uint8"):
+        featurize(raw, logits, coords, valid)
+    with pytest.raises(ValueError, match="LearnableSelector got uint8"):
+        LearnableSelector(4, 0.5, rngs=nnx.Rngs(0))(raw, logits)
+    with pytest.raises(ValueError, match="DenseSegNet got uint8"):
+        nnx.eval_shape(lambda: DenseSegNet(4, 4, rngs=nnx.Rngs(0)))(raw)  # abstract: its init compiles RNG programs
+    with pytest.raises(ValueError, match=r"unknown tau preset 'hrnet'; known: \['hrnet_w48', 'mask2former_l'"):
+        TAU["hrnet"]
+    from experiments.sparserefine_synth import Config
+
+    with pytest.raises(ValueError, match=r"downsample_mode='minkowski'; known: \('spconv', 'floor'\)"):
+        Config(downsample_mode="minkowski").validate()
+    with pytest.raises(ValueError, match="bad U-Net config"):
+        Config(refiner_planes=()).validate()
 
 
 def test_entropy_selector_formula_and_presets():

@@ -9,9 +9,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.data import require_float
+
 # mmseg Cityscapes normalisation (RGB order), cityscapes.py:30-43.
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
+
+
+def require_normalised(image, what: str) -> None:
+    """ValueError naming `what` if `image` is not float: the refiner and the base models take the normalised float
+    image (`normalize_image`, as the official loader feeds them), and a uint8 image would run silently wrong."""
+    require_float(image, what, "the normalised float image ((x - MEAN) / STD)",
+                  "jaxeff.sparserefine.normalize_image(image)")
 
 
 def upsample_nearest(x, size: tuple[int, int]):

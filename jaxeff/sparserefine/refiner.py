@@ -15,11 +15,20 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxeff.sparserefine.data import require_normalised
 from jaxeff.sparserefine.sparse import build_pyramid, check_capacity, level_capacities
 from jaxeff.sparserefine.unet import TINY_UNET, SparseUNet, UNetConfig, uniform_init
 
+
+class _Presets(dict):
+    """A dict whose unknown keys raise a ValueError listing the known ones (a bare KeyError names only the key)."""
+
+    def __missing__(self, key):
+        raise ValueError(f"unknown tau preset {key!r}; known: {sorted(self)}")
+
+
 # Entropy thresholds of the official experiment configs (configs/experiment/*.yaml), by low-res base model.
-TAU = {"hrnet_w48": 0.3, "segformer_b5": 0.1, "segnext_l": 0.1, "mask2former_t": 0.05, "mask2former_l": 0.005}
+TAU = _Presets(hrnet_w48=0.3, segformer_b5=0.1, segnext_l=0.1, mask2former_t=0.05, mask2former_l=0.005)
 ENSEMBLERS = ("gated", "entropy")
 SELECTORS = ("entropy", "learnable")
 LOSSES = ("xent", "dice")
@@ -92,7 +101,8 @@ class LearnableSelector(nnx.Module):
             _linear(32, 1, rngs)
 
     def score(self, image, logits):
-        """The pre-threshold probability sigmoid(MLP(...)) float32 [B, H, W]."""
+        """The pre-threshold probability sigmoid(MLP(...)) float32 [B, H, W]; a non-float image raises ValueError."""
+        require_normalised(image, "LearnableSelector")
         f = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(image.astype(jnp.float32)))))
         h = jnp.concatenate([logits.astype(jnp.float32), f], -1)
         h = self.mlp3(jax.nn.relu(self.mlp2(jax.nn.relu(self.mlp1(h)))))
@@ -128,7 +138,9 @@ def featurize(image, logits, coords, valid, features: tuple[str, ...] = ("rgb",)
     """Point features [cap, channels] of the sites coords int32 [cap, 3] (b, y, x), concatenated in `features`
     order (`TorchSparseFeaturizer`, `models/featurizers/ts_sparse.py:16-42`): "rgb" the image values, "xy"
     (y / H, x / W), "p" softmax(logits), "p>t" (softmax(logits) > t) as 0 / 1. Rows where `valid` is False are 0.
-    image [B, H, W, 3], logits [B, H, W, C]. Official default: ("rgb",)."""
+    image float [B, H, W, 3] (normalised; integer dtypes raise ValueError), logits [B, H, W, C]. Official default:
+    ("rgb",)."""
+    require_normalised(image, "featurize")
     b, y, x = coords.T
     h, w = image.shape[1:3]
     out = []
@@ -187,7 +199,8 @@ class SparseRefiner(nnx.Module):
     """Selector -> featurizer (`cfg.features` of the selected pixels) -> sparse U-Net -> Linear(planes[0] -> C)
     -> ensembler.
 
-    `__call__(image, logits, mask=None)`: image float [B, H, W, 3] (normalised), logits float [B, H, W, C]
+    `__call__(image, logits, mask=None)`: image float [B, H, W, 3] normalised as the official loader does
+    (`normalize_image`; a uint8 image raises ValueError), logits float [B, H, W, C]
     (the low-res model's logits already resized to H x W, see `jaxeff.sparserefine.data`), mask bool [B, H, W]
     (default: the selector's, `entropy_select(logits, cfg.tau)` or `LearnableSelector`). Returns a dict
     (`SparseRefiner.forward`, refiner.py):
@@ -214,6 +227,7 @@ class SparseRefiner(nnx.Module):
         cfg = self.cfg
         if image.ndim != 4 or image.shape[-1] != 3:
             raise ValueError(f"image must be [B, H, W, 3], got {image.shape}")
+        require_normalised(image, "SparseRefiner")
         if logits.shape != image.shape[:3] + (cfg.num_classes,):
             raise ValueError(f"logits must be {image.shape[:3] + (cfg.num_classes,)} (upsample the low-res logits "
                              f"to the image size first), got {logits.shape}")

@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
+from jaxeff.sparserefine.data import require_normalised
+
 CLASSES = ("ground", "wall", "foliage", "pole", "sign")
 THIN, SMALL = 3, 4
 _COLOURS = np.array([(128, 64, 128), (90, 90, 90), (107, 142, 35), (150, 150, 170), (220, 200, 0)], np.float32)
@@ -72,7 +74,8 @@ def downsample(images, factor: int):
 
 
 class DenseSegNet(nnx.Module):
-    """images float [B, H, W, 3] (H, W multiples of 4) -> logits [B, H, W, num_classes]."""
+    """images float [B, H, W, 3] (H, W multiples of 4; `normalize_image`d in the experiments, integer dtypes raise
+    ValueError) -> logits [B, H, W, num_classes]."""
 
     def __init__(self, num_classes: int, width: int = 16, *, rngs: nnx.Rngs):
         c = width
@@ -84,6 +87,7 @@ class DenseSegNet(nnx.Module):
         self.head = nnx.Conv(c, num_classes, (1, 1), rngs=rngs)
 
     def __call__(self, x):
+        require_normalised(x, "DenseSegNet")
         relu = jax.nn.relu
         f1 = relu(self.full(relu(self.stem(x))))
         f2 = relu(self.mid1(relu(self.down1(f1))))
