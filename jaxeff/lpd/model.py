@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from jaxeff.lpd import _checks
 from jaxeff.lpd.config import LPDConfig
 from jaxeff.nn.attention import xla_attention
 
@@ -169,7 +171,7 @@ class LPD(nnx.Module):
         fake = jnp.broadcast_to(self.fake_latent[...].astype(self.dtype), (batch, self.config.dim))
         if labels is None:
             return fake
-        cls = self.class_emb(jnp.asarray(labels, jnp.int32))
+        cls = self.class_emb(_checks.guard(labels, self.config.num_classes))
         return cls if dropped is None else jnp.where(jnp.asarray(dropped)[:, None], fake, cls)
 
     def content(self, token_vec, slot_pos):
@@ -195,6 +197,7 @@ class LPD(nnx.Module):
         """[B, 2N + 1, D] block-0 input of the static layout: [cls, N content, N queries] in generation order."""
         pos = self.slot_positions(orders)
         tok = jnp.take_along_axis(jnp.asarray(tokens, jnp.int32), orders, axis=1)
+        tok = _checks.guard(tok, self.config.vocab_size)  # NaN, not a wrapped row, for ids out of range under jit
         cls = self.class_vector(labels, orders.shape[0], dropped)
         vec = jnp.concatenate([cls[:, None], self.token_emb(tok)], axis=1)
         return jnp.concatenate([self.content(vec, pos), self.query(pos[:, 1:])], axis=1)
@@ -203,13 +206,33 @@ class LPD(nnx.Module):
                  return_hidden: bool = False, implementation=None, rngs: nnx.Rngs | None = None):
         """Teacher-forced logits [B, N, V] in generation order (logits[b, k] predicts tokens[b, orders[b, k]]).
 
-        `step_of` [N] or [B, N]: the schedule as the step of each generation index (`schedules.step_of`);
-        `dropped` [B] bool: label replaced by `fake_latent` (see `drop_labels` for the training draw); `rngs`:
-        dropout randomness when the model is in training mode (`model.train()`)."""
+        tokens [B, N] int in [0, vocab_size) (raster); labels [B] int in [0, num_classes) or None; orders [B, N]
+        int, rows permutations of range(N); `step_of` [N] or [B, N]: the schedule as the step of each generation
+        index (`schedules.step_of`: 1 first, non-decreasing by at most 1); `dropped` [B] bool: label replaced by
+        `fake_latent` (see `drop_labels` for the training draw); `rngs`: dropout randomness when the model is in
+        training mode (`model.train()`).
+
+        Raises TypeError for non-integer tokens / labels / orders / step_of (a float image is not tokens),
+        ValueError for other shapes and, for concrete arrays, for ids out of range, orders rows that are not
+        permutations or a `step_of` that is no schedule. Under `jax.jit` (the training step) values cannot be
+        inspected: a token or label outside its range then gives NaN logits (and a NaN loss)."""
+        c = self.config
+        n = c.num_tokens
+        for name, x in (("tokens", tokens), ("orders", orders), ("step_of", step_of)) + \
+                (() if labels is None else (("labels", labels),)):
+            _checks.require_int(x, name)
+        b = np.shape(orders)[0] if np.ndim(orders) == 2 else None
+        if np.shape(orders) != (b, n) or np.shape(tokens) != (b, n) or np.shape(step_of)[-1:] != (n,) or \
+                (labels is not None and np.shape(labels) != (b,)):
+            raise ValueError(f"need tokens and orders [B, N = {n}], step_of [N] or [B, N], labels [B]; got tokens "
+                             f"{np.shape(tokens)}, orders {np.shape(orders)}, step_of {np.shape(step_of)}, "
+                             f"labels {None if labels is None else np.shape(labels)}")
+        _checks.check_range(tokens, c.vocab_size, "tokens")
+        if labels is not None:
+            _checks.check_range(labels, c.num_classes, "labels")
+        _checks.check_permutations(orders, n)
+        _check_step_of(step_of)
         orders = jnp.asarray(orders, jnp.int32)
-        n = self.config.num_tokens
-        if orders.shape[-1] != n or jnp.shape(step_of)[-1] != n:
-            raise ValueError(f"orders {orders.shape} and step_of {jnp.shape(step_of)} must have N = {n} columns")
         mask = training_mask(jnp.asarray(step_of, jnp.int32), mutual_visibility)
         mask = mask[None] if mask.ndim == 2 else mask
         x = self.training_sequence(tokens, labels, orders, dropped)
@@ -217,6 +240,17 @@ class LPD(nnx.Module):
         hidden = x[:, n + 1:]
         logits = self.head(hidden)
         return (logits, hidden) if return_hidden else logits
+
+
+def _check_step_of(step_of):
+    """ValueError if a concrete `step_of` is not a schedule: 1 first, then non-decreasing by steps of 0 or 1."""
+    s = _checks.concrete(step_of)
+    if s is None:
+        return
+    s = s.reshape(-1, s.shape[-1])
+    if (s[:, 0] != 1).any() or (np.diff(s, axis=-1) < 0).any() or (np.diff(s, axis=-1) > 1).any():
+        raise ValueError(f"step_of must be a schedule's step per generation index (schedules.step_of(group_sizes): "
+                         f"starts at 1, rises by 0 or 1), got {s[0].tolist()}")
 
 
 def drop_labels(key, batch: int, prob: float) -> jnp.ndarray:

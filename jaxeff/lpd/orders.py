@@ -28,16 +28,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.lpd import _checks, schedules
+
 _INV_DIST = {(dr, dc): 1.0 / math.hypot(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc}
 
 
+def _positive_ints(**values):
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def raster_order(batch: int, num_tokens: int) -> jnp.ndarray:
-    """[B, N] int32: 0 ... N - 1 for every sample."""
+    """[B, N] int32: 0 ... N - 1 for every sample. ValueError unless batch and N are ints >= 1."""
+    _positive_ints(batch=batch, num_tokens=num_tokens)
     return jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
 
 
 def random_orders(key, batch: int, num_tokens: int) -> jnp.ndarray:
-    """[B, N] int32: an independent uniformly random permutation per sample (training, `sample_orders`)."""
+    """[B, N] int32: an independent uniformly random permutation per sample (training, `sample_orders`).
+    `key`: one PRNG key (TypeError otherwise)."""
+    _checks.check_key(key)
+    _positive_ints(batch=batch, num_tokens=num_tokens)
     return jax.vmap(lambda k: jax.random.permutation(k, num_tokens))(jax.random.split(key, batch)).astype(jnp.int32)
 
 
@@ -123,10 +135,9 @@ def locality_aware_order(grid: int, group_sizes, proximity_threshold: float = 1.
     `randomness`: `NumpyRandomness(seed)` (default: unseeded) or `TraceRandomness(npz)` to replay an official
     trace; `repulsion_threshold` is rho (Chebyshev), `proximity_threshold` tau. With `return_proximity_counts`
     also returns [K] int: how many of each step's cells (they come first) were proximity picks, not FPS."""
+    _positive_ints(grid=grid)
     n = grid * grid
-    sizes = [int(g) for g in group_sizes]
-    if sum(sizes) != n or min(sizes) < 1:
-        raise ValueError(f"group sizes must be positive and sum to {n}, got sum {sum(sizes)}")
+    sizes = list(schedules.check_group_sizes(group_sizes, n))
     rnd = NumpyRandomness() if randomness is None else randomness
     selected = np.zeros(n, bool)
     score = np.zeros(n, np.float64)  # running sum, terms added in selection order (bit-exact with the official)
@@ -175,7 +186,9 @@ def locality_aware_order(grid: int, group_sizes, proximity_threshold: float = 1.
 
 
 def batched_orders(kind: str, batch: int, grid: int, group_sizes=None, *, seed: int = 0, **locality) -> np.ndarray:
-    """[B, N] int32 orders of one `kind`: "raster", "random" or "locality" (numpy, for evaluation)."""
+    """[B, N] int32 orders of one `kind`: "raster", "random" or "locality" (numpy, for evaluation); N = grid**2.
+    ValueError for an unknown kind, batch or grid < 1, or (locality) a schedule that does not sum to N."""
+    _positive_ints(batch=batch, grid=grid)
     n = grid * grid
     if kind == "raster":
         return np.asarray(raster_order(batch, n))

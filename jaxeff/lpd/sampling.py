@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxeff.lpd import schedules
+from jaxeff.lpd import _checks, schedules
 from jaxeff.lpd.model import LPD
 from jaxeff.lpd.orders import batched_orders
 from jaxeff.lpd.vq import VQModel, to_uint8
@@ -124,22 +124,38 @@ def generate(model: LPD, group_sizes, orders, labels=None, *, cfg: float = 1.0, 
              implementation: str | None = None) -> dict:
     """Generate tokens in K = len(group_sizes) forward passes (one jit-compiled program per schedule).
 
-    orders [B, N] int (raster indices in generation order; e.g. `orders.locality_aware_order`), labels [B] int or
-    None (unconditional: `fake_latent`). Returns {"tokens" [B, N] raster, "tokens_gen_order" [B, N]} plus, with
-    `return_logits`, float32 [B, N, V] "cond_logits", "uncond_logits", "guided_logits" in generation order."""
+    group_sizes: tokens per step, positive ints summing to N (e.g. `schedules.group_sizes(256, 20)`); orders
+    [B, N] int (raster indices in generation order, each row a permutation of range(N); e.g.
+    `orders.locality_aware_order`); labels [B] int in [0, num_classes) or None (unconditional: `fake_latent`);
+    key: one PRNG key (`jax.random.key(seed)`), needed unless `greedy`; temperature >= 0. Returns
+    {"tokens" [B, N] raster, "tokens_gen_order" [B, N]} plus, with `return_logits`, float32 [B, N, V]
+    "cond_logits", "uncond_logits", "guided_logits" in generation order.
+
+    Raises TypeError for non-integer orders / labels or a key that is not one PRNG key, ValueError for a bad
+    schedule, shapes, labels out of range, or an orders row that is not a permutation (the row is named). The
+    value checks run on the host; `generate` is not meant to be traced (it compiles its own program)."""
     c = model.config
     sizes = schedules.check_group_sizes(group_sizes, c.num_tokens)
+    _checks.require_int(orders, "orders")
+    if np.ndim(orders) != 2 or np.shape(orders)[1] != c.num_tokens:
+        raise ValueError(f"orders must be [B, {c.num_tokens}], got {np.shape(orders)}")
+    _checks.check_permutations(orders, c.num_tokens)
     orders = jnp.asarray(orders, jnp.int32)
-    if orders.ndim != 2 or orders.shape[1] != c.num_tokens:
-        raise ValueError(f"orders must be [B, {c.num_tokens}], got {orders.shape}")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"unknown cfg schedule {cfg_schedule!r}; choose from {CFG_SCHEDULES}")
     if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (orders.shape[0],) or labels.min() < 0 or labels.max() >= c.num_classes:
-            raise ValueError(f"labels must be [B] in [0, {c.num_classes}), got {labels}")
+        _checks.require_int(labels, "labels")
+        if np.shape(labels) != (orders.shape[0],):
+            raise ValueError(f"labels must be [B] = [{orders.shape[0]}] class ids (one per orders row), got shape "
+                             f"{np.shape(labels)}")
+        _checks.check_range(labels, c.num_classes, "labels")
     if not greedy and key is None:
         raise ValueError("sampling needs a PRNG key (or greedy=True)")
+    if key is not None:
+        _checks.check_key(key)
+    if not (np.isfinite(cfg) and np.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"cfg must be finite and temperature finite and >= 0, got cfg={cfg}, "
+                         f"temperature={temperature}")
     graphdef, state = nnx.split(model)
     return _decode_jit(
         graphdef, state, orders, jnp.zeros(orders.shape[:1], jnp.int32) if labels is None else jnp.asarray(labels),
@@ -161,10 +177,20 @@ def generate_images(model: LPD, vq: VQModel, labels, *, steps: int = 20, cfg: fl
     built on the host from `seed`), `generate` (temperature, linear CFG ramp), then the VQ decode (jit-compiled)
     to uint8.
 
-    labels [B] int. `orders` [B, N]: pass the returned orders back to skip building them (officially they are
-    precomputed offline; time the device part that way). `key` defaults to `jax.random.key(seed)`.
+    labels [B] int in [0, num_classes). `orders` [B, N]: pass the returned orders back to skip building them
+    (officially they are precomputed offline; time the device part that way). `key` defaults to
+    `jax.random.key(seed)`. Raises ValueError for labels that are not [B] class ids, a `steps` without an official
+    table for the image size (naming those that exist), or an LPD vocabulary other than the VQ codebook; and
+    what `generate` raises.
     Returns {"images": uint8 [B, H, W, 3], "tokens": int32 [B, N] raster, "orders": int32 [B, N] numpy}."""
     labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-D list of class ids [B] (one per image), got shape {labels.shape}")
+    _checks.require_int(labels, "labels")
+    _checks.check_range(labels, model.config.num_classes, "labels")
+    if model.config.vocab_size != vq.config.codebook_size:
+        raise ValueError(f"the LPD vocabulary ({model.config.vocab_size}) must be the VQ codebook "
+                         f"({vq.config.codebook_size}): its tokens are the VQ's code ids")
     grid = model.config.grid_size
     sizes = schedules.group_sizes(vq.config.factor * grid, steps)
     if orders is None:

@@ -76,10 +76,19 @@ TRAINING_STEPS: dict[int, tuple[int, ...]] = {
 }
 
 
+def _require_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def group_sizes(resolution: int, steps: int) -> tuple[int, ...]:
-    """The official schedule for `resolution` (256 or 512) px at `steps` steps."""
+    """The official schedule for `resolution` (256 or 512; image pixels, not tokens) px at `steps` steps.
+    Raises TypeError for non-int arguments, ValueError naming what exists for a missing table."""
+    resolution, steps = _require_int(resolution, "resolution"), _require_int(steps, "steps")
     if resolution not in GROUP_SIZES:
-        raise ValueError(f"no official schedules for {resolution}px (have {sorted(GROUP_SIZES)})")
+        raise ValueError(f"no official schedules for {resolution}px (have {sorted(GROUP_SIZES)}; the resolution is "
+                         "in image pixels: the VQ factor, 16 for the released VQ, x the token grid)")
     if steps not in GROUP_SIZES[resolution]:
         have = sorted(GROUP_SIZES[resolution])
         raise ValueError(f"no official {resolution}px schedule with {steps} steps (have {have})")
@@ -87,8 +96,20 @@ def group_sizes(resolution: int, steps: int) -> tuple[int, ...]:
 
 
 def check_group_sizes(sizes, num_tokens: int) -> tuple[int, ...]:
-    """Validate a schedule: positive sizes summing to `num_tokens`; returns it as a tuple of ints."""
-    sizes = tuple(int(g) for g in sizes)
+    """Validate a schedule: a sequence of positive integers summing to `num_tokens`; returns it as a tuple of ints.
+    Raises TypeError for a non-sequence (e.g. a step count: use `group_sizes(resolution, steps)`), ValueError
+    for non-integral, non-positive or wrongly summing sizes."""
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise TypeError(f"group sizes must be a sequence of ints (tokens per step, e.g. group_sizes(256, 20)), "
+                        f"got {type(sizes).__name__} {sizes!r}")
+    raw = tuple(sizes)
+    try:
+        values = np.asarray(raw, np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"group sizes must be a sequence of ints, got {raw!r}") from e
+    if values.ndim != 1 or (values != np.round(values)).any():
+        raise ValueError(f"group sizes must be a flat sequence of whole numbers, got {raw!r}")
+    sizes = tuple(int(g) for g in values)
     if not sizes or min(sizes) < 1 or sum(sizes) != num_tokens:
         raise ValueError(f"group sizes must be positive and sum to {num_tokens}, got {sizes} (sum {sum(sizes)})")
     return sizes

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxeff.lpd import schedules
+from jaxeff.lpd import _checks, schedules
 from jaxeff.lpd.model import LPD, cross_entropy, drop_labels
 from jaxeff.lpd.orders import random_orders
 
@@ -89,7 +89,16 @@ def training_schedules(num_tokens: int, steps=None) -> list[tuple[int, ...]]:
 
 
 def lpd_loss(model: LPD, batch: dict, *, mutual_visibility: bool = True):
-    """Training loss. batch: tokens [B, N] int32 (raster), labels [B] int32, step_of [N] int32, key (PRNG)."""
+    """Training loss. batch: tokens [B, N] int (raster VQ ids, not an image), labels [B] int, step_of [N] int
+    (`schedules.step_of`), key (one PRNG key). Missing entries, wrong shapes and non-integer tokens / labels raise
+    at trace time (`LPD.__call__`); ids out of range cannot be seen under jit and give a NaN loss."""
+    missing = {"tokens", "labels", "step_of", "key"} - set(batch)
+    if missing:
+        raise KeyError(f"the LPD batch needs tokens, labels, step_of and key; missing {sorted(missing)}")
+    if np.ndim(batch["tokens"]) != 2 or np.shape(batch["tokens"])[1] != model.config.num_tokens:
+        raise ValueError(f"batch tokens must be [B, N = {model.config.num_tokens}] raster ids, got shape "
+                         f"{np.shape(batch['tokens'])}")
+    _checks.check_key(batch["key"], "batch key")
     k_order, k_drop, k_dropout = jax.random.split(batch["key"], 3)
     b, n = batch["tokens"].shape
     orders = random_orders(k_order, b, n)

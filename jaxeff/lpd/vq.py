@@ -6,16 +6,20 @@ Encoder -> quant_conv -> l2-normalised nearest code (both the encoder output and
 paths equal LlamaGen's keys (`encoder.conv_blocks.1.res.0.conv1`, `decoder.mid.1.q`), so
 `jaxeff.lpd.weights.load_into` maps the state dict by name.
 
-Images are [B, H, W, 3] float32 in [-1, 1]; indices [B, H/f, W/f] int32 (row-major = LPD raster tokens).
+Images are [B, H, W, 3] float32 in [-1, 1]; indices [B, H/f, W/f] int32 (row-major = LPD raster tokens;
+`decode_code` also takes them flat, [B, N]).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from jaxeff.lpd import _checks
 from jaxeff.nn import vqgan
 
 
@@ -78,7 +82,20 @@ class VQModel(nnx.Module):
         self.post_quant_conv = vqgan.conv(cfg.codebook_dim, cfg.z_channels, 1, rngs)
 
     def encode(self, image):
-        """image [B, H, W, 3] -> (indices [B, H/f, W/f] int32, z_q [B, H/f, W/f, dim], pre-quant h)."""
+        """image [B, H, W, 3] float in [-1, 1], H and W multiples of f -> (indices [B, H/f, W/f] int32,
+        z_q [B, H/f, W/f, dim], pre-quant h). Raises TypeError for a non-float (e.g. uint8) image, ValueError for
+        another layout (e.g. NCHW) and, when the values are concrete, for values outside [-1, 1]."""
+        f = self.config.factor
+        if not jnp.issubdtype(_checks.dtype_of(image), jnp.floating):
+            raise TypeError(f"images must be float in [-1, 1] (uint8: x / 127.5 - 1), got dtype "
+                            f"{_checks.dtype_of(image)}")
+        shape = np.shape(image)
+        if len(shape) != 4 or shape[-1] != 3 or shape[1] % f or shape[2] % f:
+            raise ValueError(f"images must be [B, H, W, 3] (NHWC) with H, W multiples of {f}, got shape {shape}")
+        values = _checks.concrete(image)
+        if values is not None and values.size and np.abs(values).max() > 1 + 1e-3:
+            raise ValueError(f"images must lie in [-1, 1] (uint8: x / 127.5 - 1), got values in "
+                             f"[{values.min():.4g}, {values.max():.4g}]")
         h = self.quant_conv(self.encoder(image))
         idx, zq = self.quantize(h)
         return idx, zq, h
@@ -88,8 +105,25 @@ class VQModel(nnx.Module):
         return self.decoder(self.post_quant_conv(zq))
 
     def decode_code(self, indices):
-        """indices [B, h, w] int -> image: normalised codebook rows, then `decode`."""
-        return self.decode(jnp.take(self.quantize.codebook(), jnp.asarray(indices, jnp.int32), axis=0))
+        """Code ids -> image [B, f*h, f*w, 3] in [-1, 1]: normalised codebook rows, then `decode`.
+
+        indices: int [B, h, w], or flat [B, N] raster tokens (what `jaxeff.lpd.generate` returns) with N a square
+        (h = w = sqrt(N)). Raises TypeError for non-integer ids, ValueError for other shapes and, when the ids are
+        concrete (numpy, or jax arrays outside a trace), for ids outside [0, codebook_size), naming the first. Under
+        `jax.jit` the ids cannot be inspected: an id outside the range then decodes to NaN pixels (never a wrapped
+        or clamped code)."""
+        k = self.config.codebook_size
+        _checks.require_int(indices, "VQ code ids")
+        shape = np.shape(indices)
+        if len(shape) == 2:
+            side = math.isqrt(shape[1])
+            if side * side != shape[1]:
+                raise ValueError(f"flat code ids [B, N] need a square N (h = w); got {shape}: pass [B, h, w]")
+            indices = jnp.reshape(jnp.asarray(indices), (shape[0], side, side))
+        elif len(shape) != 3:
+            raise ValueError(f"code ids must be [B, h, w] (or flat [B, h*w] with h = w), got shape {shape}")
+        _checks.check_range(indices, k, "VQ code ids")
+        return self.decode(jnp.take(self.quantize.codebook(), _checks.guard(indices, k), axis=0))
 
 
 def load_vq(path, config: VQConfig | None = None, *, weights_only: bool = True) -> VQModel:
@@ -97,6 +131,8 @@ def load_vq(path, config: VQConfig | None = None, *, weights_only: bool = True) 
     config is the released tokenizer's. `quantize.codebook_used` (a usage counter) is ignored."""
     from jaxeff.lpd.weights import load_into, read_state_dict
 
+    if config is not None and not isinstance(config, VQConfig):
+        raise TypeError(f"config must be a VQConfig or None, got {type(config).__name__} {config!r}")
     cfg = config or VQConfig()
     tensors = read_state_dict(path, weights_only=weights_only)
     model = nnx.eval_shape(lambda: VQModel(cfg, rngs=nnx.Rngs(0)))

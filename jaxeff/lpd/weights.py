@@ -58,6 +58,9 @@ def _torch_load(path: Path, weights_only: bool):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError subclasses that differ between versions
+        if "weights only" not in str(e).lower():
+            raise ValueError(f"{path}: not a readable torch pickle ({type(e).__name__}: {e}); LPD / VQ checkpoints "
+                             "are .safetensors files or torch .pth / .pt pickles") from e
         raise ValueError(
             f"{path}: the safe loader (torch.load weights_only=True, argparse.Namespace allowed) refused it: {e}\n"
             "Pass weights_only=False only for a file you trust (e.g. downloaded from the official mit-han-lab/lpd_* "
@@ -140,8 +143,12 @@ def load_lpd(path: str | Path, config=None, *, num_heads: int | None = None, wei
     `--pretrained_ckpt` path does (`interpolate_pos_embed`; how L-512 / XL-512 were fine-tuned from 256px). The
     released 512px files were fine-tuned at 32x32 (`scripts/train/lpd_*_512.sh`), so their 1025 rows should load
     as they are, grid read off the shapes (not yet checked on the real files: no network here)."""
+    from jaxeff.lpd.config import LPDConfig
     from jaxeff.lpd.model import LPD
 
+    if config is not None and not isinstance(config, LPDConfig):
+        raise TypeError(f"config must be an LPDConfig (e.g. jaxeff.lpd.preset('lpd_l_256')) or None, got "
+                        f"{type(config).__name__} {config!r}")
     tensors = read_state_dict(path, weights_only=weights_only)
     cfg = config or lpd_config_from_state_dict(tensors, num_heads=num_heads, **overrides)
     if "pos_embed" in tensors and tensors["pos_embed"].shape[1] != cfg.num_tokens + 1:
