@@ -9,8 +9,8 @@ Released architectures: `CONFIGS` / `get_config(name)`; random weights for train
 `model.train()` puts the bn2d layers of the in/mix decoders in training mode (`training.make_step` carries their
 statistics). Reconstruction metrics as the official evaluator computes them (PSNR / SSIM on uint8, LPIPS-AlexNet
 from a local weights file): `jaxeff.dcae.metrics`. Parity with diffusers' `AutoencoderDC` (float32, eval and
-BatchNorm training mode, relative error < 1e-4) and with torchmetrics' SSIM / LPIPS is tested on CPU; nothing else
-was run.
+BatchNorm training mode, relative error < 1e-4) and with torchmetrics' SSIM / LPIPS is tested on CPU. Images are
+float in [-1, 1]; uint8 images raise a ValueError. Official behaviour, differences and measurements: README.md here.
 """
 
 from jaxeff.dcae.config import CONFIGS, DCAEConfig, get_config
