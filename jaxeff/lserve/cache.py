@@ -136,11 +136,12 @@ class LServeCache:
     @classmethod
     def init(cls, streaming_heads, batch: int, head_dim: int, config: LServeConfig, dtype=jnp.float32, *,
              group: int = 1, prefill_chunks: int = 1, mesh=None, mesh_axis: str = "model"):
-        """streaming_heads: bool [layers, kv_heads]; group: query heads per KV head; prefill_chunks: prefill calls
-        the prompt takes (with more than one, the streaming ring first covers the prefill window); mesh /
-        mesh_axis: the mesh a tensor-parallel model is split over (`jaxeff.models.sharding.model_mesh`), so that
-        decode runs the paged kernels per device (`partition_specs`). Place the arrays with
-        `jaxeff.models.sharding.init_cache` / `shard_cache`."""
+        """streaming_heads: bool [layers, kv_heads], True = streaming head (the inverse of a DuoAttention selection;
+        `Engine` takes either as `retrieval_heads=` / `streaming_heads=`); group: query heads per KV head;
+        prefill_chunks: prefill calls the prompt takes (with more than one, the streaming ring first covers the
+        prefill window); mesh / mesh_axis: the mesh a tensor-parallel model is split over
+        (`jaxeff.models.sharding.model_mesh`), so that decode runs the paged kernels per device (`partition_specs`).
+        Place the arrays with `jaxeff.models.sharding.init_cache` / `shard_cache`."""
         mask = np.asarray(streaming_heads, bool)
         ps, max_pages = config.page_size, config.max_pages
         dec = streaming_pages(config)

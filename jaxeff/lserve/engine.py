@@ -15,7 +15,9 @@ calls ran on an H200 on their own, see pallas_kernels/sparse_decode.py).
 Tensor parallel: on a model placed by `jaxeff.models.sharding.shard_model` the cache is built in its shards
 (`LServeCache.partition_specs`) and the model runs under GSPMD; the paged decode kernels of pools split by heads and
 a prefill whose streaming flags are the same on every device (always so for the default dense prefill) run per
-device under `jax.shard_map`. Tested on 8 CPU devices (XLA kernels); not run on accelerators.
+device under `jax.shard_map`; a replicated pool's kernel runs whole on every device. Tested on 8 CPU devices (XLA
+kernels; the TPU Pallas kernels in interpret mode in a one-off check, jaxeff/lserve/README.md); not run on
+accelerators.
 """
 
 from __future__ import annotations
