@@ -13,7 +13,9 @@ length and split it prints:
 - the bytes one device sends, read from the compiled program's HLO (`jaxeff.longvila.comm.hlo_collective_bytes`:
   collective operands, `while` bodies times their trip count), forward and forward+backward, as a fraction of
   pure ring's; the analytic forward formula (`comm.analytic_attention_bytes`) beside it as a cross-check; and the
-  ring's sequential K/V hops (R - 1).
+  ring's sequential K/V hops (R - 1);
+- the causal work the kernel does on the slowest device relative to the ideal share (`layout.causal_work`: the
+  kernel skips only fully masked sub-blocks, so coarser blocks, i.e. larger U, compute more masked pairs).
 
 Devices: with fewer than `devices` CPU devices the script re-runs itself in a child process with
 `XLA_FLAGS=--xla_force_host_platform_device_count=<devices>` (`jaxeff.longvila.devices.run_child`). Simulated CPU
@@ -42,7 +44,7 @@ from tqdm import tqdm
 from benchmarks import best_time, parse_preset
 from jaxeff.longvila.comm import analytic_attention_bytes, hlo_collective_bytes
 from jaxeff.longvila.devices import needs_reexec, run_child
-from jaxeff.longvila.layout import layout_permutation, length_multiple
+from jaxeff.longvila.layout import causal_work, layout_permutation, length_multiple
 from jaxeff.longvila.measure import attention_step, factorisations, random_qkv, sp_mesh
 
 PRESETS = {
@@ -92,6 +94,8 @@ def measure(opts: dict, seq: int, ring: int, uly: int, devices) -> dict:
         row[f"{name} s"] = best_time(compiled, q, k, v, repeats=opts["repeats"])
     analytic = analytic_attention_bytes(b, seq, h, hkv, d, ring, uly, dtype_bytes=jnp.dtype(opts["dtype"]).itemsize)
     row["analytic fwd bytes"] = sum(analytic.values())
+    work = causal_work(positions, ring, uly, opts["sub_blocks"])
+    row["work"] = work["critical_path"][0] / (work["pairs"].sum() / len(work["pairs"]))
     return row
 
 
@@ -106,14 +110,14 @@ def table(seq: int, rows: list[dict]) -> list[str]:
         r, u = row["ring"], row["ulysses"]
         kind = "pure ring" if u == 1 else "pure Ulysses" if r == 1 else "2D"
         if "skipped" in row:
-            lines.append(f"| {seq} | {kind} {r}x{u} | {r - 1} | {row['skipped']} |" + " |" * 8)
+            lines.append(f"| {seq} | {kind} {r}x{u} | {r - 1} | {row['skipped']} |" + " |" * 9)
             continue
         cells = [f"{seq}", f"{kind} {r}x{u}", f"{r - 1}"]
         for name in ("fwd", "fwd+bwd"):
             cells += [f"{row[name + ' s'] * 1e3:.1f}", f"{ring_row[name + ' s'] / row[name + ' s']:.2f}x"]
         for name in ("fwd", "fwd+bwd"):
             cells += [_mb(row[name + " bytes"]), f"{row[name + ' bytes'] / ring_row[name + ' bytes']:.2f}"]
-        cells.append(_mb(row["analytic fwd bytes"]))
+        cells += [_mb(row["analytic fwd bytes"]), f"{row['work']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -139,6 +143,9 @@ def main(argv: list[str]) -> None:
         print(f"CPU: the {n} simulated devices share this host's {os.cpu_count()} cores (load average "
               f"{os.getloadavg()[0]:.1f}) and exchange data by memory copies, so the times are not the paper's effect "
               "(that needs a real interconnect); the bytes are what each device would send on any backend.")
+        if opts["dtype"] == "bfloat16":
+            print("CPU and bfloat16: the CPU backend runs bf16 collectives in f32, so the HLO bytes here are about "
+                  "twice the analytic column, which counts 2-byte elements.")
     splits = factorisations(n)
     lines = []
     with tqdm(total=len(opts["lengths"]) * len(splits), desc="compile + time", file=sys.stderr) as bar:
@@ -146,18 +153,23 @@ def main(argv: list[str]) -> None:
             rows = []
             for ring, uly in splits:
                 if opts["heads"] % uly:
-                    rows.append({"ring": ring, "ulysses": uly, "skipped": f"skipped: {opts['heads']} heads % U"})
+                    rows.append({"ring": ring, "ulysses": uly,
+                                 "skipped": f"skipped: U={uly} does not divide {opts['heads']} heads"})
                 else:
                     rows.append(measure(opts, seq, ring, uly, devices))
                 bar.update()
             lines += table(seq, rows)
     print("\n| S | split R x U | ring hops | fwd ms | fwd speed-up vs ring | fwd+bwd ms | fwd+bwd speed-up vs ring | "
-          "fwd MB/device | fwd bytes / ring's | fwd+bwd MB/device | fwd+bwd bytes / ring's | analytic fwd MB |")
-    print("|---" * 12 + "|")
+          "fwd MB/device | fwd bytes / ring's | fwd+bwd MB/device | fwd+bwd bytes / ring's | analytic fwd MB | "
+          "kernel work / ideal |")
+    print("|---" * 13 + "|")
     print("\n".join(lines))
     print("\nspeed-up = pure ring's time / this split's (> 1: faster than ring). Bytes: what one device sends in the "
-          "compiled program (all-to-all (U-1)/U of its operand, each ring hop all of it), positions included. Paper: "
-          "2D attention 2.1-5.7x faster than ring-style SP on GPUs (text-only).")
+          "compiled program (all-to-all (U-1)/U of its operand, each ring hop all of it), positions included. Kernel "
+          "work: (q, k) pairs in the sub-blocks the slowest device computes, summed over ring steps "
+          "(`layout.causal_work`), / the ideal causal share S(S+1)/2/devices; the splits differ in it too, and on CPU, "
+          "where time is mostly compute, that shows in the times. Paper: 2D attention 2.1-5.7x faster than "
+          "ring-style SP on GPUs (text-only).")
 
 
 if __name__ == "__main__":

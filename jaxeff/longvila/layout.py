@@ -67,7 +67,7 @@ def causal_work(perm: np.ndarray, ring: int, ulysses: int, num_sub_blocks: int =
         for step in range(ring):
             src = (r - step) % ring
             qp, kp = pos[r], pos[src]
-            pairs[r] += (kp[None, :] <= qp[:, None]).sum()
+            pairs[r] += np.searchsorted(np.sort(kp), qp, side="right").sum()  # keys at or before each query
             for i in range(n_sub):
                 for j in range(n_sub):
                     if qp[i * sub:(i + 1) * sub].max() >= kp[j * sub:(j + 1) * sub].min():
