@@ -47,7 +47,14 @@ class LServeOutput:
     dense_kv_nbytes: int  # the same for a dense cache of the same batch, max_len and dtype
 
 
-_UNSET = object()  # an argument not given (`streaming_heads=None` is a given value: no streaming head)
+class _Unset:
+    """An argument not given (`streaming_heads=None` is a given value: no streaming head)."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_UNSET = _Unset()
 
 
 def _streaming_mask(streaming_heads, retrieval_heads, shape: tuple[int, int]) -> np.ndarray:
