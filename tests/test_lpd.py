@@ -1,15 +1,18 @@
-"""LPD properties that need no reference data: orders, masks, KV-cached decoding vs the uncached forward."""
+"""LPD properties that need no reference data: orders, masks, KV-cached decoding vs the uncached forward, and bad
+input refused by name at every public entry point."""
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxeff.lpd import LPD, LPDConfig, generate, preset, schedules
-from jaxeff.lpd.model import group_ids, training_mask
+from jaxeff.lpd import LPD, LPDConfig, generate, generate_images, load_lpd, preset, schedules
+from jaxeff.lpd.model import cross_entropy, group_ids, training_mask
 from jaxeff.lpd.orders import NumpyRandomness, batched_orders, locality_aware_order, random_orders
+from jaxeff.lpd.training import lpd_loss
 
 CFG = LPDConfig(dim=32, depth=2, num_heads=2, vocab_size=24, num_classes=5, grid_size=4, proj_dropout=0.0)
 
@@ -122,9 +125,7 @@ def test_presets_match_the_released_sizes():
 
 
 def test_training_step_learns_and_decays_like_the_official_recipe():
-    import jax.numpy as jnp
-
-    from jaxeff.lpd.training import LPDOptimConfig, cosine_group_sizes, lpd_loss, make_optimizer, training_schedules
+    from jaxeff.lpd.training import LPDOptimConfig, cosine_group_sizes, make_optimizer, training_schedules
     from jaxeff.train.step import init_train_state, make_train_step
 
     for k in (16, 8, 5, 1):
@@ -218,13 +219,19 @@ def test_state_dict_round_trip_uses_the_official_names(model):
     assert "quantize.embedding.weight" in names and "post_quant_conv.weight" in names
 
 
-def test_generate_images_is_orders_then_decoding_then_the_vq():
+@pytest.fixture(scope="module")
+def vq():  # factor 16: 16x16 tokens -> 256px, the official 256px tables
+    from jaxeff.lpd.vq import VQConfig, VQModel
+
+    return VQModel(VQConfig(codebook_size=16, ch=32, ch_mult=(1,) * 5, z_channels=32, num_res_blocks=0),
+                   rngs=nnx.Rngs(1))
+
+
+def test_generate_images_is_orders_then_decoding_then_the_vq(vq):
     from jaxeff.lpd import generate_images
-    from jaxeff.lpd.vq import VQConfig, VQModel, to_uint8
+    from jaxeff.lpd.vq import to_uint8
 
     lpd = LPD(dataclasses.replace(CFG, vocab_size=16, grid_size=16), rngs=nnx.Rngs(0))
-    vq = VQModel(VQConfig(codebook_size=16, ch=32, ch_mult=(1,) * 5, z_channels=32, num_res_blocks=0),
-                 rngs=nnx.Rngs(1))  # factor 16: 16x16 tokens -> 256px, the official 256px tables
     out = generate_images(lpd, vq, [1, 4], steps=8, cfg=3.0, seed=3)
     sizes = schedules.group_sizes(256, 8)
     orders = batched_orders("locality", 2, 16, sizes, seed=3, proximity_threshold=1.0, repulsion_threshold=2.0)
@@ -283,3 +290,131 @@ def test_pos_embed_interpolation_is_torchs_bicubic_and_load_lpd_applies_it(model
     loaded = load_lpd(tmp_path / "m.safetensors", big)
     np.testing.assert_allclose(loaded.pos_embed[...], interpolate_pos_embed(model.pos_embed[...], 8), rtol=1e-6)
     np.testing.assert_array_equal(loaded.head.kernel[...], model.head.kernel[...])
+
+
+# Bad input is refused by name (never NaN or a silently wrong answer outside jit; under jit, where values cannot be
+# inspected, an id out of range gives NaN, never a wrapped or clamped row).
+SIZES = (1, 5, 10)
+
+
+def test_vq_decode_code_takes_flat_square_ids_and_refuses_bad_ones(vq):
+    ids = np.arange(16).reshape(1, 4, 4)
+    grid = np.asarray(vq.decode_code(ids))
+    assert grid.shape == (1, 64, 64, 3) and np.isfinite(grid).all()
+    np.testing.assert_array_equal(vq.decode_code(ids.reshape(1, 16)), grid)  # flat raster tokens, N = 4 * 4
+    for bad in (16, -1):  # 16 used to decode to NaN, -1 to the last code
+        with pytest.raises(ValueError, match=rf"ids must lie in \[0, 16\).*first is {bad} at index \(0, 1, 2\)"):
+            vq.decode_code(np.where(np.arange(16).reshape(1, 4, 4) == 6, bad, ids))
+    with pytest.raises(TypeError, match="integer ids, got dtype float"):
+        vq.decode_code(ids + 0.5)
+    with pytest.raises(ValueError, match=r"square N.*\(1, 15\)"):
+        vq.decode_code(ids.reshape(1, 16)[:, :15])
+    with pytest.raises(ValueError, match=r"\[B, h, w\].*\(1, 1, 4, 4\)"):
+        vq.decode_code(ids[None])
+    # under jit the ids are not inspected: an id out of range gives NaN pixels, not a wrapped code
+    traced = nnx.jit(lambda m, i: m.decode_code(i))
+    out = np.asarray(traced(vq, jnp.asarray(np.stack([ids[0], np.full((4, 4), -1)]))))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).any()
+    with pytest.raises(TypeError, match="float in \\[-1, 1\\]"):
+        vq.encode(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="NHWC"):
+        vq.encode(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="must lie in \\[-1, 1\\]"):
+        vq.encode(np.full((1, 32, 32, 3), 255.0, np.float32))
+
+
+def test_generate_refuses_bad_orders_labels_keys_and_schedules(model):
+    orders = np.asarray(random_orders(jax.random.key(0), 2, 16))
+    dup = orders.copy()
+    dup[1, 3] = dup[1, 4]
+    with pytest.raises(ValueError, match=r"permutations of range\(16\); row 1 has 1 repeated ids"):
+        generate(model, SIZES, dup, [0, 1], greedy=True)
+    with pytest.raises(ValueError, match=r"row 0 \(and 1 other rows\) has 1 ids outside \[0, 16\)"):
+        generate(model, SIZES, orders + 1, [0, 1], greedy=True)
+    with pytest.raises(TypeError, match="orders must be integer ids"):
+        generate(model, SIZES, orders.astype(np.float32), [0, 1], greedy=True)
+    with pytest.raises(TypeError, match="labels must be integer ids"):
+        generate(model, SIZES, orders, [0.5, 1.0], greedy=True)
+    with pytest.raises(ValueError, match=r"labels must be \[B\] = \[2\].*got shape \(3,\)"):
+        generate(model, SIZES, orders, [0, 1, 2], greedy=True)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\).*first is 5 at index 1"):
+        generate(model, SIZES, orders, [0, 5], greedy=True)
+    with pytest.raises(TypeError, match="one PRNG key such as jax.random.key"):
+        generate(model, SIZES, orders, [0, 1], key=0)
+    with pytest.raises(TypeError, match="sequence of ints.*got int 3"):
+        generate(model, 3, orders, [0, 1], greedy=True)
+    with pytest.raises(ValueError, match="whole numbers"):
+        generate(model, (1.5, 5, 9.5), orders, [0, 1], greedy=True)
+    with pytest.raises(ValueError, match="temperature finite and >= 0"):
+        generate(model, SIZES, orders, [0, 1], temperature=-1.0, key=jax.random.key(0))
+
+
+def test_forward_and_training_loss_refuse_bad_batches(model):
+    orders = np.asarray(random_orders(jax.random.key(0), 2, 16))
+    tokens = np.random.default_rng(0).integers(0, 16, (2, 16))
+    step_of = schedules.step_of(SIZES)
+    labels = np.array([0, 1])
+    with pytest.raises(TypeError, match="tokens must be integer ids"):
+        model(tokens / 16, labels, orders, step_of)  # an image in [0, 1) used to be truncated to token 0
+    with pytest.raises(ValueError, match=r"tokens and orders \[B, N = 16\].*got tokens \(2, 4, 4\)"):
+        model(tokens.reshape(2, 4, 4), labels, orders, step_of)
+    with pytest.raises(ValueError, match=r"got tokens \(2, 8\)"):  # used to gather out of range: NaN
+        model(tokens[:, :8], labels, orders, step_of)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 24\)"):
+        model(tokens + 24, labels, orders, step_of)
+    with pytest.raises(ValueError, match=r"step_of must be a schedule"):
+        model(tokens, labels, orders, step_of - 1)
+    with pytest.raises(ValueError, match=r"row 0 \(and 1 other rows\) has 1 repeated"):
+        model(tokens, labels, np.zeros_like(orders) + np.eye(1, 16, 1, dtype=int), step_of)
+    # under jit an out-of-range token or label gives that sample NaN logits and loss, not a wrapped row
+    first = orders[1, 0]  # raster index of sample 1's first generated token: every later query sees it
+    bad = jnp.asarray(tokens).at[1, first].set(-1)
+    forward = nnx.jit(lambda m, t, lab: m(t, lab, orders, step_of))
+    out = np.asarray(forward(model, bad, jnp.asarray([4, 1])))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).any()
+    out = np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray([9, 1])))
+    assert np.isnan(out[0]).any() and np.isfinite(out[1]).all()
+    ce = np.asarray(jax.jit(cross_entropy)(jnp.zeros((2, 16, 24)), bad, orders))
+    assert np.isnan(ce[1, 0]) and np.isfinite(np.delete(ce, 16)).all()  # -1 is no class
+
+    batch = {"tokens": tokens, "labels": labels, "step_of": step_of, "key": jax.random.key(0)}
+    with pytest.raises(TypeError, match="tokens must be integer ids"):
+        lpd_loss(model, batch | {"tokens": tokens.astype(np.float32)})
+    with pytest.raises(ValueError, match=r"batch tokens must be \[B, N = 16\].*\(2, 4, 4\)"):
+        lpd_loss(model, batch | {"tokens": tokens.reshape(2, 4, 4)})
+    with pytest.raises(KeyError, match=r"missing \['key'\]"):
+        lpd_loss(model, {k: v for k, v in batch.items() if k != "key"})
+    with pytest.raises(TypeError, match="batch key must be one PRNG key"):
+        lpd_loss(model, batch | {"key": 3})
+
+
+def test_generate_images_orders_schedules_and_loaders_refuse_mistakes(model, tmp_path):
+    from jaxeff.lpd.vq import VQConfig, VQModel
+
+    def abstract_vq(codes):  # factor 16, shapes only: every check runs before the VQ is used
+        cfg = VQConfig(codebook_size=codes, ch=32, ch_mult=(1,) * 5, z_channels=32, num_res_blocks=0)
+        return nnx.eval_shape(lambda: VQModel(cfg, rngs=nnx.Rngs(0)))
+
+    vq24, small = abstract_vq(24), abstract_vq(8)
+    with pytest.raises(ValueError, match=r"1-D list of class ids.*shape \(\)"):
+        generate_images(model, vq24, 3, steps=8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        generate_images(model, vq24, [7], steps=8)
+    with pytest.raises(ValueError, match=r"LPD vocabulary \(24\) must be the VQ codebook \(8\)"):
+        generate_images(model, small, [1], steps=8)  # tokens >= 8 used to decode to NaN images
+    with pytest.raises(TypeError, match="steps must be an int, got str"):
+        generate_images(model, vq24, [1], steps="20")
+    with pytest.raises(ValueError, match="no official schedules for 16px.*image pixels"):
+        schedules.group_sizes(16, 20)
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
+        batched_orders("raster", 0, 4)
+    with pytest.raises(ValueError, match="grid must be an int >= 1, got 4.0"):
+        locality_aware_order(4.0, SIZES)
+    with pytest.raises(TypeError, match="one PRNG key"):
+        random_orders(0, 2, 16)
+    with pytest.raises(TypeError, match=r"config must be an LPDConfig.*got str 'lpd_l_256'"):
+        load_lpd(tmp_path / "m.safetensors", "lpd_l_256")
+    pytest.importorskip("torch")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable torch pickle"):
+        load_lpd(tmp_path / "junk.pth")

@@ -259,7 +259,9 @@ def drop_labels(key, batch: int, prob: float) -> jnp.ndarray:
 
 
 def cross_entropy(logits, tokens, orders) -> jnp.ndarray:
-    """Per-token cross-entropy [B, N] of generation-order logits against raster `tokens` (float32)."""
+    """Per-token cross-entropy [B, N] of generation-order logits against raster `tokens` (float32); a token
+    outside [0, V) gives NaN (a negative one would otherwise wrap to another class)."""
     target = jnp.take_along_axis(jnp.asarray(tokens, jnp.int32), jnp.asarray(orders, jnp.int32), axis=1)
+    target = _checks.guard(target, logits.shape[-1])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
