@@ -306,9 +306,7 @@ def run(cfg: Config, run: Run) -> None:
         final = {m: acc[m][j, :, -1] for m in cfg.methods}
         others = [m for m in cfg.methods if not m.startswith("vcpo")] or [m for m in cfg.methods if m != "vcpo"]
         best = max(others, key=lambda m: final[m].mean())
-        gap = final["vcpo"].mean() - final[best].mean()
-        spread = max(final["vcpo"].std(), final[best].std(), 0.02)
-        word = "ties" if abs(gap) <= spread else ("wins" if gap > 0 else "loses")
+        word, spread = sim.compare(final["vcpo"], final[best])
         verdicts.append(f"k={lag}: VCPO {word} ({final['vcpo'].mean():.3f} vs best baseline {best} "
                         f"{final[best].mean():.3f}; tie band {spread:.3f})")
         if 0 in cfg.lags and "naive" in cfg.methods:

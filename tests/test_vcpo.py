@@ -437,3 +437,21 @@ def test_advantages_baselines_and_diagnostics_finite_at_extremes():
     for case, lp, mu, m, _ in _extreme_batches():
         d = diagnostics(jnp.asarray(lp), jnp.asarray(mu), jnp.asarray(m))
         assert all(np.isfinite(float(v)) for v in d.values()), (case, d)
+
+
+def test_unknown_registry_names_raise_value_error_listing_the_known_ones():
+    from jaxeff.vcpo import sim
+
+    for registry, known in ((vcpo.LOSSES, "vcpo"), (sim.METHODS, "vcpo_no_opob")):
+        with pytest.raises(ValueError, match=rf"unknown .* 'sgd'; known: \[.*'{known}'") as info:
+            registry["sgd"]
+        assert isinstance(info.value, KeyError)  # `in`, `.get` and `except KeyError` still work
+        assert "sgd" not in registry and registry.get("sgd") is None and known in registry
+        with pytest.raises(ValueError, match="unknown"):
+            registry[["unhashable"]]
+    with pytest.raises(ValueError, match="unknown loss 'sgd'"):  # at config time, before anything compiles
+        sim.Method("sgd")
+    with pytest.raises(ValueError, match="unknown advantage"):
+        sim.Method("vcpo", "rloo")
+    with pytest.raises(ValueError, match="unknown lr rule"):
+        sim.Method("vcpo", "opob", "cosine")

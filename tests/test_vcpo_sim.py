@@ -69,3 +69,20 @@ def test_throughput_model_and_collapse_alarm():
     grad_norm = np.r_[np.ones(60), np.full(40, 10.0)]
     assert alarm_step(ess, grad_norm, 0.05, 3.0, 10) == 62  # both smoothed conditions hold from step 62 on
     assert alarm_step(ess, np.ones(100), 0.05, 3.0, 10) is None
+
+
+def test_benchmark_steps_to_target_verdicts_and_usage(capsys):
+    from benchmarks import vcpo as bench
+
+    acc = np.array([[0.1, 0.3, 0.2, 0.35, 0.4], [0.1, 0.3, 0.2, 0.25, 0.4]])  # seed mean 0.1 .3 .2 .3 .4
+    assert bench.steps_to_target(acc, 0.3, 10) == 40  # first reach at step 20 does not hold; from step 40 it does
+    assert bench.steps_to_target(acc, 0.1, 10) == 10
+    assert bench.steps_to_target(acc, 0.41, 10) is None
+    assert sim.compare([0.5, 0.52], [0.3, 0.3]) == ("wins", pytest.approx(0.02))
+    assert sim.compare([0.3, 0.5], [0.35, 0.35])[0] == "ties"  # within the 0.1 seed std
+    assert sim.compare([0.2], [0.3])[0] == "loses"
+    bench.main(["--help"])
+    assert "MODEL built from those measured inputs" in capsys.readouterr().out
+    for argv in (["preset=huge"], ["lag=0"], ["steps=7"], ["lr=0.1"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)

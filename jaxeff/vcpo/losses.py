@@ -20,7 +20,7 @@ the same inputs give finite values (0 where nothing is defined). Ran on CPU only
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,37 @@ OPOB_WEIGHTINGS = ("code", "readme")
 OPOB_FORMS = ("official", "group_normalized")
 ESS_SPACES = ("linear", "log")
 ESS_OVERFLOW = ("true_ratio", "official_nan")
+
+
+class UnknownNameError(KeyError, ValueError):
+    """A name missing from a `Registry`: a ValueError (bad user input) that is also a KeyError, so `in`, `.get` and
+    `except KeyError` keep working. Its message lists the known names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would print the repr of the message
+
+
+class Registry(Mapping):
+    """Read-only name -> value mapping (`LOSSES`, `sim.METHODS`) whose unknown names raise `UnknownNameError`
+    (a ValueError) listing the known names, instead of a bare KeyError."""
+
+    def __init__(self, kind: str, entries: Mapping):
+        self._kind, self._entries = kind, dict(entries)
+
+    def __getitem__(self, name):
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):  # TypeError: an unhashable name (e.g. a list)
+            raise UnknownNameError(f"unknown {self._kind} {name!r}; known: {sorted(self._entries)}") from None
+
+    def __iter__(self) -> Iterator:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self._kind!r}, {sorted(self._entries)})"
 
 
 def _concrete(*xs) -> bool:
@@ -440,7 +471,8 @@ def areal_loss(logp, logp_mu, mask, adv, *, logp_prox=None, eps=0.2):
                 seq_mean_token_mean(behav, mask))
 
 
-LOSSES: dict[str, Callable] = {
+# LOSSES["name"] with an unknown name raises UnknownNameError (a ValueError) listing the known names.
+LOSSES: Registry = Registry("loss", {
     "reinforce": reinforce_loss,
     "ppo_clip": ppo_clip_loss,
     "token_tis": token_tis_loss,
@@ -458,7 +490,7 @@ LOSSES: dict[str, Callable] = {
     "areal": areal_loss,
     # VCPO's objective is sequence TIS with C = 8 (rollout_is=sequence, rollout_is_threshold=8.0).
     "vcpo": functools.partial(seq_tis_loss, c=8.0),
-}
+})
 
 
 def is_diagnostics(logp, logp_mu, mask, *, c=8.0):

@@ -18,6 +18,8 @@ Run on CPU only.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +54,7 @@ class Method:
             raise ValueError(f"unknown lr rule {self.lr_rule!r}; rules: {L.LR_RULES}")
 
 
-METHODS = {
+METHODS: L.Registry = L.Registry("method", {
     "naive": Method("reinforce"),  # stale data treated as on-policy
     "ppo_clip": Method("ppo_clip"),
     "token_tis": Method("token_tis"),
@@ -69,7 +71,7 @@ METHODS = {
     "vcpo": Method("vcpo", "opob", "sqrt"),
     "vcpo_no_ess": Method("vcpo", "opob", "none"),
     "vcpo_no_opob": Method("vcpo", "grpo", "sqrt"),
-}
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,17 +256,29 @@ def opob(cfg: SimConfig, rewards, log_w, s2, mask, group_ids):
                            lengths=jnp.sum(mask, -1), normalize_by_length=cfg.opob_normalize_by_length)
 
 
-def make_train(cfg: SimConfig, method: Method):
-    """-> train(rng, lag) -> (per-step metrics [steps], greedy accuracy [steps // eval_every], final params,
-    behaviour params of the last step)."""
+class Steps(NamedTuple):
+    """The two halves of one asynchronous RL step (`make_steps`), pure and jit-able; `make_train` scans them and
+    `benchmarks/vcpo.py` times them separately.
+
+    - `rollout(behaviour_params, k_prompt, k_roll) -> (tokens [B, 2n+1] int32, logp_mu [B, n] float32)`: sample
+      `prompts_per_step` prompts, `group_size` responses each, from the behaviour parameters (the actor's work).
+    - `learn(params, opt_state, tokens, logp_mu) -> (params, opt_state, metrics)`: one optimizer step of the
+      method on that batch (the learner's work: rewards, advantages, gradient, ESS lr scale, Adam update).
+    """
+
+    policy: Policy
+    tx: optax.GradientTransformation
+    rollout: Callable
+    learn: Callable
+
+
+def make_steps(cfg: SimConfig, method: Method) -> Steps:
+    """The rollout and learner step of `method` under `cfg` (see `Steps`)."""
     cfg.validate()
     policy = Policy(cfg)
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(cfg.lr, weight_decay=cfg.weight_decay))
     n_prompts, g = cfg.prompts_per_step, cfg.group_size
     group_ids = jnp.repeat(jnp.arange(n_prompts), g)
-    slots = cfg.max_lag + 1
-    eval_prompts = sample_prompts(cfg, jax.random.PRNGKey(2**31 - 1), cfg.eval_prompts)  # same held-out set everywhere
-
     loss_kw = loss_kwargs(cfg, method.loss)
 
     def gradient(params, tokens, logp_mu, rewards, mask):
@@ -293,14 +307,11 @@ def make_train(cfg: SimConfig, method: Method):
         metrics = dict(loss_metrics, loss=loss, entropy=jnp.mean(entropy), baseline_minus_mean=jnp.mean(b - group_mean))
         return grad, logp, metrics
 
-    def step(carry, _):
-        params, opt_state, snaps, t, lag, key = carry
-        key, k_prompt, k_roll = jax.random.split(key, 3)
-        snaps = jax.tree.map(lambda s, p: s.at[t % slots].set(p), snaps, params)
-        # Slots not yet written still hold the initial parameters, so early steps read theta_0.
-        behaviour = jax.tree.map(lambda s: s[(t - lag) % slots], snaps)
+    def rollout(behaviour, k_prompt, k_roll):
         prompts = jnp.repeat(sample_prompts(cfg, k_prompt, n_prompts), g, axis=0)
-        tokens, logp_mu = policy.rollout(behaviour, prompts, k_roll, noise=cfg.mismatch_noise)
+        return policy.rollout(behaviour, prompts, k_roll, noise=cfg.mismatch_noise)
+
+    def learn(params, opt_state, tokens, logp_mu):
         rewards, mask = policy.rewards(tokens), policy.response_mask(tokens)
         grad, logp, metrics = gradient(params, tokens, logp_mu, rewards, mask)
         diag = L.is_diagnostics(logp, logp_mu, mask, c=cfg.tis_c)
@@ -311,6 +322,26 @@ def make_train(cfg: SimConfig, method: Method):
         # Scaling the update (not the gradient) scales Adam's step and AdamW's weight decay alike.
         params = optax.apply_updates(params, jax.tree.map(lambda u: scale * u, updates))
         metrics.update(diag, reward=jnp.mean(rewards), grad_norm=optax.tree.norm(grad), lr_eff=cfg.lr * scale)
+        return params, opt_state, metrics
+
+    return Steps(policy, tx, rollout, learn)
+
+
+def make_train(cfg: SimConfig, method: Method):
+    """-> train(rng, lag) -> (per-step metrics [steps], greedy accuracy [steps // eval_every], final params,
+    behaviour params of the last step)."""
+    policy, tx, rollout, learn = make_steps(cfg, method)
+    slots = cfg.max_lag + 1
+    eval_prompts = sample_prompts(cfg, jax.random.PRNGKey(2**31 - 1), cfg.eval_prompts)  # same held-out set everywhere
+
+    def step(carry, _):
+        params, opt_state, snaps, t, lag, key = carry
+        key, k_prompt, k_roll = jax.random.split(key, 3)
+        snaps = jax.tree.map(lambda s, p: s.at[t % slots].set(p), snaps, params)
+        # Slots not yet written still hold the initial parameters, so early steps read theta_0.
+        behaviour = jax.tree.map(lambda s: s[(t - lag) % slots], snaps)
+        tokens, logp_mu = rollout(behaviour, k_prompt, k_roll)
+        params, opt_state, metrics = learn(params, opt_state, tokens, logp_mu)
         return (params, opt_state, snaps, t + 1, lag, key), metrics
 
     def chunk(carry, _):
@@ -342,6 +373,14 @@ def run_grid(cfg: SimConfig, method: Method, lags, seeds):
     keys = jax.vmap(jax.random.PRNGKey)(np.tile(seeds, len(lags)))
     out = jax.jit(jax.vmap(make_train(cfg, method)))(keys, lag_grid)
     return jax.tree.map(lambda x: np.asarray(x).reshape(len(lags), len(seeds), *x.shape[1:]), out)
+
+
+def compare(a, b, floor: float = 0.02) -> tuple[str, float]:
+    """Verdict of per-seed results `a` vs `b` (e.g. final accuracies [seeds]): "wins" / "ties" / "loses" by the mean
+    gap, a tie when |gap| <= band = max(std(a), std(b), floor) (population std over seeds). Returns (word, band)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    gap, band = a.mean() - b.mean(), max(a.std(), b.std(), floor)
+    return ("ties" if abs(gap) <= band else ("wins" if gap > 0 else "loses")), float(band)
 
 
 def gradient_variance(cfg: SimConfig, params, behaviour, key, num_batches: int):
