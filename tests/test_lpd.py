@@ -315,6 +315,8 @@ def test_vq_decode_code_takes_flat_square_ids_and_refuses_bad_ones(vq):
     traced = nnx.jit(lambda m, i: m.decode_code(i))
     out = np.asarray(traced(vq, jnp.asarray(np.stack([ids[0], np.full((4, 4), -1)]))))
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).any()
+    with pytest.raises(ValueError, match="code ids go to decode_code"):
+        vq.decode(ids)
     with pytest.raises(TypeError, match="float in \\[-1, 1\\]"):
         vq.encode(np.zeros((1, 32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="NHWC"):

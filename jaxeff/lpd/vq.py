@@ -101,7 +101,12 @@ class VQModel(nnx.Module):
         return idx, zq, h
 
     def decode(self, zq):
-        """z_q [B, h, w, dim] -> image [B, 16h, 16w, 3] (for f = 16)."""
+        """z_q [B, h, w, dim] float -> image [B, 16h, 16w, 3] (for f = 16). ValueError for another shape or
+        integer input (code ids go to `decode_code`)."""
+        shape, dim = np.shape(zq), self.config.codebook_dim
+        if len(shape) != 4 or shape[-1] != dim or not jnp.issubdtype(_checks.dtype_of(zq), jnp.floating):
+            raise ValueError(f"decode takes float code vectors [B, h, w, {dim}], got {_checks.dtype_of(zq)} {shape}; "
+                             "code ids go to decode_code")
         return self.decoder(self.post_quant_conv(zq))
 
     def decode_code(self, indices):
