@@ -77,18 +77,57 @@ def model_config(opts) -> LlamaConfig:
     return LlamaConfig(**{k: opts[k] for k in keys}, **extra, max_position_embeddings=1 << 20)
 
 
-def retrieval_pattern(mc: LlamaConfig, pattern: str) -> tuple[np.ndarray, str]:
-    """Bool [layers, kv_heads] retrieval heads and where they came from."""
+def parse_args(argv: list[str], presets: dict[str, dict], doc: str, pattern: bool = True) -> tuple[str, dict, str]:
+    """(preset name, its options with the key=<int> overrides, the `pattern=` value or ""; pattern=False: no such
+    option); `--help` / `-h` prints `doc` and exits, anything else that is not an option exits with the usage
+    (`benchmarks.parse_preset`)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc)
+        raise SystemExit(0)
+    given = [a for a in argv if pattern and a.startswith("pattern=")]
+    argv = [a for a in argv if a not in given]
+    pattern = given[-1].split("=", 1)[1] if given else ""
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), "smoke")
+    return preset, parse_preset(argv, presets, default="smoke"), pattern
+
+
+def gate_values(mc: LlamaConfig, pattern: str = "", released: Path = RELEASED) -> tuple[np.ndarray, str]:
+    """Gate values alpha [layers, kv_heads] and where they came from: the `pattern` directory, else `released` when
+    present and of the model's shape, else random gates (seed 0). SystemExit for a `pattern` of another shape."""
     shape = (mc.num_hidden_layers, mc.num_key_value_heads)
-    source = Path(pattern) if pattern else RELEASED
+    source = Path(pattern) if pattern else released
     if source.is_dir():
         alpha, _, _ = da.load_pattern(source)
         if alpha.shape == shape:
-            return da.select_retrieval_heads(alpha, SPARSITY), f"pattern {source.resolve()}"
+            return alpha, f"pattern {source.resolve()}"
         if pattern:
             raise SystemExit(f"pattern {pattern} has shape {alpha.shape}, the model {shape}")
-    alpha = np.random.default_rng(0).random(shape)
-    return da.select_retrieval_heads(alpha, SPARSITY), "synthetic pattern (random gates, quantile rule)"
+    return np.random.default_rng(0).random(shape), "synthetic pattern (random gates)"
+
+
+def retrieval_pattern(mc: LlamaConfig, pattern: str) -> tuple[np.ndarray, str]:
+    """Bool [layers, kv_heads] retrieval heads (the quantile rule at `SPARSITY`) and where they came from."""
+    alpha, source = gate_values(mc, pattern)
+    return da.select_retrieval_heads(alpha, SPARSITY), f"{source}, quantile rule at sparsity {SPARSITY}"
+
+
+def build_model(opts: dict, preset: str, note: str = "") -> Llama:
+    """The preset's random-weight Llama (bfloat16 when opts["bf16"], else float32); prints what runs where."""
+    mc = model_config(opts)
+    dtype = jnp.bfloat16 if opts["bf16"] else jnp.float32
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); preset {preset}; model {mc.hidden_size} "
+          f"hidden x {mc.num_hidden_layers} layers, {mc.num_attention_heads} q / {mc.num_key_value_heads} KV heads, "
+          f"{jnp.dtype(dtype).name}, random weights{note}")
+    return Llama(mc, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+
+
+def lserve_config(opts: dict, ctx: int, n: int, **changes) -> LServeConfig:
+    """The preset's LServe settings for one `ctx`-token prompt and `n` new tokens (sparse prefill on, the whole
+    prompt in one prefill call, as the official scripts); `changes` replace fields."""
+    return LServeConfig(**{**dict(
+        max_len=ctx + n, page_size=opts["page_size"], logical_page_size=opts["logical_page_size"],
+        token_budget=opts["budget"], sink=opts["sink"], local=opts["local"], prefill_sink=opts["prefill_sink"],
+        prefill_local=opts["prefill_local"], sparse_prefill=True, prefill_chunk=ctx), **changes})
 
 
 def best_of(fn, repeats: int):
@@ -98,13 +137,16 @@ def best_of(fn, repeats: int):
 
 
 def time_lserve(model, lcfg, streaming, prompt, n, repeats):
+    """LServe `Engine(model, lcfg, streaming)` on one prompt, n >= 2 greedy tokens: prefill s, decode ms/token (the
+    engine's own split), KV GiB held, and per decode step the KV pages (one KV head's page) and MiB read."""
     engine = Engine(model, lcfg, streaming)
 
     def once():
         out = engine.generate([prompt], n, eos_id=None)  # n tokens, as the torch side's min_new_tokens
         st = out.stats[0]
         return {"prefill s": st["prefill_s"], "decode ms/token": 1e3 * st["decode_s"] / (n - 1),
-                "KV GiB": out.kv_nbytes / 2**30, "total": st["prefill_s"] + st["decode_s"]}
+                "KV GiB": out.kv_nbytes / 2**30, "pages read/step": st["kv_pages_read"] / st["decode_steps"],
+                "KV MiB read/step": st["kv_bytes_per_step"] / 2**20, "total": st["prefill_s"] + st["decode_s"]}
 
     return best_of(once, repeats)
 
@@ -126,13 +168,20 @@ def time_split(generate, n, repeats):
     return {"prefill s": min(t1), "decode ms/token": 1e3 * decode / (n - 1), "KV GiB": kv / 2**30, "total": tn}
 
 
-def time_duo(model, retrieval, opts, prompt, n, repeats):
+def duo_generator(model, retrieval, prompt, max_len: int, *, sink: int, recent: int, chunk: int):
+    """generate(k) -> KV bytes held: `jaxeff.duo_attention.generate` of k tokens after `prompt` with the official
+    window, `chunk`-token prefill chunks and a cache of `max_len` tokens."""
     def gen(k):
-        out = da.generate(model, [prompt], k, retrieval_heads=retrieval, sink=opts["duo_sink"],
-                          recent=opts["duo_recent"], chunk_size=opts["duo_chunk"], max_len=len(prompt) + n,
-                          eos_id=None)
+        out = da.generate(model, [prompt], k, retrieval_heads=retrieval, sink=sink, recent=recent, chunk_size=chunk,
+                          max_len=max_len, eos_id=None)
         return out.kv_nbytes
 
+    return gen
+
+
+def time_duo(model, retrieval, opts, prompt, n, repeats):
+    gen = duo_generator(model, retrieval, prompt, len(prompt) + n, sink=opts["duo_sink"], recent=opts["duo_recent"],
+                        chunk=opts["duo_chunk"])
     return time_split(gen, n, repeats)
 
 
@@ -171,6 +220,15 @@ def torch_model(mc: LlamaConfig, full: bool):
     return generate, f"{device} ({dtype})"
 
 
+RATIOS = {"prefill x": "prefill s", "decode x": "decode ms/token", "KV mem x": "KV GiB"}
+
+
+def ratios(r: dict, ref: dict, suffix: str = "", keys: dict = RATIOS) -> dict:
+    """{name + suffix: ref[measure] / r[measure]} for each name: measure of `keys` in both (> 1: r is faster or
+    smaller)."""
+    return {name + suffix: ref[m] / r[m] for name, m in keys.items() if m in r and m in ref}
+
+
 def fmt_table(rows):
     cols = list(dict.fromkeys(c for r in rows for c in r))
     fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)
@@ -181,21 +239,14 @@ def fmt_table(rows):
 
 
 def main(argv):
-    pattern = next((a.split("=", 1)[1] for a in argv if a.startswith("pattern=")), "")
-    argv = [a for a in argv if not a.startswith("pattern=")]
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), "smoke")
-    opts = parse_preset(argv, PRESETS, default="smoke")
+    preset, opts, pattern = parse_args(argv, PRESETS, __doc__)
     full = preset == "full"
-    mc = model_config(opts)
-    dtype = jnp.bfloat16 if opts["bf16"] else jnp.float32
     contexts = (opts["context"],) if opts["context"] else opts["contexts"]
     n, repeats = opts["new_tokens"], opts["repeats"]
     if n < 2:
         raise SystemExit("new_tokens must be >= 2 (decode time per token)")
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); preset {preset}; model {mc.hidden_size} "
-          f"hidden x {mc.num_hidden_layers} layers, {mc.num_attention_heads} q / {mc.num_key_value_heads} KV heads, "
-          f"{jnp.dtype(dtype).name}, random weights; contexts {contexts}; {n} new tokens; best of {repeats}")
-    model = Llama(mc, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    model = build_model(opts, preset, f"; contexts {contexts}; {n} new tokens; best of {repeats}")
+    mc = model.config
     retrieval, source = retrieval_pattern(mc, pattern)
     streaming = ~retrieval
     print(f"{source}: {int(streaming.sum())}/{streaming.size} KV heads streaming")
@@ -205,10 +256,7 @@ def main(argv):
     rows = []
     for ctx in contexts:
         prompt = rng.integers(0, mc.vocab_size, ctx).tolist()
-        base = LServeConfig(max_len=ctx + n, page_size=opts["page_size"], logical_page_size=opts["logical_page_size"],
-                            token_budget=opts["budget"], sink=opts["sink"], local=opts["local"],
-                            prefill_sink=opts["prefill_sink"], prefill_local=opts["prefill_local"],
-                            sparse_prefill=True, prefill_chunk=ctx)
+        base = lserve_config(opts, ctx, n)
         dense_cfg = dataclasses.replace(base, dynamic_sparsity=False)
         duo_ok = not opts["duo_max_context"] or ctx <= opts["duo_max_context"]
         if not duo_ok:
@@ -231,11 +279,8 @@ def main(argv):
             row = {"context": ctx, "engine": name, **{k: v for k, v in r.items() if k != "total"}}
             dense = results.get(f"{name} dense")
             for ref_name, ref in (("own dense", dense), ("transformers", results.get("transformers"))):
-                if ref is None or ref is r:
-                    continue
-                row[f"prefill x vs {ref_name}"] = ref["prefill s"] / r["prefill s"]
-                row[f"decode x vs {ref_name}"] = ref["decode ms/token"] / r["decode ms/token"]
-                row[f"KV mem x vs {ref_name}"] = ref["KV GiB"] / r["KV GiB"]
+                if ref is not None and ref is not r:
+                    row.update(ratios(r, ref, f" vs {ref_name}"))
             rows.append(row)
     print("\nx = the reference's time (or KV bytes) / this engine's; > 1 is faster (smaller). KV: bytes the cache "
           "holds after the prompt (LServe: page pools of max_len = prompt + new tokens; DuoAttention: full + ring "
