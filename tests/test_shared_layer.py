@@ -200,6 +200,39 @@ def test_relu_linear_attention_matches_quadratic_formula():
         relu_linear_attention(jnp.asarray(q), jnp.asarray(k[:, :, :2]), jnp.asarray(v))
 
 
+def test_relu_linear_attention_efficientvit_precision():
+    """`precision="efficientvit"` as the official `LiteMLA.relu_linear_att`: bfloat16 inputs give bfloat16 matmul
+    outputs (V padded with ones, so the normaliser too) divided in float32, emulated here by rounding float32
+    products to bfloat16; float16 and float32 inputs are computed exactly as the float32 mode."""
+    from jaxeff.nn import relu_linear_attention
+
+    rng = np.random.default_rng(1)
+    q, k = rng.standard_normal((2, 9, 2, 8)), rng.standard_normal((2, 13, 2, 8))
+    v = rng.standard_normal((2, 13, 2, 4))
+    bf = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+
+    def bf16(a):
+        return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+
+    qb, kb = (np.maximum(np.asarray(a, np.float32), 0) for a in bf[:2])
+    vb = np.asarray(bf[2], np.float32)
+    v_pad = np.concatenate([vb, np.ones_like(vb[..., :1])], axis=-1)
+    out = bf16(np.einsum("bnhd,bhde->bnhe", qb, bf16(np.einsum("bmhd,bmhe->bhde", kb, v_pad))))
+    want = out[..., :-1] / (out[..., -1:] + 1e-15)
+    got = relu_linear_attention(*bf, precision="efficientvit")
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-2, atol=2e-2)
+    f32 = np.asarray(relu_linear_attention(*bf))  # the same bfloat16 inputs, computed in float32
+    assert np.abs(np.asarray(got) - f32).max() > 1e-3  # the bfloat16 roundings are there
+    assert np.abs(np.asarray(got) - f32).max() < 0.1
+    for dtype in (jnp.float16, jnp.float32):
+        args = [jnp.asarray(a, dtype) for a in (q, k, v)]
+        np.testing.assert_array_equal(np.asarray(relu_linear_attention(*args, precision="efficientvit")),
+                                      np.asarray(relu_linear_attention(*args)))
+    with pytest.raises(ValueError, match="precision must be"):
+        relu_linear_attention(*bf, precision="bf16")
+
+
 def test_glu_mbconv_and_depthwise_conv_match_direct_convs():
     """The shared GLU-MBConv core (1x1 matmuls, shifted-sum depthwise, glu_silu) against XLA's direct convs;
     odd map size, biases on and off; both depthwise implementations against the grouped conv."""

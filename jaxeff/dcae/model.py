@@ -236,11 +236,13 @@ class LiteMLA(nnx.Module):
 
     `to_q`/`to_k`/`to_v` are the thirds of the original fused qkv conv; the heads read their q, k and v from the
     concatenation in a head-interleaved layout ([q_h, k_h, v_h] per 3*head_dim channels), as the original does.
-    Maps with H*W <= head_dim use quadratic ReLU attention, larger ones linear attention in float32
-    (`jaxeff.nn.relu_linear_attention`, shared with SANA)."""
+    Maps with H*W <= head_dim use quadratic ReLU attention (its normalisation in float32, as the official
+    `relu_quadratic_att`), larger ones linear attention (`jaxeff.nn.relu_linear_attention`, shared with SANA) with
+    the official per-dtype precision (bfloat16 matmuls for bfloat16 activations), or all in float32 as diffusers
+    with `fp32_attention=True`."""
 
     def __init__(self, channels: int, head_dim: int, norm_type: str, kernel_sizes: tuple[int, ...], *,
-                 rngs: nnx.Rngs, dtype=jnp.float32, eps: float = 1e-15):
+                 rngs: nnx.Rngs, dtype=jnp.float32, eps: float = 1e-15, fp32_attention: bool = False):
         heads = channels // head_dim
         inner = heads * head_dim
         self.to_q = Linear(channels, inner, rngs=rngs, dtype=dtype)
@@ -252,6 +254,7 @@ class LiteMLA(nnx.Module):
         self.to_out = Linear(inner * (1 + len(kernel_sizes)), channels, rngs=rngs, dtype=dtype)
         self.norm_out = make_norm(norm_type, channels, dtype)
         self.head_dim, self.eps = head_dim, eps
+        self.precision = "float32" if fp32_attention else "efficientvit"
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, _ = x.shape
@@ -262,7 +265,7 @@ class LiteMLA(nnx.Module):
         qkv = qkv.reshape(b, h * w, -1, 3, d)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         if h * w > d:
-            out = relu_linear_attention(q, k, v, self.eps)
+            out = relu_linear_attention(q, k, v, self.eps, precision=self.precision)
         else:
             q, k = jax.nn.relu(q), jax.nn.relu(k)
             scores = jnp.einsum("bmhd,bnhd->bhmn", k, q).astype(jnp.float32)
@@ -292,8 +295,9 @@ class GLUMBConv(nnx.Module):
 
 class EfficientViTBlock(nnx.Module):
     def __init__(self, channels: int, head_dim: int, norm_type: str, kernel_sizes: tuple[int, ...], *,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
-        self.attn = LiteMLA(channels, head_dim, norm_type, kernel_sizes, rngs=rngs, dtype=dtype)
+                 rngs: nnx.Rngs, dtype=jnp.float32, fp32_attention: bool = False):
+        self.attn = LiteMLA(channels, head_dim, norm_type, kernel_sizes, rngs=rngs, dtype=dtype,
+                            fp32_attention=fp32_attention)
         self.conv_out = GLUMBConv(channels, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -341,14 +345,15 @@ class UpBlock(nnx.Module):
 
 
 def _make_block(block_type: str, channels: int, cfg: DCAEConfig, norm: str, act: str, scales: tuple[int, ...],
-                rngs: nnx.Rngs, dtype):
+                rngs: nnx.Rngs, dtype, fp32_attention: bool):
     if block_type == "ResBlock":
         return ResBlock(channels, norm, act, rngs=rngs, dtype=dtype)
-    return EfficientViTBlock(channels, cfg.attention_head_dim, norm, scales, rngs=rngs, dtype=dtype)
+    return EfficientViTBlock(channels, cfg.attention_head_dim, norm, scales, rngs=rngs, dtype=dtype,
+                             fp32_attention=fp32_attention)
 
 
 class Encoder(nnx.Module):
-    def __init__(self, cfg: DCAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: DCAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, fp32_attention: bool = False):
         widths, depths = cfg.encoder_block_out_channels, cfg.encoder_layers_per_block
         unshuffle = cfg.downsample_block_type == "pixel_unshuffle"
         if depths[0] > 0:
@@ -360,7 +365,7 @@ class Encoder(nnx.Module):
         for i, (width, depth) in enumerate(zip(widths, depths)):
             blocks = [
                 _make_block(cfg.encoder_block_types[i], width, cfg, "rms_norm", "silu", cfg.encoder_qkv_multiscales[i],
-                            rngs, dtype)
+                            rngs, dtype, fp32_attention)
                 for _ in range(depth)
             ]
             if i < len(widths) - 1 and depth > 0:
@@ -383,7 +388,7 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg: DCAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: DCAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, fp32_attention: bool = False):
         widths, depths = cfg.decoder_block_out_channels, cfg.decoder_layers_per_block
         interpolate = cfg.upsample_block_type == "interpolate"
         self.conv_in = Conv2d(cfg.latent_channels, widths[-1], 3, rngs=rngs, dtype=dtype)
@@ -396,7 +401,7 @@ class Decoder(nnx.Module):
                                       shortcut=cfg.upsample_shortcut, rngs=rngs, dtype=dtype))
             blocks += [
                 _make_block(cfg.decoder_block_types[i], widths[i], cfg, cfg.decoder_norm_types[i],
-                            cfg.decoder_act_fns[i], cfg.decoder_qkv_multiscales[i], rngs, dtype)
+                            cfg.decoder_act_fns[i], cfg.decoder_qkv_multiscales[i], rngs, dtype, fp32_attention)
                 for _ in range(depths[i])
             ]
             stages.insert(0, nnx.List(blocks))
@@ -429,13 +434,16 @@ class DCAE(nnx.Module):
     gives a wrong latent.
 
     `scaled=True` multiplies latents by `config.scaling_factor` (the diffusion-model latent) on encode and divides
-    on decode. Parameters are float32 unless `dtype` says otherwise; the linear attention and norms run in float32.
+    on decode. Parameters are float32 unless `dtype` says otherwise; norms run in float32. The linear attention
+    follows the official precision rule (efficientvit `LiteMLA.relu_linear_att`): with bfloat16 parameters its two
+    matmuls run in bfloat16 and the division in float32; `fp32_attention=True` runs it all in float32, as diffusers'
+    `AutoencoderDC` does (identical for float32 parameters).
     Wrap calls in `jax.jit` (see `jit_method`) for speed; eager calls work but dispatch op by op."""
 
-    def __init__(self, config: DCAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: DCAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, fp32_attention: bool = False):
         self.config = config
-        self.encoder = Encoder(config, rngs=rngs, dtype=dtype)
-        self.decoder = Decoder(config, rngs=rngs, dtype=dtype)
+        self.encoder = Encoder(config, rngs=rngs, dtype=dtype, fp32_attention=fp32_attention)
+        self.decoder = Decoder(config, rngs=rngs, dtype=dtype, fp32_attention=fp32_attention)
 
     @property
     def dtype(self):
@@ -463,10 +471,10 @@ class DCAE(nnx.Module):
         return self.decode(self.encode(images))
 
     @classmethod
-    def random(cls, config: DCAEConfig, seed: int = 0, *, dtype=jnp.float32) -> DCAE:
+    def random(cls, config: DCAEConfig, seed: int = 0, *, dtype=jnp.float32, fp32_attention: bool = False) -> DCAE:
         """Same init distribution as the constructor, drawn with numpy: constructing with `nnx.Rngs` compiles one
         XLA RNG program per parameter shape, which takes minutes on a busy CPU for the full-size models."""
-        model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+        model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, fp32_attention=fp32_attention))
         rng = np.random.default_rng(seed)
         for _, m in nnx.iter_modules(model):
             if isinstance(m, Conv2d | Linear):
@@ -482,14 +490,15 @@ class DCAE(nnx.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, config: DCAEConfig | str | None = None, dtype=jnp.float32) -> DCAE:
+    def from_pretrained(cls, path: str | Path, *, config: DCAEConfig | str | None = None, dtype=jnp.float32,
+                        fp32_attention: bool = False) -> DCAE:
         """Load released weights: a diffusers directory (`config.json` + `diffusion_pytorch_model.safetensors`),
         an original-format directory or file (`model.safetensors`), or a single diffusers-format file with
         `config=`. Original-format weights carry no architecture: it comes from `config=` (a `DCAEConfig` or a
         released name such as "dc-ae-f32c32-in-1.0"), else the `model_name` in a `config.json` beside the file,
         else the directory name (for `hf:<owner>/<repo>`, downloaded by `jaxeff.io.hub.resolve`: the repo name).
         Missing, unexpected or mis-shaped tensors raise a ValueError naming them; so does an unknown config name,
-        before any file is read."""
+        before any file is read. `dtype` and `fp32_attention` as in the constructor."""
         if isinstance(config, str):
             config = get_config(config)
         if hub.is_hub_name(path):
@@ -498,7 +507,7 @@ class DCAE(nnx.Module):
             if config is None and not (path / "config.json").exists():
                 config = repo  # the snapshot folder is a commit hash, not the model name
         cfg, tensors = weights.read_checkpoint(path, config)
-        model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+        model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, fp32_attention=fp32_attention))
         weights.load_torch_state(model, tensors, dtype=dtype, source=str(path))
         return model
 

@@ -90,11 +90,12 @@ def state_dict(model: ForesightGenerator) -> dict[str, np.ndarray]:
 
 def load_vae(tensors: dict[str, np.ndarray], config: str = "dc-ae-f32c32-sana-1.0", *, dtype=jnp.float32):
     """The DC-AE of a released checkpoint from its `vae.*` tensors (prefix removed, diffusers `AutoencoderDC` names;
-    SANA-1600M-512's VAE is dc-ae-f32c32-sana-1.0, scaling factor 0.41407), as a `jaxeff.dcae.DCAE`."""
+    SANA-1600M-512's VAE is dc-ae-f32c32-sana-1.0, scaling factor 0.41407), as a `jaxeff.dcae.DCAE`. ForeAct runs
+    it as diffusers' `AutoencoderDC`, whose linear attention is float32 whatever the dtype (`fp32_attention=True`)."""
     from jaxeff.dcae import DCAE, get_config, load_torch_state
 
     cfg = get_config(config) if isinstance(config, str) else config
-    model = nnx.eval_shape(lambda: DCAE(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    model = nnx.eval_shape(lambda: DCAE(cfg, rngs=nnx.Rngs(0), dtype=dtype, fp32_attention=True))
     load_torch_state(model, tensors, dtype=dtype, source="vae.*")
     return model
 
