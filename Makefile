@@ -72,7 +72,7 @@ bench: install $(if $(filter $(name),$(BENCH_REF)),install-ref)
 	@test -n "$(name)" || { echo "usage: make bench name=<benchmark>"; ls benchmarks | grep -v __ | sed 's/\.py$$//;s/^/  /'; exit 2; }
 	@test -f benchmarks/$(name).py || { echo "unknown benchmark '$(name)'; known benchmarks:"; \
 		ls benchmarks | grep -v __ | sed 's/\.py$$//;s/^/  /'; exit 2; }
-	$(PY) -m benchmarks.$(name) $(OVERRIDES)
+	$(PY) -m benchmarks.$(name) $(if $(preset),preset=$(preset)) $(OVERRIDES)
 
 lint: install
 	$(PY) -m ruff check .
