@@ -96,7 +96,8 @@ def memory_table(setting: str) -> list[dict]:
     from the shapes `jax.eval_shape` gives: nothing is allocated."""
     spec = SETTINGS[setting]
     mc = model_config(spec["shape"])
-    alpha, _ = gate_values(mc, "", RELEASED.parent / spec["pattern"])
+    alpha, source = gate_values(mc, "", RELEASED.parent / spec["pattern"])
+    gates = spec["pattern"] if source.startswith("pattern") else "random"
     heads = da.select_retrieval_heads(alpha, 1 - spec["ratio"])
     weights = param_nbytes(nnx.eval_shape(lambda: Llama(mc, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
                                                         param_dtype=jnp.bfloat16)))
@@ -106,7 +107,8 @@ def memory_table(setting: str) -> list[dict]:
                                                                  recent=PAPER_RECENT, dtype=jnp.bfloat16))
         kv, dense = cache.kv_nbytes(), cache.dense_kv_nbytes()
         r = heads.mean()
-        rows.append({"setting": setting, "context": ctx, "retrieval": f"{int(heads.sum())}/{heads.size}",
+        rows.append({"setting": setting, "gates": gates, "context": ctx,
+                     "retrieval": f"{int(heads.sum())}/{heads.size}",
                      "dense KV GiB": dense / 2**30, "duo KV GiB": kv / 2**30, "KV x": dense / kv,
                      "KV x formula": 1 / da.kv_cache_ratio(r, PAPER_SINK, PAPER_RECENT, ctx),
                      "weights GiB": weights / 2**30, "weights+KV x": (weights + dense) / (weights + kv)})
@@ -169,9 +171,9 @@ def main(argv):
         print("smoke preset: a tiny random model; timings are ratios on this machine, not the paper's scale")
     rng = np.random.default_rng(0)
     results = [run_setting(s, opts, preset, rng) for s in settings]
-    print(f"\n1. Memory at the paper's shapes (bfloat16, batch 1, sink {PAPER_SINK} / recent {PAPER_RECENT}, released "
-          "pattern): cache bytes from DualKVCache.init under jax.eval_shape; KV x = dense / duo; formula = 1 / (r + "
-          "(1 - r)(S + R)/L)")
+    print(f"\n1. Memory at the paper's shapes (bfloat16, batch 1, sink {PAPER_SINK} / recent {PAPER_RECENT}, "
+          "gates: the released pattern's where present): cache bytes from DualKVCache.init under jax.eval_shape; "
+          "KV x = dense / duo; formula = 1 / (r + (1 - r)(S + R)/L)")
     print(fmt_table([row for s in settings for row in memory_table(s)]))
     print("\n2. Decode sweep over the retrieval-head ratio (x vs dense = the r = 1 row's time or KV bytes / this "
           "row's; nan: decode within the timing noise)")
