@@ -18,8 +18,9 @@ def relu_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, eps: float =
 
     Computed as kv = sum_m k'_m v_m^T [B, H, D, E], num = q' kv, den = q' . sum_m k'_m.
     `precision` says in which dtype:
-    - "float32" (default): everything in float32 whatever the input dtype, as diffusers' `SanaMultiscaleAttnProcessor2_0`
-      / `SanaLinearAttnProcessor2_0` (they upcast before the matmuls); SANA's and ForeAct's generator use it.
+    - "float32" (default): everything in float32 whatever the input dtype, as diffusers'
+      `SanaMultiscaleAttnProcessor2_0` / `SanaLinearAttnProcessor2_0` (they upcast before the matmuls); SANA's and
+      ForeAct's generator use it.
     - "efficientvit": as the official `LiteMLA.relu_linear_att` (efficientvit `models/nn/ops.py`, autocast off):
       float16 inputs are upcast to float32 for everything; bfloat16 inputs run both matmuls in bfloat16 (V padded
       with a ones row, so the normaliser is a bfloat16 matmul output too) and only the division in float32;
