@@ -4,7 +4,8 @@ Encode / decode throughput (images/s) of DC-AE in jaxeff vs diffusers' PyTorch `
 random weights, printed side by side with the ratio, plus the relative difference of the outputs. `dtype` (float32
 or bfloat16) is the parameter and activation dtype of both sides. On CPU both use all the CPU threads they see; when
 jax runs on a GPU and torch sees CUDA, diffusers runs on the GPU too (the header says which devices ran), each with
-its library's default conv/matmul precision. jaxeff is timed after compilation (compile time printed separately),
+its library's default conv/matmul precision; jaxeff's linear attention runs in float32 as diffusers' does
+(`fp32_attention=True`; the official bfloat16 matmuls are DC-AE's default elsewhere). jaxeff is timed after compilation (compile time printed separately),
 alternating with diffusers run by run; inputs sit on the device before the clock starts, and GPU work is waited
 for before it stops.
 """
@@ -70,7 +71,8 @@ def main(argv: list[str]) -> None:
         if on_gpu:
             torch.cuda.synchronize()
 
-    model = DCAE.random(cfg, seed=0, dtype=jdtype)
+    # the same work as diffusers' AutoencoderDC, whose linear attention is float32 for every dtype
+    model = DCAE.random(cfg, seed=0, dtype=jdtype, fp32_attention=True)
     tm = AutoencoderDC(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}).eval()
     state = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in torch_state(model).items()}
     result = tm.load_state_dict(state, strict=False)
