@@ -5,9 +5,9 @@ random weights, printed side by side with the ratio, plus the relative differenc
 or bfloat16) is the parameter and activation dtype of both sides. On CPU both use all the CPU threads they see; when
 jax runs on a GPU and torch sees CUDA, diffusers runs on the GPU too (the header says which devices ran), each with
 its library's default conv/matmul precision; jaxeff's linear attention runs in float32 as diffusers' does
-(`fp32_attention=True`; the official bfloat16 matmuls are DC-AE's default elsewhere). jaxeff is timed after compilation (compile time printed separately),
-alternating with diffusers run by run; inputs sit on the device before the clock starts, and GPU work is waited
-for before it stops.
+(`fp32_attention=True`; the official bfloat16 matmuls are DC-AE's default elsewhere). jaxeff is timed after
+compilation (compile time printed separately), alternating with diffusers run by run; inputs sit on the device before
+the clock starts, and GPU work is waited for before it stops.
 """
 
 from __future__ import annotations
