@@ -247,3 +247,14 @@ def test_engine_stops_at_any_of_several_stop_ids(setup):
     np.testing.assert_array_equal(default.tokens, ref.tokens)
     np.testing.assert_array_equal(default.num_generated, ref.num_generated)
     np.testing.assert_array_equal(engine.generate(prompts, NEW, eos_id=None, pad_id=63).tokens, free)
+
+
+def test_cache_refuses_gate_values_as_the_streaming_mask():
+    """LServeCache.init cast its mask to bool, so alpha made every head a streaming head; 0/1 integers could be
+    head indices. Both are refused by name (jaxeff.duo_attention.check_head_mask)."""
+    alpha = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    with pytest.raises(ValueError, match=r"streaming_heads holds gate values .*~select_retrieval_heads"):
+        LServeCache.init(alpha, 1, 8, small())
+    with pytest.raises(ValueError, match=r"streaming_heads holds integers: pass mask.astype\(bool\) .*streaming"):
+        LServeCache.init(np.array([[0, 1], [1, 0]]), 1, 8, small())
+    assert LServeCache.init(alpha > 0.5, 1, 8, small()).streaming == ((0,), (1,))

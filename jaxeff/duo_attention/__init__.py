@@ -6,7 +6,8 @@
 - `load_pattern` / `save_pattern`: the official `full_attention_heads.tsv` + `config.json` format, from a directory
   or a released pattern by name (`RELEASED_PATTERNS`, `resolve_pattern`);
   `select_retrieval_heads`: the quantile rule with the official tie-breaking noise (seeded), `selection_ties`;
-  `kv_cache_ratio`: the paper's memory formula.
+  `kv_cache_ratio`: the paper's memory formula; `check_head_mask`: the bool head split `generate` and LServe
+  take (gate values alpha refused by name).
 - `DualKVCache` and `generate`: full KV for retrieval heads, sink + recent for streaming heads; the official
   deployment window (first chunk dense, later chunks [sink + recent; chunk], decode sink + recent + 1) or the
   token-exact one, and the official evaluation protocols (`PROTOCOLS`: "longbench", "niah", "efficiency").
@@ -16,6 +17,7 @@ from jaxeff.duo_attention.cache import PROTOCOLS, DualKVCache, DuoGenerateOutput
 from jaxeff.duo_attention.calibration import CalibrationConfig, MultiPasskeyData
 from jaxeff.duo_attention.pattern import (
     RELEASED_PATTERNS,
+    check_head_mask,
     check_pattern,
     kv_cache_ratio,
     load_pattern,
@@ -37,7 +39,7 @@ from jaxeff.duo_attention.training import (
 
 __all__ = [
     "PROTOCOLS", "RELEASED_PATTERNS", "CalibrationConfig", "DualKVCache", "DuoGenerateOutput", "GateTrainConfig",
-    "MultiPasskeyData", "check_pattern", "gate_loss", "gate_schedule", "generate", "kv_cache_ratio", "load_pattern",
-    "make_gate_step", "resolve_pattern", "save_pattern", "select_retrieval_heads", "selection_ties", "torch_abs",
-    "torch_clamp01", "train_gates", "two_way_attention_fn",
+    "MultiPasskeyData", "check_head_mask", "check_pattern", "gate_loss", "gate_schedule", "generate",
+    "kv_cache_ratio", "load_pattern", "make_gate_step", "resolve_pattern", "save_pattern", "select_retrieval_heads",
+    "selection_ties", "torch_abs", "torch_clamp01", "train_gates", "two_way_attention_fn",
 ]

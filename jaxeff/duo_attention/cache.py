@@ -35,6 +35,8 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
+from jaxeff.duo_attention._checks import check_int
+from jaxeff.duo_attention.pattern import check_head_mask
 from jaxeff.models.llama import CONFIG_EOS, is_stop, num_generated, pad_prompts, resolve_stop_ids
 from jaxeff.models.sharding import heads_spec, init_cache
 from jaxeff.nn import attention, make_mask, xla_attention
@@ -63,12 +65,12 @@ class DualKVCache:
     def init(cls, retrieval_heads, batch: int, max_len: int, head_dim: int, *, sink: int, recent: int,
              dtype=jnp.float32, window: str = "official") -> DualKVCache:
         """retrieval_heads: bool [layers, kv_heads] (True = full KV cache); window: "official" or "token" (module
-        docstring). ValueError for a bad shape, sink < 0, recent < 1 or an unknown window."""
-        mask = np.asarray(retrieval_heads, bool)
-        if mask.ndim != 2:
-            raise ValueError(f"retrieval_heads must be [layers, kv_heads], got shape {mask.shape}")
-        if sink < 0 or recent < 1:
-            raise ValueError(f"need sink >= 0 and recent >= 1, got {sink}, {recent}")
+        docstring). ValueError for a mask that is not bool [layers, kv_heads] (gate values alpha: select first,
+        `check_head_mask`), sink < 0, recent < 1, batch / max_len / head_dim < 1 or an unknown window."""
+        mask = check_head_mask(retrieval_heads)
+        sink, recent = check_int("sink", sink, 0), check_int("recent", recent, 1)
+        batch, max_len = check_int("batch", batch, 1), check_int("max_len", max_len, 1)
+        head_dim = check_int("head_dim", head_dim, 1)
         if window not in WINDOWS:
             raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
         ret = tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in mask)
@@ -240,8 +242,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
     A model placed by `jaxeff.models.sharding.shard_model` runs tensor-parallel (GSPMD) with its cache sharded
     as `jaxeff.models.sharding.cache_specs` says (give a `max_len` that is a multiple of the mesh size, so layers
     whose retrieval-head count does not split over it split their cache over the sequence instead).
-    Returns `DuoGenerateOutput`. ValueError for a pattern of another shape, an unknown protocol / window, a prompt
-    not longer than decode_simulation, a cache too short, or non-positive sizes.
+    Returns `DuoGenerateOutput`. ValueError for retrieval_heads that is not a bool selection (gate values alpha:
+    `select_retrieval_heads` first) or of another shape, an unknown protocol / window, a prompt not longer than
+    decode_simulation, a cache too short, or sizes that are not integers in range.
     """
     if protocol is not None:
         if protocol not in PROTOCOLS:
@@ -254,20 +257,18 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
     decode_simulation = 0 if decode_simulation is None else decode_simulation
     window = "official" if window is None else window
     mc = model.config
-    mask = np.asarray(retrieval_heads, bool)
-    if mask.shape != (mc.num_hidden_layers, mc.num_key_value_heads):
-        raise ValueError(f"retrieval_heads has shape {mask.shape} but the model has {mc.num_hidden_layers} layers x "
-                         f"{mc.num_key_value_heads} KV heads")
-    if max_new_tokens < 1 or chunk_size < 0 or decode_simulation < 0:
-        raise ValueError(f"need max_new_tokens >= 1, chunk_size >= 0 and decode_simulation >= 0, got "
-                         f"{max_new_tokens}, {chunk_size}, {decode_simulation}")
+    mask = check_head_mask(retrieval_heads, shape=(mc.num_hidden_layers, mc.num_key_value_heads))
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    chunk_size = check_int("chunk_size (0 = the whole prompt)", chunk_size, 0)
+    decode_simulation = check_int("decode_simulation", decode_simulation, 0)
+    sink, recent = check_int("sink", sink, 0), check_int("recent", recent, 1)
     stops = resolve_stop_ids(mc, eos_id)
     tokens, lengths = pad_prompts(prompts, pad_id, vocab_size=mc.vocab_size)
     if lengths.min() <= decode_simulation:
         raise ValueError(f"a prompt of {int(lengths.min())} tokens is not longer than decode_simulation="
                          f"{decode_simulation}")
     need = int(lengths.max()) + max_new_tokens
-    max_len = need if max_len is None else max_len
+    max_len = need if max_len is None else check_int("max_len", max_len, 1)
     if need > max_len:
         raise ValueError(f"prompt ({int(lengths.max())} tokens) + {max_new_tokens} new tokens exceed the cache "
                          f"length {max_len}")

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxeff.data import english_corpus
 from jaxeff.data.text import CharTokenizer
+from jaxeff.duo_attention._checks import check_int, check_number
 
 NATO = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo", "lima",
         "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
@@ -36,7 +37,8 @@ ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
     """The official recipe's knobs (defaults: `scripts/train.sh`; the prompt strings are the official ones, the
-    needle's "Remeber" typo included, since the released patterns were trained on them)."""
+    needle's "Remeber" typo included, since the released patterns were trained on them). ValueError naming the
+    field and its valid range for any value out of range."""
 
     num_passkeys: int = 10
     passkey_length: int = 32  # NATO words per passkey
@@ -55,14 +57,16 @@ class CalibrationConfig:
     separator: str = "\n\n"
 
     def __post_init__(self):
-        if not 1 <= self.num_passkeys <= len(ORDINALS):
-            raise ValueError(f"num_passkeys must be in [1, {len(ORDINALS)}], got {self.num_passkeys}")
-        if self.num_passkeys > self.depth_intervals:
-            raise ValueError("need at least num_passkeys depth points")
-        if not 0 < self.context_min <= self.context_max or self.context_intervals < 1 or self.passkey_length < 1:
-            raise ValueError(f"bad context lengths / passkey length in {self}")
-        if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
-            raise ValueError(f"need 0 <= depth_min <= depth_max <= 1, got {self.depth_min}, {self.depth_max}")
+        name = "CalibrationConfig."
+        if check_int(name + "num_passkeys", self.num_passkeys, 1) > len(ORDINALS):
+            raise ValueError(f"{name}num_passkeys must be in [1, {len(ORDINALS)}], got {self.num_passkeys}")
+        for field in ("passkey_length", "context_min", "context_intervals", "pad_to_multiple_of"):
+            check_int(name + field, getattr(self, field), 1)
+        check_int(name + "context_max (>= context_min)", self.context_max, self.context_min)
+        check_int(name + "depth_intervals (>= num_passkeys)", self.depth_intervals, self.num_passkeys)
+        check_int(name + "buffer_size", self.buffer_size, 0)
+        check_number(name + "depth_min", self.depth_min, 0.0, 1.0)
+        check_number(name + "depth_max (>= depth_min)", self.depth_max, self.depth_min, 1.0)
 
 
 def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
@@ -77,7 +81,14 @@ class MultiPasskeyData:
     def __init__(self, tokenizer, text: str | None = None, config: CalibrationConfig = CalibrationConfig(),
                  seed: int = 0):
         """tokenizer: Hugging Face tokenizer or `CharTokenizer`; text: haystack (default `english_corpus()`),
-        repeated until it covers `context_max` tokens; seed: the passkey drawn to size the haystack cut."""
+        repeated until it covers `context_max` tokens; seed: the passkey drawn to size the haystack cut.
+        TypeError for a tokenizer without `encode` or a config that is not a `CalibrationConfig`; ValueError for
+        an empty text or a context_max that leaves no room for a haystack."""
+        if not isinstance(config, CalibrationConfig):
+            raise TypeError(f"config must be a CalibrationConfig, got {type(config).__name__}")
+        if not callable(getattr(tokenizer, "encode", None)):
+            raise TypeError(f"tokenizer must be a Hugging Face tokenizer or a CharTokenizer (with .encode), got "
+                            f"{type(tokenizer).__name__}")
         cfg = self.config = config
         self.tokenizer = tokenizer
         text = english_corpus() if text is None else text

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxeff.data import PasskeyTask, english_corpus
 from jaxeff.data.passkey import QUESTION
+from jaxeff.duo_attention._checks import check_int
 from jaxeff.duo_attention.pattern import is_pattern_name, parse_pattern_name
 from jaxeff.experiment import Run, get, make_config, run_experiment
 
@@ -39,7 +40,9 @@ def passkey_prompts(context: int, n: int, *, seed: int = 12345, depth: float | N
     """(prompt token lists, keys). context counts characters of the char task (`PasskeyTask` examples); with a
     Hugging Face `tokenizer` it counts about that many of its tokens: the same needle and question around a
     haystack of the same English text (repeated for contexts longer than the corpus), sized by the tokenizer's
-    characters per token."""
+    characters per token. ValueError for n or key_digits < 1 or a context too short for the needle and question."""
+    context, n = check_int("context", context, 1), check_int("n (prompts)", n, 1)
+    key_digits = check_int("key_digits", key_digits, 1)
     if tokenizer is None:
         task = PasskeyTask(context=context, key_digits=key_digits)
         batch = task.batch(seed, np.arange(n), depth=depth)
@@ -51,6 +54,8 @@ def passkey_prompts(context: int, n: int, *, seed: int = 12345, depth: float | N
     sample = corpus[:20000]
     chars_per_token = len(sample) / len(tokenizer.encode(sample, add_special_tokens=False))
     hay_len = int(context * chars_per_token * 0.97) - len(task.needle("0" * key_digits)) - len(QUESTION)
+    if hay_len < 1:
+        raise ValueError(f"context {context} (tokens) leaves no room for a haystack around the needle and question")
     reps = -(-(hay_len + len(corpus)) // len(corpus))  # long contexts repeat the corpus
     text = corpus * reps
     prompts, keys = [], []
@@ -67,7 +72,10 @@ def passkey_prompts(context: int, n: int, *, seed: int = 12345, depth: float | N
 
 
 def key_matches(generated: np.ndarray, keys: Sequence[str], tokenizer=None) -> np.ndarray:
-    """Bool [B]: the generated text (leading spaces stripped) starts with the key."""
+    """Bool [B]: the generated text (leading spaces stripped) starts with the key. ValueError unless there is one
+    key per generated row."""
+    if len(generated) != len(keys):
+        raise ValueError(f"{len(generated)} generated rows but {len(keys)} keys: one key per row")
     if tokenizer is None:
         tokenizer = PasskeyTask().tokenizer
     texts = [tokenizer.decode([int(t) for t in row]).lstrip() for row in generated]

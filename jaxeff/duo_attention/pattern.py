@@ -15,10 +15,12 @@ import json
 import os
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from jaxeff.duo_attention._checks import check_int, check_number
 from jaxeff.io import hub
 
 TSV_NAME = "full_attention_heads.tsv"
@@ -119,26 +121,50 @@ def load_pattern(source: str | Path, cache_dir: str | Path | None = None) -> tup
         if not path.is_file():
             raise FileNotFoundError(f"{directory} is not a DuoAttention pattern directory: {path.name} is missing "
                                     f"(released patterns by name: {sorted(RELEASED_PATTERNS)})")
-    alpha = np.loadtxt(tsv, dtype=np.float64, delimiter="\t", ndmin=2)
+    try:
+        with warnings.catch_warnings():  # an empty file: numpy warns, the size check below says it
+            warnings.simplefilter("ignore", UserWarning)
+            alpha = np.loadtxt(tsv, dtype=np.float64, delimiter="\t", ndmin=2)
+    except ValueError as err:
+        raise ValueError(f"{tsv} is not a tab-separated [layers x KV heads] matrix of gate values: {err}") from err
+    if not alpha.size:
+        raise ValueError(f"{tsv} holds no gate values")
     if not np.isfinite(alpha).all():
         raise ValueError(f"{tsv} holds non-finite gate values")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object with sink_size and recent_size, got {cfg!r:.80}")
     missing = [k for k in ("sink_size", "recent_size") if k not in cfg]
     if missing:
         raise ValueError(f"{cfg_path} lacks {missing}")
-    return np.clip(alpha, 0.0, 1.0).astype(np.float32), int(cfg["sink_size"]), int(cfg["recent_size"])
+    sink = check_int(f"sink_size in {cfg_path}", cfg["sink_size"], 0)
+    recent = check_int(f"recent_size in {cfg_path}", cfg["recent_size"], 1)
+    return np.clip(alpha, 0.0, 1.0).astype(np.float32), sink, recent
 
 
 def save_pattern(directory: str | Path, alpha, sink_size: int, recent_size: int, **config) -> Path:
-    """Writes the official format; `config` adds training arguments (lr, num_steps, ...) to config.json."""
+    """Writes the official format; `config` adds training arguments (lr, num_steps, ...) to config.json.
+
+    ValueError (before anything is written) for alpha that is not a finite non-empty [layers, kv_heads] array,
+    sink_size < 0, recent_size < 1 or a config value JSON cannot hold (e.g. a numpy scalar: pass float(x))."""
     alpha = np.asarray(alpha, np.float64)
-    if alpha.ndim != 2:
-        raise ValueError(f"alpha must be [layers, kv_heads], got shape {alpha.shape}")
+    if alpha.ndim != 2 or not alpha.size:
+        raise ValueError(f"alpha must be a non-empty [layers, kv_heads] array, got shape {alpha.shape}")
+    if not np.isfinite(alpha).all():
+        raise ValueError("alpha holds non-finite gate values (NaN or inf): a diverged gate training?")
+    cfg = dict(config, sink_size=check_int("sink_size", sink_size, 0),
+               recent_size=check_int("recent_size", recent_size, 1))
+    try:
+        text = json.dumps(cfg, indent=2)
+    except TypeError as err:
+        raise ValueError(f"config.json cannot hold the given config ({err}); pass plain Python values") from err
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     np.savetxt(directory / TSV_NAME, alpha, delimiter="\t")
-    cfg = dict(config, sink_size=int(sink_size), recent_size=int(recent_size))
-    (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+    (directory / CONFIG_NAME).write_text(text)
     return directory
 
 
@@ -151,6 +177,36 @@ def check_pattern(alpha, num_layers: int, num_kv_heads: int) -> np.ndarray:
     return alpha
 
 
+def check_head_mask(mask, name: str = "retrieval_heads", shape: tuple[int, int] | None = None, *,
+                    streaming: bool = False) -> np.ndarray:
+    """mask as a bool numpy array [layers, kv_heads]: the head split `generate`, `DualKVCache.init` and LServe take
+    (True = retrieval head; with `streaming=True` the inverse, True = streaming head).
+
+    ValueError naming `name` unless it is a bool array of shape [layers, kv_heads] (of `shape` when given). Gate
+    values alpha (floats) are refused: they must go through `select_retrieval_heads(alpha, sparsity)` first
+    (cast to bool, every nonzero gate would make a retrieval head). Integers are refused too, 0/1 flags included,
+    since an int array may as well hold head indices: pass `mask.astype(bool)` for 0/1 flags."""
+    arr = np.asarray(mask)
+    select = "~select_retrieval_heads(alpha, sparsity)" if streaming else "select_retrieval_heads(alpha, sparsity)"
+    if arr.dtype != bool:
+        if np.issubdtype(arr.dtype, np.floating):
+            flags = arr.size and np.isin(arr, (0.0, 1.0)).all()
+            why = (f"{name} holds gate values (float): pass {select}"
+                   + (", or mask.astype(bool) if these 0.0 / 1.0 values are already a selection" if flags else ""))
+        elif np.issubdtype(arr.dtype, np.integer):
+            why = (f"{name} holds integers: pass mask.astype(bool) for 0/1 flags (True = "
+                   f"{'streaming' if streaming else 'retrieval'} head), not head indices")
+        else:
+            why = f"{name} must be a bool array, got {mask!r:.80}"
+        raise ValueError(f"{why} (a bool [layers, kv_heads] mask is expected)")
+    if shape is not None and arr.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {arr.shape} but the model has {shape[0]} layers x {shape[1]} KV heads: "
+                         f"a pattern of another model?")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} has shape {arr.shape} but must be [layers, kv_heads]")
+    return arr
+
+
 def select_retrieval_heads(alpha, sparsity: float, *, seed: int | None = 42) -> np.ndarray:
     """Bool [layers, kv_heads]: the official `sparsify_attention_heads` (`duo_attn/utils.py:353-373`).
 
@@ -160,11 +216,14 @@ def select_retrieval_heads(alpha, sparsity: float, *, seed: int | None = 42) -> 
     stream (seeded 42 in LongBench's pred.py, unseeded elsewhere); here it is the first draw of
     `np.random.RandomState(seed)`, which equals the global stream right after `np.random.seed(seed)` (LongBench's
     only if nothing drew from it between the seeding and the selection). seed None: a fresh OS-seeded draw.
-    sparsity 0 / 1: every head retrieval / streaming. ValueError for sparsity outside [0, 1].
+    sparsity 0 / 1: every head retrieval / streaming. ValueError for sparsity outside [0, 1] (the fraction of
+    streaming heads, not a percentage) or alpha with NaN / inf (a NaN would make every head streaming).
     """
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    alpha = np.clip(np.asarray(alpha, np.float64), 0.0, 1.0)
+    sparsity = check_number("sparsity (the fraction of streaming heads)", sparsity, 0.0, 1.0)
+    alpha = np.asarray(alpha, np.float64)
+    if not np.isfinite(alpha).all():
+        raise ValueError("alpha holds non-finite gate values (NaN or inf): a diverged gate training?")
+    alpha = np.clip(alpha, 0.0, 1.0)
     if sparsity == 0.0:
         return np.ones(alpha.shape, bool)
     if sparsity == 1.0:
@@ -179,7 +238,7 @@ def selection_ties(alpha, retrieval) -> dict:
     tied > kept, i.e. another seed could keep other heads. E.g. Llama-3-8B-Gradient-1048k at sparsity 0.5 has 3 heads
     tied for 1 slot (reference note)."""
     alpha = np.clip(np.asarray(alpha, np.float64), 0.0, 1.0)
-    retrieval = np.asarray(retrieval, bool)
+    retrieval = check_head_mask(retrieval, "retrieval")
     if alpha.shape != retrieval.shape:
         raise ValueError(f"alpha {alpha.shape} and retrieval {retrieval.shape} differ in shape")
     if not retrieval.any() or retrieval.all():
@@ -191,6 +250,10 @@ def selection_ties(alpha, retrieval) -> dict:
 
 
 def kv_cache_ratio(retrieval_fraction: float, sink: int, recent: int, context: int) -> float:
-    """The paper's KV-cache size relative to dense: r + (1 - r) * min(sink + recent, L) / L."""
-    r = float(retrieval_fraction)
-    return r + (1 - r) * min(sink + recent, context) / context
+    """The paper's KV-cache size relative to dense: r + (1 - r) * min(sink + recent, L) / L, r the fraction of
+    retrieval heads (`1 - sparsity`, or `mask.mean()` of a selection), L = context tokens. ValueError for r outside
+    [0, 1], sink < 0, recent < 1 or context < 1."""
+    r = check_number("retrieval_fraction", retrieval_fraction, 0.0, 1.0)
+    window = check_int("sink", sink, 0) + check_int("recent", recent, 1)
+    context = check_int("context", context, 1)
+    return r + (1 - r) * min(window, context) / context

@@ -39,13 +39,19 @@ from flax import nnx
 
 import pallas_kernels
 from jaxeff import distributed
+from jaxeff.duo_attention._checks import check_int, check_number
+from jaxeff.duo_attention.calibration import MultiPasskeyData
+
+# pallas_kernels.hybrid_attention's implementations
+_IMPLEMENTATIONS = (None, "pallas", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
 class GateTrainConfig:
     """Gate-training settings; the defaults are the official run's (`scripts/train.sh`, every released
     `config.json`). streaming_mask: "block" (official `blocksparse`, `mask_block`-token blocks) or "token"
-    (token-exact, the official `sdpa` option). gate_dtype: "float32" or "model" (the model's dtype, official)."""
+    (token-exact, the official `sdpa` option). gate_dtype: "float32" or "model" (the model's dtype, official).
+    ValueError naming the field and its valid range for any value out of range."""
 
     sink: int = 128
     recent: int = 256
@@ -62,8 +68,19 @@ class GateTrainConfig:
     gate_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.sink < 0 or self.recent < 1 or self.steps < 1 or self.lr <= 0 or self.mask_block < 1:
-            raise ValueError(f"bad gate-training config {self}")
+        name = "GateTrainConfig."
+        for field, low in (("sink", 0), ("recent", 1), ("steps", 1), ("mask_block", 1)):
+            check_int(name + field, getattr(self, field), low)
+        for field in ("warmup_steps", "decay_steps"):
+            if getattr(self, field) is not None:
+                check_int(name + field + " (None = steps // 5)", getattr(self, field), 1)
+        check_number(name + "lr", self.lr, 0.0, low_open=True)
+        check_number(name + "lr_floor", self.lr_floor, 0.0, 1.0)
+        check_number(name + "reg_weight", self.reg_weight, 0.0)
+        check_number(name + "initial_value (gates are clamped to [0, 1])", self.initial_value, 0.0, 1.0)
+        if self.implementation not in _IMPLEMENTATIONS:
+            raise ValueError(f"{name}implementation must be one of {_IMPLEMENTATIONS} (pallas_kernels."
+                             f"hybrid_attention's), got {self.implementation!r}")
         if self.streaming_mask not in ("block", "token"):
             raise ValueError(f"streaming_mask must be 'block' or 'token', got {self.streaming_mask!r}")
         if self.gate_dtype not in ("float32", "model"):
@@ -157,6 +174,29 @@ def gate_loss(gates, model, tokens, mask, *, sink: int, recent: int, reg_weight:
     return distill + reg_weight * reg, {"distill": distill, "reg": reg}
 
 
+def _check_batch(batch, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) of a gate-training batch; ValueError naming what is wrong (the jitted step would fail deep
+    inside, or train on nothing: an out-of-vocabulary id is silently clamped by the embedding lookup, an all-zero
+    mask leaves only the regulariser, which drives every gate to 0)."""
+    if not isinstance(batch, Mapping) or not {"tokens", "mask"} <= set(batch):
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"a gate-training batch is a dict with 'tokens' and 'mask' (as MultiPasskeyData.batches "
+                         f"yields), got {keys}")
+    tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or not tokens.size:
+        raise ValueError(f"batch['tokens'] must be integer ids [batch, seq] (one row: tokens[None]), got "
+                         f"{tokens.dtype} {tokens.shape}")
+    if mask.shape != tokens.shape:
+        raise ValueError(f"batch['mask'] has shape {mask.shape}, batch['tokens'] {tokens.shape}: they must match")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
+        raise ValueError(f"batch['tokens'] holds id {int(bad)} outside the model's vocabulary [0, {vocab_size})")
+    if not np.any(mask):
+        raise ValueError("batch['mask'] marks no answer token: the distillation loss would be 0 and the "
+                         "regulariser alone would push every gate to 0")
+    return tokens, mask
+
+
 def make_gate_step(model, cfg: GateTrainConfig, mesh=None):
     """Returns (init_opt_state(gates), jitted step(gates, opt_state, batch) -> (gates, opt_state, metrics)).
 
@@ -183,7 +223,7 @@ def make_gate_step(model, cfg: GateTrainConfig, mesh=None):
         return optax.apply_updates(gates, updates), opt_state, dict(metrics, loss=loss)
 
     def run_step(gates, opt_state, batch: Mapping[str, np.ndarray]):
-        arrays = (np.asarray(batch["tokens"]), np.asarray(batch["mask"]))
+        arrays = _check_batch(batch, model.config.vocab_size)
         if mesh is None:
             return step(gates, opt_state, state, *map(jnp.asarray, arrays))
         start, stop = distributed.process_rows(mesh, arrays[0].shape[0])
@@ -199,10 +239,14 @@ def train_gates(model, batches: Iterable[Mapping[str, np.ndarray]], cfg: GateTra
     step, not clamped (as the official TSVs, which may hold values slightly below 0; loaders and
     `select_retrieval_heads` clip).
 
-    batches: yields {"tokens": int [B, S], "mask": [B, S] answer tokens}; `cfg.steps` of them are consumed.
+    batches: yields {"tokens": int [B, S], "mask": [B, S] answer tokens}, e.g. `MultiPasskeyData.batches(seed)`;
+    `cfg.steps` of them are consumed. ValueError for a batch of another form (`_check_batch`: ids outside the
+    vocabulary, no answer token, ...) or when batches end before cfg.steps.
     log(step, metrics) is called every 10 steps; progress wraps the step range (e.g. tqdm).
     mesh: data parallel over its "data" axis (`make_gate_step`); every process must yield the same global batches.
     """
+    if isinstance(batches, MultiPasskeyData):
+        raise TypeError("train_gates takes batches, not the data set: pass data.batches(seed=0)")
     mc = model.config
     dtype = jnp.float32 if cfg.gate_dtype == "float32" else model.dtype
     gates = jnp.full((mc.num_hidden_layers, mc.num_key_value_heads), cfg.initial_value, dtype)
@@ -213,7 +257,10 @@ def train_gates(model, batches: Iterable[Mapping[str, np.ndarray]], cfg: GateTra
     it = iter(batches)
     steps = range(cfg.steps) if progress is None else progress(range(cfg.steps))
     for i in steps:
-        gates, opt_state, metrics = step(gates, opt_state, next(it))
+        batch = next(it, None)
+        if batch is None:
+            raise ValueError(f"batches ended after {i} steps but GateTrainConfig.steps is {cfg.steps}")
+        gates, opt_state, metrics = step(gates, opt_state, batch)
         if log is not None and ((i + 1) % 10 == 0 or i + 1 == cfg.steps):
             log(i + 1, {k: float(v) for k, v in jax.device_get(metrics).items()})
     return np.asarray(gates.astype(jnp.float32))

@@ -48,6 +48,7 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 import pallas_kernels
+from jaxeff.duo_attention import check_head_mask
 from jaxeff.lserve.config import LServeConfig
 from jaxeff.models.sharding import heads_spec, shard_heads
 from pallas_kernels.paged import MIN_SELECTED_PAGES
@@ -141,8 +142,9 @@ class LServeCache:
         prefill_chunks: prefill calls the prompt takes (with more than one, the streaming ring first covers the
         prefill window); mesh / mesh_axis: the mesh a tensor-parallel model is split over
         (`jaxeff.models.sharding.model_mesh`), so that decode runs the paged kernels per device (`partition_specs`).
-        Place the arrays with `jaxeff.models.sharding.init_cache` / `shard_cache`."""
-        mask = np.asarray(streaming_heads, bool)
+        Place the arrays with `jaxeff.models.sharding.init_cache` / `shard_cache`. ValueError for a mask that is not
+        bool [layers, kv_heads] (gate values alpha, 0/1 integers: `jaxeff.duo_attention.check_head_mask`)."""
+        mask = check_head_mask(streaming_heads, "streaming_heads", streaming=True)
         ps, max_pages = config.page_size, config.max_pages
         dec = streaming_pages(config)
         ring = dec
