@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff.duo_attention import check_head_mask
 from jaxeff.lserve.cache import LServeCache
 from jaxeff.lserve.config import LServeConfig
 from jaxeff.models import sharding
@@ -69,16 +70,7 @@ def _streaming_mask(streaming_heads, retrieval_heads, shape: tuple[int, int]) ->
     (name, value), = given.items()
     if name == "streaming_heads" and value is None:
         return np.zeros(shape, bool)
-    mask = np.asarray(value)
-    if mask.dtype != bool:
-        alpha = np.issubdtype(mask.dtype, np.floating)  # gate values passed in place of a selection
-        raise ValueError(f"{name} must be a bool array of shape {shape} (layers x KV heads), got "
-                         f"{value if value is None else mask.dtype}" + (
-                             ": pass a selection such as jaxeff.duo_attention.select_retrieval_heads(alpha, "
-                             "sparsity), not alpha" if alpha else ""))
-    if mask.shape != shape:
-        raise ValueError(f"{name} has shape {mask.shape} but the model has {shape[0]} layers x {shape[1]} KV heads "
-                         f"(expected shape {shape}): the pattern belongs to another model")
+    mask = check_head_mask(value, name, shape, streaming=name == "streaming_heads")
     return ~mask if name == "retrieval_heads" else mask
 
 
