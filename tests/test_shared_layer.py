@@ -269,7 +269,8 @@ def test_glu_mbconv_and_depthwise_conv_match_direct_convs():
 @pytest.mark.parametrize("prompts, match", [
     ([], "list of token-id lists"), ([1, 2, 3], "list of token-id lists"), ([[1], []], "at least one token"),
     ([[1, 2], [3, 100]], "token id 100 in prompt 1 is outside the vocabulary"),
-    ([[-1]], "token id -1 in prompt 0"),
+    ([[-1]], "token id -1 in prompt 0"), ("hello", "list of token-id lists"), ([[1.0, 2.0]], "prompt 0 holds float64"),
+    (np.array([1, 2]), r"prompt array must be \[batch, length\]"),
 ])
 def test_bad_prompts_are_named(prompts, match):
     from jaxeff.models.llama import pad_prompts
@@ -278,3 +279,5 @@ def test_bad_prompts_are_named(prompts, match):
         pad_prompts(prompts, vocab_size=100)
     tokens, lengths = pad_prompts([[1, 2, 3], [4]], multiple=4, vocab_size=100)
     assert tokens.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]] and lengths.tolist() == [3, 1]
+    tokens, lengths = pad_prompts(np.array([[5, 6], [7, 8]]), vocab_size=100)  # an id array: equal lengths
+    assert tokens.tolist() == [[5, 6], [7, 8]] and lengths.tolist() == [2, 2]

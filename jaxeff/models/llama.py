@@ -479,13 +479,21 @@ def _generate_jit(graphdef, state, tokens, inputs_embeds, prompt_lens, cache, rn
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1,
                 vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad a list of token lists to [B, S] (S rounded up to `multiple`); returns (tokens, lengths).
-    ValueError for an empty prompt, a prompt that is not a list of ids, or (with `vocab_size`) an id outside
-    [0, vocab_size): an embedding lookup would silently clamp it."""
-    if not prompts or any(np.ndim(p) != 1 for p in prompts):
+    """Right-pad a list of token lists (or an integer array [B, S0]: equal-length prompts) to [B, S] (S rounded up
+    to `multiple`); returns (tokens, lengths). ValueError for an empty prompt, a prompt that is not a list of
+    integer ids, or (with `vocab_size`) an id outside [0, vocab_size): an embedding lookup would silently clamp it."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2:
+            raise ValueError(f"a prompt array must be [batch, length] token ids, got shape {prompts.shape}")
+        prompts = list(np.asarray(prompts))
+    if (isinstance(prompts, str) or not len(prompts)
+            or any(isinstance(p, str) or np.ndim(p) != 1 for p in prompts)):
         raise ValueError("prompts must be a list of token-id lists, e.g. [[1, 2, 3]] for one prompt")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    for i, p in enumerate(prompts):
+        if not np.issubdtype(np.asarray(p).dtype, np.integer):
+            raise ValueError(f"prompt {i} holds {np.asarray(p).dtype} values; token ids must be integers")
     if vocab_size is not None:
         for i, p in enumerate(prompts):
             ids = np.asarray(p)
