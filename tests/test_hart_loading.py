@@ -14,6 +14,7 @@ from jaxeff.hart import HART, HARTConfig, HARTTokenizer, HARTTransformer, Sample
 from jaxeff.hart.loading import CheckpointMismatchError, load_hart, save_hart
 from jaxeff.hart.pipeline import program_peak_bytes
 from jaxeff.hart.text import SYSTEM_PROMPT, TextEncoder
+from jaxeff.hart.transformer import filter_logits
 from jaxeff.io.safetensors import save_file
 
 C, DEPTH, HEADS, CTX_T, CTX_D, V, CV, PNS = 32, 2, 2, 3, 32, 64, 8, (1, 2, 3, 4)
@@ -284,10 +285,57 @@ def test_save_hart_round_trip(tmp_path):
         load_hart(root)
 
 
-def test_one_program_equals_encode_then_generate(ckpt, model_dir):
+@pytest.fixture(scope="module")
+def hart_text(ckpt, model_dir):
+    return HART.from_pretrained(ckpt[0], text_encoder=model_dir)
+
+
+def test_prompts_and_text_encoder_folder_refused_by_name(ckpt, hart_text):
+    """A bare str (iterated, it would be one prompt per character), an empty list or a non-str prompt is refused by
+    every public entry that takes prompts; so are prompts and context together. The HART folder (or its llm/)
+    given as the text encoder is named from its config.json, before transformers' tokenizer error."""
+    enc = hart_text.text_encoder
+    entries = (hart_text.generate, hart_text.encode, enc, enc.token_inputs, enc.tokenize)
+    for entry in entries:
+        with pytest.raises(ValueError, match=r"got one str 'a red cat': pass \[prompt\]"):
+            entry("a red cat")
+        with pytest.raises(ValueError, match="non-empty list of str"):
+            entry([])
+        with pytest.raises(ValueError, match="prompt 1 is int"):
+            entry(["a cat", 3])
+    ctx = jnp.zeros((1, CTX_T, CTX_D))
+    with pytest.raises(ValueError, match="not both"):
+        hart_text.generate(["a cat"], context=ctx)
+    with pytest.raises(FileNotFoundError, match="no config.json .*this is a HART checkpoint"):
+        TextEncoder.from_pretrained(ckpt[0])
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        HART.from_pretrained(ckpt[0], text_encoder=ckpt[0])
+    with pytest.raises(ValueError, match="model_type 'hart_transformer_t2i'; HART's text encoder is a Qwen2"):
+        TextEncoder.from_pretrained(ckpt[0] / "llm")
+
+
+def test_sample_options_refused_by_name():
+    """Out-of-range sampling options name the field and its range at construction; the official meanings stay
+    valid (top_k 0 and top_p 0: off, top_p 1: keep all, cfg 0: no guidance, temperature 0: noise-free diffusion)."""
+    for ok in (dict(top_k=0, top_k_late=0, top_p=0.0), dict(top_p=1.0, cfg=0.0, temperature=0.0), dict(cfg=7)):
+        SampleOptions(**ok)
+    # top_k 0 or at / above the vocabulary keeps every token; top_p 1 too
+    logits = jax.random.normal(jax.random.key(0), (2, V))
+    for k, p in ((0, 0.0), (V, 0.0), (V + 1, 0.0), (0, 1.0)):
+        np.testing.assert_array_equal(filter_logits(logits, k, p), logits)
+    assert int(jnp.isfinite(filter_logits(logits, V - 1, 0.0)).sum()) == 2 * (V - 1)
+    bad = {"top_p": (1.5, -0.1, float("nan")), "cfg": (-1.0, float("inf")), "temperature": (-0.5,),
+           "top_k": (-1, 2.5, True), "top_k_late": (-3,), "num_maskgit_iters": (0,)}
+    for name, values in bad.items():
+        for v in values:
+            with pytest.raises(ValueError, match=rf"SampleOptions\.{name} must be"):
+                SampleOptions(**{name: v})
+
+
+def test_one_program_equals_encode_then_generate(hart_text):
     """Prompts go through text encoding + generation + decoding as one compiled program; the same images as
     encoding first and generating from the context."""
-    hart = HART.from_pretrained(ckpt[0], text_encoder=model_dir)
+    hart = hart_text
     prompts, opts = ["a red cat", "blue sky sky"], SampleOptions(cfg=3.0, top_k=10, top_k_late=5)
     ctx, pos = hart.encode(prompts)
     np.testing.assert_allclose(hart.generate(prompts, seed=2, opts=opts),

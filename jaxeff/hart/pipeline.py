@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.hart.loading import load_hart
-from jaxeff.hart.text import encode_tokens
+from jaxeff.hart.text import check_prompts, encode_tokens
 from jaxeff.hart.tokenizer import HARTTokenizer
 from jaxeff.hart.transformer import HARTTransformer, SampleOptions, generate_fhat
 
@@ -126,6 +126,9 @@ class HART:
         return cls(model, tok, enc)
 
     def encode(self, prompts: list[str]):
+        """prompts (a list of str) -> (context [B, T, D] float32, positions [B, T] int32). Raises ValueError without
+        a text encoder or for prompts that are not a non-empty list of str (`jaxeff.hart.text.check_prompts`)."""
+        check_prompts(prompts)
         if self.text_encoder is None:
             raise ValueError("this HART has no text encoder; pass text_encoder= to from_pretrained or give context")
         ctx, _, pos = self.text_encoder(prompts)
@@ -133,11 +136,16 @@ class HART:
 
     def generate(self, prompts: list[str] | None = None, *, context=None, ctx_pos=None, seed: int = 0,
                  opts: SampleOptions | None = None):
-        """Images [B, H, W, 3] in [0, 1] for prompts (encoded inside the compiled program) or precomputed context
-        [B, T, D] + positions [B, T]. Raises ValueError without either, or for a context of the wrong shape."""
+        """Images [B, H, W, 3] in [0, 1] for prompts (a list of str, encoded inside the compiled program) or
+        precomputed context [B, T, D] + positions [B, T]. Raises ValueError without either or with both, for
+        prompts that are not a non-empty list of str (a bare str would be one prompt per character), for a context
+        of the wrong shape, or for `opts` the model cannot take (`generate_fhat`)."""
         opts = SampleOptions() if opts is None else opts
         key = jax.random.key(seed)
+        if prompts is not None and context is not None:
+            raise ValueError("give prompts or context, not both")
         if prompts is not None:
+            check_prompts(prompts)
             if self.text_encoder is None:
                 raise ValueError("this HART has no text encoder; pass text_encoder= to from_pretrained or give "
                                  "context")

@@ -37,19 +37,33 @@ SYSTEM_PROMPT = (
 )
 
 
-def load_qwen2(directory: str | Path, dtype=jnp.float32) -> Llama:
-    """A Qwen2 (or the language model of a Qwen2-VL) Hugging Face directory as a `Llama`."""
-    from jaxeff.io.hf import load_state_dict_into
-
+def qwen2_config(directory: str | Path) -> LlamaConfig:
+    """The decoder config of a Qwen2 / Qwen2-VL Hugging Face directory (Qwen2-VL: its language model, whose
+    text-only M-RoPE is 1D RoPE). Raises FileNotFoundError without a config.json (e.g. the HART checkpoint folder
+    given as the text encoder) and ValueError naming any other model_type."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{directory}: no config.json (expected a Qwen2 / Qwen2-VL model directory)")
+        hint = " (this is a HART checkpoint; the text encoder is Qwen2-VL-1.5B-Instruct)" \
+            if (directory / "llm").is_dir() or (directory / "tokenizer" / "config.json").exists() else ""
+        raise FileNotFoundError(f"{directory}: no config.json (expected a Qwen2 / Qwen2-VL model directory){hint}")
     d = json.loads(cfg_path.read_text())
-    if d.get("model_type") == "qwen2_vl":
+    if d.get("model_type") not in ("qwen2", "qwen2_vl"):
+        raise ValueError(f"{cfg_path}: model_type {d.get('model_type')!r}; HART's text encoder is a Qwen2 / Qwen2-VL "
+                         "model directory (model_type 'qwen2' or 'qwen2_vl')")
+    if d["model_type"] == "qwen2_vl":
         d = {**d.get("text_config", {}), **{k: v for k, v in d.items() if k != "text_config"}}
         d.update(model_type="qwen2", rope_scaling=None)
-    cfg = LlamaConfig.from_hf(d)
+    return LlamaConfig.from_hf(d)
+
+
+def load_qwen2(directory: str | Path, dtype=jnp.float32) -> Llama:
+    """A Qwen2 (or the language model of a Qwen2-VL) Hugging Face directory as a `Llama`; the config is checked
+    first (`qwen2_config`)."""
+    from jaxeff.io.hf import load_state_dict_into
+
+    directory = Path(directory)
+    cfg = qwen2_config(directory)
     tensors = load_checkpoint_dir(directory)
     renamed = {}
     for k, v in tensors.items():
@@ -82,8 +96,20 @@ def _encode(graphdef, state, tokens, valid, n_sys: int):
     return encode_tokens(nnx.merge(graphdef, state), tokens, valid, n_sys)
 
 
+def check_prompts(prompts) -> None:
+    """Raise ValueError unless `prompts` is a non-empty list (or tuple) of str: a bare str would iterate as one
+    prompt per character."""
+    if isinstance(prompts, str):
+        raise ValueError(f"prompts must be a list of str, got one str {prompts[:40]!r}: pass [prompt]")
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of str, got {type(prompts).__name__} {prompts!r:.60}")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be str; prompt {bad[0]} is {type(prompts[bad[0]]).__name__}")
+
+
 class TextEncoder:
-    """prompts -> (context [B, T, D] float32, mask [B, T] bool, positions [B, T] int32)."""
+    """prompts (a list of str) -> (context [B, T, D] float32, mask [B, T] bool, positions [B, T] int32)."""
 
     def __init__(self, model: Llama, tokenizer, max_length: int = 300, use_system_prompt: bool = True):
         self.model, self.tokenizer = model, tokenizer
@@ -97,19 +123,21 @@ class TextEncoder:
         from transformers import AutoTokenizer
 
         directory = hub.resolve(directory, allow_patterns=hub.HF_MODEL_FILES)
+        qwen2_config(directory)  # a wrong folder is named here, not by the tokenizer's error
         tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         return cls(load_qwen2(directory, dtype), tok, max_length, use_system_prompt)
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
+        """prompts (a list of str) -> token ids [B, max_length] int32, right-padded / truncated. Raises ValueError
+        for a bare str (it would be one prompt per character), an empty list or a non-str element."""
+        check_prompts(prompts)
         ids = [self.tokenizer(p, padding="max_length", max_length=self.max_length, truncation=True)["input_ids"]
                for p in prompts]
         return np.asarray(ids, np.int32)
 
     def token_inputs(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         """Host-side tokenisation: (tokens, valid) [B, n_sys + max_length] int32 / bool for `encode_tokens`, and
-        n_sys (the system prompt's length, 0 without it)."""
-        if not prompts:
-            raise ValueError("no prompts given")
+        n_sys (the system prompt's length, 0 without it). Raises ValueError as `tokenize`."""
         tokens = self.tokenize(prompts)
         mask = tokens != self.tokenizer.pad_token_id
         sys = np.asarray(self.tokenizer(SYSTEM_PROMPT)["input_ids"], np.int32) if self.use_system_prompt else \

@@ -404,18 +404,35 @@ def level_ids(cfg: HARTConfig) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
-    cfg: float = 4.5
-    top_k: int = 600  # the reference drops to `top_k_late` from scale 7 on
-    top_k_late: int = 300
-    top_p: float = 0.0
+    """Sampling options of `generate_fhat`, checked at construction (ValueError naming the field and its valid
+    range). The ranges keep every meaning the reference gives (`autoregressive_infer_cfg`,
+    `sample_with_top_k_top_p_`): top_k / top_k_late 0 = no top-k filter (`top_k > 0` gates it), top_p 0 = off and
+    1 keeps every token, cfg 0 = no guidance, temperature 0 = noise-free diffusion sampling (the noise term is
+    scaled by it). A top_k at or above the vocabulary keeps every token, as top-k with k = V does (the reference's
+    torch.topk raises for k > V; here the defaults 600 / 300 must also run models with small vocabularies)."""
+
+    cfg: float = 4.5  # >= 0
+    top_k: int = 600  # >= 0; the reference drops to `top_k_late` from scale 7 on
+    top_k_late: int = 300  # >= 0
+    top_p: float = 0.0  # in [0, 1]
     more_smooth: bool = True  # Gumbel-softmax smoothing of the code vectors (the released sample.py default)
-    temperature: float = 1.0  # diffusion head temperature
+    temperature: float = 1.0  # >= 0; diffusion head temperature
     use_diffusion: bool = True  # False: discrete-only last scale (the reference's final_stage != 0)
-    num_maskgit_iters: int = 1  # MAR iterations of the last scale (the reference's default: all tokens at once)
+    num_maskgit_iters: int = 1  # >= 1; MAR iterations of the last scale (the reference's default: all at once)
 
     def __post_init__(self):
-        if self.num_maskgit_iters < 1:
-            raise ValueError(f"num_maskgit_iters must be >= 1, got {self.num_maskgit_iters}")
+        def number(name, kind, ok, valid):
+            v = getattr(self, name)
+            is_kind = isinstance(v, (int, np.integer)) if kind is int else isinstance(v, (int, float, np.number))
+            if isinstance(v, (bool, np.bool_)) or not is_kind or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"SampleOptions.{name} must be {valid}, got {v!r}")
+
+        number("cfg", float, lambda v: v >= 0, "a finite float >= 0 (0: no guidance)")
+        number("top_k", int, lambda v: v >= 0, "an int >= 0 (0: no top-k filter)")
+        number("top_k_late", int, lambda v: v >= 0, "an int >= 0 (0: no top-k filter)")
+        number("top_p", float, lambda v: 0 <= v <= 1, "in [0, 1] (0: no top-p filter)")
+        number("temperature", float, lambda v: v >= 0, "a finite float >= 0 (0: noise-free diffusion sampling)")
+        number("num_maskgit_iters", int, lambda v: v >= 1, "an int >= 1")
 
 
 def cfg_ramp(cfg: float, num_scales: int) -> np.ndarray:
