@@ -98,3 +98,36 @@ def test_generator_foresight_bad_null_frame():
     # foreact_tabletop experiment; building a model here costs more than the check is worth
     with pytest.raises(ValueError, match="null_frame"):
         GeneratorForesight(None, None, None, None, null_frame="white")
+
+
+def test_generator_foresight_bad_input_and_chunks(monkeypatch):
+    """Integer frames (uint8 in [0, 255] would run as a finite, meaningless image), a bare str, a text count other
+    than the frame count and malformed frames are refused by name before any model runs; a call with b frames runs
+    chunks padded to min(chunk, the power of two >= b), so one foresight costs one frame of work."""
+    fs = GeneratorForesight(None, None, None, None)
+    frames = np.zeros((2, 8, 8, 3), np.float32)
+    cases = [((frames.astype(np.uint8), ["a", "b"]), r"GeneratorForesight got uint8 values; it expects float images "
+                                                      r"in \[-1, 1\]: convert with frames.astype"),
+             ((frames, "pick up the cup"), r"got one str 'pick up the cup': pass \[text\]"),
+             ((frames, ["pick up the cup"]), "one str text per frame, got 1 texts for 2 frames"),
+             ((frames, ["a", 3]), "one str text per frame"),
+             ((frames[0], ["a"] * 8), r"frames must be \[b, H, W, C\] with b >= 1, got \(8, 8, 3\)"),
+             ((frames[:0], []), r"b >= 1")]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fs(*args)
+    for chunk in (0, 2.0, True):
+        with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+            GeneratorForesight(None, None, None, None, chunk=chunk)
+    seen = []
+
+    def fake_chunk(self, f, texts, n):  # records (frames, padded size); returns the frames
+        seen.append((len(f), n))
+        return f
+
+    monkeypatch.setattr(GeneratorForesight, "_chunk", fake_chunk)
+    for b, expected in ((1, [(1, 1)]), (3, [(3, 4)]), (8, [(8, 8)]), (11, [(8, 8), (3, 8)])):
+        seen.clear()
+        x = np.random.default_rng(b).normal(size=(b, 4, 4, 3)).astype(np.float32)
+        np.testing.assert_array_equal(fs(x, ["t"] * b), x)
+        assert seen == expected

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.foreact.generator import ForesightGenerator
+from jaxeff.data.images import require_float
 from jaxeff.foreact.sampling import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, sample
 
 
@@ -122,8 +123,11 @@ class GeneratorForesight:
     """The generator as a foresight function: frames -> latents (`encode`), subtask texts -> caption features
     (`encode_text(list[str]) -> (features [b, L, C], mask [b, L])`), 3-way CFG sampling, latents -> frames
     (`decode`). The null source for image guidance is `encode(null_frame)`: "grey" (zeros in [-1, 1], the official
-    inference) or "black" (-1, what training dropped to); None = 2-way text guidance. Frames are sampled in chunks
-    of `chunk` (the last one padded), so one compiled program serves every batch size."""
+    inference) or "black" (-1, what training dropped to); None = 2-way text guidance.
+
+    Frames are sampled in chunks of at most `chunk`; a call with b frames pads each chunk to
+    min(chunk, the power of two >= b) frames, so a single foresight costs one frame of work and at most
+    log2(chunk) + 1 batch shapes are ever compiled."""
 
     generator: ForesightGenerator  # or any module with its call signature (the toy's CellGenerator)
     encode: Callable[[jax.Array], jax.Array]
@@ -140,14 +144,29 @@ class GeneratorForesight:
     def __post_init__(self):
         if self.null_frame not in ("grey", "black", None):
             raise ValueError(f"null_frame must be 'grey', 'black' or None, got {self.null_frame!r}")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {self.chunk!r}")
 
     def __call__(self, frames: np.ndarray, texts: Sequence[str], env_ids=None) -> np.ndarray:
+        """frames [b, H, W, 3] float in [-1, 1] and one subtask text per frame -> foresight frames [b, H, W, 3]
+        (the decoder's range, [-1, 1] for DC-AE). Raises ValueError for integer frames (e.g. uint8 in [0, 255]),
+        frames that are not [b, H, W, C] with b >= 1, a bare str or a text count other than b."""
+        require_float(frames, "GeneratorForesight", convert="frames.astype(np.float32) / 127.5 - 1")
         frames = np.asarray(frames, np.float32)
-        return np.concatenate([self._chunk(frames[i : i + self.chunk], texts[i : i + self.chunk])
-                               for i in range(0, len(frames), self.chunk)])
+        if frames.ndim != 4 or not len(frames):
+            raise ValueError(f"GeneratorForesight: frames must be [b, H, W, C] with b >= 1, got {frames.shape}")
+        if isinstance(texts, str):
+            raise ValueError(f"GeneratorForesight: texts must be a list of str, one per frame, got one str "
+                             f"{texts[:40]!r}: pass [text]")
+        if len(texts) != len(frames) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"GeneratorForesight: need one str text per frame, got {len(texts)} texts for "
+                             f"{len(frames)} frames")
+        n = min(self.chunk, 1 << (len(frames) - 1).bit_length())
+        return np.concatenate([self._chunk(frames[i : i + n], texts[i : i + n], n)
+                               for i in range(0, len(frames), n)])
 
-    def _chunk(self, frames: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        b, n = len(frames), self.chunk
+    def _chunk(self, frames: np.ndarray, texts: Sequence[str], n: int) -> np.ndarray:
+        b = len(frames)
         frames = np.concatenate([np.asarray(frames, np.float32), np.zeros((n - b, *frames.shape[1:]), np.float32)])
         texts = list(texts) + [""] * (n - b)
         src = self.encode(jnp.asarray(frames))
