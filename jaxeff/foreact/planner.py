@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.foreact.generator import ForesightGenerator
 from jaxeff.data.images import require_float
+from jaxeff.foreact.generator import ForesightGenerator
 from jaxeff.foreact.sampling import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, sample
 
 
