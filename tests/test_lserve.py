@@ -80,7 +80,9 @@ def test_retrieval_heads_is_the_inverted_streaming_split(setup):
     assert [st["kv_pages_read"] for st in out.stats] == [st["kv_pages_read"] for st in ref.stats]
     assert out.kv_nbytes == ref.kv_nbytes < out.dense_kv_nbytes
     # streaming_heads=None (positional too, as benchmarks/serving.py passes it): no streaming head
-    assert not Engine(model, cfg, None).streaming_heads.any()
+    assert not Engine(model, cfg, streaming_heads=None).streaming_heads.any()
+    with pytest.raises(TypeError):  # keyword-only: a positional mask could be read with the wrong convention
+        Engine(model, cfg, np.zeros((2, 2), bool))
 
 
 def test_head_split_errors(setup):
@@ -88,7 +90,7 @@ def test_head_split_errors(setup):
     with pytest.raises(TypeError, match=r"exactly one of retrieval_heads= .* got neither"):
         Engine(model, small())
     with pytest.raises(TypeError, match="got retrieval_heads and streaming_heads"):
-        Engine(model, small(), np.zeros((2, 2), bool), retrieval_heads=np.ones((2, 2), bool))
+        Engine(model, small(), streaming_heads=np.zeros((2, 2), bool), retrieval_heads=np.ones((2, 2), bool))
     with pytest.raises(ValueError, match=r"retrieval_heads has shape \(2, 3\) but the model has 2 layers x 2 KV heads"):
         Engine(model, small(), retrieval_heads=np.ones((2, 3), bool))
     with pytest.raises(ValueError, match=r"retrieval_heads holds gate values \(float\): pass select_retrieval_heads"):
@@ -96,7 +98,7 @@ def test_head_split_errors(setup):
     with pytest.raises(ValueError, match="retrieval_heads must be a bool array, got None"):
         Engine(model, small(), retrieval_heads=None)
     with pytest.raises(ValueError, match=r"streaming_heads holds integers: pass mask.astype\(bool\)"):
-        Engine(model, small(), np.zeros((2, 2), np.int64))
+        Engine(model, small(), streaming_heads=np.zeros((2, 2), np.int64))
 
 
 def test_ring_page_table_maps_local_pages_to_distinct_slots():

@@ -106,14 +106,15 @@ class Engine:
       retrieval_heads: bool [layers, kv_heads], True = retrieval head (every page kept, page selection in decode),
         the convention of `jaxeff.duo_attention.select_retrieval_heads(alpha, sparsity)` and
         `jaxeff.duo_attention.generate(retrieval_heads=...)`: pass a DuoAttention selection as it is;
-      streaming_heads (also the third positional argument): bool [layers, kv_heads], True = streaming head (sink +
-        local window), i.e. `~retrieval_heads`; None = no streaming head (every head a retrieval head).
+      streaming_heads: bool [layers, kv_heads], True = streaming head (sink + local window), i.e.
+        `~retrieval_heads`; None = no streaming head (every head a retrieval head).
+    Both are keyword-only: a positional mask could be read with the wrong convention.
     ValueError when the split is not a bool array of shape (layers, kv_heads) of this model (alpha passed in place
     of a selection, a pattern of another model, `retrieval_heads=None`) or the model has sliding-window layers.
     `model` may be placed on a mesh by `jaxeff.models.sharding.shard_model` (module docstring: tensor parallel).
     """
 
-    def __init__(self, model, config: LServeConfig | None = None, streaming_heads=_UNSET, *,
+    def __init__(self, model, config: LServeConfig | None = None, *, streaming_heads=_UNSET,
                  retrieval_heads=_UNSET):
         config = LServeConfig() if config is None else config
         mc = model.config

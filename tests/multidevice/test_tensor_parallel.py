@@ -123,11 +123,11 @@ def test_lserve_engine_sharded_equals_one_device(qwen_pair, mesh, monkeypatch):
                        prefill_chunk=16)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 96, n).tolist() for n in (30, 17)]
-    ref = Engine(one, cfg, streaming).generate(prompts, 6)
+    ref = Engine(one, cfg, streaming_heads=streaming).generate(prompts, 6)
     per_device = []  # shard_map calls traced for the sharded engine: its kernels run per device, not whole
     real_shard_map = jax.shard_map
     monkeypatch.setattr(jax, "shard_map", lambda f, **kw: per_device.append(kw["mesh"].size) or real_shard_map(f, **kw))
-    out = Engine(sharded, cfg, streaming).generate(prompts, 6)
+    out = Engine(sharded, cfg, streaming_heads=streaming).generate(prompts, 6)
     assert per_device and set(per_device) == {8}
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     assert [st["kv_pages_read"] for st in out.stats] == [st["kv_pages_read"] for st in ref.stats]
