@@ -1,7 +1,8 @@
 """Pin every notebook's install cell to the commit whose library code the suite tests (`make pin-notebooks`).
 
 A notebook installs jaxeff from git at `JAXEFF_REF` while the test suite executes it against the checkout, so the
-pin must be a commit whose installed code (`INSTALLED`) equals the checkout's: the last commit that changed it.
+pin must be a commit whose installed code (`INSTALLED`: the Python files of the packages pyproject.toml installs, and
+pyproject.toml itself) equals the checkout's: the last commit that changed it.
 `tests/test_notebooks.py` fails when the code changed after the pin; then run this and commit the notebooks.
 """
 
@@ -13,7 +14,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-INSTALLED = ("jaxeff", "pallas_kernels", "pyproject.toml")  # what `pip install jaxeff @ git+...` installs
+# what `pip install jaxeff @ git+...` installs: [tool.setuptools.packages.find] and no package data
+INSTALLED = tuple(f":(glob){package}/**/*.py" for package in ("jaxeff", "pallas_kernels", "experiments", "benchmarks")) \
+    + ("pyproject.toml",)
 PIN = re.compile(r'(JAXEFF_REF\\", \\")([0-9a-f]{40})')  # as the install cell's source is stored in the JSON
 
 

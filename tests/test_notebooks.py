@@ -26,7 +26,7 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_pin_installs_the_tested_code(path):
     """A notebook installs jaxeff at its pinned commit (`JAXEFF_REF`), while `test_notebook_executes` runs it against
-    this checkout: the pin must be on main's history and its installed code identical to this checkout's, or Colab
+    this checkout: the pin must be on main's history and its installed code identical to HEAD's, or Colab
     users would run code the suite never ran with these cells (an old pin once lacked a method the cells call)."""
     import sys
 
@@ -38,6 +38,6 @@ def test_notebook_pin_installs_the_tested_code(path):
     if git("cat-file", "-e", f"{ref}^{{commit}}").returncode:  # also when this is no git checkout
         pytest.skip(f"{ref} is not in this checkout's git history (not a git clone, or a shallow one)")
     assert git("merge-base", "--is-ancestor", ref, "HEAD").returncode == 0, f"{path.name}: {ref} is not on main"
-    changed = git("diff", "--name-only", ref, "--", *INSTALLED).stdout.split()
+    changed = git("diff", "--name-only", ref, "HEAD", "--", *INSTALLED).stdout.split()
     assert not changed, (f"{path.name} pins {ref[:7]}, but the installed code changed since ({len(changed)} files, "
                          f"e.g. {changed[:3]}): commit, then `make pin-notebooks` and commit the notebooks")
