@@ -15,8 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # what `pip install jaxeff @ git+...` installs: [tool.setuptools.packages.find] and no package data
-INSTALLED = tuple(f":(glob){package}/**/*.py" for package in ("jaxeff", "pallas_kernels", "experiments", "benchmarks")) \
-    + ("pyproject.toml",)
+PACKAGES = ("jaxeff", "pallas_kernels", "experiments", "benchmarks")
+INSTALLED = tuple(f":(glob){package}/**/*.py" for package in PACKAGES) + ("pyproject.toml",)
 PIN = re.compile(r'(JAXEFF_REF\\", \\")([0-9a-f]{40})')  # as the install cell's source is stored in the JSON
 
 
