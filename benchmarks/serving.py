@@ -137,8 +137,9 @@ def best_of(fn, repeats: int):
 
 
 def time_lserve(model, lcfg, streaming, prompt, n, repeats):
-    """LServe `Engine(model, lcfg, streaming_heads=streaming)` on one prompt, n >= 2 greedy tokens: prefill s, decode ms/token (the
-    engine's own split), KV GiB held, and per decode step the KV pages (one KV head's page) and MiB read."""
+    """LServe `Engine(model, lcfg, streaming_heads=streaming)` on one prompt, n >= 2 greedy tokens: prefill s, decode
+    ms/token (the engine's own split), KV GiB held, and per decode step the KV pages (one KV head's page) and MiB
+    read."""
     engine = Engine(model, lcfg, streaming_heads=streaming)
 
     def once():
