@@ -233,6 +233,24 @@ def test_relu_linear_attention_efficientvit_precision():
         relu_linear_attention(*bf, precision="bf16")
 
 
+def test_relu_linear_attention_efficientvit_precision_matches_torch_bf16():
+    """The official `relu_linear_att` arithmetic in torch bfloat16 (V padded with ones, two bf16 matmuls, then the
+    division in float32), its [B, heads, dim, N] layout, against `precision="efficientvit"` on the same inputs."""
+    torch = pytest.importorskip("torch")
+    from jaxeff.nn import relu_linear_attention
+
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((2, 37, 3, 16)).astype(np.float32) for _ in range(3))
+    got = np.asarray(relu_linear_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)),
+                                           precision="efficientvit"))
+    tq, tk, tv = (torch.from_numpy(a).permute(0, 2, 3, 1).to(torch.bfloat16) for a in (q, k, v))  # [B, h, d, N]
+    tq, tk = torch.relu(tq), torch.relu(tk)
+    tv = torch.nn.functional.pad(tv, (0, 0, 0, 1), mode="constant", value=1)
+    out = torch.matmul(torch.matmul(tv, tk.transpose(-1, -2)), tq).float()
+    want = (out[:, :, :-1] / (out[:, :, -1:] + 1e-15)).permute(0, 3, 1, 2).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def test_glu_mbconv_and_depthwise_conv_match_direct_convs():
     """The shared GLU-MBConv core (1x1 matmuls, shifted-sum depthwise, glu_silu) against XLA's direct convs;
     odd map size, biases on and off; both depthwise implementations against the grouped conv."""
