@@ -1,4 +1,4 @@
-"""Input checks shared by the LPD entry points.
+"""LPD's value checks on ids and orders (dtype and scalar checks come from `jaxeff.checks`).
 
 Shapes and dtypes are static, so they are checked everywhere, also under `jax.jit`. Values (id ranges, orders
 being permutations) are checked only when they are concrete (numpy / Python values, or jax arrays outside a trace);
@@ -12,21 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def concrete(x):
-    """`x` as a numpy array when its values are known here, None under a trace."""
-    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
-
-
-def dtype_of(x):
-    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-
-
-def require_int(x, name: str):
-    """TypeError unless `x` holds integers (a float image or float ids would be silently truncated)."""
-    dtype = dtype_of(x)
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"{name} must be integer ids, got dtype {dtype}")
+from jaxeff.checks import concrete
 
 
 def check_range(x, upper: int, name: str):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff import checks
 from jaxeff.lpd import _checks
 from jaxeff.lpd.config import LPDConfig
 from jaxeff.nn.attention import xla_attention
@@ -220,7 +221,7 @@ class LPD(nnx.Module):
         n = c.num_tokens
         for name, x in (("tokens", tokens), ("orders", orders), ("step_of", step_of)) + \
                 (() if labels is None else (("labels", labels),)):
-            _checks.require_int(x, name)
+            checks.require_int_array(x, name)
         b = np.shape(orders)[0] if np.ndim(orders) == 2 else None
         if np.shape(orders) != (b, n) or np.shape(tokens) != (b, n) or np.shape(step_of)[-1:] != (n,) or \
                 (labels is not None and np.shape(labels) != (b,)):
@@ -244,7 +245,7 @@ class LPD(nnx.Module):
 
 def _check_step_of(step_of):
     """ValueError if a concrete `step_of` is not a schedule: 1 first, then non-decreasing by steps of 0 or 1."""
-    s = _checks.concrete(step_of)
+    s = checks.concrete(step_of)
     if s is None:
         return
     s = s.reshape(-1, s.shape[-1])

@@ -28,20 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.checks import require_int
 from jaxeff.lpd import _checks, schedules
 
 _INV_DIST = {(dr, dc): 1.0 / math.hypot(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc}
 
 
-def _positive_ints(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def raster_order(batch: int, num_tokens: int) -> jnp.ndarray:
     """[B, N] int32: 0 ... N - 1 for every sample. ValueError unless batch and N are ints >= 1."""
-    _positive_ints(batch=batch, num_tokens=num_tokens)
+    require_int(batch, "batch", 1)
+    require_int(num_tokens, "num_tokens", 1)
     return jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
 
 
@@ -49,7 +45,8 @@ def random_orders(key, batch: int, num_tokens: int) -> jnp.ndarray:
     """[B, N] int32: an independent uniformly random permutation per sample (training, `sample_orders`).
     `key`: one PRNG key (TypeError otherwise)."""
     _checks.check_key(key)
-    _positive_ints(batch=batch, num_tokens=num_tokens)
+    require_int(batch, "batch", 1)
+    require_int(num_tokens, "num_tokens", 1)
     return jax.vmap(lambda k: jax.random.permutation(k, num_tokens))(jax.random.split(key, batch)).astype(jnp.int32)
 
 
@@ -135,7 +132,7 @@ def locality_aware_order(grid: int, group_sizes, proximity_threshold: float = 1.
     `randomness`: `NumpyRandomness(seed)` (default: unseeded) or `TraceRandomness(npz)` to replay an official
     trace; `repulsion_threshold` is rho (Chebyshev), `proximity_threshold` tau. With `return_proximity_counts`
     also returns [K] int: how many of each step's cells (they come first) were proximity picks, not FPS."""
-    _positive_ints(grid=grid)
+    require_int(grid, "grid", 1)
     n = grid * grid
     sizes = list(schedules.check_group_sizes(group_sizes, n))
     rnd = NumpyRandomness() if randomness is None else randomness
@@ -188,7 +185,8 @@ def locality_aware_order(grid: int, group_sizes, proximity_threshold: float = 1.
 def batched_orders(kind: str, batch: int, grid: int, group_sizes=None, *, seed: int = 0, **locality) -> np.ndarray:
     """[B, N] int32 orders of one `kind`: "raster", "random" or "locality" (numpy, for evaluation); N = grid**2.
     ValueError for an unknown kind, batch or grid < 1, or (locality) a schedule that does not sum to N."""
-    _positive_ints(batch=batch, grid=grid)
+    require_int(batch, "batch", 1)
+    require_int(grid, "grid", 1)
     n = grid * grid
     if kind == "raster":
         return np.asarray(raster_order(batch, n))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff import checks
 from jaxeff.lpd import _checks, schedules
 from jaxeff.lpd.model import LPD
 from jaxeff.lpd.orders import batched_orders
@@ -136,7 +137,7 @@ def generate(model: LPD, group_sizes, orders, labels=None, *, cfg: float = 1.0, 
     value checks run on the host; `generate` is not meant to be traced (it compiles its own program)."""
     c = model.config
     sizes = schedules.check_group_sizes(group_sizes, c.num_tokens)
-    _checks.require_int(orders, "orders")
+    checks.require_int_array(orders, "orders")
     if np.ndim(orders) != 2 or np.shape(orders)[1] != c.num_tokens:
         raise ValueError(f"orders must be [B, {c.num_tokens}], got {np.shape(orders)}")
     _checks.check_permutations(orders, c.num_tokens)
@@ -144,7 +145,7 @@ def generate(model: LPD, group_sizes, orders, labels=None, *, cfg: float = 1.0, 
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"unknown cfg schedule {cfg_schedule!r}; choose from {CFG_SCHEDULES}")
     if labels is not None:
-        _checks.require_int(labels, "labels")
+        checks.require_int_array(labels, "labels")
         if np.shape(labels) != (orders.shape[0],):
             raise ValueError(f"labels must be [B] = [{orders.shape[0]}] class ids (one per orders row), got shape "
                              f"{np.shape(labels)}")
@@ -186,7 +187,7 @@ def generate_images(model: LPD, vq: VQModel, labels, *, steps: int = 20, cfg: fl
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be a 1-D list of class ids [B] (one per image), got shape {labels.shape}")
-    _checks.require_int(labels, "labels")
+    checks.require_int_array(labels, "labels")
     _checks.check_range(labels, model.config.num_classes, "labels")
     if model.config.vocab_size != vq.config.codebook_size:
         raise ValueError(f"the LPD vocabulary ({model.config.vocab_size}) must be the VQ codebook "

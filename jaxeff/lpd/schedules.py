@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxeff.checks import require_int
+
 
 def _expand(spec: str) -> tuple[int, ...]:
     out: list[int] = []
@@ -76,16 +78,10 @@ TRAINING_STEPS: dict[int, tuple[int, ...]] = {
 }
 
 
-def _require_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
 def group_sizes(resolution: int, steps: int) -> tuple[int, ...]:
     """The official schedule for `resolution` (256 or 512; image pixels, not tokens) px at `steps` steps.
     Raises TypeError for non-int arguments, ValueError naming what exists for a missing table."""
-    resolution, steps = _require_int(resolution, "resolution"), _require_int(steps, "steps")
+    resolution, steps = require_int(resolution, "resolution"), require_int(steps, "steps")
     if resolution not in GROUP_SIZES:
         raise ValueError(f"no official schedules for {resolution}px (have {sorted(GROUP_SIZES)}; the resolution is "
                          "in image pixels: the VQ factor, 16 for the released VQ, x the token grid)")
