@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxeff.data import CharTokenizer, PasskeyTask, answer_exact_match, index_batches
 from jaxeff.distributed import process_rows, shard_batch
+from jaxeff.duo_attention.evaluation import passkey_export_dir
 from jaxeff.experiment import Run, register
 from jaxeff.io import save_pretrained
 from jaxeff.models.llama import Llama, LlamaConfig
@@ -180,7 +181,7 @@ def run(cfg: Config, run: Run) -> None:
     train_seconds = time.time() - t0
 
     model = nnx.merge(graphdef, state.params, state.frozen)
-    export = Path(cfg.export_dir or f"checkpoints/llama_passkey_{run.preset}")
+    export = Path(cfg.export_dir or passkey_export_dir(run.preset))
     if run.is_main:
         export_model(model, export, run)
         save_pretrained(model, run.dir / "model")

@@ -423,14 +423,18 @@ def _latest_resumable(root: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def _config_differences(directory: Path, cfg: Any) -> list[str]:
-    try:
-        saved = json.loads((directory / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        return ["(config.json unreadable)"]
-    now = _jsonable(cfg)
-    keys = sorted(set(saved) | set(now))
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+def config_differences(saved: Mapping, cfg: Any, *, ignore: Iterable[str] = ()) -> list[str]:
+    """"field: saved -> now" for each field of `saved` (a config as config.json stores it, e.g. a run's
+    `json.load(...)["config"]`) that differs from `cfg` (a config dataclass or mapping, compared in the same JSON
+    form: tuples as lists), sorted by field; a field only one side has counts as a difference (shown as <absent>).
+    Fields named in `ignore` are skipped. Empty: the same config."""
+    now, skip = _jsonable(cfg), set(ignore)
+
+    def show(config: Mapping, key: str) -> str:
+        return repr(config[key]) if key in config else "<absent>"
+
+    return [f"{k}: {show(saved, k)} -> {show(now, k)}" for k in sorted(set(saved) | set(now))
+            if k not in skip and (k not in saved or k not in now or saved[k] != now[k])]
 
 
 def run_experiment(
@@ -457,7 +461,10 @@ def run_experiment(
             print(f"resume=true: no unfinished run with checkpoints under {root}; starting a new run",
                   file=sys.stderr)
         if directory is not None:
-            changed = _config_differences(directory, cfg)
+            try:
+                changed = config_differences(json.loads((directory / "config.json").read_text())["config"], cfg)
+            except (OSError, ValueError, KeyError):
+                changed = ["(config.json unreadable)"]
             if changed:
                 print(f"warning: resuming {directory} with a changed config: {'; '.join(changed)}", file=sys.stderr)
             chosen = "resume:" + str(directory)

@@ -41,7 +41,7 @@ def demo(tmp_path, monkeypatch):
 
     def fake_run_experiment(name, preset, overrides=None, *, runs_root):
         assert name == "llama_passkey" and not overrides  # the default export_dir, the one the demos read
-        trained.append(_train(Path(runs_root), preset, {}, f"checkpoints/llama_passkey_{preset}"))
+        trained.append(_train(Path(runs_root), preset, {}, evaluation.passkey_export_dir(preset)))
         return trained[-1]
 
     monkeypatch.setattr(evaluation, "run_experiment", fake_run_experiment)
@@ -57,8 +57,13 @@ def test_passkey_demos_share_the_current_llama_passkey_export(demo, tmp_path):
     path, note = evaluation.resolve_model("", run)  # the next demo takes it
     assert path == smoke and len(trained) == 1 and str(trained[0].dir) in note
 
-    stamp = tmp_path / smoke / "passkey_task.json"  # from an older smoke preset: retrained, and the note says why
+    stamp = tmp_path / smoke / "passkey_task.json"  # evaluation / export settings do not change the model: taken
     old = json.loads(stamp.read_text())
+    assert {"eval_examples", "export_dir"} <= set(evaluation.NOT_MODEL_FIELDS) <= set(old["config"])
+    stamp.write_text(json.dumps(old | {"config": old["config"] | {"eval_examples": 3, "export_dir": "elsewhere"}}))
+    assert evaluation.resolve_model("", run)[0] == smoke and len(trained) == 1
+
+    # from an older smoke preset: retrained, and the note says why
     stamp.write_text(json.dumps(old | {"config": old["config"] | {"steps": 7}}))
     path, note = evaluation.resolve_model("", run)
     assert path == smoke and len(trained) == 2 and "steps: 7 -> 1500" in note

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
-from jaxeff.duo_attention._checks import check_int
+from jaxeff.checks import require_int
 from jaxeff.duo_attention.pattern import check_head_mask
 from jaxeff.models.llama import CONFIG_EOS, is_stop, num_generated, pad_prompts, resolve_stop_ids
 from jaxeff.models.sharding import heads_spec, init_cache
@@ -68,9 +68,9 @@ class DualKVCache:
         docstring). ValueError for a mask that is not bool [layers, kv_heads] (gate values alpha: select first,
         `check_head_mask`), sink < 0, recent < 1, batch / max_len / head_dim < 1 or an unknown window."""
         mask = check_head_mask(retrieval_heads)
-        sink, recent = check_int("sink", sink, 0), check_int("recent", recent, 1)
-        batch, max_len = check_int("batch", batch, 1), check_int("max_len", max_len, 1)
-        head_dim = check_int("head_dim", head_dim, 1)
+        sink, recent = require_int(sink, "sink", 0), require_int(recent, "recent", 1)
+        batch, max_len = require_int(batch, "batch", 1), require_int(max_len, "max_len", 1)
+        head_dim = require_int(head_dim, "head_dim", 1)
         if window not in WINDOWS:
             raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
         ret = tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in mask)
@@ -258,17 +258,17 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, re
     window = "official" if window is None else window
     mc = model.config
     mask = check_head_mask(retrieval_heads, shape=(mc.num_hidden_layers, mc.num_key_value_heads))
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    chunk_size = check_int("chunk_size (0 = the whole prompt)", chunk_size, 0)
-    decode_simulation = check_int("decode_simulation", decode_simulation, 0)
-    sink, recent = check_int("sink", sink, 0), check_int("recent", recent, 1)
+    max_new_tokens = require_int(max_new_tokens, "max_new_tokens", 1)
+    chunk_size = require_int(chunk_size, "chunk_size (0 = the whole prompt)", 0)
+    decode_simulation = require_int(decode_simulation, "decode_simulation", 0)
+    sink, recent = require_int(sink, "sink", 0), require_int(recent, "recent", 1)
     stops = resolve_stop_ids(mc, eos_id)
     tokens, lengths = pad_prompts(prompts, pad_id, vocab_size=mc.vocab_size)
     if lengths.min() <= decode_simulation:
         raise ValueError(f"a prompt of {int(lengths.min())} tokens is not longer than decode_simulation="
                          f"{decode_simulation}")
     need = int(lengths.max()) + max_new_tokens
-    max_len = need if max_len is None else check_int("max_len", max_len, 1)
+    max_len = need if max_len is None else require_int(max_len, "max_len", 1)
     if need > max_len:
         raise ValueError(f"prompt ({int(lengths.max())} tokens) + {max_new_tokens} new tokens exceed the cache "
                          f"length {max_len}")

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jaxeff.checks import require_int, require_number
 from jaxeff.data import english_corpus
 from jaxeff.data.text import CharTokenizer
-from jaxeff.duo_attention._checks import check_int, check_number
 
 NATO = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo", "lima",
         "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
@@ -58,15 +58,15 @@ class CalibrationConfig:
 
     def __post_init__(self):
         name = "CalibrationConfig."
-        if check_int(name + "num_passkeys", self.num_passkeys, 1) > len(ORDINALS):
+        if require_int(self.num_passkeys, name + "num_passkeys", 1) > len(ORDINALS):
             raise ValueError(f"{name}num_passkeys must be in [1, {len(ORDINALS)}], got {self.num_passkeys}")
         for field in ("passkey_length", "context_min", "context_intervals", "pad_to_multiple_of"):
-            check_int(name + field, getattr(self, field), 1)
-        check_int(name + "context_max (>= context_min)", self.context_max, self.context_min)
-        check_int(name + "depth_intervals (>= num_passkeys)", self.depth_intervals, self.num_passkeys)
-        check_int(name + "buffer_size", self.buffer_size, 0)
-        check_number(name + "depth_min", self.depth_min, 0.0, 1.0)
-        check_number(name + "depth_max (>= depth_min)", self.depth_max, self.depth_min, 1.0)
+            require_int(getattr(self, field), name + field, 1)
+        require_int(self.context_max, name + "context_max (>= context_min)", self.context_min)
+        require_int(self.depth_intervals, name + "depth_intervals (>= num_passkeys)", self.num_passkeys)
+        require_int(self.buffer_size, name + "buffer_size", 0)
+        require_number(self.depth_min, name + "depth_min", 0.0, 1.0)
+        require_number(self.depth_max, name + "depth_max (>= depth_min)", self.depth_min, 1.0)
 
 
 def _encode(tokenizer, text: str, special: bool = False) -> list[int]:

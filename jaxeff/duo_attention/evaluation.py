@@ -10,22 +10,32 @@ current preset.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from jaxeff.checks import require_int
 from jaxeff.data import PasskeyTask, english_corpus
 from jaxeff.data.passkey import QUESTION
-from jaxeff.duo_attention._checks import check_int
 from jaxeff.duo_attention.pattern import is_pattern_name, parse_pattern_name
-from jaxeff.experiment import Run, get, make_config, run_experiment
+from jaxeff.experiment import Run, config_differences, get, make_config, run_experiment
 
-# where `llama_passkey` exports its model per preset (its default `export_dir`); `resolve_model` looks here (full
-# first) when no model is given
-PASSKEY_CHECKPOINTS = {"full": "checkpoints/llama_passkey_full", "smoke": "checkpoints/llama_passkey_smoke"}
+
+def passkey_export_dir(preset: str) -> str:
+    """Where `llama_passkey` exports its model for `preset` when its `export_dir` is left empty (relative to the
+    working directory): the one definition the experiment and `resolve_model` share."""
+    return f"checkpoints/llama_passkey_{preset}"
+
+
+# the default exports `resolve_model` looks in (full first) when no model is given
+PASSKEY_CHECKPOINTS = {preset: passkey_export_dir(preset) for preset in ("full", "smoke")}
+
+# `llama_passkey` config fields that do not change the exported model (how often and on what it is evaluated or
+# checkpointed during training, where it is exported, a simulated preemption); every other field, including one
+# added later, does (`eval_contexts` too: it sets max_position_embeddings), and a difference in it retrains.
+NOT_MODEL_FIELDS = ("checkpoint_every", "eval_every", "eval_examples", "export_dir", "interrupt_at_step")
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -41,8 +51,8 @@ def passkey_prompts(context: int, n: int, *, seed: int = 12345, depth: float | N
     Hugging Face `tokenizer` it counts about that many of its tokens: the same needle and question around a
     haystack of the same English text (repeated for contexts longer than the corpus), sized by the tokenizer's
     characters per token. ValueError for n or key_digits < 1 or a context too short for the needle and question."""
-    context, n = check_int("context", context, 1), check_int("n (prompts)", n, 1)
-    key_digits = check_int("key_digits", key_digits, 1)
+    context, n = require_int(context, "context", 1), require_int(n, "n (prompts)", 1)
+    key_digits = require_int(key_digits, "key_digits", 1)
     if tokenizer is None:
         task = PasskeyTask(context=context, key_digits=key_digits)
         batch = task.batch(seed, np.arange(n), depth=depth)
@@ -107,16 +117,15 @@ def passkey_stamp(model_dir: str | Path) -> dict | None:
 
 
 def _stale(path: str, preset: str) -> str | None:
-    """Why the export at `path` is not what `llama_passkey` preset `preset` makes today (None: it is)."""
+    """Why the export at `path` is not the model `llama_passkey` preset `preset` trains today (None: it is); fields
+    in `NOT_MODEL_FIELDS` are not compared."""
     stamp = passkey_stamp(path)
     if not isinstance(stamp, dict) or not isinstance(stamp.get("config"), dict):
         return "carries no stamp of the run that made it (older code, or an interrupted export)"
     if (stamp.get("experiment"), stamp.get("preset")) != ("llama_passkey", preset):
         return f"was made by {stamp.get('experiment')} preset {stamp.get('preset')}"
-    want = json.loads(json.dumps(dataclasses.asdict(make_config(get("llama_passkey"), preset, {}))))
-    made = stamp["config"]
-    changed = [f"{k}: {made.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(made) | set(want))
-               if made.get(k, KeyError) != want.get(k, KeyError)]
+    changed = config_differences(stamp["config"], make_config(get("llama_passkey"), preset, {}),
+                                 ignore=NOT_MODEL_FIELDS)
     return f"was trained with a config other than today's {preset} preset ({'; '.join(changed)})" if changed else None
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxeff.duo_attention._checks import check_int, check_number
+from jaxeff.checks import require_int, require_number
 from jaxeff.io import hub
 
 TSV_NAME = "full_attention_heads.tsv"
@@ -140,8 +140,8 @@ def load_pattern(source: str | Path, cache_dir: str | Path | None = None) -> tup
     missing = [k for k in ("sink_size", "recent_size") if k not in cfg]
     if missing:
         raise ValueError(f"{cfg_path} lacks {missing}")
-    sink = check_int(f"sink_size in {cfg_path}", cfg["sink_size"], 0)
-    recent = check_int(f"recent_size in {cfg_path}", cfg["recent_size"], 1)
+    sink = require_int(cfg["sink_size"], f"sink_size in {cfg_path}", 0)
+    recent = require_int(cfg["recent_size"], f"recent_size in {cfg_path}", 1)
     return np.clip(alpha, 0.0, 1.0).astype(np.float32), sink, recent
 
 
@@ -155,8 +155,8 @@ def save_pattern(directory: str | Path, alpha, sink_size: int, recent_size: int,
         raise ValueError(f"alpha must be a non-empty [layers, kv_heads] array, got shape {alpha.shape}")
     if not np.isfinite(alpha).all():
         raise ValueError("alpha holds non-finite gate values (NaN or inf): a diverged gate training?")
-    cfg = dict(config, sink_size=check_int("sink_size", sink_size, 0),
-               recent_size=check_int("recent_size", recent_size, 1))
+    cfg = dict(config, sink_size=require_int(sink_size, "sink_size", 0),
+               recent_size=require_int(recent_size, "recent_size", 1))
     try:
         text = json.dumps(cfg, indent=2)
     except TypeError as err:
@@ -219,7 +219,7 @@ def select_retrieval_heads(alpha, sparsity: float, *, seed: int | None = 42) -> 
     sparsity 0 / 1: every head retrieval / streaming. ValueError for sparsity outside [0, 1] (the fraction of
     streaming heads, not a percentage) or alpha with NaN / inf (a NaN would make every head streaming).
     """
-    sparsity = check_number("sparsity (the fraction of streaming heads)", sparsity, 0.0, 1.0)
+    sparsity = require_number(sparsity, "sparsity (the fraction of streaming heads)", 0.0, 1.0)
     alpha = np.asarray(alpha, np.float64)
     if not np.isfinite(alpha).all():
         raise ValueError("alpha holds non-finite gate values (NaN or inf): a diverged gate training?")
@@ -253,7 +253,7 @@ def kv_cache_ratio(retrieval_fraction: float, sink: int, recent: int, context: i
     """The paper's KV-cache size relative to dense: r + (1 - r) * min(sink + recent, L) / L, r the fraction of
     retrieval heads (`1 - sparsity`, or `mask.mean()` of a selection), L = context tokens. ValueError for r outside
     [0, 1], sink < 0, recent < 1 or context < 1."""
-    r = check_number("retrieval_fraction", retrieval_fraction, 0.0, 1.0)
-    window = check_int("sink", sink, 0) + check_int("recent", recent, 1)
-    context = check_int("context", context, 1)
+    r = require_number(retrieval_fraction, "retrieval_fraction", 0.0, 1.0)
+    window = require_int(sink, "sink", 0) + require_int(recent, "recent", 1)
+    context = require_int(context, "context", 1)
     return r + (1 - r) * min(window, context) / context

@@ -39,7 +39,7 @@ from flax import nnx
 
 import pallas_kernels
 from jaxeff import distributed
-from jaxeff.duo_attention._checks import check_int, check_number
+from jaxeff.checks import require_int, require_number
 from jaxeff.duo_attention.calibration import MultiPasskeyData
 
 # pallas_kernels.hybrid_attention's implementations
@@ -70,14 +70,14 @@ class GateTrainConfig:
     def __post_init__(self):
         name = "GateTrainConfig."
         for field, low in (("sink", 0), ("recent", 1), ("steps", 1), ("mask_block", 1)):
-            check_int(name + field, getattr(self, field), low)
+            require_int(getattr(self, field), name + field, low)
         for field in ("warmup_steps", "decay_steps"):
             if getattr(self, field) is not None:
-                check_int(name + field + " (None = steps // 5)", getattr(self, field), 1)
-        check_number(name + "lr", self.lr, 0.0, low_open=True)
-        check_number(name + "lr_floor", self.lr_floor, 0.0, 1.0)
-        check_number(name + "reg_weight", self.reg_weight, 0.0)
-        check_number(name + "initial_value (gates are clamped to [0, 1])", self.initial_value, 0.0, 1.0)
+                require_int(getattr(self, field), name + field + " (None = steps // 5)", 1)
+        require_number(self.lr, name + "lr", 0.0, open_minimum=True)
+        require_number(self.lr_floor, name + "lr_floor", 0.0, 1.0)
+        require_number(self.reg_weight, name + "reg_weight", 0.0)
+        require_number(self.initial_value, name + "initial_value (gates are clamped to [0, 1])", 0.0, 1.0)
         if self.implementation not in _IMPLEMENTATIONS:
             raise ValueError(f"{name}implementation must be one of {_IMPLEMENTATIONS} (pallas_kernels."
                              f"hybrid_attention's), got {self.implementation!r}")
