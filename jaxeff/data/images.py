@@ -7,7 +7,8 @@ The official DC-AE evaluator's PSNR (on uint8 quantizations) is a different metr
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
+
+from jaxeff.checks import dtype_of
 
 
 def require_float(x, what: str, expected: str = "float images in [-1, 1]",
@@ -15,7 +16,7 @@ def require_float(x, what: str, expected: str = "float images in [-1, 1]",
     """Raise ValueError naming `what` and the conversion when `x` has a non-floating dtype (e.g. uint8 [0, 255]
     images given where `expected` is meant: the model would run and return a silently wrong answer). Reads only
     the dtype, so it also works on traced arrays inside jit."""
-    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    dtype = dtype_of(x)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{what} got {dtype} values; it expects {expected}: convert with {convert}")
 

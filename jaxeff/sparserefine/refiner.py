@@ -15,20 +15,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxeff.checks import Registry
 from jaxeff.sparserefine.data import require_normalised
 from jaxeff.sparserefine.sparse import build_pyramid, check_capacity, level_capacities
 from jaxeff.sparserefine.unet import TINY_UNET, SparseUNet, UNetConfig, uniform_init
 
-
-class _Presets(dict):
-    """A dict whose unknown keys raise a ValueError listing the known ones (a bare KeyError names only the key)."""
-
-    def __missing__(self, key):
-        raise ValueError(f"unknown tau preset {key!r}; known: {sorted(self)}")
-
-
 # Entropy thresholds of the official experiment configs (configs/experiment/*.yaml), by low-res base model.
-TAU = _Presets(hrnet_w48=0.3, segformer_b5=0.1, segnext_l=0.1, mask2former_t=0.05, mask2former_l=0.005)
+TAU = Registry("tau preset", dict(hrnet_w48=0.3, segformer_b5=0.1, segnext_l=0.1, mask2former_t=0.05,
+                                  mask2former_l=0.005))
 ENSEMBLERS = ("gated", "entropy")
 SELECTORS = ("entropy", "learnable")
 LOSSES = ("xent", "dice")

@@ -6,6 +6,7 @@
   digit reversal with the shared Llama decoder, and the Monte-Carlo gradient-variance probe.
 """
 
+from jaxeff.checks import Registry, UnknownNameError
 from jaxeff.vcpo.losses import (
     ESS_OVERFLOW,
     ESS_SPACES,
@@ -14,8 +15,6 @@ from jaxeff.vcpo.losses import (
     MAX_LOG_RATIO,
     OPOB_FORMS,
     OPOB_WEIGHTINGS,
-    Registry,
-    UnknownNameError,
     ess_ratio,
     group_stats,
     grpo_advantages,

@@ -20,11 +20,12 @@ the same inputs give finite values (0 where nothing is defined). Ran on CPU only
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxeff.checks import Registry, is_concrete
 
 EPS = 1e-8  # the official absolute epsilon of the ESS ratio and the OPOB weighted mean
 MAX_LOG_RATIO = 20.0
@@ -36,48 +37,13 @@ ESS_SPACES = ("linear", "log")
 ESS_OVERFLOW = ("true_ratio", "official_nan")
 
 
-class UnknownNameError(KeyError, ValueError):
-    """A name missing from a `Registry`: a ValueError (bad user input) that is also a KeyError, so `in`, `.get` and
-    `except KeyError` keep working. Its message lists the known names."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])  # KeyError would print the repr of the message
-
-
-class Registry(Mapping):
-    """Read-only name -> value mapping (`LOSSES`, `sim.METHODS`) whose unknown names raise `UnknownNameError`
-    (a ValueError) listing the known names, instead of a bare KeyError."""
-
-    def __init__(self, kind: str, entries: Mapping):
-        self._kind, self._entries = kind, dict(entries)
-
-    def __getitem__(self, name):
-        try:
-            return self._entries[name]
-        except (KeyError, TypeError):  # TypeError: an unhashable name (e.g. a list)
-            raise UnknownNameError(f"unknown {self._kind} {name!r}; known: {sorted(self._entries)}") from None
-
-    def __iter__(self) -> Iterator:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __repr__(self) -> str:
-        return f"Registry({self._kind!r}, {sorted(self._entries)})"
-
-
-def _concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
 def _check_token_inputs(logp, logp_mu, mask):
     if logp.ndim != 2:
         raise ValueError(f"logp must be [B, T], got shape {logp.shape}")
     for name, x in (("logp_mu", logp_mu), ("mask", mask)):
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name} shape {x.shape} does not match logp shape {logp.shape}")
-    if mask is not None and _concrete(mask) and not np.any(np.asarray(mask) > 0):
+    if mask is not None and is_concrete(mask) and not np.any(np.asarray(mask) > 0):
         raise ValueError("mask selects no token: the batch is empty")
 
 
@@ -143,7 +109,7 @@ def ess_ratio(log_w, mask=None, *, space="linear", eps=EPS, overflow="true_ratio
     valid = jnp.ones(log_w.shape, bool) if mask is None else mask > 0
     if valid.shape != log_w.shape:
         raise ValueError(f"mask shape {valid.shape} does not match log_w shape {log_w.shape}")
-    if mask is not None and _concrete(mask) and not np.any(np.asarray(mask) > 0):
+    if mask is not None and is_concrete(mask) and not np.any(np.asarray(mask) > 0):
         raise ValueError("ess_ratio: mask selects no sequence")
     log_w = jnp.where(valid, log_w, 0.0)
     n = jnp.sum(valid).astype(jnp.float32)
@@ -186,10 +152,10 @@ def _group_counts(group_ids, num_groups):
     if group_ids.ndim != 1 or not jnp.issubdtype(group_ids.dtype, jnp.integer):
         raise ValueError(f"group_ids must be a 1-D integer array, got {group_ids.dtype}{group_ids.shape}")
     if num_groups is None:
-        if not _concrete(group_ids):
+        if not is_concrete(group_ids):
             raise ValueError("num_groups must be given when group_ids is traced (under jit/vmap)")
         num_groups = int(np.max(np.asarray(group_ids))) + 1
-    if _concrete(group_ids):
+    if is_concrete(group_ids):
         ids = np.asarray(group_ids)
         if ids.min() < 0 or ids.max() >= num_groups:
             raise ValueError(f"group_ids must lie in [0, {num_groups})")

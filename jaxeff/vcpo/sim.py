@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxeff.checks import Registry
 from jaxeff.models.llama import Llama, LlamaConfig
 from jaxeff.vcpo import losses as L
 
@@ -54,7 +55,7 @@ class Method:
             raise ValueError(f"unknown lr rule {self.lr_rule!r}; rules: {L.LR_RULES}")
 
 
-METHODS: L.Registry = L.Registry("method", {
+METHODS: Registry = Registry("method", {
     "naive": Method("reinforce"),  # stale data treated as on-policy
     "ppo_clip": Method("ppo_clip"),
     "token_tis": Method("token_tis"),
