@@ -5,14 +5,29 @@ The helpers here are shared by the scripts (kept in `__init__` so `make bench` d
 
 from __future__ import annotations
 
+import sys
+
 from jaxeff.experiment import best_time
 
-__all__ = ["best_time", "parse_preset"]  # best_time: the one timing helper, shared with experiments and notebooks
+__all__ = ["Options", "best_time", "parse_preset"]  # best_time: the one timing helper, shared with experiments
 
 
-def parse_preset(argv: list[str], presets: dict[str, dict], default: str = "reduced") -> dict:
-    """`preset=<name>` (default `default`) plus `key=<int>` overrides of that preset's integer options; anything else
-    exits with the list of valid options."""
+class Options(dict):
+    """A preset's options (name -> value) after the command-line overrides; `.preset` is the preset's name."""
+
+    def __init__(self, preset: str, options: dict):
+        super().__init__(options)
+        self.preset = preset
+
+
+def parse_preset(argv: list[str], presets: dict[str, dict], default: str = "reduced", *,
+                 doc: str | None = None) -> Options:
+    """`preset=<name>` (default `default`) plus `key=<int>` overrides of that preset's integer options, as `Options`
+    (the name in `.preset`). `-h`, `--help` or `help` prints `doc` (None: the docstring of the script being run,
+    `python -m benchmarks.<name>`) and exits with status 0; anything else exits with the list of valid options."""
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(sys.modules["__main__"].__doc__ if doc is None else doc)
+        raise SystemExit(0)
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise SystemExit(f"arguments are key=value, got {bad[0]!r}; usage: preset=<{'|'.join(sorted(presets))}> "
@@ -21,7 +36,7 @@ def parse_preset(argv: list[str], presets: dict[str, dict], default: str = "redu
     preset = args.pop("preset", default)
     if preset not in presets:
         raise SystemExit(f"unknown preset {preset!r}; presets: {sorted(presets)}")
-    opts = dict(presets[preset])
+    opts = Options(preset, presets[preset])
     settable = sorted(k for k, v in opts.items() if isinstance(v, int))
     for k, v in args.items():
         if k not in settable:

@@ -58,11 +58,8 @@ PRESETS = {
 def parse(argv: list[str]) -> dict:
     """Options from `argv` (`preset=`, integer overrides, `lengths=a,b,...`); SystemExit with the reason on bad
     input, and with this module's docstring for -h / --help."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        raise SystemExit(0)
     given = [a for a in argv if a.startswith("lengths=")]
-    opts = parse_preset([a for a in argv if not a.startswith("lengths=")], PRESETS)
+    opts = parse_preset([a for a in argv if not a.startswith("lengths=")], PRESETS, doc=__doc__)
     if given:
         try:
             opts["lengths"] = tuple(int(x) for x in given[-1].removeprefix("lengths=").split(","))

@@ -81,14 +81,9 @@ def parse_args(argv: list[str], presets: dict[str, dict], doc: str, pattern: boo
     """(preset name, its options with the key=<int> overrides, the `pattern=` value or ""; pattern=False: no such
     option); `--help` / `-h` prints `doc` and exits, anything else that is not an option exits with the usage
     (`benchmarks.parse_preset`)."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(doc)
-        raise SystemExit(0)
     given = [a for a in argv if pattern and a.startswith("pattern=")]
-    argv = [a for a in argv if a not in given]
-    pattern = given[-1].split("=", 1)[1] if given else ""
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), "smoke")
-    return preset, parse_preset(argv, presets, default="smoke"), pattern
+    opts = parse_preset([a for a in argv if a not in given], presets, default="smoke", doc=doc)
+    return opts.preset, opts, given[-1].split("=", 1)[1] if given else ""
 
 
 def gate_values(mc: LlamaConfig, pattern: str = "", released: Path = RELEASED) -> tuple[np.ndarray, str]:

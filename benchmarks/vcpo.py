@@ -96,14 +96,10 @@ def _fmt(x, spec, suffix=""):
 
 
 def main(argv: list[str]) -> None:
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__)
-        return
-    o = parse_preset(argv, PRESETS, default="smoke")
+    o = parse_preset(argv, PRESETS, default="smoke", doc=__doc__)
     cfg = sim_config(o)
     lag, seeds = o["lag"], np.arange(o["seeds"])
-    preset = dict(a.split("=", 1) for a in argv).get("preset", "smoke")
-    print(f"VCPO sync vs async, preset {preset}: digit reversal (L in [1, 4]), {cfg.prompts_per_step} prompts x "
+    print(f"VCPO sync vs async, preset {o.preset}: digit reversal (L in [1, 4]), {cfg.prompts_per_step} prompts x "
           f"{cfg.group_size} samples, Llama {cfg.num_layers}x{cfg.hidden_size}, lr {cfg.lr:g}, {cfg.steps} steps, "
           f"{o['seeds']} seed(s), lag k = {lag}; jax {jax.__version__} on {jax.devices()[0].device_kind}")
 

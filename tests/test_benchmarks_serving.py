@@ -29,6 +29,7 @@ def test_arguments_are_checked():
         lserve.main(["preset=huge"])
     assert serving.parse_args(["pattern=p", "budget=64"], lserve.PRESETS, "")[1:] == (
         {**lserve.PRESETS["smoke"], "budget": 64}, "p")
+    assert serving.parse_args(["preset=full"], lserve.PRESETS, "")[0] == "full"
 
 
 @pytest.mark.parametrize("preset", ["smoke", "full"])

@@ -81,8 +81,9 @@ def test_benchmark_steps_to_target_verdicts_and_usage(capsys):
     assert sim.compare([0.5, 0.52], [0.3, 0.3]) == ("wins", pytest.approx(0.02))
     assert sim.compare([0.3, 0.5], [0.35, 0.35])[0] == "ties"  # within the 0.1 seed std
     assert sim.compare([0.2], [0.3])[0] == "loses"
-    bench.main(["--help"])
-    assert "MODEL built from those measured inputs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # benchmarks.parse_preset: usage, exit status 0
+        bench.main(["--help"])
+    assert e.value.code == 0 and "MODEL built from those measured inputs" in capsys.readouterr().out
     for argv in (["preset=huge"], ["lag=0"], ["steps=7"], ["lr=0.1"]):
         with pytest.raises(SystemExit):
             bench.main(argv)
