@@ -126,11 +126,13 @@ def export_model(model: Llama, export: Path, run: Run) -> None:
     config.json (experiment, preset, config) + its directory. The passkey demos take a `checkpoints/` export only
     while its stamp matches the current preset (`jaxeff.duo_attention.evaluation.resolve_model`). The stamp is
     removed first and written last, so an export interrupted half-way, or one from code older than the stamp, has
-    none and is never taken."""
-    stamp = export / "passkey_task.json"
-    stamp.unlink(missing_ok=True)
-    save_pretrained(model, export)
-    stamp.write_text(json.dumps(json.loads((run.dir / "config.json").read_text()) | {"run": str(run.dir)}, indent=2))
+    none and is never taken. Only process 0 writes."""
+    if run.is_main:
+        stamp = export / "passkey_task.json"
+        stamp.unlink(missing_ok=True)
+        save_pretrained(model, export)
+        stamp.write_text(json.dumps(json.loads((run.dir / "config.json").read_text()) | {"run": str(run.dir)},
+                                    indent=2))
 
 
 @register("llama_passkey", Config, presets={
@@ -182,8 +184,8 @@ def run(cfg: Config, run: Run) -> None:
 
     model = nnx.merge(graphdef, state.params, state.frozen)
     export = Path(cfg.export_dir or passkey_export_dir(run.preset))
+    export_model(model, export, run)
     if run.is_main:
-        export_model(model, export, run)
         save_pretrained(model, run.dir / "model")
 
     rows, curves = [], {}
