@@ -25,13 +25,13 @@ def parse_preset(argv: list[str], presets: dict[str, dict], default: str = "redu
     """`preset=<name>` (default `default`) plus `key=<int>` overrides of that preset's integer options, as `Options`
     (the name in `.preset`). `-h`, `--help` or `help` prints `doc` (None: the docstring of the script being run,
     `python -m benchmarks.<name>`) and exits with status 0; anything else exits with the list of valid options."""
+    usage = f"usage: preset=<{'|'.join(sorted(presets))}> [option=<int> ...]"
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(sys.modules["__main__"].__doc__ if doc is None else doc)
+        print((sys.modules["__main__"].__doc__ if doc is None else doc) or usage)
         raise SystemExit(0)
     bad = [a for a in argv if "=" not in a]
     if bad:
-        raise SystemExit(f"arguments are key=value, got {bad[0]!r}; usage: preset=<{'|'.join(sorted(presets))}> "
-                         f"[option=<int> ...]")
+        raise SystemExit(f"arguments are key=value, got {bad[0]!r}; {usage}")
     args = dict(a.split("=", 1) for a in argv)
     preset = args.pop("preset", default)
     if preset not in presets:
