@@ -81,8 +81,11 @@ def require_int_array(x, name: str, what: str = "integer ids") -> None:
         raise TypeError(f"{name} must be {what}, got dtype {dtype}")
 
 
-def _scalar(value):
-    """A 0-d numpy / JAX array as its Python number (e.g. `mask.mean()`); anything else unchanged."""
+def _scalar(value, name: str):
+    """A 0-d numpy / JAX array as its Python number (e.g. `mask.mean()`); anything else unchanged.
+    NotANumberError for a traced value, whose number cannot be read."""
+    if not is_concrete(value):
+        raise NotANumberError(f"{name} must be a concrete number, got a traced value (pass it as a static argument)")
     return value.item() if getattr(value, "shape", None) == () and hasattr(value, "item") else value
 
 
@@ -92,7 +95,7 @@ def require_int(value, name: str, minimum: int | None = None) -> int:
     Raises `NotANumberError` (a TypeError and a ValueError) for a non-integer, ValueError for one below `minimum`;
     the message is "<name> must be an integer >= <minimum>, got <value>" ("... must be an integer, got <type>
     <value>" without a minimum)."""
-    value = _scalar(value)
+    value = _scalar(value, name)
     integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if minimum is None:
         if not integral:
@@ -109,7 +112,7 @@ def require_number(value, name: str, minimum: float = -math.inf, maximum: float 
     """`value` as a float: a finite real number (bool refused; 0-d arrays accepted) in [minimum, maximum], or in
     (minimum, maximum] with `open_minimum`. Raises `NotANumberError` (a TypeError and a ValueError) for a non-number,
     ValueError for NaN, inf or a value outside the interval: "<name> must be a number in [lo, hi], got <value>"."""
-    value = _scalar(value)
+    value = _scalar(value, name)
     interval = f"{'(' if open_minimum else '['}{minimum}, {maximum}{')' if maximum == math.inf else ']'}"
     message = f"{name} must be a number in {interval}, got {value!r}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

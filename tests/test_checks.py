@@ -62,6 +62,9 @@ def test_dtype_and_concreteness_work_on_tracers():
         seen.append((is_concrete(np.ones(1), x), concrete(x), dtype_of(x)))
         with pytest.raises(TypeError, match="got dtype float32"):
             require_int_array(x, "ids")  # the dtype is static: checked under jit too
+        for check in (require_int, require_number):  # a traced number cannot be read: named, not JAX's error
+            with pytest.raises(TypeError, match="^n must be a concrete number, got a traced value"):
+                check(x[0], "n")
         return x
 
     jax.jit(f)(jnp.ones(2))

@@ -117,7 +117,7 @@ def test_generator_foresight_bad_input_and_chunks(monkeypatch):
         with pytest.raises(ValueError, match=match):
             fs(*args)
     for chunk in (0, 2.0, True):
-        with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+        with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
             GeneratorForesight(None, None, None, None, chunk=chunk)
     seen = []
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.checks import require_int
 from jaxeff.data.images import require_float
 from jaxeff.foreact.generator import ForesightGenerator
 from jaxeff.foreact.sampling import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, sample
@@ -144,8 +145,7 @@ class GeneratorForesight:
     def __post_init__(self):
         if self.null_frame not in ("grey", "black", None):
             raise ValueError(f"null_frame must be 'grey', 'black' or None, got {self.null_frame!r}")
-        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
-            raise ValueError(f"chunk must be an int >= 1, got {self.chunk!r}")
+        self.chunk = require_int(self.chunk, "chunk", 1)
 
     def __call__(self, frames: np.ndarray, texts: Sequence[str], env_ids=None) -> np.ndarray:
         """frames [b, H, W, 3] float in [-1, 1] and one subtask text per frame -> foresight frames [b, H, W, 3]

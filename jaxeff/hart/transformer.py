@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff.checks import require_int, require_number
 from jaxeff.hart import diffusion as diff
 from jaxeff.hart.chunks import map_chunks
 from jaxeff.nn.attention import attention, kernel_default, materializes_scores
@@ -421,18 +422,12 @@ class SampleOptions:
     num_maskgit_iters: int = 1  # >= 1; MAR iterations of the last scale (the reference's default: all at once)
 
     def __post_init__(self):
-        def number(name, kind, ok, valid):
-            v = getattr(self, name)
-            is_kind = isinstance(v, (int, np.integer)) if kind is int else isinstance(v, (int, float, np.number))
-            if isinstance(v, (bool, np.bool_)) or not is_kind or not math.isfinite(v) or not ok(v):
-                raise ValueError(f"SampleOptions.{name} must be {valid}, got {v!r}")
-
-        number("cfg", float, lambda v: v >= 0, "a finite float >= 0 (0: no guidance)")
-        number("top_k", int, lambda v: v >= 0, "an int >= 0 (0: no top-k filter)")
-        number("top_k_late", int, lambda v: v >= 0, "an int >= 0 (0: no top-k filter)")
-        number("top_p", float, lambda v: 0 <= v <= 1, "in [0, 1] (0: no top-p filter)")
-        number("temperature", float, lambda v: v >= 0, "a finite float >= 0 (0: noise-free diffusion sampling)")
-        number("num_maskgit_iters", int, lambda v: v >= 1, "an int >= 1")
+        # ValueError (NotANumberError for a non-number) naming the field; the official code also runs negative cfg
+        # and treats negative top_k / top_p as off, spellings refused here (0 is the documented "off")
+        for name, low, high in (("cfg", 0.0, math.inf), ("top_p", 0.0, 1.0), ("temperature", 0.0, math.inf)):
+            require_number(getattr(self, name), f"SampleOptions.{name}", low, high)
+        for name, low in (("top_k", 0), ("top_k_late", 0), ("num_maskgit_iters", 1)):
+            require_int(getattr(self, name), f"SampleOptions.{name}", low)
 
 
 def cfg_ramp(cfg: float, num_scales: int) -> np.ndarray:

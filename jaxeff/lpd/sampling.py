@@ -154,9 +154,8 @@ def generate(model: LPD, group_sizes, orders, labels=None, *, cfg: float = 1.0, 
         raise ValueError("sampling needs a PRNG key (or greedy=True)")
     if key is not None:
         _checks.check_key(key)
-    if not (np.isfinite(cfg) and np.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"cfg must be finite and temperature finite and >= 0, got cfg={cfg}, "
-                         f"temperature={temperature}")
+    cfg = checks.require_number(cfg, "cfg")
+    temperature = checks.require_number(temperature, "temperature", 0.0)
     graphdef, state = nnx.split(model)
     return _decode_jit(
         graphdef, state, orders, jnp.zeros(orders.shape[:1], jnp.int32) if labels is None else jnp.asarray(labels),

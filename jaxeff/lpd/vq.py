@@ -96,8 +96,9 @@ class VQModel(nnx.Module):
             raise ValueError(f"images must be [B, H, W, 3] (NHWC) with H, W multiples of {f}, got shape {shape}")
         # Only the 0..255 mistake is caught (a max above 10: any such image with a pixel brighter than 10/255):
         # decoded images overshoot [-1, 1] (to 3.3 on the tiny random VQ of tests/test_lpd.py) and so do
-        # resizes; the official encoder checks nothing. A tracer's max cannot be read, so jit skips this.
-        top = float(jnp.max(image)) if checks.is_concrete(image) and np.size(image) else None
+        # resizes; the official encoder checks nothing. Only host (numpy) images are read: a device array would be
+        # copied to the host on every call, and a tracer's max cannot be read.
+        top = float(np.max(image)) if isinstance(image, np.ndarray) and image.size else None
         if top is not None and top > 10:
             raise ValueError(f"images must be float in [-1, 1] (uint8: x / 127.5 - 1), got a max of {top:.4g}")
         h = self.quant_conv(self.encoder(image))
